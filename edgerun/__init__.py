@@ -1,0 +1,23 @@
+"""edgerun: run huge Mixture-of-Experts language models on consumer hardware.
+
+    import edgerun
+    model = edgerun.load("path/to/Mixtral-8x7B-Instruct")
+    print(model.chat([{"role": "user", "content": "Hello!"}]))
+"""
+
+from .api import Model, load
+from .errors import (
+    CheckpointError,
+    ContextLengthError,
+    EdgerunError,
+    GenerationError,
+    ModelNotFoundError,
+    TokenizerError,
+    UnsupportedModelError,
+)
+
+__version__ = "0.1.0"
+__all__ = [
+    "load", "Model", "EdgerunError", "ModelNotFoundError", "UnsupportedModelError", "CheckpointError",
+    "TokenizerError", "ContextLengthError", "GenerationError",
+]

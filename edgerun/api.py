@@ -1,0 +1,269 @@
+"""The public API: `edgerun.load(path)` returns a Model that generates text, chats and gives logits."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .checkpoint.hf import read_json, resolve_model_dir
+from .checkpoint.loader import load_weights
+from .checkpoint.safetensors_reader import SafetensorsReader
+from .errors import GenerationError, TokenizerError
+from .models import spec_from_config
+from .models.spec import ModelSpec, eos_list
+from .models.transformer import ResidentExperts, Transformer
+from .progress import ByteProgress
+from .runtime.engine import Engine
+from .runtime.sampling import Sampler, SamplingParams
+
+if TYPE_CHECKING:
+    from .checkpoint.tokenizer import Tokenizer
+
+DEFAULT_CONTEXT = 4096
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Model:
+    """A loaded model. Generation methods are safe to call from several threads: calls run one at a time."""
+
+    def __init__(self, path: Path, spec: ModelSpec, engine: Engine, generation_config: dict, weights_bytes: int,
+                 load_seconds: float):
+        self.path = path
+        self.spec = spec
+        self._engine = engine
+        self._lock = threading.Lock()
+        self._tokenizer: Tokenizer | None = None
+        self._generation_config = generation_config
+        self._weights_bytes = weights_bytes
+        self._load_seconds = load_seconds
+
+    # -- tokenizer -------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The model's tokenizer (tokenizer.json or tokenizer.model), loaded on first use."""
+        if self._tokenizer is None:
+            from .checkpoint.tokenizer import Tokenizer  # tokenizer libraries load only when text is used
+
+            self._tokenizer = Tokenizer.from_dir(self.path)
+        return self._tokenizer
+
+    @property
+    def context_length(self) -> int:
+        return self._engine.context_length
+
+    def stop_token_ids(self) -> set[int]:
+        """End-of-sequence ids from generation_config.json, config.json and the tokenizer."""
+        ids = set(self.spec.eos_token_ids) | set(eos_list(self._generation_config.get("eos_token_id")))
+        try:
+            if self.tokenizer.eos_id is not None:
+                ids.add(self.tokenizer.eos_id)
+        except TokenizerError:
+            pass
+        return ids
+
+    # -- sampling defaults ---------------------------------------------------------------------------------
+    def _sampling(self, temperature, top_p, top_k, min_p, repetition_penalty, seed) -> SamplingParams:
+        # Like transformers: the model's generation_config.json sets the defaults, greedy when it does not sample.
+        g = self._generation_config
+        sampling = bool(g.get("do_sample"))
+        params = SamplingParams(
+            temperature=float(g.get("temperature", 1.0)) if sampling else 0.0,
+            top_k=int(g.get("top_k") or 0) if sampling else 0,
+            top_p=float(g.get("top_p") or 1.0) if sampling else 1.0,
+            min_p=float(g.get("min_p") or 0.0) if sampling else 0.0,
+            repetition_penalty=float(g.get("repetition_penalty") or 1.0),
+            seed=seed,
+        )
+        for name, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("min_p", min_p),
+                            ("repetition_penalty", repetition_penalty)):
+            if value is not None:
+                setattr(params, name, value)
+        return params
+
+    # -- token level ---------------------------------------------------------------------------------------
+    def logits(self, token_ids: Iterable[int]) -> np.ndarray:
+        """float32 [len(token_ids), vocab]: one full forward over token_ids from an empty cache."""
+        ids = self._check_ids(token_ids)
+        with self._lock:
+            return self._engine.logits(ids).numpy()
+
+    def generate_ids(self, prompt_ids: Iterable[int], max_new_tokens: int = 256, *, temperature: float | None = None,
+                     top_p: float | None = None, top_k: int | None = None, min_p: float | None = None,
+                     repetition_penalty: float | None = None, seed: int | None = None,
+                     ignore_eos: bool = False) -> list[int]:
+        """New token ids after prompt_ids (EOS not included; ignore_eos=True runs to max_new_tokens)."""
+        ids = self._check_ids(prompt_ids)
+        sampler = Sampler(self._sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed))
+        stop = set() if ignore_eos else self.stop_token_ids()
+        with self._lock:
+            return list(self._engine.generate(ids, sampler, self._check_max(max_new_tokens), stop))
+
+    def _check_ids(self, token_ids: Iterable[int]) -> list[int]:
+        ids = [int(t) for t in token_ids]
+        bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]
+        if bad:
+            raise GenerationError(f"token id {bad[0]} is outside the vocabulary (0..{self.spec.vocab_size - 1})")
+        return ids
+
+    @staticmethod
+    def _check_max(max_new_tokens: int) -> int:
+        if int(max_new_tokens) < 1:
+            raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        return int(max_new_tokens)
+
+    # -- text ----------------------------------------------------------------------------------------------
+    def stream(self, prompt: str, max_new_tokens: int = 256, *, temperature: float | None = None,
+               top_p: float | None = None, top_k: int | None = None, min_p: float | None = None,
+               repetition_penalty: float | None = None, seed: int | None = None,
+               stop: str | Iterable[str] | None = None, add_special_tokens: bool = True) -> Iterator[str]:
+        """Generate from a raw prompt, yielding text pieces as they are decided (never half a character)."""
+        ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        return self._stream_ids(ids, max_new_tokens, self._sampling(temperature, top_p, top_k, min_p,
+                                                                       repetition_penalty, seed), stop)
+
+    def generate(self, prompt: str, max_new_tokens: int = 256, **kwargs) -> str:
+        """Generate from a raw prompt and return the new text. Takes the same arguments as `stream`."""
+        return "".join(self.stream(prompt, max_new_tokens, **kwargs))
+
+    def stream_chat(self, messages: list[dict], max_new_tokens: int = 512, *, temperature: float | None = None,
+                    top_p: float | None = None, top_k: int | None = None, min_p: float | None = None,
+                    repetition_penalty: float | None = None, seed: int | None = None,
+                    stop: str | Iterable[str] | None = None) -> Iterator[str]:
+        """Reply to messages ([{"role": ..., "content": ...}]) rendered with the model's chat template."""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        # The template writes the special tokens itself (BOS included), so none are added when encoding.
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return self._stream_ids(ids, max_new_tokens, self._sampling(temperature, top_p, top_k, min_p,
+                                                                       repetition_penalty, seed), stop)
+
+    def chat(self, messages: list[dict], max_new_tokens: int = 512, **kwargs) -> str:
+        """The whole reply to messages. Takes the same arguments as `stream_chat`."""
+        return "".join(self.stream_chat(messages, max_new_tokens, **kwargs))
+
+    def _stream_ids(self, ids: list[int], max_new_tokens: int, params: SamplingParams,
+                    stop: str | Iterable[str] | None) -> Iterator[str]:
+        stops = _stop_list(stop)
+        sampler = Sampler(params)
+        max_new_tokens = self._check_max(max_new_tokens)
+        self._check_ids(ids)
+        return self._run_text(ids, max_new_tokens, sampler, stops)
+
+    def _run_text(self, ids, max_new_tokens, sampler, stops) -> Iterator[str]:
+        decoder = self.tokenizer.stream_decoder()
+        stop_ids = self.stop_token_ids()
+        with self._lock:
+            text, sent = "", 0
+            tokens = self._engine.generate(ids, sampler, max_new_tokens, stop_ids)
+            try:
+                for token in tokens:
+                    text += decoder.push(token)
+                    cut, hold = _find_stop(text, sent, stops)
+                    if cut is not None:
+                        if cut > sent:
+                            yield text[sent:cut]
+                        self._engine.stats.finish_reason = "stop"
+                        return
+                    if hold > sent:
+                        yield text[sent:hold]
+                        sent = hold
+                text += decoder.flush()
+                cut, _ = _find_stop(text, sent, stops)
+                end = len(text) if cut is None else cut
+                if end > sent:
+                    yield text[sent:end]
+            finally:
+                tokens.close()
+
+    # -- reporting -----------------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Figures of the last generation (tokens/s of prefill and decode, time to first token) and the model."""
+        out = self._engine.stats.as_dict()
+        out.update({
+            "model_type": self.spec.model_type,
+            "context_length": self.context_length,
+            "weights_bytes": self._weights_bytes,
+            "kv_cache_bytes": self._engine.cache.nbytes,
+            "dtype": str(self._engine.transformer.dtype).removeprefix("torch."),
+            "threads": torch.get_num_threads(),
+            "load_seconds": self._load_seconds,
+        })
+        return out
+
+    def __repr__(self) -> str:
+        return f"<edgerun.Model {self.spec.model_type} from {self.path}>"
+
+
+def _stop_list(stop: str | Iterable[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if not all(isinstance(s, str) and s for s in stops):
+        raise GenerationError("stop must be a non-empty string or a list of non-empty strings")
+    return stops
+
+
+def _find_stop(text: str, sent: int, stops: list[str]) -> tuple[int | None, int]:
+    """(where a stop string starts, or None; how far text may be released without revealing part of one)."""
+    if not stops:
+        return None, len(text)
+    longest = max(map(len, stops))
+    window = max(0, sent - longest + 1)
+    hits = [i for i in (text.find(s, window) for s in stops) if i >= 0]
+    if hits:
+        return min(hits), len(text)
+    hold = len(text)
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = min(hold, len(text) - k)
+                break
+    return None, hold
+
+
+def load(path: str | os.PathLike, *, context_length: int | None = None, dtype: str = "auto",
+         threads: int | None = None, progress: bool | None = None) -> Model:
+    """Open a model: a Hugging Face directory (config.json, *.safetensors, tokenizer) or a repo id in the HF cache.
+
+    context_length: tokens the KV cache holds (default: the model's, capped at 4096).
+    dtype: "auto" (the checkpoint's; float16 computes in float32 on the CPU), "float32", "bfloat16".
+    threads: torch CPU threads (default: torch's choice, one per core).
+    progress: show a progress bar while reading weights (default: for large models on a terminal).
+    """
+    t0 = time.perf_counter()
+    model_dir = resolve_model_dir(path)
+    cfg = read_json(model_dir / "config.json")
+    family, spec = spec_from_config(cfg, str(model_dir / "config.json"))
+    generation_config = read_json(model_dir / "generation_config.json", required=False)
+    if threads:
+        torch.set_num_threads(int(threads))
+    reader = SafetensorsReader(model_dir)
+    compute_dtype = _compute_dtype(dtype, reader)
+    ctx = int(context_length or min(spec.max_position_embeddings, DEFAULT_CONTEXT))
+    if ctx < 2:
+        raise GenerationError(f"context_length must be at least 2, got {ctx}")
+    total = sum(reader.nbytes(n) for n in reader.names())
+    with ByteProgress(total, f"loading {model_dir.name}", enabled=progress) as bar:
+        weights, gate_up, down = load_weights(reader, spec, family.RULES, compute_dtype, progress=bar.update)
+    reader.close()
+    experts = ResidentExperts(gate_up, down, spec.activation)
+    weights_bytes = sum(t.nbytes for t in weights.values()) + sum(t.nbytes for t in gate_up + down if t is not None)
+    engine = Engine(Transformer(spec, weights, experts, ctx), ctx)
+    return Model(model_dir, spec, engine, generation_config, weights_bytes, time.perf_counter() - t0)
+
+
+def _compute_dtype(dtype: str, reader: SafetensorsReader) -> torch.dtype:
+    if dtype != "auto":
+        if dtype not in _DTYPES:
+            raise GenerationError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
+        return _DTYPES[dtype]
+    stored = {reader.dtype(n) for n in reader.names()} - {None}
+    if stored == {torch.bfloat16}:
+        return torch.bfloat16
+    return torch.float32

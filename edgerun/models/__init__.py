@@ -1,0 +1,68 @@
+"""Model families, one module each, named after the HF `model_type` they read.
+
+A family module provides ARCHITECTURES, RULES (checkpoint name -> canonical name), a ModelArgs dataclass
+with HF field names, and `to_spec(args, config) -> ModelSpec`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from types import ModuleType
+
+from ..errors import CheckpointError, UnsupportedModelError
+from . import grok, mixtral, olmoe, qwen2_moe, qwen3_moe
+from .spec import ModelSpec
+
+FAMILIES: dict[str, ModuleType] = {
+    "mixtral": mixtral,
+    "qwen2_moe": qwen2_moe,
+    "qwen3_moe": qwen3_moe,
+    "olmoe": olmoe,
+    "grok-1": grok,
+}
+_ALIASES = {"grok1": "grok-1", "grok": "grok-1"}
+
+
+def family_of(cfg: dict, source: str = "config.json") -> ModuleType:
+    """The family module for a config dict, by model_type, else by architectures."""
+    model_type = cfg.get("model_type")
+    model_type = _ALIASES.get(model_type, model_type)
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    for arch in cfg.get("architectures") or []:
+        for family in FAMILIES.values():
+            if arch in family.ARCHITECTURES:
+                return family
+    named = model_type or ", ".join(cfg.get("architectures") or []) or "no model_type"
+    raise UnsupportedModelError(
+        f"{source}: architecture {named!r} is not supported (supported: {', '.join(FAMILIES)})"
+    )
+
+
+def spec_from_config(cfg: dict, source: str = "config.json") -> tuple[ModuleType, ModelSpec]:
+    family = family_of(cfg, source)
+    names = {f.name for f in dataclasses.fields(family.ModelArgs)}
+    try:
+        args = family.ModelArgs(**{k: v for k, v in cfg.items() if k in names})
+        spec = family.to_spec(args, cfg)
+    except TypeError as e:
+        missing = str(e).split("argument", 1)[-1].strip(": ")
+        raise CheckpointError(f"{source} lacks required field(s) {missing}") from None
+    except (KeyError, ValueError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{source} has an invalid value ({type(e).__name__}: {e})") from None
+    _validate(spec, source)
+    return family, spec
+
+
+def _validate(spec: ModelSpec, source: str) -> None:
+    problems = []
+    if spec.num_heads % spec.num_kv_heads:
+        problems.append(f"num_attention_heads {spec.num_heads} is not a multiple of num_key_value_heads "
+                        f"{spec.num_kv_heads}")
+    if "moe" in spec.ffn_kinds and not 0 < spec.top_k <= spec.num_experts:
+        problems.append(f"num_experts_per_tok {spec.top_k} must be between 1 and the number of experts "
+                        f"{spec.num_experts}")
+    if spec.head_dim % 2:
+        problems.append(f"head_dim {spec.head_dim} must be even for rotary embeddings")
+    if problems:
+        raise CheckpointError(f"{source}: " + "; ".join(problems))

@@ -1,0 +1,72 @@
+"""ModelSpec: everything the shared transformer needs to know about a family, in one flat dataclass.
+
+Family modules (mixtral.py, qwen2_moe.py, ...) read a HF config.json into their own `ModelArgs` (HF field
+names) and turn it into a ModelSpec; the math in `transformer.py` only ever sees the ModelSpec.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .rope import RopeSpec
+
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+               "gelu_tanh": "gelu_tanh", "gelu": "gelu"}
+
+
+@dataclass
+class ModelSpec:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope: RopeSpec
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    # attention
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: str | None = None  # None, "head" (per head over head_dim) or "proj" (over the whole projection)
+    clip_qkv: float | None = None
+    attn_scale: float | None = None  # None: head_dim ** -0.5
+    attn_softcap: float | None = None
+    sliding_windows: list[int | None] = field(default_factory=list)  # per layer
+    # block layout
+    sandwich_norm: bool = False  # extra norms on the attention and FFN outputs (Grok)
+    ffn_kinds: list[str] = field(default_factory=list)  # per layer: "moe" or "dense"
+    activation: str = "silu"
+    intermediate_size: int = 0  # dense MLP width
+    # mixture of experts
+    num_experts: int = 0
+    top_k: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    router_softcap: float | None = None
+    shared_expert_intermediate_size: int = 0
+    shared_expert_gate: bool = False
+    # embeddings and output
+    embedding_multiplier: float = 1.0
+    output_multiplier: float = 1.0
+    final_logit_softcap: float | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.sliding_windows:
+            self.sliding_windows = [None] * self.num_layers
+        if not self.ffn_kinds:
+            self.ffn_kinds = ["moe"] * self.num_layers
+
+    @property
+    def scale(self) -> float:
+        return self.attn_scale if self.attn_scale is not None else self.head_dim**-0.5
+
+
+def eos_list(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]

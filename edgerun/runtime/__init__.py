@@ -1,0 +1,1 @@
+"""Running a model: sampling and the generation loop."""

@@ -1,0 +1,76 @@
+"""Tiny random models built with transformers, saved in the layouts edgerun must read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=256, initializer_range=0.1, rms_norm_eps=1e-5)
+
+
+def build(family: str, **overrides):
+    """A transformers model (eval, float32, eager attention) of the family with a fixed random init."""
+    import transformers as tf
+
+    if family == "mixtral":
+        config = tf.MixtralConfig(**COMMON, intermediate_size=96, num_local_experts=4, num_experts_per_tok=2)
+        cls = tf.MixtralForCausalLM
+    elif family == "qwen2_moe":
+        # layer 0 sparse with a shared expert, layer 1 dense (mlp_only_layers), biases on q/k/v
+        config = tf.Qwen2MoeConfig(**COMMON, intermediate_size=80, moe_intermediate_size=48,
+                                   shared_expert_intermediate_size=72, num_experts=4, num_experts_per_tok=2,
+                                   mlp_only_layers=[1], qkv_bias=True)
+        cls = tf.Qwen2MoeForCausalLM
+    elif family == "qwen2_moe_step":
+        # decoder_sparse_step=2: layer 0 dense, layer 1 sparse; renormalised top-k
+        config = tf.Qwen2MoeConfig(**COMMON, intermediate_size=80, moe_intermediate_size=48,
+                                   shared_expert_intermediate_size=72, num_experts=4, num_experts_per_tok=2,
+                                   decoder_sparse_step=2, norm_topk_prob=True)
+        cls = tf.Qwen2MoeForCausalLM
+    elif family == "qwen3_moe":
+        # head_dim 24 != hidden / heads (16): the projections are not square
+        config = tf.Qwen3MoeConfig(**COMMON, head_dim=24, intermediate_size=80, moe_intermediate_size=48,
+                                   num_experts=4, num_experts_per_tok=2, norm_topk_prob=True)
+        cls = tf.Qwen3MoeForCausalLM
+    elif family == "olmoe":
+        config = tf.OlmoeConfig(**COMMON, intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+                                clip_qkv=0.5)
+        cls = tf.OlmoeForCausalLM
+    else:
+        raise ValueError(family)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    config._attn_implementation = "eager"
+    torch.manual_seed(1234)
+    model = cls(config).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def save(model, path: Path, layout: str = "default", dtype: torch.dtype | None = None) -> Path:
+    """layout: default (per-expert 2D tensors), fused (3D gate_up_proj/down_proj) or sharded (several files)."""
+    if dtype is not None:
+        model = model.to(dtype)
+    kwargs = {}
+    if layout == "fused":
+        kwargs["save_original_format"] = False
+    elif layout == "sharded":
+        kwargs["max_shard_size"] = "60KB"
+    model.save_pretrained(path, **kwargs)
+    if dtype is not None:
+        model.to(torch.float32)
+    return path
+
+
+def hf_logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float()
+
+
+def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n)
+    return out[0, len(ids):].tolist()
