@@ -1,0 +1,1 @@
+"""Reading model checkpoints: weights, configuration and tokenizer files."""
