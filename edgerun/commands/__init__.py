@@ -1,0 +1,1 @@
+"""The subcommands of the `edgerun` CLI, one module each with add_parser(subparsers) and main(args)."""

@@ -1,0 +1,79 @@
+"""`edgerun run MODEL -p PROMPT`: stream a completion (or a chat reply with --chat) and report tokens/s."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import EdgerunError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("run", help="generate text from a prompt", description=__doc__)
+    p.add_argument("model", metavar="MODEL", help="HF model directory or repo id in the local HF cache")
+    add_generation_args(p)
+    p.add_argument("--ctx", type=int, default=None, metavar="N", help="context length (default: model's, max 4096)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="compute dtype")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: all cores)")
+    p.set_defaults(main=main)
+
+
+def add_generation_args(p: argparse.ArgumentParser, default_n: int = 256) -> None:
+    p.add_argument("-p", "--prompt", help="the prompt ('-' or omitted with piped input: read stdin)")
+    p.add_argument("-n", "--max-tokens", type=int, default=default_n, metavar="N",
+                   help=f"most tokens to generate (default {default_n})")
+    p.add_argument("--chat", action="store_true", help="treat the prompt as a user message in the chat template")
+    p.add_argument("--system", metavar="TEXT", help="system prompt (with --chat)")
+    p.add_argument("--temp", type=float, default=None, metavar="T", help="temperature (0 = greedy)")
+    p.add_argument("--top-p", type=float, default=None, metavar="P")
+    p.add_argument("--top-k", type=int, default=None, metavar="K")
+    p.add_argument("--min-p", type=float, default=None, metavar="P")
+    p.add_argument("--repeat-penalty", type=float, default=None, metavar="R")
+    p.add_argument("--seed", type=int, default=None, metavar="S")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
+
+
+def read_prompt(args: argparse.Namespace, default: str | None = None) -> str:
+    """-p TEXT; '-' reads stdin, as does an omitted -p with piped input when there is no default."""
+    prompt = args.prompt
+    if prompt == "-" or (prompt is None and default is None and not sys.stdin.isatty()):
+        prompt = sys.stdin.read()
+    prompt = prompt or default
+    if not prompt:
+        raise EdgerunError("no prompt: give one with -p TEXT (or pipe it on stdin with -p -)")
+    return prompt
+
+
+def stream_answer(model, prompt: str, args: argparse.Namespace) -> None:
+    """Print the answer as it is generated, then one line of figures on stderr."""
+    kwargs = dict(temperature=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                  repetition_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop)
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        pieces = model.stream_chat(messages + [{"role": "user", "content": prompt}], args.max_tokens, **kwargs)
+    else:
+        if args.system:
+            raise EdgerunError("--system needs --chat")
+        pieces = model.stream(prompt, args.max_tokens, **kwargs)
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    print(format_stats(model.stats()), file=sys.stderr)
+
+
+def format_stats(s: dict) -> str:
+    prefilled = s["prompt_tokens"] - s["cached_prompt_tokens"]
+    return (f"[{s['generated_tokens']} tokens, {s['finish_reason']} | prefill {prefilled} tokens at "
+            f"{s['prefill_tokens_per_s']:.1f} tok/s | decode {s['decode_tokens_per_s']:.1f} tok/s | "
+            f"first token {s['time_to_first_token_s'] * 1000:.0f} ms]")
+
+
+def main(args: argparse.Namespace) -> int:
+    import edgerun
+
+    prompt = read_prompt(args)
+    model = edgerun.load(args.model, context_length=args.ctx, dtype=args.dtype, threads=args.threads)
+    stream_answer(model, prompt, args)
+    return 0

@@ -1,0 +1,21 @@
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_transformers():
+    try:
+        from transformers.utils import logging
+    except ImportError:
+        return
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    # edgerun's own cache (demo model, ...) goes to a temporary dir, never the user's
+    monkeypatch.setenv("EDGERUN_CACHE", str(tmp_path_factory.getbasetemp() / "edgerun-cache"))
