@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .rope import RopeSpec
-from .spec import ModelSpec, eos_list
+from .spec import ModelSpec, common_fields
 
 ARCHITECTURES = ("Grok1ModelForCausalLM", "Grok1ForCausalLM")
 
@@ -58,26 +57,14 @@ def to_spec(args: ModelArgs, cfg: dict) -> ModelSpec:
     head_dim = args.head_dim or args.hidden_size // args.num_attention_heads
     return ModelSpec(
         model_type="grok-1",
-        vocab_size=args.vocab_size,
-        hidden_size=args.hidden_size,
-        num_layers=args.num_hidden_layers,
-        num_heads=args.num_attention_heads,
-        num_kv_heads=args.num_key_value_heads,
-        head_dim=head_dim,
-        rope=RopeSpec.from_config(cfg, head_dim, default_theta=10000.0),
-        rms_norm_eps=args.rms_norm_eps,
-        max_position_embeddings=args.max_position_embeddings,
-        tie_word_embeddings=args.tie_word_embeddings,
+        **common_fields(args, cfg, head_dim),
         attn_scale=args.attn_output_multiplier,
         attn_softcap=args.max_attn_value,
         sandwich_norm=True,
         activation="gelu_tanh",
         num_experts=args.num_experts,
-        top_k=args.num_experts_per_tok,
         moe_intermediate_size=args.intermediate_size,
         norm_topk_prob=False,
         embedding_multiplier=args.embedding_multiplier_scale,
         output_multiplier=args.output_multiplier_scale,
-        bos_token_id=args.bos_token_id,
-        eos_token_ids=eos_list(args.eos_token_id),
     )

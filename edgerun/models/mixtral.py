@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .names import HF_RULES
-from .rope import RopeSpec
-from .spec import ACTIVATIONS, ModelSpec, eos_list
+from .spec import ACTIVATIONS, ModelSpec, common_fields
 
 ARCHITECTURES = ("MixtralForCausalLM",)
 RULES = HF_RULES
@@ -36,22 +35,10 @@ def to_spec(args: ModelArgs, cfg: dict) -> ModelSpec:
     head_dim = args.head_dim or args.hidden_size // args.num_attention_heads
     return ModelSpec(
         model_type="mixtral",
-        vocab_size=args.vocab_size,
-        hidden_size=args.hidden_size,
-        num_layers=args.num_hidden_layers,
-        num_heads=args.num_attention_heads,
-        num_kv_heads=args.num_key_value_heads or args.num_attention_heads,
-        head_dim=head_dim,
-        rope=RopeSpec.from_config(cfg, head_dim, default_theta=1e6),
-        rms_norm_eps=args.rms_norm_eps,
-        max_position_embeddings=args.max_position_embeddings,
-        tie_word_embeddings=args.tie_word_embeddings,
+        **common_fields(args, cfg, head_dim, default_theta=1e6),
         sliding_windows=[args.sliding_window or None] * args.num_hidden_layers,
         activation=ACTIVATIONS.get(args.hidden_act, args.hidden_act),
         num_experts=args.num_local_experts,
-        top_k=args.num_experts_per_tok,
         moe_intermediate_size=args.intermediate_size,
         norm_topk_prob=True,
-        bos_token_id=args.bos_token_id,
-        eos_token_ids=eos_list(args.eos_token_id),
     )

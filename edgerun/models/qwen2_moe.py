@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .names import HF_RULES
-from .rope import RopeSpec
-from .spec import ACTIVATIONS, ModelSpec, eos_list
+from .spec import ACTIVATIONS, ModelSpec, common_fields
 
 ARCHITECTURES = ("Qwen2MoeForCausalLM",)
 RULES = HF_RULES
@@ -69,26 +68,14 @@ def common_spec(args: ModelArgs, cfg: dict, model_type: str) -> ModelSpec:
     head_dim = args.head_dim or args.hidden_size // args.num_attention_heads
     return ModelSpec(
         model_type=model_type,
-        vocab_size=args.vocab_size,
-        hidden_size=args.hidden_size,
-        num_layers=args.num_hidden_layers,
-        num_heads=args.num_attention_heads,
-        num_kv_heads=args.num_key_value_heads or args.num_attention_heads,
-        head_dim=head_dim,
-        rope=RopeSpec.from_config(cfg, head_dim),
-        rms_norm_eps=args.rms_norm_eps,
-        max_position_embeddings=args.max_position_embeddings,
-        tie_word_embeddings=args.tie_word_embeddings,
+        **common_fields(args, cfg, head_dim),
         sliding_windows=sliding_windows(args),
         ffn_kinds=ffn_kinds(args),
         activation=ACTIVATIONS.get(args.hidden_act, args.hidden_act),
         intermediate_size=args.intermediate_size,
         num_experts=num_experts(args),
-        top_k=args.num_experts_per_tok,
         moe_intermediate_size=args.moe_intermediate_size,
         norm_topk_prob=args.norm_topk_prob,
-        bos_token_id=args.bos_token_id,
-        eos_token_ids=eos_list(args.eos_token_id),
     )
 
 

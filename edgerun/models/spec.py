@@ -66,6 +66,25 @@ class ModelSpec:
         return self.attn_scale if self.attn_scale is not None else self.head_dim**-0.5
 
 
+def common_fields(args, cfg: dict, head_dim: int, default_theta: float = 10000.0) -> dict:
+    """The ModelSpec fields every family reads from the same HF config keys."""
+    return dict(
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        num_layers=args.num_hidden_layers,
+        num_heads=args.num_attention_heads,
+        num_kv_heads=args.num_key_value_heads or args.num_attention_heads,
+        head_dim=head_dim,
+        rope=RopeSpec.from_config(cfg, head_dim, default_theta),
+        rms_norm_eps=args.rms_norm_eps,
+        max_position_embeddings=args.max_position_embeddings,
+        tie_word_embeddings=args.tie_word_embeddings,
+        top_k=args.num_experts_per_tok,
+        bos_token_id=args.bos_token_id,
+        eos_token_ids=eos_list(args.eos_token_id),
+    )
+
+
 def eos_list(value) -> list[int]:
     if value is None:
         return []
