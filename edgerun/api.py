@@ -18,9 +18,10 @@ from .checkpoint.safetensors_reader import SafetensorsReader
 from .errors import GenerationError, TokenizerError
 from .models import spec_from_config
 from .models.spec import ModelSpec, eos_list
-from .models.transformer import ResidentExperts, Transformer
+from .models.transformer import Transformer
 from .progress import ByteProgress
 from .runtime.engine import Engine
+from .runtime.experts import TorchExperts
 from .runtime.sampling import Sampler, SamplingParams
 
 if TYPE_CHECKING:
@@ -252,7 +253,7 @@ def load(path: str | os.PathLike, *, context_length: int | None = None, dtype: s
     with ByteProgress(total, f"loading {model_dir.name}", enabled=progress) as bar:
         weights, gate_up, down = load_weights(reader, spec, family.RULES, compute_dtype, progress=bar.update)
     reader.close()
-    experts = ResidentExperts(gate_up, down, spec.activation)
+    experts = TorchExperts(gate_up, down, spec.activation)
     weights_bytes = sum(t.nbytes for t in weights.values()) + sum(t.nbytes for t in gate_up + down if t is not None)
     engine = Engine(Transformer(spec, weights, experts, ctx), ctx)
     return Model(model_dir, spec, engine, generation_config, weights_bytes, time.perf_counter() - t0)

@@ -33,60 +33,88 @@ def canonical_names(reader: SafetensorsReader, rules: Rules) -> dict[str, str]:
     return out
 
 
+class CheckpointTensors:
+    """A checkpoint's tensors by canonical name, each checked against the shape the spec expects."""
+
+    def __init__(self, reader: SafetensorsReader, spec: ModelSpec, rules: Rules):
+        self.reader = reader
+        self.spec = spec
+        self.names = canonical_names(reader, rules)
+        self.shapes = expected_shapes(spec)
+        self.dense_names = [n for n in self.shapes if ".experts." not in n]
+        self.moe_layers = [i for i, kind in enumerate(spec.ffn_kinds) if kind == "moe"]
+
+    def _source(self, canonical: str) -> str:
+        src = self.names.get(canonical)
+        if src is None:
+            raise CheckpointError(f"checkpoint in {self.reader.dir} has no tensor for {canonical}")
+        return src
+
+    def _shape_error(self, src: str, got: tuple, want: tuple) -> CheckpointError:
+        return CheckpointError(
+            f"tensor {src} in {self.reader.file_of(src).name} has shape {list(got)}, expected {list(want)}"
+        )
+
+    def dense(self, canonical: str) -> torch.Tensor:
+        """A non-expert tensor, in the checkpoint's dtype."""
+        src = self._source(canonical)
+        got, want = self.reader.shape(src), self.shapes[canonical]
+        if got != want:
+            raise self._shape_error(src, got, want)
+        return self.reader.get(src)
+
+    def expert(self, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up [2I, D] with gate rows first, down [D, I]) of one expert, in the checkpoint's dtype."""
+        p = f"layers.{layer}.experts."
+        gu_shape, d_shape = self.shapes[p + "gate_up"], self.shapes[p + "down"]
+        if p + "gate_up" in self.names:
+            return self._fused(p + "gate_up", gu_shape, e), self._fused(p + "down", d_shape, e)
+        gate = self._per_expert(f"{p}{e}.gate", (gu_shape[1] // 2, gu_shape[2]))
+        up = self._per_expert(f"{p}{e}.up", (gu_shape[1] // 2, gu_shape[2]))
+        return torch.cat([gate, up]), self._per_expert(f"{p}{e}.down", d_shape[1:])
+
+    def _per_expert(self, canonical: str, want: tuple) -> torch.Tensor:
+        src = self._source(canonical)
+        got = self.reader.shape(src)
+        if got != want:
+            raise self._shape_error(src, got, want)
+        return self.reader.get(src)
+
+    def _fused(self, canonical: str, want: tuple, e: int) -> torch.Tensor:
+        # Fused experts are [E, out, in]; some checkpoints store them transposed as [E, in, out].
+        src = self._source(canonical)
+        got = self.reader.shape(src)
+        if got == want:
+            return self.reader.get(src, e)
+        if got == (want[0], want[2], want[1]):
+            return self.reader.get(src, e).T.contiguous()
+        raise self._shape_error(src, got, want)
+
+
 def load_weights(
     reader: SafetensorsReader,
     spec: ModelSpec,
     rules: Rules,
     dtype: torch.dtype,
     progress: Callable[[int], None] | None = None,
-) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """Read every tensor the decoder needs. Returns (dense weights, per-layer gate_up, per-layer down)."""
-    names = canonical_names(reader, rules)
-    shapes = expected_shapes(spec)
+) -> tuple[dict[str, torch.Tensor], list, list]:
+    """Read every tensor the decoder needs, converted to dtype.
 
-    def read(canonical: str, shape: tuple[int, ...], allow_transposed: bool = False) -> torch.Tensor:
-        src = names.get(canonical)
-        if src is None:
-            raise CheckpointError(f"checkpoint in {reader.dir} has no tensor for {canonical}")
-        got = reader.shape(src)
-        if got != shape:
-            if not (allow_transposed and got == (shape[0], shape[2], shape[1])):
-                raise CheckpointError(
-                    f"tensor {src} in {reader.file_of(src).name} has shape {list(got)}, expected {list(shape)}"
-                )
-        t = reader.get(src)
-        if got != shape:
-            t = t.transpose(1, 2)
+    Returns (dense weights, per-layer stacked gate_up [E, 2I, D], per-layer stacked down [E, D, I]);
+    layers without experts have None.
+    """
+    tensors = CheckpointTensors(reader, spec, rules)
+
+    def converted(t: torch.Tensor) -> torch.Tensor:
         if progress:
             progress(t.nbytes)
         return t.to(dtype).contiguous()
 
-    weights: dict[str, torch.Tensor] = {}
-    gate_up: list[torch.Tensor] = []
-    down: list[torch.Tensor] = []
-    for canonical, shape in shapes.items():
-        if ".experts." in canonical:
-            continue
-        weights[canonical] = read(canonical, shape)
-    for i, kind in enumerate(spec.ffn_kinds):
-        if kind != "moe":
-            gate_up.append(None)
-            down.append(None)
-            continue
-        p = f"layers.{i}.experts."
-        gu_shape, d_shape = shapes[p + "gate_up"], shapes[p + "down"]
-        if p + "gate_up" in names:
-            gate_up.append(read(p + "gate_up", gu_shape, allow_transposed=True))
-            down.append(read(p + "down", d_shape, allow_transposed=True))
-            continue
-        E, I2, D = gu_shape
-        gu = torch.empty(gu_shape, dtype=dtype)
-        dn = torch.empty(d_shape, dtype=dtype)
-        for e in range(E):
-            gu[e, : I2 // 2] = read(f"{p}{e}.gate", (I2 // 2, D))
-            gu[e, I2 // 2 :] = read(f"{p}{e}.up", (I2 // 2, D))
-            dn[e] = read(f"{p}{e}.down", d_shape[1:])
-        gate_up.append(gu)
-        down.append(dn)
+    weights = {name: converted(tensors.dense(name)) for name in tensors.dense_names}
+    gate_up: list = [None] * spec.num_layers
+    down: list = [None] * spec.num_layers
+    for i in tensors.moe_layers:
+        pairs = [tensors.expert(i, e) for e in range(spec.num_experts)]
+        gate_up[i] = torch.stack([converted(gu) for gu, _ in pairs])
+        down[i] = torch.stack([converted(d) for _, d in pairs])
     return weights, gate_up, down
-

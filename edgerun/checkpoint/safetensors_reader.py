@@ -62,7 +62,8 @@ class SafetensorsReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._open(self.location[name]).get_slice(name).get_shape())
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, index: int | None = None) -> torch.Tensor:
+        """The tensor, or only its slice [index] along the first dimension (one expert of a fused tensor)."""
         path = self.location[name]
         dtype = self._open(path).get_slice(name).get_dtype()
         if dtype not in DTYPES:
@@ -70,7 +71,9 @@ class SafetensorsReader:
                 f"tensor {name} in {path.name} has dtype {dtype}; edgerun reads BF16, F16 and F32 checkpoints"
             )
         try:
-            return self._open(path).get_tensor(name)
+            if index is None:
+                return self._open(path).get_tensor(name)
+            return self._open(path).get_slice(name)[index]
         except Exception as e:
             raise CheckpointError(f"cannot read tensor {name} from {path} ({e})") from None
 

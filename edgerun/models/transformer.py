@@ -23,6 +23,25 @@ class Experts(Protocol):
         """x [T, D], idx [T, K] expert ids, weights [T, K] -> sum_k weights * expert_k(x), [T, D]."""
 
 
+class Matrix(Protocol):
+    """A weight matrix [out, in] kept in some other form than a torch tensor (quantized, for instance)."""
+
+    dtype: torch.dtype  # the dtype its products come out in
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, in] -> x @ W^T (+ bias), [T, out]."""
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The rows ids of W as a [len(ids), in] tensor (embedding lookup)."""
+
+
+Weight = torch.Tensor | Matrix
+
+
+def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return F.linear(x, w, bias) if isinstance(w, torch.Tensor) else w.linear(x, bias)
+
+
 def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     """Every tensor the decoder reads, by canonical name, with its shape."""
     D, V, Dh = spec.hidden_size, spec.vocab_size, spec.head_dim
@@ -95,14 +114,14 @@ class KVCache:
 class Transformer:
     """Forward pass of a decoder-only MoE model over canonical weights (see `expected_shapes`)."""
 
-    def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], experts: Experts, context_length: int):
+    def __init__(self, spec: ModelSpec, weights: dict[str, Weight], experts: Experts, context_length: int):
         self.spec = spec
         self.w = weights
         self.experts = experts
         self.rope = Rope(spec.rope, context_length)
         self.act = activation_fn(spec.activation)
         self.lm_head = weights["embed"] if spec.tie_word_embeddings else weights["lm_head"]
-        self.dtype = weights["embed"].dtype
+        self.dtype = weights["embed"].dtype  # activations and KV cache
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
@@ -112,7 +131,8 @@ class Transformer:
         """
         spec, start = self.spec, cache.length
         T = tokens.shape[0]
-        h = F.embedding(tokens, self.w["embed"])  # [T, D]
+        embed = self.w["embed"]
+        h = F.embedding(tokens, embed) if isinstance(embed, torch.Tensor) else embed.rows(tokens)  # [T, D]
         if spec.embedding_multiplier != 1.0:
             h = h * spec.embedding_multiplier
         cos, sin = self.rope.cos_sin(start, T, self.dtype)
@@ -131,7 +151,7 @@ class Transformer:
         if not all_logits:
             h = h[-1:]
         h = rms_norm(h, self.w["norm"], spec.rms_norm_eps)
-        logits = F.linear(h, self.lm_head).float()
+        logits = linear(h, self.lm_head).float()
         if spec.output_multiplier != 1.0:
             logits = logits * spec.output_multiplier
         return softcap(logits, spec.final_logit_softcap)
@@ -139,9 +159,9 @@ class Transformer:
     def attention(self, i: int, x: torch.Tensor, cos, sin, cache: KVCache, start: int) -> torch.Tensor:
         spec, w, p = self.spec, self.w, f"layers.{i}."
         T, Dh, H, KV = x.shape[0], spec.head_dim, spec.num_heads, spec.num_kv_heads
-        q = F.linear(x, w[p + "q"], w.get(p + "q_bias"))
-        k = F.linear(x, w[p + "k"], w.get(p + "k_bias"))
-        v = F.linear(x, w[p + "v"], w.get(p + "v_bias"))
+        q = linear(x, w[p + "q"], w.get(p + "q_bias"))
+        k = linear(x, w[p + "k"], w.get(p + "k_bias"))
+        v = linear(x, w[p + "v"], w.get(p + "v_bias"))
         if spec.qk_norm == "proj":
             q = rms_norm(q, w[p + "q_norm"], spec.rms_norm_eps)
             k = rms_norm(k, w[p + "k_norm"], spec.rms_norm_eps)
@@ -165,7 +185,7 @@ class Transformer:
             )[0]  # [H, T, Dh]
         else:
             out = self._capped_attention(q, keys, values, mask)
-        return F.linear(out.transpose(0, 1).reshape(T, H * Dh), w[p + "o"], w.get(p + "o_bias"))
+        return linear(out.transpose(0, 1).reshape(T, H * Dh), w[p + "o"], w.get(p + "o_bias"))
 
     def _capped_attention(self, q, keys, values, mask) -> torch.Tensor:
         """Attention with soft-capped logits (Grok): cap * tanh(scale * q.k / cap), in float32."""
@@ -195,12 +215,12 @@ class Transformer:
 
     def mlp(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
         w = self.w
-        return F.linear(self.act(F.linear(x, w[prefix + "gate"])) * F.linear(x, w[prefix + "up"]), w[prefix + "down"])
+        return linear(self.act(linear(x, w[prefix + "gate"])) * linear(x, w[prefix + "up"]), w[prefix + "down"])
 
     def route(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router: returns expert ids [T, K] and their weights [T, K] (compute dtype)."""
         spec = self.spec
-        logits = softcap(F.linear(x, self.w[f"layers.{i}.router"]), spec.router_softcap)
+        logits = softcap(linear(x, self.w[f"layers.{i}.router"]), spec.router_softcap)
         probs = torch.softmax(logits.float(), dim=-1)
         weights, idx = torch.topk(probs, spec.top_k, dim=-1)
         if spec.norm_topk_prob:
@@ -214,31 +234,7 @@ class Transformer:
         if spec.shared_expert_intermediate_size:
             shared = self.mlp(x, p + "shared.")
             if spec.shared_expert_gate:
-                shared = torch.sigmoid(F.linear(x, self.w[p + "shared_gate"])) * shared
+                shared = torch.sigmoid(linear(x, self.w[p + "shared_gate"])) * shared
             out = out + shared
         return out
 
-
-class ResidentExperts:
-    """All experts of all layers held in RAM as stacked tensors: gate_up [E, 2I, D], down [E, D, I] per layer."""
-
-    def __init__(self, gate_up: list[torch.Tensor], down: list[torch.Tensor], activation: str):
-        self.gate_up, self.down = gate_up, down
-        self.act = activation_fn(activation)
-
-    def __call__(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        gate_up, down = self.gate_up[layer], self.down[layer]
-        out = torch.zeros_like(x)
-        flat = idx.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
-        K = idx.shape[1]
-        pos = 0
-        for e, n in zip(experts.tolist(), counts.tolist()):
-            sel = order[pos:pos + n]
-            pos += n
-            tokens = sel // K
-            g, u = F.linear(x[tokens], gate_up[e]).chunk(2, dim=-1)
-            y = F.linear(self.act(g) * u, down[e]) * weights.reshape(-1)[sel, None]
-            out.index_add_(0, tokens, y)
-        return out
