@@ -1,0 +1,165 @@
+"""Kernels that compute straight on quantized weights (formats of edgerun.store.quant).
+
+BACKEND is "numba" (JIT kernels, compiled once per machine and cached on disk) or "numpy" (the reference
+kernels of edgerun.native.reference: with EDGERUN_NO_JIT=1, or when numba is unusable, which one warning
+reports). Call warmup() at model load so that no kernel compiles during the first token.
+
+    matmul(x, qs, scales, out)    out[t, o] = sum_k W[o, k] x[t, k]
+    expert_ffn(x, gate_up_qs, gate_up_scales, down_qs, down_scales, activation, out)
+    quantize(w, fmt, group)       -> (qs, scales), byte-identical to edgerun.store.quant.quantize
+
+Weights are never expanded in RAM: one token streams every weight once (GEMV); a few tokens stream them
+the same way, converting each weight once per pair of tokens; more tokens dequantize a few rows at a time
+into a small buffer that stays in L1 and reuse it for every token (GEMM).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..store import quant
+from . import config, reference
+
+SILU, GELU_TANH = reference.SILU, reference.GELU_TANH
+
+_kernels = config.load_kernels()
+BACKEND: str = "numpy" if _kernels is None else "numba"
+_ready = _kernels is None
+
+
+def warmup() -> None:
+    """Compile every kernel now (or load it from the disk cache); falls back to NumPy if that fails."""
+    global _kernels, _ready, BACKEND
+    if _ready:
+        return
+    _ready = True  # the calls below take the JIT path
+    try:
+        rng = np.random.default_rng(0)
+        for fmt in quant.FORMATS:
+            gate_up = quantize(rng.standard_normal((64, 40)).astype(np.float32), fmt)
+            quantize(rng.standard_normal((64, 40)).astype(np.float16), fmt)
+            down = quantize(rng.standard_normal((40, 32)).astype(np.float32), fmt)
+            for n_tok in (1, 3):
+                x = rng.standard_normal((n_tok, 40)).astype(np.float32)
+                matmul(x, *gate_up, np.empty((n_tok, 64), np.float32))
+                expert_ffn(x, *gate_up, *down, SILU, np.empty((n_tok, 40), np.float32))
+    except Exception as e:  # a numba/LLVM that cannot compile them: keep running, on NumPy
+        config.fall_back(e)
+        _kernels, BACKEND = None, "numpy"
+
+
+def set_threads(n: int) -> None:
+    """Run the kernels on n threads (at most the number numba started, by default the CPU count)."""
+    config.set_threads(n)
+
+
+def _threads() -> int:
+    return _kernels.use_threads(config.threads(_kernels.max_threads()))
+
+
+def _check_matrix(qs: np.ndarray, scales: np.ndarray, in_features: int, what: str = "matrix") -> int:
+    """Validate a quantized matrix for in_features inputs; returns its padded in_features Kp."""
+    if qs.dtype not in (np.int8, np.uint8) or qs.ndim != 2:
+        raise ValueError(f"{what}: qs must be a 2D int8 (q8) or uint8 (q4) array; got {qs.dtype} {qs.shape}")
+    if scales.dtype != np.float16 or scales.ndim != 2 or scales.shape[0] != qs.shape[0] or scales.shape[1] == 0:
+        raise ValueError(f"{what}: scales must be float16 [{qs.shape[0]}, groups]; got {scales.dtype} {scales.shape}")
+    kp = qs.shape[1] * (1 if qs.dtype == np.int8 else 2)
+    group = kp // scales.shape[1]
+    if group * scales.shape[1] != kp or group % 32 or not kp - group < in_features <= kp:
+        raise ValueError(f"{what}: qs {qs.shape} and scales {scales.shape} do not hold {in_features} inputs "
+                         f"in groups of a multiple of 32")
+    if not (qs.flags.c_contiguous and scales.flags.c_contiguous):
+        raise ValueError(f"{what}: qs and scales must be C-contiguous")
+    return kp
+
+
+def _check_out(out: np.ndarray, shape: tuple[int, int]) -> None:
+    if out.dtype != np.float32 or out.shape != shape or not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(f"out must be a writeable C-contiguous float32 array of shape {shape}; "
+                         f"got {out.dtype} {out.shape}")
+
+
+def _padded(x: np.ndarray, kp: int) -> np.ndarray:
+    """x as float32 C-contiguous [T, kp], zero columns added past its own (a copy only when needed)."""
+    if x.shape[1] == kp:
+        return np.ascontiguousarray(x, dtype=np.float32)
+    xp = np.zeros((x.shape[0], kp), dtype=np.float32)
+    xp[:, :x.shape[1]] = x
+    return xp
+
+
+def matmul(x: np.ndarray, qs: np.ndarray, scales: np.ndarray, out: np.ndarray) -> None:
+    """out[t, o] = sum_k W[o, k] x[t, k] for x float32 [T, K] and the q8/q4 matrix W [O, K] = (qs, scales).
+
+    The format follows from qs.dtype (int8 q8, uint8 q4); out is float32 [T, O]. T = 1 runs the GEMV
+    kernel, T > 1 the GEMM kernel. Inputs are not modified."""
+    if x.ndim != 2:
+        raise ValueError(f"x must be 2D [tokens, in_features]; got shape {x.shape}")
+    kp = _check_matrix(qs, scales, x.shape[1])
+    _check_out(out, (x.shape[0], qs.shape[0]))
+    if x.shape[0] == 0:
+        return
+    if not _ready:
+        warmup()
+    if _kernels is None:
+        reference.matmul(np.asarray(x, dtype=np.float32), qs, scales, out)
+        return
+    n_threads = _threads()
+    _kernels.matmul(_padded(x, kp), qs, scales.view(np.uint16), _kernels.F16_TO_F32, out, n_threads)
+
+
+def expert_ffn(x: np.ndarray, gate_up_qs: np.ndarray, gate_up_scales: np.ndarray, down_qs: np.ndarray,
+               down_scales: np.ndarray, activation: int, out: np.ndarray) -> None:
+    """One expert on the tokens routed to it: out = down @ (act(gate @ x) * (up @ x)).
+
+    x float32 [T, H]; gate_up [2I, H] is one quantized matrix, gate rows first, then up rows; down
+    [H, I] in the same format; activation 0 = SiLU, 1 = GELU (tanh approximation); out float32 [T, H]
+    is overwritten."""
+    if x.ndim != 2:
+        raise ValueError(f"x must be 2D [tokens, hidden]; got shape {x.shape}")
+    if activation not in (SILU, GELU_TANH):
+        raise ValueError(f"unknown activation {activation}; expected 0 (SiLU) or 1 (GELU tanh)")
+    if gate_up_qs.dtype != down_qs.dtype:
+        raise ValueError(f"gate_up and down must share a format; got {gate_up_qs.dtype} and {down_qs.dtype}")
+    hidden = x.shape[1]
+    kp = _check_matrix(gate_up_qs, gate_up_scales, hidden, "gate_up")
+    if gate_up_qs.shape[0] % 2 or down_qs.shape[0] != hidden:
+        raise ValueError(f"gate_up {gate_up_qs.shape} and down {down_qs.shape} do not make an expert of "
+                         f"hidden size {hidden}")
+    _check_matrix(down_qs, down_scales, gate_up_qs.shape[0] // 2, "down")
+    _check_out(out, (x.shape[0], hidden))
+    if x.shape[0] == 0:
+        return
+    if not _ready:
+        warmup()
+    if _kernels is None:
+        reference.expert_ffn(np.asarray(x, dtype=np.float32), gate_up_qs, gate_up_scales, down_qs, down_scales,
+                             activation, out)
+        return
+    n_threads = _threads()
+    _kernels.expert_ffn(_padded(x, kp), gate_up_qs, gate_up_scales.view(np.uint16), down_qs,
+                        down_scales.view(np.uint16), activation, _kernels.F16_TO_F32, out, n_threads)
+
+
+def quantize(w: np.ndarray, fmt: str, group: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(qs, scales) of the float matrix w [O, K] in fmt, in parallel; byte-identical to
+    edgerun.store.quant.quantize (float16 input is read as is, other float types as float32)."""
+    if w.ndim != 2:
+        raise ValueError(f"quantize needs a 2D matrix; got shape {w.shape}")
+    qs_shape, scales_shape = quant.packed_shapes(fmt, *w.shape, group=group)
+    if not _ready:
+        warmup()
+    if _kernels is None:
+        return reference.quantize(w, fmt, group)
+    _threads()
+    if w.dtype == np.float16:
+        w = np.ascontiguousarray(w).view(np.uint16)
+    else:
+        w = np.ascontiguousarray(w, dtype=np.float32)
+    lut = _kernels.F16_TO_F32
+    raw = np.empty(scales_shape, dtype=np.float32)
+    _kernels.group_scales(w, lut, group, fmt == "q4", raw)
+    scales = quant.round_scales(raw)
+    qs = np.empty(qs_shape, dtype=np.int8 if fmt == "q8" else np.uint8)
+    (_kernels.quantize_q8 if fmt == "q8" else _kernels.quantize_q4)(w, scales.view(np.uint16), lut, qs)
+    return qs, scales

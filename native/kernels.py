@@ -1,0 +1,703 @@
+"""numba kernels on quantized weights (formats in edgerun.store.quant).
+
+Import this module only through config.load_kernels(), which configures numba first.
+
+Layout of the arrays the kernels take (the wrappers in edgerun.native prepare them):
+x float32 [T, Kp] with Kp the padded in_features (zero columns past K); qs int8 [O, Kp] (q8) or uint8
+[O, Kp / 2] (q4); scales as uint16 [O, Kp / G] holding float16 bits, turned into float32 through
+F16_TO_F32 (passed in as `lut`); out float32 [T, O].
+
+The inner loops work on SIMD vectors of 16 float32 lanes, written as LLVM vector operations through
+numba intrinsics: numba leaves LLVM's SLP vectorizer off, so plain loops over a group of 32 values would
+be fully unrolled into scalar code. LLVM lowers the vectors to whatever the CPU has (one AVX-512
+register, two AVX2 registers, four NEON registers). A vector value lives in registers across loop
+iterations, so a row keeps 16 partial sums and the horizontal sum happens once per row.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic, models, overload, register_model
+
+LANES = 16
+ROWS = 4  # output rows per block: shares each x vector and hides FMA latency
+_F32 = ir.FloatType()
+_VEC = ir.VectorType(_F32, LANES)
+_I32VEC = ir.VectorType(ir.IntType(32), LANES)
+_FAST = ("fast",)
+
+# float16 bits -> float32 value; exact for every finite half
+F16_TO_F32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+
+
+class _Vec(types.Type):
+    """LANES float32 lanes held in one LLVM vector value."""
+
+    def __init__(self):
+        super().__init__(name=f"f32x{LANES}")
+
+
+VEC = _Vec()
+
+
+@register_model(_Vec)
+class _VecModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _VEC)
+
+
+def _is_row(a, dtype) -> bool:
+    return isinstance(a, types.Array) and a.ndim == 1 and a.dtype == dtype
+
+
+def _load(context, builder, aty, arr, idx, elem):
+    """LANES consecutive elements of a 1D array from index idx (unaligned, no bounds check)."""
+    data = context.make_array(aty)(context, builder, arr).data
+    ptr = builder.bitcast(builder.gep(data, [idx]), ir.VectorType(elem, LANES).as_pointer())
+    return builder.load(ptr, align=1)
+
+
+def _splat(builder, s):
+    v = builder.insert_element(ir.Constant(_VEC, ir.Undefined), s, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(v, ir.Constant(_VEC, ir.Undefined), ir.Constant(_I32VEC, [0] * LANES))
+
+
+@intrinsic
+def vzero(typingctx):
+    """A vector of zeros."""
+    return VEC(), lambda context, builder, sig, args: ir.Constant(_VEC, [0.0] * LANES)
+
+
+@intrinsic
+def vload(typingctx, a, i):
+    """a[i:i + LANES] of a float32 row."""
+    if not _is_row(a, types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _load(context, builder, sig.args[0], args[0], args[1], _F32)
+    return VEC(a, i), codegen
+
+
+@intrinsic
+def vstore(typingctx, a, i, v):
+    """a[i:i + LANES] = v for a float32 row."""
+    if not _is_row(a, types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        ptr = builder.bitcast(builder.gep(data, [args[1]]), _VEC.as_pointer())
+        builder.store(args[2], ptr, align=1)
+        return context.get_dummy_value()
+    return types.none(a, i, v), codegen
+
+
+@intrinsic
+def vload_i8(typingctx, a, i):
+    """a[i:i + LANES] of an int8 row, as float32."""
+    if not _is_row(a, types.int8):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.sitofp(_load(context, builder, sig.args[0], args[0], args[1], ir.IntType(8)), _VEC)
+    return VEC(a, i), codegen
+
+
+def _nibbles(high: bool):
+    def codegen(context, builder, sig, args):
+        v = builder.zext(_load(context, builder, sig.args[0], args[0], args[1], ir.IntType(8)), _I32VEC)
+        if high:
+            v = builder.lshr(v, ir.Constant(_I32VEC, [4] * LANES))
+        else:
+            v = builder.and_(v, ir.Constant(_I32VEC, [15] * LANES))
+        return builder.sitofp(v, _VEC)
+    return codegen
+
+
+@intrinsic
+def vload_lo(typingctx, a, i):
+    """Low nibbles (0..15) of a[i:i + LANES] of a uint8 row, as float32."""
+    if not _is_row(a, types.uint8):
+        return None
+    return VEC(a, i), _nibbles(False)
+
+
+@intrinsic
+def vload_hi(typingctx, a, i):
+    """High nibbles (0..15) of a[i:i + LANES] of a uint8 row, as float32."""
+    if not _is_row(a, types.uint8):
+        return None
+    return VEC(a, i), _nibbles(True)
+
+
+@intrinsic
+def vmul(typingctx, a, b):
+    """a * b lane by lane."""
+    return VEC(a, b), lambda context, builder, sig, args: builder.fmul(args[0], args[1], flags=_FAST)
+
+
+@intrinsic
+def vfma(typingctx, a, b, c):
+    """a * b + c lane by lane (fused where the CPU has FMA)."""
+    def codegen(context, builder, sig, args):
+        return builder.fadd(builder.fmul(args[0], args[1], flags=_FAST), args[2], flags=_FAST)
+    return VEC(a, b, c), codegen
+
+
+@intrinsic
+def vfmas(typingctx, a, s, c):
+    """a * s + c with s a float32 scalar."""
+    def codegen(context, builder, sig, args):
+        return builder.fadd(builder.fmul(args[0], _splat(builder, args[1]), flags=_FAST), args[2], flags=_FAST)
+    return VEC(a, types.float32, c), codegen
+
+
+@intrinsic
+def vmuls(typingctx, a, s):
+    """a * s with s a float32 scalar."""
+    def codegen(context, builder, sig, args):
+        return builder.fmul(args[0], _splat(builder, args[1]), flags=_FAST)
+    return VEC(a, types.float32), codegen
+
+
+@intrinsic
+def vadds(typingctx, a, s):
+    """a + s with s a float32 scalar."""
+    def codegen(context, builder, sig, args):
+        return builder.fadd(args[0], _splat(builder, args[1]), flags=_FAST)
+    return VEC(a, types.float32), codegen
+
+
+@intrinsic
+def vsum(typingctx, a):
+    """Sum of the lanes."""
+    def codegen(context, builder, sig, args):
+        fnty = ir.FunctionType(_F32, [_F32, _VEC])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.vector.reduce.fadd.v{LANES}f32")
+        return builder.call(fn, [ir.Constant(_F32, -0.0), args[0]], fastmath=_FAST)
+    return types.float32(a), codegen
+
+
+@intrinsic
+def prefetch(typingctx, a, i):
+    """Hint that a[i] of a 1D array will be read soon; never faults, even out of bounds."""
+    if not (isinstance(a, types.Array) and a.ndim == 1):
+        return None
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                            "llvm.prefetch.p0")
+        # read; locality 1: into L2/L3, not L1, which the block being read needs
+        builder.call(fn, [builder.bitcast(builder.gep(data, [args[1]]), i8p), ir.Constant(i32, 0),
+                          ir.Constant(i32, 1), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+    return types.none(a, i), codegen
+
+
+_OPTS = dict(fastmath=True, cache=True, nogil=True)
+
+
+# ---------------------------------------------------------------- T = 1: one pass over the weights
+
+
+@njit(**_OPTS)
+def _nibble_offsets(x, group):
+    """-8 * (x[k_lo] + x[k_hi]) for every q4 byte, k_lo and k_hi being the positions of its two values:
+    added to the dot product of the raw nibbles (0..15), it gives that of the values (nibble - 8)."""
+    half = group // 2
+    xc = np.empty(x.shape[0] // 2, np.float32)
+    for g in range(x.shape[0] // group):
+        for j in range(half):
+            xc[g * half + j] = np.float32(-8.0) * (x[g * group + j] + x[g * group + half + j])
+    return xc
+
+
+@njit(**_OPTS)
+def _block_rows(o0, n_rows):
+    """The ROWS row indices of the block starting at o0, clamped so that a last, partial block repeats
+    its last row (computed again, written once)."""
+    last = n_rows - 1
+    return min(o0, last), min(o0 + 1, last), min(o0 + 2, last), min(o0 + 3, last)
+
+
+@njit(parallel=True, **_OPTS)
+def gemv_q8(x, qs, scales, lut, out):
+    """out[0, o] = sum_k W[o, k] x[0, k] for a q8 matrix, streaming each weight once."""
+    n_rows, kp = qs.shape
+    per_group = kp // scales.shape[1] // 32  # 32-value chunks per group
+    xr = x[0]
+    flat_q = qs.reshape(qs.size)
+    flat_s = scales.reshape(scales.size)
+    n_blocks = (n_rows + ROWS - 1) // ROWS
+    for b in prange(n_blocks):
+        r0, r1, r2, r3 = _block_rows(b * ROWS, n_rows)
+        q0, q1, q2, q3 = qs[r0], qs[r1], qs[r2], qs[r3]
+        s0, s1, s2, s3 = scales[r0], scales[r1], scales[r2], scales[r3]
+        # the next block is prefetched at the pace this one is read, a block's time ahead of its use
+        nxt = min(b * ROWS + ROWS, n_rows - 1)
+        pq, ps = nxt * kp, nxt * scales.shape[1]
+        a0, a1, a2, a3 = vzero(), vzero(), vzero(), vzero()
+        g = 0
+        in_group = 0
+        for c in range(kp // 32):
+            k = c * 32
+            prefetch(flat_q, pq + 4 * k)
+            prefetch(flat_q, pq + 4 * k + 64)
+            if c % 8 == 0:
+                prefetch(flat_s, ps + 4 * c)
+            xa, xb = vload(xr, k), vload(xr, k + 16)
+            a0 = vfmas(vfma(vload_i8(q0, k), xa, vmul(vload_i8(q0, k + 16), xb)), lut[s0[g]], a0)
+            a1 = vfmas(vfma(vload_i8(q1, k), xa, vmul(vload_i8(q1, k + 16), xb)), lut[s1[g]], a1)
+            a2 = vfmas(vfma(vload_i8(q2, k), xa, vmul(vload_i8(q2, k + 16), xb)), lut[s2[g]], a2)
+            a3 = vfmas(vfma(vload_i8(q3, k), xa, vmul(vload_i8(q3, k + 16), xb)), lut[s3[g]], a3)
+            in_group += 1
+            if in_group == per_group:
+                in_group = 0
+                g += 1
+        _store_block(out, 0, b * ROWS, n_rows, vsum(a0), vsum(a1), vsum(a2), vsum(a3))
+
+
+@njit(parallel=True, **_OPTS)
+def gemv_q4(x, qs, scales, lut, out):
+    """out[0, o] = sum_k W[o, k] x[0, k] for a q4 matrix, streaming each weight once."""
+    n_rows, n_bytes = qs.shape
+    group = 2 * n_bytes // scales.shape[1]
+    half = group // 2
+    per_group = group // 32
+    xr = x[0]
+    xc = _nibble_offsets(xr, group)
+    flat_q = qs.reshape(qs.size)
+    flat_s = scales.reshape(scales.size)
+    n_blocks = (n_rows + ROWS - 1) // ROWS
+    for b in prange(n_blocks):
+        r0, r1, r2, r3 = _block_rows(b * ROWS, n_rows)
+        q0, q1, q2, q3 = qs[r0], qs[r1], qs[r2], qs[r3]
+        s0, s1, s2, s3 = scales[r0], scales[r1], scales[r2], scales[r3]
+        nxt = min(b * ROWS + ROWS, n_rows - 1)
+        pq, ps = nxt * n_bytes, nxt * scales.shape[1]
+        a0, a1, a2, a3 = vzero(), vzero(), vzero(), vzero()
+        g = 0
+        in_group = 0
+        for c in range(n_bytes // 16):
+            i = c * 16  # 16 bytes: 16 values from the group's first half, 16 from its second half
+            klo = g * group + in_group * 16
+            khi = klo + half
+            prefetch(flat_q, pq + 4 * i)
+            if c % 8 == 0:
+                prefetch(flat_s, ps + 4 * c)
+            xa, xb, off = vload(xr, klo), vload(xr, khi), vload(xc, i)
+            a0 = vfmas(vfma(vload_lo(q0, i), xa, vfma(vload_hi(q0, i), xb, off)), lut[s0[g]], a0)
+            a1 = vfmas(vfma(vload_lo(q1, i), xa, vfma(vload_hi(q1, i), xb, off)), lut[s1[g]], a1)
+            a2 = vfmas(vfma(vload_lo(q2, i), xa, vfma(vload_hi(q2, i), xb, off)), lut[s2[g]], a2)
+            a3 = vfmas(vfma(vload_lo(q3, i), xa, vfma(vload_hi(q3, i), xb, off)), lut[s3[g]], a3)
+            in_group += 1
+            if in_group == per_group:
+                in_group = 0
+                g += 1
+        _store_block(out, 0, b * ROWS, n_rows, vsum(a0), vsum(a1), vsum(a2), vsum(a3))
+
+
+@njit(**_OPTS)
+def _store_block(out, t, o0, n_rows, v0, v1, v2, v3):
+    out[t, o0] = v0
+    if o0 + 1 < n_rows:
+        out[t, o0 + 1] = v1
+    if o0 + 2 < n_rows:
+        out[t, o0 + 2] = v2
+    if o0 + 3 < n_rows:
+        out[t, o0 + 3] = v3
+
+
+# ---------------------------------------------------------------- T > 1: convert each weight once for many tokens
+
+SMALL_T = 16  # below this many tokens the GEMM streams weights like the GEMV, two tokens per pass
+K_BLOCK = 1024  # columns per GEMM block: ROWS x K_BLOCK float32 weights (16 KiB) stay in L1
+
+
+@njit(**_OPTS)
+def _k_block(kp, group):
+    """Columns per block of the GEMM: about K_BLOCK, whole groups, at most kp."""
+    return min(kp, max(group, K_BLOCK // group * group))
+
+
+@njit(**_OPTS)
+def _dequant_row_q8(q, srow, lut, k0, kl, group, dst):
+    """dst[:kl] = the float32 weights k0 .. k0 + kl of one q8 row (k0, kl whole groups)."""
+    for c in range(kl // 32):
+        k = k0 + c * 32
+        s = lut[srow[k // group]]
+        vstore(dst, c * 32, vmuls(vload_i8(q, k), s))
+        vstore(dst, c * 32 + 16, vmuls(vload_i8(q, k + 16), s))
+
+
+@njit(**_OPTS)
+def _dequant_row_q4(q, srow, lut, k0, kl, group, dst):
+    """dst[:kl] = the float32 weights k0 .. k0 + kl of one q4 row (k0, kl whole groups)."""
+    half = group // 2
+    minus8 = np.float32(-8.0)
+    for g in range(k0 // group, (k0 + kl) // group):
+        s = lut[srow[g]]
+        for c in range(half // 16):
+            i = g * half + c * 16
+            d = g * group - k0 + c * 16
+            vstore(dst, d, vmuls(vadds(vload_lo(q, i), minus8), s))
+            vstore(dst, d + half, vmuls(vadds(vload_hi(q, i), minus8), s))
+
+
+@njit(**_OPTS)
+def _tiles(x, wf, k0, kl, out, o0, n_rows, first):
+    """out[t, o0:o0 + ROWS] (+)= wf[:, :kl] . x[t, k0:k0 + kl] for every token, two tokens at a time
+    (8 accumulators: 4 rows x 2 tokens). An odd last token is paired with itself and written once."""
+    n_tok = out.shape[0]
+    w0, w1, w2, w3 = wf[0], wf[1], wf[2], wf[3]
+    for t0 in range(0, n_tok, 2):
+        t1 = min(t0 + 1, n_tok - 1)
+        xa, xb = x[t0], x[t1]
+        a0, a1, a2, a3 = vzero(), vzero(), vzero(), vzero()
+        b0, b1, b2, b3 = vzero(), vzero(), vzero(), vzero()
+        for kk in range(0, kl, LANES):
+            va, vb = vload(xa, k0 + kk), vload(xb, k0 + kk)
+            u = vload(w0, kk)
+            a0, b0 = vfma(u, va, a0), vfma(u, vb, b0)
+            u = vload(w1, kk)
+            a1, b1 = vfma(u, va, a1), vfma(u, vb, b1)
+            u = vload(w2, kk)
+            a2, b2 = vfma(u, va, a2), vfma(u, vb, b2)
+            u = vload(w3, kk)
+            a3, b3 = vfma(u, va, a3), vfma(u, vb, b3)
+        _add_block(out, t0, o0, n_rows, first, vsum(a0), vsum(a1), vsum(a2), vsum(a3))
+        if t1 != t0:
+            _add_block(out, t1, o0, n_rows, first, vsum(b0), vsum(b1), vsum(b2), vsum(b3))
+
+
+@njit(**_OPTS)
+def _add_block(out, t, o0, n_rows, first, v0, v1, v2, v3):
+    if first:
+        _store_block(out, t, o0, n_rows, v0, v1, v2, v3)
+        return
+    out[t, o0] += v0
+    if o0 + 1 < n_rows:
+        out[t, o0 + 1] += v1
+    if o0 + 2 < n_rows:
+        out[t, o0 + 2] += v2
+    if o0 + 3 < n_rows:
+        out[t, o0 + 3] += v3
+
+
+@njit(**_OPTS)
+def _pair_q8(x, t0, t1, qs, scales, lut, xc, b, out):
+    """out[t0] and out[t1] for row block b of a q8 matrix, weights converted in registers and shared by
+    the two tokens (a GEMV on two tokens at once); xc is unused."""
+    n_rows, kp = qs.shape
+    per_group = kp // scales.shape[1] // 32
+    r0, r1, r2, r3 = _block_rows(b * ROWS, n_rows)
+    q0, q1, q2, q3 = qs[r0], qs[r1], qs[r2], qs[r3]
+    s0, s1, s2, s3 = scales[r0], scales[r1], scales[r2], scales[r3]
+    xa, xb = x[t0], x[t1]
+    a0, a1, a2, a3 = vzero(), vzero(), vzero(), vzero()
+    b0, b1, b2, b3 = vzero(), vzero(), vzero(), vzero()
+    g = 0
+    in_group = 0
+    for c in range(kp // 32):
+        k = c * 32
+        xa0, xa1, xb0, xb1 = vload(xa, k), vload(xa, k + 16), vload(xb, k), vload(xb, k + 16)
+        w, v, s = vload_i8(q0, k), vload_i8(q0, k + 16), lut[s0[g]]
+        a0, b0 = vfmas(vfma(w, xa0, vmul(v, xa1)), s, a0), vfmas(vfma(w, xb0, vmul(v, xb1)), s, b0)
+        w, v, s = vload_i8(q1, k), vload_i8(q1, k + 16), lut[s1[g]]
+        a1, b1 = vfmas(vfma(w, xa0, vmul(v, xa1)), s, a1), vfmas(vfma(w, xb0, vmul(v, xb1)), s, b1)
+        w, v, s = vload_i8(q2, k), vload_i8(q2, k + 16), lut[s2[g]]
+        a2, b2 = vfmas(vfma(w, xa0, vmul(v, xa1)), s, a2), vfmas(vfma(w, xb0, vmul(v, xb1)), s, b2)
+        w, v, s = vload_i8(q3, k), vload_i8(q3, k + 16), lut[s3[g]]
+        a3, b3 = vfmas(vfma(w, xa0, vmul(v, xa1)), s, a3), vfmas(vfma(w, xb0, vmul(v, xb1)), s, b3)
+        in_group += 1
+        if in_group == per_group:
+            in_group = 0
+            g += 1
+    _store_pair(out, t0, t1, b * ROWS, n_rows, a0, a1, a2, a3, b0, b1, b2, b3)
+
+
+@njit(**_OPTS)
+def _pair_q4(x, t0, t1, qs, scales, lut, xc, b, out):
+    """out[t0] and out[t1] for row block b of a q4 matrix, weights converted in registers and shared by
+    the two tokens (a GEMV on two tokens at once); xc holds each token's _nibble_offsets."""
+    n_rows, n_bytes = qs.shape
+    group = 2 * n_bytes // scales.shape[1]
+    half = group // 2
+    per_group = group // 32
+    r0, r1, r2, r3 = _block_rows(b * ROWS, n_rows)
+    q0, q1, q2, q3 = qs[r0], qs[r1], qs[r2], qs[r3]
+    s0, s1, s2, s3 = scales[r0], scales[r1], scales[r2], scales[r3]
+    xa, xb, ca, cb = x[t0], x[t1], xc[t0], xc[t1]
+    a0, a1, a2, a3 = vzero(), vzero(), vzero(), vzero()
+    b0, b1, b2, b3 = vzero(), vzero(), vzero(), vzero()
+    g = 0
+    in_group = 0
+    for c in range(n_bytes // 16):
+        i = c * 16
+        klo = g * group + in_group * 16
+        khi = klo + half
+        xa0, xa1, oa = vload(xa, klo), vload(xa, khi), vload(ca, i)
+        xb0, xb1, ob = vload(xb, klo), vload(xb, khi), vload(cb, i)
+        w, v, s = vload_lo(q0, i), vload_hi(q0, i), lut[s0[g]]
+        a0, b0 = vfmas(vfma(w, xa0, vfma(v, xa1, oa)), s, a0), vfmas(vfma(w, xb0, vfma(v, xb1, ob)), s, b0)
+        w, v, s = vload_lo(q1, i), vload_hi(q1, i), lut[s1[g]]
+        a1, b1 = vfmas(vfma(w, xa0, vfma(v, xa1, oa)), s, a1), vfmas(vfma(w, xb0, vfma(v, xb1, ob)), s, b1)
+        w, v, s = vload_lo(q2, i), vload_hi(q2, i), lut[s2[g]]
+        a2, b2 = vfmas(vfma(w, xa0, vfma(v, xa1, oa)), s, a2), vfmas(vfma(w, xb0, vfma(v, xb1, ob)), s, b2)
+        w, v, s = vload_lo(q3, i), vload_hi(q3, i), lut[s3[g]]
+        a3, b3 = vfmas(vfma(w, xa0, vfma(v, xa1, oa)), s, a3), vfmas(vfma(w, xb0, vfma(v, xb1, ob)), s, b3)
+        in_group += 1
+        if in_group == per_group:
+            in_group = 0
+            g += 1
+    _store_pair(out, t0, t1, b * ROWS, n_rows, a0, a1, a2, a3, b0, b1, b2, b3)
+
+
+@njit(**_OPTS)
+def _store_pair(out, t0, t1, o0, n_rows, a0, a1, a2, a3, b0, b1, b2, b3):
+    _store_block(out, t0, o0, n_rows, vsum(a0), vsum(a1), vsum(a2), vsum(a3))
+    if t1 != t0:
+        _store_block(out, t1, o0, n_rows, vsum(b0), vsum(b1), vsum(b2), vsum(b3))
+
+
+def _pair(x, t0, t1, qs, scales, lut, xc, b, out):
+    """Either _pair_q8 or _pair_q4, by the dtype of qs."""
+
+
+@overload(_pair)
+def _pair_impl(x, t0, t1, qs, scales, lut, xc, b, out):
+    pair = _pair_q8 if qs.dtype == types.int8 else _pair_q4
+    return lambda x, t0, t1, qs, scales, lut, xc, b, out: pair(x, t0, t1, qs, scales, lut, xc, b, out)
+
+
+def _token_offsets(x, qs, group):
+    """For q4, _nibble_offsets of every token [T, Kp / 2]; for q8 an empty placeholder."""
+
+
+@overload(_token_offsets)
+def _token_offsets_impl(x, qs, group):
+    if qs.dtype == types.int8:
+        return lambda x, qs, group: np.empty((0, 0), np.float32)
+
+    def impl(x, qs, group):
+        xc = np.empty((x.shape[0], x.shape[1] // 2), np.float32)
+        for t in range(x.shape[0]):
+            xc[t] = _nibble_offsets(x[t], group)
+        return xc
+    return impl
+
+
+def _dequant_row(q, srow, lut, k0, kl, group, dst):
+    """Either _dequant_row_q8 or _dequant_row_q4, by the dtype of q."""
+
+
+@overload(_dequant_row)
+def _dequant_row_impl(q, srow, lut, k0, kl, group, dst):
+    dequant_row = _dequant_row_q8 if q.dtype == types.int8 else _dequant_row_q4
+    return lambda q, srow, lut, k0, kl, group, dst: dequant_row(q, srow, lut, k0, kl, group, dst)
+
+
+def _padded_k(qs):
+    """Kp: the padded in_features of a q8 or q4 matrix."""
+
+
+@overload(_padded_k)
+def _padded_k_impl(qs):
+    if qs.dtype == types.int8:
+        return lambda qs: qs.shape[1]
+    return lambda qs: 2 * qs.shape[1]
+
+
+@njit(parallel=True, **_OPTS)
+def gemm(x, qs, scales, lut, out, n_threads):
+    """out[t, o] = sum_k W[o, k] x[t, k] for T > 1 tokens, q8 or q4 (by qs.dtype).
+
+    Below SMALL_T tokens, row blocks are streamed as by the GEMV, each weight converted in registers once
+    per pair of tokens (a block is read from RAM once, then from L2 for the next pairs). From SMALL_T on,
+    each thread takes a contiguous range of row blocks; for each block of kc columns it dequantizes ROWS x
+    kc weights once into a float32 scratch that stays in L1 and runs them against every token, 4 rows x 2
+    tokens at a time (x's column block stays cached across the thread's row blocks)."""
+    n_tok, n_rows = out.shape
+    kp = _padded_k(qs)
+    group = kp // scales.shape[1]
+    n_blocks = (n_rows + ROWS - 1) // ROWS
+    if n_tok < SMALL_T:
+        xc = _token_offsets(x, qs, group)
+        for b in prange(n_blocks):
+            for t0 in range(0, n_tok, 2):
+                _pair(x, t0, min(t0 + 1, n_tok - 1), qs, scales, lut, xc, b, out)
+        return
+    kc = _k_block(kp, group)
+    n_workers = min(n_threads, n_blocks)
+    for w in prange(n_workers):
+        wf = np.empty((ROWS, kc), np.float32)
+        for k0 in range(0, kp, kc):
+            kl = min(kc, kp - k0)
+            for b in range(w * n_blocks // n_workers, (w + 1) * n_blocks // n_workers):
+                r0, r1, r2, r3 = _block_rows(b * ROWS, n_rows)
+                _dequant_row(qs[r0], scales[r0], lut, k0, kl, group, wf[0])
+                _dequant_row(qs[r1], scales[r1], lut, k0, kl, group, wf[1])
+                _dequant_row(qs[r2], scales[r2], lut, k0, kl, group, wf[2])
+                _dequant_row(qs[r3], scales[r3], lut, k0, kl, group, wf[3])
+                _tiles(x, wf, k0, kl, out, b * ROWS, n_rows, k0 == 0)
+
+
+def _matmul(x, qs, scales, lut, out, n_threads):
+    """out = x @ W.T with the kernel for qs.dtype and the number of tokens."""
+
+
+@overload(_matmul)
+def _matmul_impl(x, qs, scales, lut, out, n_threads):
+    gemv = gemv_q8 if qs.dtype == types.int8 else gemv_q4
+
+    def impl(x, qs, scales, lut, out, n_threads):
+        if out.shape[0] == 1:
+            gemv(x, qs, scales, lut, out)
+        else:
+            gemm(x, qs, scales, lut, out, n_threads)
+    return impl
+
+
+@njit(**_OPTS)
+def matmul(x, qs, scales, lut, out, n_threads):
+    """out[t, o] = sum_k W[o, k] x[t, k]: the GEMV kernel for one token, the GEMM kernel (on n_threads
+    threads) for more."""
+    _matmul(x, qs, scales, lut, out, n_threads)
+
+
+# ---------------------------------------------------------------- one expert: down(act(gate(x)) * up(x))
+
+SILU, GELU_TANH = 0, 1
+
+
+@njit(parallel=True, **_OPTS)
+def _gated_activation(h, activation, a):
+    """a[t, i] = act(h[t, i]) * h[t, inter + i] for i < inter = h.shape[1] // 2; a's other columns stay."""
+    n_tok = h.shape[0]
+    inter = h.shape[1] // 2
+    one, half = np.float32(1.0), np.float32(0.5)
+    c0, c1 = np.float32(0.7978845608028654), np.float32(0.044715)  # sqrt(2 / pi)
+    for j in prange(n_tok * inter):
+        t, i = j // inter, j % inter
+        g = h[t, i]
+        if activation == SILU:
+            act = g / (one + np.exp(-g))
+        else:
+            act = half * g * (one + np.tanh(c0 * (g + c1 * g * g * g)))
+        a[t, i] = act * h[t, inter + i]
+
+
+@njit(**_OPTS)
+def expert_ffn(x, gate_up_qs, gate_up_scales, down_qs, down_scales, activation, lut, out, n_threads):
+    """out = down @ (act(gate @ x) * (up @ x)) for the tokens of x, gate_up holding gate then up rows."""
+    n_tok = x.shape[0]
+    h = np.empty((n_tok, gate_up_qs.shape[0]), np.float32)
+    _matmul(x, gate_up_qs, gate_up_scales, lut, h, n_threads)
+    a = np.zeros((n_tok, _padded_k(down_qs)), np.float32)  # columns past inter: down's zero padding
+    _gated_activation(h, activation, a)
+    _matmul(a, down_qs, down_scales, lut, out, n_threads)
+
+
+# ---------------------------------------------------------------- quantization (byte-identical to quant.py)
+
+_EXACT = dict(cache=True, nogil=True)  # no fastmath: division and rounding must match NumPy bit for bit
+
+
+def _value(w, o, k, lut):
+    """w[o, k] as float32; w is float32, or uint16 holding float16 bits."""
+
+
+@overload(_value)
+def _value_impl(w, o, k, lut):
+    if w.dtype == types.uint16:
+        return lambda w, o, k, lut: lut[w[o, k]]
+    return lambda w, o, k, lut: w[o, k]
+
+
+@njit(parallel=True, **_EXACT)
+def group_scales(w, lut, group, q4, out):
+    """out[o, g] = the float32 scale of each group before float16 rounding: max|w| / 127 (q8), or the
+    first value of largest magnitude / -8 (q4)."""
+    n_rows, k = w.shape
+    for o in prange(n_rows):
+        for g in range(out.shape[1]):
+            start = g * group
+            m = _value(w, o, start, lut)
+            best = abs(m)
+            for j in range(start + 1, min(start + group, k)):
+                v = _value(w, o, j, lut)
+                if abs(v) > best:
+                    best = abs(v)
+                    m = v
+            out[o, g] = m / np.float32(-8.0) if q4 else best / np.float32(127.0)
+
+
+@njit(**_EXACT)
+def _level(w, o, k, lut, s, lo, hi):
+    """round(w[o, k] / s) clipped to [lo, hi]; 0 past the matrix or for a zero scale."""
+    if k >= w.shape[1] or s == 0:
+        return np.float32(0.0)
+    return min(max(np.rint(_value(w, o, k, lut) / s), np.float32(lo)), np.float32(hi))
+
+
+@njit(parallel=True, **_EXACT)
+def quantize_q8(w, scales, lut, qs):
+    """qs = the q8 values of w, given the float16 scales (as uint16)."""
+    group = qs.shape[1] // scales.shape[1]
+    for o in prange(qs.shape[0]):
+        for g in range(scales.shape[1]):
+            s = lut[scales[o, g]]
+            for j in range(g * group, (g + 1) * group):
+                qs[o, j] = np.int8(_level(w, o, j, lut, s, -127, 127))
+
+
+@njit(parallel=True, **_EXACT)
+def quantize_q4(w, scales, lut, qs):
+    """qs = the packed q4 nibbles of w, given the float16 scales (as uint16)."""
+    half = qs.shape[1] // scales.shape[1]
+    group = 2 * half
+    eight = np.float32(8.0)
+    for o in prange(qs.shape[0]):
+        for g in range(scales.shape[1]):
+            s = lut[scales[o, g]]
+            for j in range(half):
+                lo = np.uint8(_level(w, o, g * group + j, lut, s, -8, 7) + eight)
+                hi = np.uint8(_level(w, o, g * group + half + j, lut, s, -8, 7) + eight)
+                qs[o, g * half + j] = lo | (hi << 4)
+
+
+# ---------------------------------------------------------------- memory bandwidth probe
+
+
+@njit(parallel=True, **_OPTS)
+def read_sum(a, chunks):
+    """Sum of a float32 array read in `chunks` parallel pieces (a memory bandwidth probe)."""
+    n = a.size // chunks
+    parts = np.zeros(chunks, np.float32)
+    for c in prange(chunks):
+        piece = a[c * n:(c + 1) * n]
+        s = np.float32(0.0)
+        for i in range(piece.size):
+            s += piece[i]
+        parts[c] = s
+    return parts.sum()
+
+
+def use_threads(n: int) -> int:
+    """Run the parallel kernels of the calling thread on n threads (numba's setting is per thread); n."""
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
+    return n
+
+
+def max_threads() -> int:
+    """The size of numba's thread pool (NUMBA_NUM_THREADS, by default the number of CPUs)."""
+    return numba.config.NUMBA_NUM_THREADS

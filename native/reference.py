@@ -1,0 +1,51 @@
+"""NumPy reference kernels: the same signatures as edgerun.native, written for clarity.
+
+They are the fallback when the JIT kernels are unavailable and the ground truth of the kernel tests.
+Weights are dequantized a block of rows at a time, so a matrix is never expanded whole in RAM.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..store import quant
+
+SILU, GELU_TANH = 0, 1
+_BLOCK_FLOATS = 1 << 22  # dequantized rows per step: 16 MiB of float32
+
+
+def matmul(x: np.ndarray, qs: np.ndarray, scales: np.ndarray, out: np.ndarray) -> None:
+    """out[t, o] = sum_k W[o, k] x[t, k] for the q8/q4 matrix W = (qs, scales) and x float32 [T, K]."""
+    k = x.shape[1]
+    rows = max(1, _BLOCK_FLOATS // k)
+    for o0 in range(0, qs.shape[0], rows):
+        w = quant.dequantize(qs[o0:o0 + rows], scales[o0:o0 + rows], k)
+        out[:, o0:o0 + rows] = x @ w.T
+
+
+def gated_activation(h: np.ndarray, activation: int) -> np.ndarray:
+    """act(h[:, :I]) * h[:, I:] for h [T, 2I]: activation 0 is SiLU, 1 GELU with the tanh approximation."""
+    inter = h.shape[1] // 2
+    gate, up = h[:, :inter], h[:, inter:]
+    if activation == SILU:
+        with np.errstate(over="ignore"):  # exp(-gate) = inf for very negative gate gives the right 0
+            act = gate / (np.float32(1) + np.exp(-gate))
+    elif activation == GELU_TANH:
+        c = np.float32(np.sqrt(2 / np.pi))
+        act = np.float32(0.5) * gate * (np.float32(1) + np.tanh(c * (gate + np.float32(0.044715) * gate ** 3)))
+    else:
+        raise ValueError(f"unknown activation {activation}; expected 0 (SiLU) or 1 (GELU tanh)")
+    return (act * up).astype(np.float32)
+
+
+def expert_ffn(x: np.ndarray, gate_up_qs: np.ndarray, gate_up_scales: np.ndarray, down_qs: np.ndarray,
+               down_scales: np.ndarray, activation: int, out: np.ndarray) -> None:
+    """out = down @ (act(gate @ x) * (up @ x)) for x [T, H]; gate_up [2I, H] holds the gate rows, then up."""
+    h = np.empty((x.shape[0], gate_up_qs.shape[0]), dtype=np.float32)
+    matmul(x, gate_up_qs, gate_up_scales, h)
+    matmul(gated_activation(h, activation), down_qs, down_scales, out)
+
+
+def quantize(w: np.ndarray, fmt: str, group: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(qs, scales) of w [O, K] in fmt: the NumPy quantizer of edgerun.store.quant."""
+    return quant.quantize(w, fmt, group)

@@ -1,0 +1,259 @@
+"""The JIT kernels of edgerun.native against their NumPy references, and the NumPy fallback."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from edgerun import native
+from edgerun.native import bench, reference
+from edgerun.store import quant
+
+
+def gaussian(shape, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def matrix(fmt, out_features, in_features, group=32, seed=0):
+    return quant.quantize(gaussian((out_features, in_features), seed), fmt, group)
+
+
+def assert_close(out, expected, rel=1e-4):
+    """Equal up to float32 summation order: errors relative to the output's scale."""
+    assert out.shape == expected.shape and np.all(np.isfinite(out))
+    scale = float(np.abs(expected).max())
+    assert scale > 0
+    assert float(np.abs(out - expected).max()) <= rel * scale
+
+
+def test_backend_is_numba():
+    if os.environ.get("EDGERUN_NO_JIT", "") not in ("", "0"):
+        pytest.skip("EDGERUN_NO_JIT is set")
+    native.warmup()
+    assert native.BACKEND == "numba"
+
+
+def test_warmup_compiles_every_kernel():
+    native.warmup()
+    if native.BACKEND != "numba":
+        pytest.skip("NumPy backend")
+    k = native._kernels
+    kernels = (k.matmul, k.expert_ffn, k.group_scales, k.quantize_q8, k.quantize_q4)
+    compiled = [len(kernel.signatures) for kernel in kernels]
+    assert all(compiled)
+    # real calls of every kind find their kernels compiled already: nothing compiles after warmup
+    for fmt in quant.FORMATS:
+        gate_up, down = matrix(fmt, 96, 100), matrix(fmt, 100, 48)
+        native.quantize(gaussian((5, 70)).astype(np.float16), fmt, 64)
+        for tokens in (1, 4, 40):
+            x = gaussian((tokens, 100))
+            native.matmul(x, *gate_up, np.empty((tokens, 96), np.float32))
+            native.expert_ffn(x, *gate_up, *down, native.GELU_TANH, np.empty((tokens, 100), np.float32))
+    assert [len(kernel.signatures) for kernel in kernels] == compiled
+
+
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+@pytest.mark.parametrize("tokens", [1, 2, 5, 17, 64])  # GEMV; GEMM streaming token pairs; GEMM tiles
+@pytest.mark.parametrize("shape", [(1, 48), (3, 100), (129, 4128), (129, 48), (3, 4128)])
+def test_matmul_matches_reference(fmt, tokens, shape):
+    out_features, in_features = shape
+    qs, scales = matrix(fmt, out_features, in_features, seed=tokens)
+    x = gaussian((tokens, in_features), seed=1)
+    out = np.full((tokens, out_features), np.nan, np.float32)
+    expected = np.empty_like(out)
+    native.matmul(x, qs, scales, out)
+    reference.matmul(x, qs, scales, expected)
+    assert_close(out, expected)
+
+
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+@pytest.mark.parametrize("group", [64, 96])
+@pytest.mark.parametrize("tokens", [1, 7, 33])
+def test_matmul_larger_groups(fmt, group, tokens):
+    qs, scales = matrix(fmt, 10, 300, group)
+    x = gaussian((tokens, 300), seed=2)
+    out, expected = np.empty((tokens, 10), np.float32), np.empty((tokens, 10), np.float32)
+    native.matmul(x, qs, scales, out)
+    reference.matmul(x, qs, scales, expected)
+    assert_close(out, expected)
+
+
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+def test_matmul_equals_dense_product(fmt):
+    qs, scales = matrix(fmt, 70, 200)
+    x = gaussian((19, 200), seed=4)
+    w = quant.dequantize(qs, scales, 200)
+    for tokens in (1, 9, 19):
+        out = np.empty((tokens, 70), np.float32)
+        native.matmul(x[:tokens], qs, scales, out)
+        assert_close(out, (torch.from_numpy(x[:tokens]).double() @ torch.from_numpy(w).double().T).float().numpy())
+
+
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+@pytest.mark.parametrize("tokens", [1, 6])
+def test_matmul_leaves_inputs_alone(fmt, tokens):
+    qs, scales = matrix(fmt, 33, 100)
+    x = gaussian((tokens, 100), seed=5)
+    before = (x.copy(), qs.copy(), scales.copy())
+    native.matmul(x, qs, scales, np.empty((tokens, 33), np.float32))
+    for a, b in zip((x, qs, scales), before):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_matmul_rejects_bad_arguments():
+    qs, scales = matrix("q8", 4, 64)
+    x = gaussian((2, 64))
+    with pytest.raises(ValueError):
+        native.matmul(x, qs, scales, np.empty((2, 5), np.float32))  # wrong out shape
+    with pytest.raises(ValueError):
+        native.matmul(x, qs, scales, np.empty((2, 4), np.float64))
+    with pytest.raises(ValueError):
+        native.matmul(gaussian((2, 20)), qs, scales, np.empty((2, 4), np.float32))  # K not this matrix's
+    with pytest.raises(ValueError):
+        native.matmul(x, qs, scales[:3], np.empty((2, 4), np.float32))  # scales of another matrix
+    with pytest.raises(ValueError):
+        native.matmul(x, qs.view(np.uint8)[:, ::2], scales, np.empty((2, 4), np.float32))  # not contiguous
+
+
+def torch_expert(x, gate_up, down, hidden, inter, activation):
+    """The expert in float32 torch on the dequantized weights."""
+    gu = torch.from_numpy(quant.dequantize(*gate_up, hidden))
+    d = torch.from_numpy(quant.dequantize(*down, inter))
+    h = torch.from_numpy(x) @ gu.T
+    act = torch.nn.functional.silu if activation == native.SILU else (
+        lambda v: torch.nn.functional.gelu(v, approximate="tanh"))
+    return ((act(h[:, :inter]) * h[:, inter:]) @ d.T).numpy()
+
+
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+@pytest.mark.parametrize("activation", [native.SILU, native.GELU_TANH])
+@pytest.mark.parametrize("tokens", [1, 5, 17])
+@pytest.mark.parametrize("hidden, inter", [(64, 96), (100, 48)])
+def test_expert_ffn(fmt, activation, tokens, hidden, inter):
+    gate_up = matrix(fmt, 2 * inter, hidden, seed=1)
+    down = matrix(fmt, hidden, inter, seed=2)
+    x = gaussian((tokens, hidden), seed=3)
+    out = np.full((tokens, hidden), np.nan, np.float32)
+    expected = np.empty_like(out)
+    native.expert_ffn(x, *gate_up, *down, activation, out)
+    reference.expert_ffn(x, *gate_up, *down, activation, expected)
+    assert_close(out, expected)
+    assert_close(out, torch_expert(x, gate_up, down, hidden, inter, activation))
+
+
+def test_expert_ffn_activations_differ():
+    gate_up, down = matrix("q8", 64, 32, seed=1), matrix("q8", 32, 32, seed=2)
+    x = gaussian((2, 32))
+    silu, gelu = np.empty((2, 32), np.float32), np.empty((2, 32), np.float32)
+    native.expert_ffn(x, *gate_up, *down, native.SILU, silu)
+    native.expert_ffn(x, *gate_up, *down, native.GELU_TANH, gelu)
+    assert not np.allclose(silu, gelu)
+    with pytest.raises(ValueError):
+        native.expert_ffn(x, *gate_up, *down, 2, silu)
+    with pytest.raises(ValueError):  # formats must match
+        native.expert_ffn(x, *gate_up, *matrix("q4", 32, 32), native.SILU, silu)
+
+
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+@pytest.mark.parametrize("group", [32, 64, 96])
+@pytest.mark.parametrize("shape", [(1, 48), (3, 100), (129, 4128)])
+def test_quantize_is_byte_identical(fmt, group, shape):
+    w = np.random.default_rng(group).standard_t(3, shape).astype(np.float32)
+    w[0, :32] = 0  # a zero group
+    if shape[1] >= 64:
+        w[-1, 32:64] = 1e-12  # a scale that rounds to 0 in float16
+        w[-1, 40], w[-1, 41] = 3.0, -3.0  # a tie between +m and -m
+    w16 = w.astype(np.float16)
+    w[0, -1] = 1e9  # a scale clipped to the float16 range
+    for w_in in (w, w16):
+        qs, scales = native.quantize(w_in, fmt, group)
+        ref_qs, ref_scales = quant.quantize(w_in, fmt, group)
+        assert qs.dtype == ref_qs.dtype and scales.dtype == np.float16
+        np.testing.assert_array_equal(qs, ref_qs)
+        np.testing.assert_array_equal(scales.view(np.uint16), ref_scales.view(np.uint16))
+
+
+def test_set_threads():
+    qs, scales = matrix("q4", 40, 96)
+    x = gaussian((3, 96))
+    expected = np.empty((3, 40), np.float32)
+    reference.matmul(x, qs, scales, expected)
+    try:
+        for n in (1, 2, 64):  # more than the pool: capped
+            native.set_threads(n)
+            for tokens in (1, 3):
+                out = np.empty((tokens, 40), np.float32)
+                native.matmul(x[:tokens], qs, scales, out)
+                assert_close(out, expected[:tokens])
+    finally:
+        native.set_threads(os.cpu_count() or 1)
+    with pytest.raises(ValueError):
+        native.set_threads(0)
+
+
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env=os.environ | env, timeout=120)
+
+
+CHECK_MATMUL = """
+import numpy as np
+from edgerun.native import reference
+from edgerun.store import quant
+rng = np.random.default_rng(0)
+qs, scales = quant.quantize(rng.standard_normal((9, 100)).astype(np.float32), "q4")
+x = rng.standard_normal((3, 100)).astype(np.float32)
+out, expected = np.empty((3, 9), np.float32), np.empty((3, 9), np.float32)
+native.matmul(x, qs, scales, out)
+reference.matmul(x, qs, scales, expected)
+assert np.abs(out - expected).max() <= 1e-4 * np.abs(expected).max()
+"""
+
+
+def test_no_jit_switch_falls_back_to_numpy():
+    result = run_python("""
+import warnings
+warnings.simplefilter("error")  # choosing NumPy on purpose is not worth a warning
+from edgerun import native
+assert native.BACKEND == "numpy", native.BACKEND
+native.warmup()
+native.set_threads(1)
+""" + CHECK_MATMUL + """
+print("ok")
+""", EDGERUN_NO_JIT="1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_compile_failure_falls_back_with_one_warning():
+    result = run_python("""
+import types, warnings
+from edgerun import native
+messages = []
+warnings.showwarning = lambda message, *args, **kwargs: messages.append(str(message))
+warnings.simplefilter("always")
+def broken(*args):
+    raise RuntimeError("LLVM says no")
+names = ("matmul", "expert_ffn", "group_scales", "quantize_q8", "quantize_q4", "use_threads", "max_threads")
+native._kernels = types.SimpleNamespace(F16_TO_F32=None, **{name: broken for name in names})
+native._ready = False
+""" + CHECK_MATMUL + """
+native.matmul(x, qs, scales, out)
+assert native.BACKEND == "numpy", native.BACKEND
+assert len(messages) == 1 and "LLVM says no" in messages[0], messages
+print("ok")
+""")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_bench_smoke():
+    if native.BACKEND != "numba":
+        pytest.skip("the benchmarks need numba")
+    assert bench.ram_read_bandwidth(1, nbytes=1 << 22) > 0
+    assert bench.gemv_throughput("q4", 1, 64, 256, repeats=2) > 0
+    assert bench.gemm_throughput("q8", 2, tokens=4, out_features=64, in_features=256, repeats=2) > 0
