@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .checkpoint.hf import read_json, resolve_model_dir
+from .store.store import is_store
 from .checkpoint.loader import load_weights
 from .checkpoint.safetensors_reader import SafetensorsReader
 from .errors import GenerationError, TokenizerError
@@ -34,16 +35,14 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 class Model:
     """A loaded model. Generation methods are safe to call from several threads: calls run one at a time."""
 
-    def __init__(self, path: Path, spec: ModelSpec, engine: Engine, generation_config: dict, weights_bytes: int,
-                 load_seconds: float):
-        self.path = path
+    def __init__(self, spec: ModelSpec, engine: Engine, generation_config: dict, info: dict):
+        self.path: Path = info["path"]
         self.spec = spec
         self._engine = engine
         self._lock = threading.Lock()
         self._tokenizer: Tokenizer | None = None
         self._generation_config = generation_config
-        self._weights_bytes = weights_bytes
-        self._load_seconds = load_seconds
+        self._info = info
 
     # -- tokenizer -------------------------------------------------------------------------------------
     @property
@@ -52,7 +51,7 @@ class Model:
         if self._tokenizer is None:
             from .checkpoint.tokenizer import Tokenizer  # tokenizer libraries load only when text is used
 
-            self._tokenizer = Tokenizer.from_dir(self.path)
+            self._tokenizer = Tokenizer.from_dir(self._info["tokenizer_dir"])
         return self._tokenizer
 
     @property
@@ -189,12 +188,11 @@ class Model:
         out.update({
             "model_type": self.spec.model_type,
             "context_length": self.context_length,
-            "weights_bytes": self._weights_bytes,
             "kv_cache_bytes": self._engine.cache.nbytes,
             "dtype": str(self._engine.transformer.dtype).removeprefix("torch."),
             "threads": torch.get_num_threads(),
-            "load_seconds": self._load_seconds,
         })
+        out.update({k: str(v) if isinstance(v, Path) else v for k, v in self._info.items() if k != "tokenizer_dir"})
         return out
 
     def __repr__(self) -> str:
@@ -228,43 +226,102 @@ def _find_stop(text: str, sent: int, stops: list[str]) -> tuple[int | None, int]
     return None, hold
 
 
-def load(path: str | os.PathLike, *, context_length: int | None = None, dtype: str = "auto",
-         threads: int | None = None, progress: bool | None = None) -> Model:
-    """Open a model: a Hugging Face directory (config.json, *.safetensors, tokenizer) or a repo id in the HF cache.
+def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None = None,
+         context_length: int | None = None, dtype: str = "auto", threads: int | None = None,
+         progress: bool | None = None) -> Model:
+    """Open a model: a Hugging Face directory (config.json, *.safetensors, tokenizer), a repo id in the HF
+    cache, or an edgerun store made by `edgerun convert`.
 
+    quant: for a HF directory, "none" (default: run the checkpoint as it is), or "bf16", "q8", "q4" to
+        convert it once into an expert store in the user cache dir and run from that (reused afterwards).
+    dense: with quant, the format of the non-expert matrices (default q8 for q8/q4).
     context_length: tokens the KV cache holds (default: the model's, capped at 4096).
     dtype: "auto" (the checkpoint's; float16 computes in float32 on the CPU), "float32", "bfloat16".
-    threads: torch CPU threads (default: torch's choice, one per core).
-    progress: show a progress bar while reading weights (default: for large models on a terminal).
+        Quantized weights always compute in float32.
+    threads: CPU threads for torch and the kernels (default: one per core).
+    progress: show a progress bar while converting or reading weights (default: for large models on a
+        terminal).
     """
     t0 = time.perf_counter()
-    model_dir = resolve_model_dir(path)
-    cfg = read_json(model_dir / "config.json")
-    family, spec = spec_from_config(cfg, str(model_dir / "config.json"))
-    generation_config = read_json(model_dir / "generation_config.json", required=False)
     if threads:
         torch.set_num_threads(int(threads))
-    reader = SafetensorsReader(model_dir)
-    compute_dtype = _compute_dtype(dtype, reader)
+    if dtype != "auto" and dtype not in _DTYPES:
+        raise GenerationError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
+    if is_store(path):
+        if quant not in (None, "none") or dense is not None:
+            raise GenerationError(f"{path} is already a converted store; quant and dense apply to HF checkpoints")
+        loaded = _load_store(Path(path), dtype, progress)
+    elif quant in (None, "none"):
+        if dense is not None:
+            raise GenerationError("dense applies only together with quant (bf16, q8 or q4)")
+        loaded = _load_hf(resolve_model_dir(path), dtype, progress)
+    else:
+        from .store.convert import cached_store_path, convert
+
+        src = resolve_model_dir(path)
+        store = cached_store_path(src, quant, dense, 32)
+        if not is_store(store):
+            convert(src, store, quant=quant, dense=dense, progress=progress)
+        loaded = _load_store(store, dtype, progress)
+    spec, weights, experts, generation_config, info = loaded
     ctx = int(context_length or min(spec.max_position_embeddings, DEFAULT_CONTEXT))
     if ctx < 2:
         raise GenerationError(f"context_length must be at least 2, got {ctx}")
+    engine = Engine(Transformer(spec, weights, experts, ctx), ctx)
+    info["load_seconds"] = time.perf_counter() - t0
+    return Model(spec, engine, generation_config, info)
+
+
+def _load_hf(model_dir: Path, dtype: str, progress: bool | None):
+    cfg = read_json(model_dir / "config.json")
+    family, spec = spec_from_config(cfg, str(model_dir / "config.json"))
+    generation_config = read_json(model_dir / "generation_config.json", required=False)
+    reader = SafetensorsReader(model_dir)
+    compute_dtype = _DTYPES[dtype] if dtype != "auto" else _auto_dtype(reader)
     total = sum(reader.nbytes(n) for n in reader.names())
     with ByteProgress(total, f"loading {model_dir.name}", enabled=progress) as bar:
         weights, gate_up, down = load_weights(reader, spec, family.RULES, compute_dtype, progress=bar.update)
     reader.close()
     experts = TorchExperts(gate_up, down, spec.activation)
     weights_bytes = sum(t.nbytes for t in weights.values()) + sum(t.nbytes for t in gate_up + down if t is not None)
-    engine = Engine(Transformer(spec, weights, experts, ctx), ctx)
-    return Model(model_dir, spec, engine, generation_config, weights_bytes, time.perf_counter() - t0)
+    info = {"path": model_dir, "tokenizer_dir": model_dir, "quant": "none", "weights_bytes": weights_bytes}
+    return spec, weights, experts, generation_config, info
 
 
-def _compute_dtype(dtype: str, reader: SafetensorsReader) -> torch.dtype:
-    if dtype != "auto":
-        if dtype not in _DTYPES:
-            raise GenerationError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
-        return _DTYPES[dtype]
+def _load_store(path: Path, dtype: str, progress: bool | None):
+    from . import native
+    from .runtime.quantized import QuantizedExperts, QuantizedMatrix, StoreTensorExperts, as_tensor
+    from .store.layout import PASSTHROUGH, QUANTIZED
+    from .store.store import ExpertStore
+
+    store = ExpertStore(path)
+    _, spec = spec_from_config(store.config, f"{path} (stored config)")
+    quantized = store.quant["experts"] in QUANTIZED or store.quant["dense"] in QUANTIZED
+    if quantized and dtype not in ("auto", "float32"):
+        raise GenerationError(f"{path} holds quantized weights, which compute in float32; use dtype='auto'")
+    compute_dtype = _DTYPES[dtype if dtype != "auto" else store.meta["compute_dtype"]]
+    weights = {}
+    for name in store.tensor_names():
+        layout = store.tensor_layout(name)
+        views = store.tensor_views(name)
+        if layout.fmt in QUANTIZED:
+            weights[name] = QuantizedMatrix(views[0], views[1], layout.shape[1])
+        else:
+            weights[name] = as_tensor(views[0], PASSTHROUGH[layout.fmt][1]).to(compute_dtype)
+    if store.expert_layout.fmt in QUANTIZED:
+        native.set_threads(torch.get_num_threads())
+        native.warmup()  # compile (or load the compiled kernels) now, not inside the first token
+        experts = QuantizedExperts(store, spec.activation)
+    else:
+        experts = StoreTensorExperts(store, spec.activation)
+    chunk_files = len(store.moe_layers) * store.num_experts
+    weights_bytes = chunk_files * store.chunk_bytes + sum(store.tensor_layout(n).nbytes for n in store.tensor_names())
+    info = {"path": path, "tokenizer_dir": store.tokenizer_dir, "quant": store.quant["name"],
+            "expert_format": store.expert_layout.fmt, "dense_format": store.quant["dense"],
+            "weights_bytes": weights_bytes}
+    return spec, weights, experts, store.generation_config, info
+
+
+def _auto_dtype(reader: SafetensorsReader) -> torch.dtype:
     stored = {reader.dtype(n) for n in reader.names()} - {None}
-    if stored == {torch.bfloat16}:
-        return torch.bfloat16
-    return torch.float32
+    return torch.bfloat16 if stored == {torch.bfloat16} else torch.float32

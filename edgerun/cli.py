@@ -7,7 +7,7 @@ import sys
 
 from .errors import EdgerunError
 
-COMMANDS = ("run", "demo")
+COMMANDS = ("run", "demo", "convert", "bench")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,8 +1,11 @@
 import os
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
+# compiled kernels are cached beside the test cache, not in the user's edgerun cache
+os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "numba"))
 
 
 @pytest.fixture(autouse=True, scope="session")

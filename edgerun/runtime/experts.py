@@ -47,7 +47,10 @@ class TorchExperts(RoutedExperts):
         self.gate_up, self.down = gate_up, down
         self.act = activation_fn(activation)
 
+    def weights(self, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gate_up[layer][e], self.down[layer][e]
+
     def expert(self, layer: int, e: int, x: torch.Tensor) -> torch.Tensor:
-        gate_up, down = self.gate_up[layer][e], self.down[layer][e]
+        gate_up, down = self.weights(layer, e)
         g, u = F.linear(x.to(gate_up.dtype), gate_up).chunk(2, dim=-1)
         return F.linear(self.act(g) * u, down).to(x.dtype)

@@ -1,0 +1,90 @@
+"""`edgerun bench MODEL`: measured prefill and decode speed of a model, and of the quantized kernels
+against this machine's RAM bandwidth. Figures are medians of several runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="measure tokens/s and kernel throughput", description=__doc__)
+    p.add_argument("model", metavar="MODEL", help="HF model directory, repo id in the HF cache, or store")
+    p.add_argument("--quant", default=None, choices=["none", "bf16", "q8", "q4"],
+                   help="convert a HF directory first (cached), as edgerun.load(..., quant=) does")
+    p.add_argument("--prompt-tokens", type=int, default=128, metavar="N", help="prefill length (default 128)")
+    p.add_argument("--tokens", type=int, default=64, metavar="N", help="tokens to decode (default 64)")
+    p.add_argument("--repeats", type=int, default=3, metavar="N", help="runs to take the median of (default 3)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: all cores)")
+    p.add_argument("--no-kernels", action="store_true", help="skip the kernel and RAM bandwidth section")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(main=main)
+
+
+def measure_model(model, prompt_tokens: int, tokens: int, repeats: int) -> dict:
+    rng = random.Random(0)
+    vocab = model.spec.vocab_size
+    prompt_tokens = min(prompt_tokens, model.context_length - tokens - 1)
+    model.generate_ids([rng.randrange(vocab) for _ in range(8)], 4, temperature=0, ignore_eos=True)  # warm-up
+    runs = []
+    for _ in range(repeats):
+        prompt = [rng.randrange(vocab) for _ in range(prompt_tokens)]  # a fresh prompt: no prefix reuse
+        model.generate_ids(prompt, tokens, temperature=0, ignore_eos=True)
+        runs.append(model.stats())
+    med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
+    last = runs[-1]
+    return {
+        "model": str(model.path), "model_type": model.spec.model_type, "quant": last.get("quant"),
+        "expert_format": last.get("expert_format", last.get("dtype")), "dtype": last["dtype"],
+        "threads": last["threads"], "prompt_tokens": prompt_tokens, "decode_tokens": tokens, "repeats": repeats,
+        "prefill_tokens_per_s": med("prefill_tokens_per_s"), "decode_tokens_per_s": med("decode_tokens_per_s"),
+        "time_to_first_token_s": med("time_to_first_token_s"), "weights_bytes": last["weights_bytes"],
+        "load_seconds": last["load_seconds"],
+    }
+
+
+def measure_kernels(threads: int) -> dict:
+    from .. import native
+    from ..native import bench
+
+    native.warmup()
+    ram = {str(n): bench.ram_read_bandwidth(n) for n in sorted({1, threads})}
+    out = {"backend": native.BACKEND, "threads": threads, "ram_read_gbps": ram}
+    for fmt in ("q8", "q4"):
+        gbps = bench.gemv_throughput(fmt, threads)
+        out[f"{fmt}_gemv_gbps"] = gbps
+        out[f"{fmt}_gemv_vs_ram"] = gbps / ram[str(threads)]
+        out[f"{fmt}_gemm_gflops"] = bench.gemm_throughput(fmt, threads)
+    return out
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    import edgerun
+
+    model = edgerun.load(args.model, quant=args.quant, threads=args.threads)
+    result = measure_model(model, args.prompt_tokens, args.tokens, max(1, args.repeats))
+    if not args.no_kernels:
+        result["kernels"] = measure_kernels(torch.get_num_threads())
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"model      {result['model']} ({result['model_type']}, experts {result['expert_format']}, "
+          f"{result['weights_bytes'] / 1e6:.0f} MB)")
+    print(f"prefill    {result['prefill_tokens_per_s']:.1f} tok/s ({result['prompt_tokens']} tokens)")
+    print(f"decode     {result['decode_tokens_per_s']:.1f} tok/s ({result['decode_tokens']} tokens, "
+          f"median of {result['repeats']}, {result['threads']} threads)")
+    k = result.get("kernels")
+    if k:
+        ram = ", ".join(f"{v:.1f} GB/s with {n} thread{'s' if n != '1' else ''}" for n, v in k["ram_read_gbps"].items())
+        print(f"RAM read   {ram}")
+        for fmt in ("q8", "q4"):
+            print(f"{fmt} GEMV    {k[f'{fmt}_gemv_gbps']:.1f} GB/s of weights "
+                  f"({100 * k[f'{fmt}_gemv_vs_ram']:.0f}% of RAM bandwidth); GEMM {k[f'{fmt}_gemm_gflops']:.1f} GFLOP/s")
+        if k["backend"] != "numba":
+            print("kernels    NumPy fallback (numba unavailable): expect far lower figures", file=sys.stderr)
+    return 0

@@ -1,0 +1,38 @@
+"""`edgerun convert SRC DST`: turn a Hugging Face checkpoint into a quantized expert store."""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+
+
+def add_parser(sub) -> None:
+    from ..store.convert import DENSE_CHOICES, QUANT_CHOICES
+
+    p = sub.add_parser("convert", help="convert a HF checkpoint into an expert store", description=__doc__)
+    p.add_argument("src", metavar="SRC", help="HF model directory or repo id in the local HF cache")
+    p.add_argument("dst", metavar="DST", help="the store directory to create")
+    p.add_argument("--quant", default="q4", choices=QUANT_CHOICES,
+                   help="expert format: q4 (default), q8, bf16, or none (the checkpoint's own precision)")
+    p.add_argument("--dense", default=None, choices=DENSE_CHOICES,
+                   help="format of the other matrices (default: q8 with q4/q8, else as --quant)")
+    p.add_argument("--group", type=int, default=32, help="quantization group size (a multiple of 32)")
+    p.set_defaults(main=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..store.convert import convert
+    from ..store.store import ExpertStore
+
+    t0 = time.perf_counter()
+    dst = convert(args.src, args.dst, quant=args.quant, dense=args.dense, group=args.group, progress=None)
+    seconds = time.perf_counter() - t0
+    store = ExpertStore(dst)
+    size = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file())
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    print(f"{dst}: experts {store.expert_layout.fmt}, other matrices {store.quant['dense']}, "
+          f"{size / 1e6:.1f} MB written in {seconds:.1f} s ({size / 1e6 / seconds:.1f} MB/s), "
+          f"peak RSS {rss / 1e6:.0f} MB", file=sys.stderr)
+    return 0

@@ -1,0 +1,72 @@
+"""Weights that stay quantized while the model runs: dense matrices and experts computed by the JIT kernels
+straight from the store's bytes (memory-mapped), never expanded to float in RAM."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import native
+from ..store.layout import PASSTHROUGH
+from ..store.quant import dequantize
+from ..store.store import ExpertStore
+from .experts import RoutedExperts, TorchExperts
+
+ACTIVATION_CODES = {"silu": 0, "gelu_tanh": 1}
+
+
+class QuantizedMatrix:
+    """A q8/q4 matrix [out, in]: products come out in float32."""
+
+    dtype = torch.float32
+
+    def __init__(self, qs: np.ndarray, scales: np.ndarray, in_features: int):
+        self.qs, self.scales, self.in_features = qs, scales, in_features
+        self.out_features = qs.shape[0]
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        x = x.to(torch.float32).contiguous()
+        out = np.empty((x.shape[0], self.out_features), dtype=np.float32)
+        native.matmul(x.numpy(), self.qs, self.scales, out)
+        y = torch.from_numpy(out)
+        return y if bias is None else y + bias
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        idx = ids.numpy()
+        return torch.from_numpy(dequantize(self.qs[idx], self.scales[idx], self.in_features))
+
+
+class QuantizedExperts(RoutedExperts):
+    """Experts of a q8/q4 store, each computed by the fused expert kernel on its memory-mapped chunk."""
+
+    def __init__(self, store: ExpertStore, activation: str):
+        if activation not in ACTIVATION_CODES:
+            raise ValueError(f"no expert kernel for activation {activation}")
+        self.store = store
+        self.activation = ACTIVATION_CODES[activation]
+
+    def expert(self, layer: int, e: int, x: torch.Tensor) -> torch.Tensor:
+        (gu_qs, gu_scales), (d_qs, d_scales) = self.store.expert_views(layer, e)
+        xs = x.to(torch.float32).contiguous()
+        out = np.empty(xs.shape, dtype=np.float32)
+        native.expert_ffn(xs.numpy(), gu_qs, gu_scales, d_qs, d_scales, self.activation, out)
+        return torch.from_numpy(out)
+
+
+class StoreTensorExperts(TorchExperts):
+    """Experts of a bf16/f16/f32 store: torch tensors viewing the memory-mapped chunks (no copy)."""
+
+    def __init__(self, store: ExpertStore, activation: str):
+        super().__init__([], [], activation)
+        self.store = store
+        self.torch_dtype = PASSTHROUGH[store.expert_layout.fmt][1]
+
+    def weights(self, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        (gate_up,), (down,) = self.store.expert_views(layer, e)
+        return as_tensor(gate_up, self.torch_dtype), as_tensor(down, self.torch_dtype)
+
+
+def as_tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """A torch view of a passthrough section (bf16 is stored as uint16)."""
+    t = torch.from_numpy(a)
+    return t.view(dtype) if t.dtype != dtype else t

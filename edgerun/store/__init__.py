@@ -1,0 +1,1 @@
+"""The expert store: quantization formats, the on-disk layout, conversion from HF checkpoints."""

@@ -1,0 +1,274 @@
+"""`edgerun convert`: a Hugging Face checkpoint -> an expert store, streamed tensor by tensor.
+
+The store is written into DST.partial and renamed to DST only once every chunk has been written and read
+back against its checksum. A progress log in DST.partial lets an interrupted conversion resume without
+redoing finished chunks; the result is byte-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpoint.hf import read_json, resolve_model_dir
+from ..checkpoint.loader import CheckpointTensors
+from ..checkpoint.safetensors_reader import SafetensorsReader
+from ..errors import CheckpointError, EdgerunError
+from ..models import spec_from_config
+from ..progress import ByteProgress
+from .layout import PASSTHROUGH, QUANTIZED, TORCH_FORMAT, ExpertLayout, TensorLayout
+from .store import (FORMAT_NAME, FORMAT_VERSION, META_KEY, TOKENIZER_DIR, crc32, expert_chunk_path,
+                    tensor_chunk_path)
+
+QUANT_CHOICES = ("none", "bf16", "q8", "q4")
+DENSE_CHOICES = ("q8", "q4", "bf16", "none")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "tokenizer.tok.json")
+PLAN_FILE = "edgerun-plan.json"
+LOG_FILE = "edgerun-progress.jsonl"
+# Tensors kept exact whatever the quantization: they are small and the output is sensitive to them.
+_EXACT = ("norm", "bias", "router", "shared_gate")
+QUANTIZED_SET = set(QUANTIZED)
+
+
+def formats_for(quant: str, dense: str | None, source: str) -> tuple[str, str]:
+    """(expert format, dense-matrix format) for a --quant/--dense choice; source: the checkpoint's format."""
+    if quant not in QUANT_CHOICES:
+        raise EdgerunError(f"quant must be one of {', '.join(QUANT_CHOICES)}; got {quant!r}")
+    if dense is not None and dense not in DENSE_CHOICES:
+        raise EdgerunError(f"dense must be one of {', '.join(DENSE_CHOICES)}; got {dense!r}")
+    experts = {"none": source, "bf16": "bf16"}.get(quant, quant)
+    if dense is None:
+        dense = {"none": "none", "bf16": "bf16"}.get(quant, "q8")
+    return experts, source if dense == "none" else dense
+
+
+def source_fingerprint(model_dir: Path) -> str:
+    """Identifies a checkpoint's contents cheaply: names, sizes and mtimes of its files."""
+    h = hashlib.sha256()
+    for f in sorted(model_dir.iterdir()):
+        if f.is_file() and (f.suffix in (".safetensors", ".json", ".model", ".jinja")):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()
+
+
+class _Plan:
+    """What to write: every tensor's layout and the expert chunk layout, from the checkpoint and options."""
+
+    def __init__(self, src: Path, quant: str, dense: str | None, group: int):
+        if group % 32 or group <= 0:
+            raise EdgerunError(f"group must be a positive multiple of 32; got {group}")
+        self.src = src
+        self.config = read_json(src / "config.json")
+        self.family, self.spec = spec_from_config(self.config, str(src / "config.json"))
+        self.reader = SafetensorsReader(src)
+        self.tensors = CheckpointTensors(self.reader, self.spec, self.family.RULES)
+        stored = {self.reader.dtype(n) for n in self.reader.names()} - {None}
+        self.source_format = "bf16" if stored == {torch.bfloat16} else ("f16" if stored == {torch.float16} else "f32")
+        self.expert_format, self.dense_format = formats_for(quant, dense, self.source_format)
+        self.quant, self.group = quant, group
+        spec = self.spec
+        self.expert_layout = ExpertLayout(self.expert_format, spec.hidden_size, spec.moe_intermediate_size, group)
+        self.layouts = {name: TensorLayout(self._format_of(name, shape), shape, group)
+                        for name, shape in ((n, self.tensors.shapes[n]) for n in self.tensors.dense_names)}
+        self.fingerprint = source_fingerprint(src)
+
+    def _format_of(self, name: str, shape: tuple[int, ...]) -> str:
+        exact = len(shape) < 2 or name.rsplit(".", 1)[-1] in _EXACT
+        if exact:
+            # kept as in the checkpoint when it is not quantized, else float32
+            return self.dense_format if self.dense_format in PASSTHROUGH else "f32"
+        return self.dense_format
+
+    def describe(self) -> dict:
+        return {"source_fingerprint": self.fingerprint, "quant": self.quant, "experts": self.expert_format,
+                "dense": self.dense_format, "group": self.group, "version": FORMAT_VERSION}
+
+    def items(self) -> list[str]:
+        return [f"dense/{n}" for n in self.layouts] + [
+            f"expert/{layer}/{e}" for layer in self.tensors.moe_layers for e in range(self.spec.num_experts)]
+
+    def item_bytes(self, item: str) -> int:
+        if item.startswith("dense/"):
+            return self.reader.nbytes(self.tensors.names[item[6:]])
+        return 3 * self.spec.hidden_size * self.spec.moe_intermediate_size * (2 if self.source_format != "f32" else 4)
+
+    def compute_dtype(self) -> str:
+        if self.expert_format in QUANTIZED or self.dense_format in QUANTIZED:
+            return "float32"
+        return "bfloat16" if {self.expert_format, self.dense_format} == {"bf16"} else "float32"
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, quant: str = "q4", dense: str | None = None,
+            group: int = 32, progress: bool | None = None,
+            on_item: Callable[[str], None] | None = None) -> Path:
+    """Convert a HF checkpoint directory (or cached repo id) into an expert store at dst; returns dst.
+
+    quant: none (the checkpoint's own precision), bf16, q8 or q4 (experts q4, other matrices q8);
+    dense: override the format of the non-expert matrices (q8, q4, bf16, none).
+    on_item is called after each chunk is durably recorded (progress reporting).
+    """
+    dst = Path(dst)
+    if dst.exists():
+        raise EdgerunError(f"{dst} already exists; remove it or choose another destination")
+    src_dir = resolve_model_dir(src)
+    plan = _Plan(src_dir, quant, dense, group)
+    partial = dst.with_name(dst.name + ".partial")
+    done = _prepare(partial, plan)
+    quantize = None
+    if QUANTIZED_SET & {plan.expert_format, plan.dense_format}:
+        from .. import native
+
+        native.warmup()
+        quantize = native.quantize
+
+    items = [i for i in plan.items() if i not in done]
+    total = sum(plan.item_bytes(i) for i in plan.items())
+    try:
+        with ByteProgress(total, f"converting {src_dir.name}", enabled=progress) as bar, \
+                open(partial / LOG_FILE, "a") as log, ThreadPoolExecutor(1) as reader:
+            bar.update(sum(plan.item_bytes(i) for i in done))
+            # read the next item's tensors while the current one is quantized and written
+            pending = reader.submit(_read, plan, items[0]) if items else None
+            for n, item in enumerate(items):
+                tensors = pending.result()
+                pending = reader.submit(_read, plan, items[n + 1]) if n + 1 < len(items) else None
+                checksum = _write(plan, partial, item, tensors, quantize)
+                log.write(json.dumps({"item": item, "crc32": checksum}) + "\n")
+                log.flush()
+                os.fsync(log.fileno())
+                done[item] = checksum
+                bar.update(plan.item_bytes(item))
+                if on_item:
+                    on_item(item)
+    except OSError as e:
+        raise EdgerunError(f"writing {partial} failed ({e}); run the same command again to resume") from None
+    _verify(partial, plan, done)
+    _finish(partial, plan, done)
+    os.replace(partial, dst)
+    return dst
+
+
+def _prepare(partial: Path, plan: _Plan) -> dict[str, int]:
+    """Create partial (or reopen it to resume); returns the items already written, with their checksums."""
+    import zarr
+
+    plan_file = partial / PLAN_FILE
+    if partial.exists():
+        try:
+            previous = json.loads(plan_file.read_text())
+        except (OSError, ValueError):
+            previous = None
+        if previous != plan.describe():
+            raise EdgerunError(
+                f"{partial} holds an unfinished conversion with other settings or another source; "
+                f"remove it to start again"
+            )
+        done = {}
+        for line in (partial / LOG_FILE).read_text().splitlines() if (partial / LOG_FILE).exists() else []:
+            try:
+                entry = json.loads(line)
+                done[entry["item"]] = entry["crc32"]
+            except (ValueError, KeyError):
+                break  # a line cut short by the interruption: everything after it is redone
+        return done
+    partial.mkdir(parents=True)
+    root = zarr.open_group(str(partial), mode="w", zarr_format=3)
+    spec = plan.spec
+    if plan.tensors.moe_layers:
+        root.create_array(name="experts", shape=(spec.num_layers, spec.num_experts, plan.expert_layout.nbytes),
+                          chunks=(1, 1, plan.expert_layout.nbytes), dtype="uint8", compressors=None, fill_value=0)
+    dense = root.create_group("dense")
+    for name, layout in plan.layouts.items():
+        dense.create_array(name=name, shape=(layout.nbytes,), chunks=(layout.nbytes,), dtype="uint8",
+                           compressors=None, fill_value=0)
+    tok = partial / TOKENIZER_DIR
+    tok.mkdir()
+    for f in TOKENIZER_FILES:
+        if (plan.src / f).is_file():
+            shutil.copyfile(plan.src / f, tok / f)
+    plan_file.write_text(json.dumps(plan.describe(), indent=1))
+    return {}
+
+
+def _read(plan: _Plan, item: str):
+    if item.startswith("dense/"):
+        return (plan.tensors.dense(item[6:]),)
+    _, layer, e = item.split("/")
+    return plan.tensors.expert(int(layer), int(e))
+
+
+def _write(plan: _Plan, partial: Path, item: str, tensors, quantize) -> int:
+    import zarr
+
+    if item.startswith("dense/"):
+        name = item[6:]
+        layout = plan.layouts[name]
+        buf = np.zeros(layout.nbytes, dtype=np.uint8)
+        layout.pack(tensors[0], buf, quantize)
+        array, index = str(partial / "dense" / name), slice(None)
+    else:
+        _, layer, e = item.split("/")
+        buf = plan.expert_layout.pack(*tensors, quantize=quantize)
+        array, index = str(partial / "experts"), (int(layer), int(e), slice(None))
+    # every chunk is written, all-zero ones included: the store's files are its contents
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        zarr.open_array(array, mode="r+")[index] = buf
+    return crc32(buf)
+
+
+def _verify(partial: Path, plan: _Plan, done: dict[str, int]) -> None:
+    """Read every chunk back from disk and compare with the checksum recorded when it was written."""
+    for item in plan.items():
+        if item.startswith("dense/"):
+            path = tensor_chunk_path(partial, item[6:])
+        else:
+            _, layer, e = item.split("/")
+            path = expert_chunk_path(partial, int(layer), int(e))
+        if not path.is_file() or crc32(np.fromfile(path, dtype=np.uint8)) != done[item]:
+            raise CheckpointError(f"verification of {path} failed after writing; the disk may be failing")
+
+
+def _finish(partial: Path, plan: _Plan, done: dict[str, int]) -> None:
+    import zarr
+
+    spec = plan.spec
+    meta = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "config": plan.config,
+        "generation_config": read_json(plan.src / "generation_config.json", required=False),
+        "quant": {"name": plan.quant, "experts": plan.expert_format, "dense": plan.dense_format,
+                  "group": plan.group},
+        "compute_dtype": plan.compute_dtype(),
+        "source": {"name": plan.src.name, "fingerprint": plan.fingerprint, "format": plan.source_format},
+        "tensors": {name: {"format": layout.fmt, "shape": list(layout.shape), "crc32": done[f"dense/{name}"]}
+                    for name, layout in plan.layouts.items()},
+        "experts": {
+            "format": plan.expert_format, "hidden": spec.hidden_size, "inter": spec.moe_intermediate_size,
+            "num_experts": spec.num_experts, "layers": plan.tensors.moe_layers,
+            "crc32": {str(layer): [done[f"expert/{layer}/{e}"] for e in range(spec.num_experts)]
+                      for layer in plan.tensors.moe_layers},
+        },
+    }
+    zarr.open_group(str(partial), mode="r+").attrs[META_KEY] = meta
+    (partial / PLAN_FILE).unlink()
+    (partial / LOG_FILE).unlink()
+
+
+def cached_store_path(src_dir: Path, quant: str, dense: str | None, group: int) -> Path:
+    """Where edgerun.load(hf_dir, quant=...) keeps its automatic conversion."""
+    from ..paths import cache_dir
+
+    key = hashlib.sha256(f"{src_dir.resolve()}|{source_fingerprint(src_dir)}".encode()).hexdigest()[:12]
+    suffix = f"{quant}" + (f"-dense-{dense}" if dense else "") + (f"-g{group}" if group != 32 else "")
+    return cache_dir() / "stores" / f"{src_dir.name}-{key}-{suffix}"

@@ -1,0 +1,168 @@
+"""Opening an expert store: metadata, integrity checks, and access to chunks by memory map or by preadv.
+
+Opening reads only metadata and the sizes of the chunk files; expert bytes are read when a chunk is
+first used, and checked against its CRC32 then.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CheckpointError
+from .layout import ExpertLayout, TensorLayout
+
+FORMAT_NAME = "edgerun-store"
+FORMAT_VERSION = 1
+META_KEY = "edgerun"
+TOKENIZER_DIR = "tokenizer"
+
+
+def crc32(data) -> int:
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def is_store(path: str | os.PathLike) -> bool:
+    meta = Path(path) / "zarr.json"
+    if not meta.is_file():
+        return False
+    try:
+        return META_KEY in json.loads(meta.read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return False
+
+
+def expert_chunk_path(root: Path, layer: int, expert: int) -> Path:
+    # zarr v3 default chunk key encoding for the [layers, experts, bytes] array with chunks [1, 1, bytes]
+    return root / "experts" / "c" / str(layer) / str(expert) / "0"
+
+
+def tensor_chunk_path(root: Path, name: str) -> Path:
+    return root / "dense" / name / "c" / "0"
+
+
+class ExpertStore:
+    """A converted model on disk. Thread-safe for reads."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            meta = json.loads((self.path / "zarr.json").read_text())["attributes"][META_KEY]
+        except (OSError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{self.path} is not an edgerun store ({type(e).__name__}: {e})") from None
+        if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
+            raise CheckpointError(
+                f"{self.path} is a store of format {meta.get('format')} v{meta.get('version')}; this edgerun "
+                f"reads {FORMAT_NAME} v{FORMAT_VERSION}: convert the model again"
+            )
+        self.meta = meta
+        self.config: dict = meta["config"]
+        self.generation_config: dict = meta.get("generation_config", {})
+        self.quant: dict = meta["quant"]
+        ex = meta["experts"]
+        self.moe_layers: list[int] = ex["layers"]
+        self.num_experts: int = ex["num_experts"]
+        self.expert_layout = ExpertLayout(ex["format"], ex["hidden"], ex["inter"], self.quant["group"])
+        self._expert_crc = {int(k): v for k, v in ex["crc32"].items()}
+        self._verified: set[tuple[int, int]] = set()
+        self._maps: dict[tuple[int, int], np.ndarray] = {}
+        self._lock = threading.Lock()
+        self._check_files()
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.path / TOKENIZER_DIR
+
+    @property
+    def chunk_bytes(self) -> int:
+        return self.expert_layout.nbytes
+
+    def _check_files(self) -> None:
+        """Every chunk file is there with its full size (a truncated file is caught here, cheaply)."""
+        for name, info in self.meta["tensors"].items():
+            want = TensorLayout(info["format"], tuple(info["shape"]), self.quant["group"]).nbytes
+            self._check_size(tensor_chunk_path(self.path, name), want, f"tensor {name}")
+        for layer in self.moe_layers:
+            for e in range(self.num_experts):
+                self._check_size(expert_chunk_path(self.path, layer, e), self.chunk_bytes,
+                                 f"layer {layer} expert {e}")
+
+    def _check_size(self, path: Path, want: int, what: str) -> None:
+        try:
+            got = path.stat().st_size
+        except FileNotFoundError:
+            raise CheckpointError(f"store {self.path} is missing the chunk of {what} ({path})") from None
+        if got != want:
+            raise CheckpointError(
+                f"store {self.path}: the chunk of {what} has {got} bytes, expected {want} (truncated or damaged; "
+                f"convert again)"
+            )
+
+    # -- experts -----------------------------------------------------------------------------------------
+    def expert_path(self, layer: int, expert: int) -> Path:
+        return expert_chunk_path(self.path, layer, expert)
+
+    def verify_expert(self, layer: int, expert: int, data: np.ndarray) -> None:
+        if crc32(data) != self._expert_crc[layer][expert]:
+            raise CheckpointError(
+                f"store {self.path}: checksum mismatch in layer {layer} expert {expert} "
+                f"({self.expert_path(layer, expert)}); the file is damaged, convert the model again"
+            )
+
+    def map_expert(self, layer: int, expert: int) -> np.ndarray:
+        """The chunk memory-mapped (uint8, copy-on-write: the file is never written), checked against its
+        checksum on first access."""
+        key = (layer, expert)
+        chunk = self._maps.get(key)
+        if chunk is None:
+            with self._lock:
+                chunk = self._maps.get(key)
+                if chunk is None:
+                    chunk = np.memmap(self.expert_path(layer, expert), dtype=np.uint8, mode="c")
+                    self.verify_expert(layer, expert, chunk)
+                    self._maps[key] = chunk
+        return chunk
+
+    def read_expert_into(self, layer: int, expert: int, buf: np.ndarray, verify: bool = True) -> None:
+        """Read a chunk into buf (uint8, chunk_bytes long; page-aligned for O_DIRECT) with preadv."""
+        if buf.nbytes < self.chunk_bytes:
+            raise ValueError(f"buffer of {buf.nbytes} bytes is smaller than a chunk ({self.chunk_bytes})")
+        view = memoryview(buf)[: self.chunk_bytes]
+        fd = os.open(self.expert_path(layer, expert), os.O_RDONLY)
+        try:
+            done = 0
+            while done < self.chunk_bytes:
+                n = os.preadv(fd, [view[done:]], done)
+                if n <= 0:
+                    raise CheckpointError(f"store {self.path}: short read in layer {layer} expert {expert}")
+                done += n
+        finally:
+            os.close(fd)
+        if verify:
+            self.verify_expert(layer, expert, buf[: self.chunk_bytes])
+
+    def expert_views(self, layer: int, expert: int):
+        """(gate_up sections, down sections) of an expert as arrays over its memory map."""
+        return self.expert_layout.views(self.map_expert(layer, expert))
+
+    # -- other tensors -----------------------------------------------------------------------------------
+    def tensor_names(self) -> list[str]:
+        return list(self.meta["tensors"])
+
+    def tensor_layout(self, name: str) -> TensorLayout:
+        info = self.meta["tensors"][name]
+        return TensorLayout(info["format"], tuple(info["shape"]), self.quant["group"])
+
+    def tensor_views(self, name: str) -> list[np.ndarray]:
+        """The sections of a non-expert tensor, memory-mapped copy-on-write, checked against its checksum."""
+        data = np.memmap(tensor_chunk_path(self.path, name), dtype=np.uint8, mode="c")
+        if crc32(data) != self.meta["tensors"][name]["crc32"]:
+            raise CheckpointError(
+                f"store {self.path}: checksum mismatch in tensor {name}; the file is damaged, convert again"
+            )
+        return self.tensor_layout(name).views(data)
