@@ -19,12 +19,18 @@ _ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "BF16":
 
 
 class SafetensorsReader:
-    """Tensor names -> shard files of a checkpoint directory; shapes and dtypes without reading data."""
+    """Tensor names -> shard files of a checkpoint directory; shapes and dtypes without reading data.
 
-    def __init__(self, model_dir: str | Path):
+    keep_open=False maps a file only while one tensor is read from it, so that streaming through a
+    checkpoint (conversion) does not keep its pages mapped and counted in the process's memory.
+    """
+
+    def __init__(self, model_dir: str | Path, keep_open: bool = True):
         self.dir = Path(model_dir)
+        self.keep_open = keep_open
         self._handles: dict[Path, object] = {}
         self.location: dict[str, Path] = {}
+        self._meta: dict[str, tuple[tuple[int, ...], str]] = {}  # name -> (shape, safetensors dtype)
         index = self.dir / INDEX_NAME
         if index.is_file():
             try:
@@ -40,18 +46,22 @@ class SafetensorsReader:
             if not files:
                 raise CheckpointError(f"no .safetensors files in {self.dir}")
         for path in files:
-            for name in self._open(path).keys():
+            handle = self._open(path)
+            for name in handle.keys():
+                info = handle.get_slice(name)
                 self.location[name] = path
+                self._meta[name] = (tuple(info.get_shape()), info.get_dtype())
+            if keep_open:
+                self._handles[path] = handle
 
     def _open(self, path: Path):
         handle = self._handles.get(path)
-        if handle is None:
-            try:
-                handle = safe_open(str(path), framework="pt")
-            except Exception as e:  # safetensors raises its own error type for truncated or corrupt files
-                raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
-            self._handles[path] = handle
-        return handle
+        if handle is not None:
+            return handle
+        try:
+            return safe_open(str(path), framework="pt")
+        except Exception as e:  # safetensors raises its own error type for truncated or corrupt files
+            raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
 
     def names(self) -> list[str]:
         return list(self.location)
@@ -60,32 +70,33 @@ class SafetensorsReader:
         return self.location[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._open(self.location[name]).get_slice(name).get_shape())
+        return self._meta[name][0]
 
-    def get(self, name: str, index: int | None = None) -> torch.Tensor:
-        """The tensor, or only its slice [index] along the first dimension (one expert of a fused tensor)."""
-        path = self.location[name]
-        dtype = self._open(path).get_slice(name).get_dtype()
-        if dtype not in DTYPES:
-            raise CheckpointError(
-                f"tensor {name} in {path.name} has dtype {dtype}; edgerun reads BF16, F16 and F32 checkpoints"
-            )
-        try:
-            if index is None:
-                return self._open(path).get_tensor(name)
-            return self._open(path).get_slice(name)[index]
-        except Exception as e:
-            raise CheckpointError(f"cannot read tensor {name} from {path} ({e})") from None
+    def dtype(self, name: str) -> torch.dtype | None:
+        return DTYPES.get(self._meta[name][1])
 
     def nbytes(self, name: str) -> int:
-        shape, dtype = self.shape(name), self._open(self.location[name]).get_slice(name).get_dtype()
+        shape, dtype = self._meta[name]
         n = 1
         for d in shape:
             n *= d
         return n * _ITEMSIZE.get(dtype, 1)
 
-    def dtype(self, name: str) -> torch.dtype | None:
-        return DTYPES.get(self._open(self.location[name]).get_slice(name).get_dtype())
+    def get(self, name: str, index: int | None = None) -> torch.Tensor:
+        """The tensor, or only its slice [index] along the first dimension (one expert of a fused tensor)."""
+        path = self.location[name]
+        dtype = self._meta[name][1]
+        if dtype not in DTYPES:
+            raise CheckpointError(
+                f"tensor {name} in {path.name} has dtype {dtype}; edgerun reads BF16, F16 and F32 checkpoints"
+            )
+        try:
+            handle = self._open(path)
+            if index is None:
+                return handle.get_tensor(name)
+            return handle.get_slice(name)[index]
+        except Exception as e:
+            raise CheckpointError(f"cannot read tensor {name} from {path} ({e})") from None
 
     def close(self) -> None:
         self._handles.clear()

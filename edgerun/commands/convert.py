@@ -26,13 +26,16 @@ def main(args: argparse.Namespace) -> int:
     from ..store.convert import convert
     from ..store.store import ExpertStore
 
+    from ..checkpoint.hf import resolve_model_dir
+
     t0 = time.perf_counter()
     dst = convert(args.src, args.dst, quant=args.quant, dense=args.dense, group=args.group, progress=None)
     seconds = time.perf_counter() - t0
     store = ExpertStore(dst)
-    size = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file())
+    read = sum(f.stat().st_size for f in resolve_model_dir(args.src).glob("*.safetensors"))
+    written = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file())
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    print(f"{dst}: experts {store.expert_layout.fmt}, other matrices {store.quant['dense']}, "
-          f"{size / 1e6:.1f} MB written in {seconds:.1f} s ({size / 1e6 / seconds:.1f} MB/s), "
-          f"peak RSS {rss / 1e6:.0f} MB", file=sys.stderr)
+    print(f"{dst}: experts {store.expert_layout.fmt}, other matrices {store.quant['dense']}; "
+          f"read {read / 1e6:.0f} MB, wrote {written / 1e6:.0f} MB in {seconds:.1f} s "
+          f"({read / 1e6 / seconds:.0f} MB/s of checkpoint), peak RSS {rss / 1e6:.0f} MB", file=sys.stderr)
     return 0

@@ -70,7 +70,7 @@ class _Plan:
         self.src = src
         self.config = read_json(src / "config.json")
         self.family, self.spec = spec_from_config(self.config, str(src / "config.json"))
-        self.reader = SafetensorsReader(src)
+        self.reader = SafetensorsReader(src, keep_open=False)
         self.tensors = CheckpointTensors(self.reader, self.spec, self.family.RULES)
         stored = {self.reader.dtype(n) for n in self.reader.names()} - {None}
         self.source_format = "bf16" if stored == {torch.bfloat16} else ("f16" if stored == {torch.float16} else "f32")

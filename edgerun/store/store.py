@@ -71,6 +71,7 @@ class ExpertStore:
         self._expert_crc = {int(k): v for k, v in ex["crc32"].items()}
         self._verified: set[tuple[int, int]] = set()
         self._maps: dict[tuple[int, int], np.ndarray] = {}
+        self._views: dict[tuple[int, int], tuple] = {}
         self._lock = threading.Lock()
         self._check_files()
 
@@ -123,7 +124,8 @@ class ExpertStore:
             with self._lock:
                 chunk = self._maps.get(key)
                 if chunk is None:
-                    chunk = np.memmap(self.expert_path(layer, expert), dtype=np.uint8, mode="c")
+                    # a plain ndarray over the mapping: views of it are cheap to make
+                    chunk = np.memmap(self.expert_path(layer, expert), dtype=np.uint8, mode="c").view(np.ndarray)
                     self.verify_expert(layer, expert, chunk)
                     self._maps[key] = chunk
         return chunk
@@ -148,7 +150,10 @@ class ExpertStore:
 
     def expert_views(self, layer: int, expert: int):
         """(gate_up sections, down sections) of an expert as arrays over its memory map."""
-        return self.expert_layout.views(self.map_expert(layer, expert))
+        views = self._views.get((layer, expert))
+        if views is None:
+            views = self._views[(layer, expert)] = self.expert_layout.views(self.map_expert(layer, expert))
+        return views
 
     # -- other tensors -----------------------------------------------------------------------------------
     def tensor_names(self) -> list[str]:
