@@ -323,5 +323,5 @@ def _load_store(path: Path, dtype: str, progress: bool | None):
 
 
 def _auto_dtype(reader: SafetensorsReader) -> torch.dtype:
-    stored = {reader.dtype(n) for n in reader.names()} - {None}
-    return torch.bfloat16 if stored == {torch.bfloat16} else torch.float32
+    # bf16 runs as it is; fp16 (slow and overflow-prone on CPUs) and mixed checkpoints run in fp32
+    return torch.bfloat16 if reader.common_dtype() == torch.bfloat16 else torch.float32

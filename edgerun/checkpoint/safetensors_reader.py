@@ -75,6 +75,11 @@ class SafetensorsReader:
     def dtype(self, name: str) -> torch.dtype | None:
         return DTYPES.get(self._meta[name][1])
 
+    def common_dtype(self) -> torch.dtype | None:
+        """The dtype every float tensor of the checkpoint has, or None when they differ."""
+        stored = {self.dtype(n) for n in self.names()} - {None}
+        return stored.pop() if len(stored) == 1 else None
+
     def nbytes(self, name: str) -> int:
         shape, dtype = self._meta[name]
         n = 1

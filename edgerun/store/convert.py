@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..checkpoint.hf import read_json, resolve_model_dir
 from ..checkpoint.loader import CheckpointTensors
@@ -72,8 +71,7 @@ class _Plan:
         self.family, self.spec = spec_from_config(self.config, str(src / "config.json"))
         self.reader = SafetensorsReader(src, keep_open=False)
         self.tensors = CheckpointTensors(self.reader, self.spec, self.family.RULES)
-        stored = {self.reader.dtype(n) for n in self.reader.names()} - {None}
-        self.source_format = "bf16" if stored == {torch.bfloat16} else ("f16" if stored == {torch.float16} else "f32")
+        self.source_format = TORCH_FORMAT.get(self.reader.common_dtype(), "f32")
         self.expert_format, self.dense_format = formats_for(quant, dense, self.source_format)
         self.quant, self.group = quant, group
         spec = self.spec
