@@ -5,6 +5,8 @@
 - EDGERUN_NO_JIT=1 selects the NumPy reference kernels without importing numba.
 - If numba cannot be imported or the kernels fail to compile, edgerun falls back to the NumPy
   references and says why in one warning.
+- Whether one-token q4 products may use 8-bit integer dot products (int_dot): only on CPUs with AVX-512
+  VNNI, unless EDGERUN_NO_INT_DOT=1 keeps the float kernel.
 - The number of threads the kernels use (set_threads; by default numba's pool size, the CPU count).
 """
 
@@ -18,13 +20,29 @@ from types import ModuleType
 from ..paths import cache_dir
 
 NO_JIT_ENV = "EDGERUN_NO_JIT"
+NO_INT_DOT_ENV = "EDGERUN_NO_INT_DOT"
 
 _threads = 0  # 0: not set, numba's default
 
 
 def jit_disabled() -> bool:
     """True when EDGERUN_NO_JIT asks for the NumPy kernels."""
-    return os.environ.get(NO_JIT_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    return _env_flag(NO_JIT_ENV)
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def int_dot() -> bool:
+    """True when the q4 GEMV may quantize x to int8 and use AVX-512 VNNI dot products: numba compiles for
+    this CPU (no NUMBA_CPU_NAME), which has them, and EDGERUN_NO_INT_DOT is unset."""
+    if _env_flag(NO_INT_DOT_ENV) or os.environ.get("NUMBA_CPU_NAME"):
+        return False
+    from llvmlite import binding
+
+    features = binding.get_host_cpu_features()
+    return all(features.get(f, False) for f in ("avx512f", "avx512bw", "avx512vnni", "f16c"))
 
 
 def configure_numba() -> None:

@@ -54,10 +54,10 @@ def _is_row(a, dtype) -> bool:
     return isinstance(a, types.Array) and a.ndim == 1 and a.dtype == dtype
 
 
-def _load(context, builder, aty, arr, idx, elem):
-    """LANES consecutive elements of a 1D array from index idx (unaligned, no bounds check)."""
+def _load(context, builder, aty, arr, idx, elem, n=LANES):
+    """n (by default LANES) consecutive elements of a 1D array from index idx (unaligned, no bounds check)."""
     data = context.make_array(aty)(context, builder, arr).data
-    ptr = builder.bitcast(builder.gep(data, [idx]), ir.VectorType(elem, LANES).as_pointer())
+    ptr = builder.bitcast(builder.gep(data, [idx]), ir.VectorType(elem, n).as_pointer())
     return builder.load(ptr, align=1)
 
 
@@ -181,6 +181,57 @@ def vsum(typingctx, a):
         fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.vector.reduce.fadd.v{LANES}f32")
         return builder.call(fn, [ir.Constant(_F32, -0.0), args[0]], fastmath=_FAST)
     return types.float32(a), codegen
+
+
+def _quad(builder, v4):
+    """The 4 lanes of v4 spread over LANES lanes, each 4 times."""
+    return builder.shuffle_vector(v4, ir.Constant(v4.type, ir.Undefined),
+                                  ir.Constant(_I32VEC, [c // 4 for c in range(LANES)]))
+
+
+@intrinsic
+def vscales4(typingctx, s, i):
+    """The float16 values (as uint16 bits) s[i:i + 4] as float32, each over 4 lanes."""
+    if not _is_row(s, types.uint16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        half = builder.bitcast(_load(context, builder, sig.args[0], args[0], args[1], ir.IntType(16), 4),
+                               ir.VectorType(ir.HalfType(), 4))
+        return _quad(builder, builder.fpext(half, ir.VectorType(_F32, 4)))
+    return VEC(s, i), codegen
+
+
+_I8X64 = ir.VectorType(ir.IntType(8), 64)
+
+
+@intrinsic
+def q4_dot(typingctx, q, i, xq, j, init, k):
+    """Integer dot products of the 64 q4 bytes q[i:i + 64] (4 groups of 16 bytes) with int8 activations,
+    as float32: xq[j:j + 64] meets the 64 low nibbles, xq[j + 64:j + 128] the 64 high ones, and the
+    int32 lanes start from init[k:k + 16]. vpdpbusd (AVX-512 VNNI: u8 x s8, 4 bytes summed into each
+    int32 lane) keeps group c in lanes 4c..4c+3."""
+    if not (_is_row(q, types.uint8) and _is_row(xq, types.int8) and _is_row(init, types.int32)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        qty, _, xty, _, ity, _ = sig.args
+        v = _load(context, builder, qty, args[0], args[1], ir.IntType(8), 64)
+        mask = ir.Constant(_I8X64, [15] * 64)
+        lo = builder.and_(v, mask)
+        i16 = ir.VectorType(ir.IntType(16), 32)
+        hi = builder.and_(builder.bitcast(builder.lshr(builder.bitcast(v, i16), ir.Constant(i16, [4] * 32)),
+                                          _I8X64), mask)
+        x_lo = _load(context, builder, xty, args[2], args[3], ir.IntType(8), 64)
+        x_hi = _load(context, builder, xty, args[2], builder.add(args[3], ir.Constant(args[3].type, 64)),
+                     ir.IntType(8), 64)
+        acc = _load(context, builder, ity, args[4], args[5], ir.IntType(32))
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I32VEC, [_I32VEC] * 3),
+                                            "llvm.x86.avx512.vpdpbusd.512")
+        for w, x in ((lo, x_lo), (hi, x_hi)):
+            acc = builder.call(fn, [acc, builder.bitcast(w, _I32VEC), builder.bitcast(x, _I32VEC)])
+        return builder.sitofp(acc, _VEC)
+    return VEC(q, i, xq, j, init, k), codegen
 
 
 @intrinsic
@@ -314,6 +365,107 @@ def _store_block(out, t, o0, n_rows, v0, v1, v2, v3):
         out[t, o0 + 2] = v2
     if o0 + 3 < n_rows:
         out[t, o0 + 3] = v3
+
+
+# ---------------------------------------------------------------- T = 1, q4: integer dot products (AVX-512 VNNI)
+#
+# Only called where the CPU has AVX-512 VNNI (config.int_dot): elsewhere LLVM cannot compile q4_dot; and
+# only for groups of 32, where a group is one 16-byte chunk of a row (its 4 scales load as one vector).
+# x is quantized once per call to int8, one scale per group of 32; a group then contributes
+# w_scale * x_scale * (sum(nibble * xq) - 8 * sum(xq)). reference.matmul_int8 computes the same.
+
+
+# one rounding per operation, which fastmath (applied when compiled inside the fastmath GEMV) leaves alone:
+# xq comes out bit for bit as in reference.quantize_activations
+@njit(cache=True, nogil=True)
+def _quantize_x_q4(xr, xq, xd, init):
+    """The activations of q4_dot for xr: per 4 groups, xq holds their 64 values meeting low nibbles
+    (values 0..15 of each group) then the 64 meeting high nibbles (16..31); xd holds each group's x scale
+    (over its 4 lanes) and init -8 * sum(xq) of the group (in its first lane, 0 in the others), so that
+    the dot products start from the nibble offset."""
+    xq[:] = 0
+    xd[:] = 0
+    init[:] = 0
+    for g in range(xr.shape[0] // 32):
+        k = 32 * g
+        m = np.float32(0.0)
+        for i in range(32):
+            m = max(m, abs(xr[k + i]))
+        d = m * np.float32(1.0 / 127.0)
+        base = g // 4 * 128 + g % 4 * 16
+        total = 0
+        if d > 0:
+            inv = np.float32(1.0) / d  # one division per group, not per value
+            for i in range(16):
+                lo = np.int8(np.rint(xr[k + i] * inv))
+                hi = np.int8(np.rint(xr[k + 16 + i] * inv))
+                xq[base + i] = lo
+                xq[base + 64 + i] = hi
+                total += int(lo) + int(hi)
+        lane = g // 4 * 16 + g % 4 * 4
+        xd[lane:lane + 4] = d
+        init[lane] = -8 * total
+
+
+@njit(**_OPTS)
+def _chunk_dot(q, c, xq, init):
+    """q4_dot of group c alone: for the last groups of a row, which make no full 64 bytes."""
+    base = c // 4 * 128 + c % 4 * 16
+    s = init[c // 4 * 16 + c % 4 * 4]
+    for i in range(16):
+        byte = q[16 * c + i]
+        s += (byte & 15) * xq[base + i] + (byte >> 4) * xq[base + 64 + i]
+    return np.float32(s)
+
+
+@njit(**_OPTS)
+def _tail_dot(q, srow, lut, xq, xd, init, c0):
+    """The contribution of groups c0.. of a q4 row (fewer than 4)."""
+    t = np.float32(0.0)
+    for c in range(c0, q.shape[0] // 16):
+        t += lut[srow[c]] * xd[c // 4 * 16 + c % 4 * 4] * _chunk_dot(q, c, xq, init)
+    return t
+
+
+@njit(parallel=True, **_OPTS)
+def gemv_q4_int8(x, qs, scales, lut, out):
+    """gemv_q4 through int8 activations and integer dot products (see above); groups of 32 only."""
+    n_rows, n_bytes = qs.shape
+    n_full = n_bytes // 64
+    n_quads = (n_bytes // 16 + 3) // 4
+    xq = np.empty(n_quads * 128, np.int8)
+    xd = np.empty(n_quads * 16, np.float32)
+    init = np.empty(n_quads * 16, np.int32)
+    _quantize_x_q4(x[0], xq, xd, init)
+    flat_q = qs.reshape(qs.size)
+    flat_s = scales.reshape(scales.size)
+    n_blocks = (n_rows + ROWS - 1) // ROWS
+    for b in prange(n_blocks):
+        r0, r1, r2, r3 = _block_rows(b * ROWS, n_rows)
+        q0, q1, q2, q3 = qs[r0], qs[r1], qs[r2], qs[r3]
+        s0, s1, s2, s3 = scales[r0], scales[r1], scales[r2], scales[r3]
+        nxt = min(b * ROWS + ROWS, n_rows - 1)
+        pq, ps = nxt * n_bytes, nxt * scales.shape[1]
+        a0, a1, a2, a3 = vzero(), vzero(), vzero(), vzero()
+        for c in range(n_full):
+            i = c * 64
+            # the next block's 4 rows are read at 4 times the pace of one row: 4 lines per 64 bytes
+            prefetch(flat_q, pq + 4 * i)
+            prefetch(flat_q, pq + 4 * i + 64)
+            prefetch(flat_q, pq + 4 * i + 128)
+            prefetch(flat_q, pq + 4 * i + 192)
+            if c % 2 == 0:
+                prefetch(flat_s, ps + 16 * c)
+            xs = vload(xd, 16 * c)
+            a0 = vfma(q4_dot(q0, i, xq, 2 * i, init, 16 * c), vmul(vscales4(s0, 4 * c), xs), a0)
+            a1 = vfma(q4_dot(q1, i, xq, 2 * i, init, 16 * c), vmul(vscales4(s1, 4 * c), xs), a1)
+            a2 = vfma(q4_dot(q2, i, xq, 2 * i, init, 16 * c), vmul(vscales4(s2, 4 * c), xs), a2)
+            a3 = vfma(q4_dot(q3, i, xq, 2 * i, init, 16 * c), vmul(vscales4(s3, 4 * c), xs), a3)
+        c0 = 4 * n_full
+        _store_block(out, 0, b * ROWS, n_rows, vsum(a0) + _tail_dot(q0, s0, lut, xq, xd, init, c0),
+                     vsum(a1) + _tail_dot(q1, s1, lut, xq, xd, init, c0),
+                     vsum(a2) + _tail_dot(q2, s2, lut, xq, xd, init, c0),
+                     vsum(a3) + _tail_dot(q3, s3, lut, xq, xd, init, c0))
 
 
 # ---------------------------------------------------------------- T > 1: convert each weight once for many tokens
@@ -604,6 +756,17 @@ def expert_ffn(x, gate_up_qs, gate_up_scales, down_qs, down_scales, activation, 
     a = np.zeros((n_tok, _padded_k(down_qs)), np.float32)  # columns past inter: down's zero padding
     _gated_activation(h, activation, a)
     _matmul(a, down_qs, down_scales, lut, out, n_threads)
+
+
+@njit(**_OPTS)
+def expert_ffn_int8(x, gate_up_qs, gate_up_scales, down_qs, down_scales, activation, lut, out):
+    """expert_ffn for one token on q4 weights, both matrices through gemv_q4_int8."""
+    h = np.empty((1, gate_up_qs.shape[0]), np.float32)
+    gemv_q4_int8(x, gate_up_qs, gate_up_scales, lut, h)
+    a = np.zeros((1, 2 * down_qs.shape[1]), np.float32)  # columns past inter: down's zero padding
+    _gated_activation(h, activation, a)
+    gemv_q4_int8(a, down_qs, down_scales, lut, out)
+
 
 
 # ---------------------------------------------------------------- quantization (byte-identical to quant.py)

@@ -23,6 +23,39 @@ def matmul(x: np.ndarray, qs: np.ndarray, scales: np.ndarray, out: np.ndarray) -
         out[:, o0:o0 + rows] = x @ w.T
 
 
+def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x [Kp] as the int8 GEMV of q4 matrices sees it: groups of 32, each rounded to round(x * (1 / d))
+    with d = max|group| * (1 / 127) (0 where d = 0), in float32. Returns xq, int8 [Kp / 32, 32], and d,
+    float32 [Kp / 32]."""
+    groups = x.reshape(-1, 32)
+    d = np.abs(groups).max(axis=1) * np.float32(1 / 127)
+    inv = np.zeros_like(d)
+    np.divide(np.float32(1), d, out=inv, where=d > 0)
+    return np.rint(groups * inv[:, None]).astype(np.int8), d
+
+
+def matmul_int8(x: np.ndarray, qs: np.ndarray, scales: np.ndarray, out: np.ndarray) -> None:
+    """What the JIT kernels compute for one token on a q4 matrix with groups of 32 where native.INT_DOT
+    is true, token by token: sum over groups of w_scale * x_scale * (sum(nibble * xq) - 8 * sum(xq)), the
+    sums in integers (xq from quantize_activations)."""
+    kp = 2 * qs.shape[1]
+    if kp != 32 * scales.shape[1]:
+        raise ValueError("the int8 product takes groups of 32")
+    rows = max(1, _BLOCK_FLOATS // kp)
+    for t in range(x.shape[0]):
+        xp = np.zeros(kp, np.float32)
+        xp[:x.shape[1]] = x[t]
+        xq, d = quantize_activations(xp)
+        xq = xq.astype(np.int64)
+        offsets = 8 * xq.sum(axis=1)
+        for o0 in range(0, qs.shape[0], rows):
+            groups = qs[o0:o0 + rows].reshape(-1, kp // 32, 16).astype(np.int64)
+            nibbles = np.concatenate([groups & 15, groups >> 4], axis=2)
+            dots = np.einsum("ogk,gk->og", nibbles, xq) - offsets
+            w_scales = scales[o0:o0 + rows].astype(np.float32)
+            out[t, o0:o0 + rows] = ((w_scales * d).astype(np.float64) * dots).sum(axis=1)
+
+
 def gated_activation(h: np.ndarray, activation: int) -> np.ndarray:
     """act(h[:, :I]) * h[:, I:] for h [T, 2I]: activation 0 is SiLU, 1 GELU with the tanh approximation."""
     inter = h.shape[1] // 2
@@ -39,11 +72,13 @@ def gated_activation(h: np.ndarray, activation: int) -> np.ndarray:
 
 
 def expert_ffn(x: np.ndarray, gate_up_qs: np.ndarray, gate_up_scales: np.ndarray, down_qs: np.ndarray,
-               down_scales: np.ndarray, activation: int, out: np.ndarray) -> None:
-    """out = down @ (act(gate @ x) * (up @ x)) for x [T, H]; gate_up [2I, H] holds the gate rows, then up."""
+               down_scales: np.ndarray, activation: int, out: np.ndarray, product=None) -> None:
+    """out = down @ (act(gate @ x) * (up @ x)) for x [T, H]; gate_up [2I, H] holds the gate rows, then up.
+    product is the matrix product used, by default matmul (matmul_int8 for the int8 kernels)."""
+    product = product or matmul
     h = np.empty((x.shape[0], gate_up_qs.shape[0]), dtype=np.float32)
-    matmul(x, gate_up_qs, gate_up_scales, h)
-    matmul(gated_activation(h, activation), down_qs, down_scales, out)
+    product(x, gate_up_qs, gate_up_scales, h)
+    product(gated_activation(h, activation), down_qs, down_scales, out)
 
 
 def quantize(w: np.ndarray, fmt: str, group: int = 32) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from edgerun import native
-from edgerun.native import bench, reference
+from edgerun.native import bench, config, reference
 from edgerun.store import quant
 
 
@@ -30,6 +30,32 @@ def assert_close(out, expected, rel=1e-4):
     assert float(np.abs(out - expected).max()) <= rel * scale
 
 
+def assert_near_float(out, expected, rel):
+    """Equal up to the int8 rounding of activations: RMS error at most rel of the expected RMS."""
+    assert out.shape == expected.shape and np.all(np.isfinite(out))
+    assert float(np.sqrt(np.mean((out - expected) ** 2))) <= rel * float(np.sqrt(np.mean(expected ** 2)))
+
+
+# RMS error of the int8 path against the float product, relative to the output's RMS, on Gaussian data:
+# about 0.5% for one product, 1-1.6% for an expert (two products, the second on a rounded first)
+INT8_REL_MATMUL, INT8_REL_EXPERT = 0.01, 0.03
+
+
+def int_dot(x, qs, scales) -> bool:
+    return native._int_dot(x, qs, scales) and native.BACKEND == "numba"
+
+
+def reference_matmul(x, qs, scales, out):
+    """What native.matmul computes: the int8 algorithm where it takes the int8 path."""
+    (reference.matmul_int8 if int_dot(x, qs, scales) else reference.matmul)(x, qs, scales, out)
+
+
+@pytest.fixture
+def float_path(monkeypatch):
+    """The float kernels for every product, as on CPUs without AVX-512 VNNI."""
+    monkeypatch.setattr(native, "INT_DOT", False)
+
+
 def test_backend_is_numba():
     if os.environ.get("EDGERUN_NO_JIT", "") not in ("", "0"):
         pytest.skip("EDGERUN_NO_JIT is set")
@@ -43,6 +69,8 @@ def test_warmup_compiles_every_kernel():
         pytest.skip("NumPy backend")
     k = native._kernels
     kernels = (k.matmul, k.expert_ffn, k.group_scales, k.quantize_q8, k.quantize_q4)
+    if native.INT_DOT:
+        kernels += (k.gemv_q4_int8, k.expert_ffn_int8)
     compiled = [len(kernel.signatures) for kernel in kernels]
     assert all(compiled)
     # real calls of every kind find their kernels compiled already: nothing compiles after warmup
@@ -66,8 +94,83 @@ def test_matmul_matches_reference(fmt, tokens, shape):
     out = np.full((tokens, out_features), np.nan, np.float32)
     expected = np.empty_like(out)
     native.matmul(x, qs, scales, out)
+    reference_matmul(x, qs, scales, expected)
+    assert_close(out, expected)
+
+
+@pytest.mark.parametrize("shape", [(1, 48), (3, 100), (129, 4128), (129, 4096), (6, 4160)])
+def test_float_path_matches_reference(float_path, shape):
+    out_features, in_features = shape
+    qs, scales = matrix("q4", out_features, in_features)
+    x = gaussian((1, in_features), seed=1)
+    out, expected = np.empty((1, out_features), np.float32), np.empty((1, out_features), np.float32)
+    native.matmul(x, qs, scales, out)
     reference.matmul(x, qs, scales, expected)
     assert_close(out, expected)
+
+
+@pytest.mark.parametrize("shape", [(1, 48), (3, 100), (129, 4128), (129, 4096), (6, 4160), (7, 64)])
+def test_int_dot_matches_its_reference(shape):
+    out_features, in_features = shape
+    qs, scales = matrix("q4", out_features, in_features)
+    x = gaussian((1, in_features), seed=1)
+    x[0, :32] = 0  # a group of zero activations
+    if not int_dot(x, qs, scales):
+        pytest.skip("no AVX-512 VNNI here: the float kernel runs")
+    out, expected = np.full((1, out_features), np.nan, np.float32), np.empty((1, out_features), np.float32)
+    native.matmul(x, qs, scales, out)
+    reference.matmul_int8(x, qs, scales, expected)
+    assert_close(out, expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_int_dot_is_near_the_float_product(seed):
+    qs, scales = matrix("q4", 256, 4096, seed=seed)
+    x = gaussian((1, 4096), seed=10 + seed)
+    expected, int8 = np.empty((1, 256), np.float32), np.empty((1, 256), np.float32)
+    reference.matmul(x, qs, scales, expected)
+    reference.matmul_int8(x, qs, scales, int8)
+    assert_near_float(int8, expected, INT8_REL_MATMUL)
+    out = np.empty((1, 256), np.float32)
+    native.matmul(x, qs, scales, out)
+    assert_near_float(out, expected, INT8_REL_MATMUL)
+
+
+def test_int_dot_quantizes_like_its_reference():
+    """x's int8 groups, scales and offsets are bit for bit those of reference.quantize_activations, also
+    when compiled inside the fastmath GEMV (as warmup does)."""
+    native.warmup()
+    if not native.INT_DOT:
+        pytest.skip("no AVX-512 VNNI here: the float kernel runs")
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        x = (rng.standard_normal(4160) * 10.0 ** rng.uniform(-20, 20)).astype(np.float32)
+        x[64:96] = 0
+        quads = (4160 // 32 + 3) // 4
+        xq, xd, init = np.empty(quads * 128, np.int8), np.empty(quads * 16, np.float32), np.empty(quads * 16, np.int32)
+        native._kernels._quantize_x_q4(x, xq, xd, init)
+        ref_q, ref_d = reference.quantize_activations(x)
+        groups = np.arange(4160 // 32)
+        base = groups // 4 * 128 + groups % 4 * 16
+        lanes = groups // 4 * 16 + groups % 4 * 4
+        kernel_q = np.concatenate([xq[base[:, None] + np.arange(16)], xq[base[:, None] + 64 + np.arange(16)]], axis=1)
+        np.testing.assert_array_equal(kernel_q, ref_q)
+        np.testing.assert_array_equal(xd[lanes], ref_d)
+        np.testing.assert_array_equal(init[lanes], -8 * ref_q.astype(np.int64).sum(axis=1))
+
+
+def test_quantize_activations():
+    x = gaussian(96)
+    x[32:64] = 0
+    xq, d = reference.quantize_activations(x)
+    assert xq.shape == (3, 32) and d.shape == (3,)
+    assert np.abs(xq).max(axis=1).tolist() == [127, 0, 127] and d[1] == 0
+    np.testing.assert_allclose(xq * d[:, None], x.reshape(3, 32), atol=float(d.max()) / 2 * 1.0001)
+
+
+def test_int_dot_switch(monkeypatch):
+    monkeypatch.setenv(config.NO_INT_DOT_ENV, "1")
+    assert not config.int_dot()
 
 
 @pytest.mark.parametrize("fmt", quant.FORMATS)
@@ -90,7 +193,11 @@ def test_matmul_equals_dense_product(fmt):
     for tokens in (1, 9, 19):
         out = np.empty((tokens, 70), np.float32)
         native.matmul(x[:tokens], qs, scales, out)
-        assert_close(out, (torch.from_numpy(x[:tokens]).double() @ torch.from_numpy(w).double().T).float().numpy())
+        dense = (torch.from_numpy(x[:tokens]).double() @ torch.from_numpy(w).double().T).float().numpy()
+        if int_dot(x[:tokens], qs, scales):
+            assert_near_float(out, dense, INT8_REL_MATMUL)
+        else:
+            assert_close(out, dense)
 
 
 @pytest.mark.parametrize("fmt", quant.FORMATS)
@@ -140,9 +247,25 @@ def test_expert_ffn(fmt, activation, tokens, hidden, inter):
     out = np.full((tokens, hidden), np.nan, np.float32)
     expected = np.empty_like(out)
     native.expert_ffn(x, *gate_up, *down, activation, out)
+    if int_dot(x, *gate_up):
+        reference.expert_ffn(x, *gate_up, *down, activation, expected, product=reference.matmul_int8)
+        assert_close(out, expected)
+        assert_near_float(out, torch_expert(x, gate_up, down, hidden, inter, activation), INT8_REL_EXPERT)
+        return
     reference.expert_ffn(x, *gate_up, *down, activation, expected)
     assert_close(out, expected)
     assert_close(out, torch_expert(x, gate_up, down, hidden, inter, activation))
+
+
+@pytest.mark.parametrize("hidden, inter", [(64, 96), (100, 48)])
+def test_expert_ffn_float_path(float_path, hidden, inter):
+    gate_up = matrix("q4", 2 * inter, hidden, seed=1)
+    down = matrix("q4", hidden, inter, seed=2)
+    x = gaussian((1, hidden), seed=3)
+    out, expected = np.empty((1, hidden), np.float32), np.empty((1, hidden), np.float32)
+    native.expert_ffn(x, *gate_up, *down, native.SILU, out)
+    reference.expert_ffn(x, *gate_up, *down, native.SILU, expected)
+    assert_close(out, expected)
 
 
 def test_expert_ffn_activations_differ():
@@ -180,15 +303,16 @@ def test_quantize_is_byte_identical(fmt, group, shape):
 def test_set_threads():
     qs, scales = matrix("q4", 40, 96)
     x = gaussian((3, 96))
-    expected = np.empty((3, 40), np.float32)
-    reference.matmul(x, qs, scales, expected)
+    expected = {tokens: np.empty((tokens, 40), np.float32) for tokens in (1, 3)}
+    for tokens, e in expected.items():
+        reference_matmul(x[:tokens], qs, scales, e)
     try:
         for n in (1, 2, 64):  # more than the pool: capped
             native.set_threads(n)
             for tokens in (1, 3):
                 out = np.empty((tokens, 40), np.float32)
                 native.matmul(x[:tokens], qs, scales, out)
-                assert_close(out, expected[:tokens])
+                assert_close(out, expected[tokens])
     finally:
         native.set_threads(os.cpu_count() or 1)
     with pytest.raises(ValueError):
