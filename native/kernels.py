@@ -768,7 +768,6 @@ def expert_ffn_int8(x, gate_up_qs, gate_up_scales, down_qs, down_scales, activat
     gemv_q4_int8(a, down_qs, down_scales, lut, out)
 
 
-
 # ---------------------------------------------------------------- quantization (byte-identical to quant.py)
 
 _EXACT = dict(cache=True, nogil=True)  # no fastmath: division and rounding must match NumPy bit for bit
