@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 from .checkpoint.hf import read_json, resolve_model_dir
-from .store.store import is_store
 from .checkpoint.loader import load_weights
 from .checkpoint.safetensors_reader import SafetensorsReader
 from .errors import GenerationError, TokenizerError
@@ -24,6 +23,7 @@ from .progress import ByteProgress
 from .runtime.engine import Engine
 from .runtime.experts import TorchExperts
 from .runtime.sampling import Sampler, SamplingParams
+from .store.store import is_store
 
 if TYPE_CHECKING:
     from .checkpoint.tokenizer import Tokenizer
@@ -250,7 +250,7 @@ def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None
     if is_store(path):
         if quant not in (None, "none") or dense is not None:
             raise GenerationError(f"{path} is already a converted store; quant and dense apply to HF checkpoints")
-        loaded = _load_store(Path(path), dtype, progress)
+        loaded = _load_store(Path(path), dtype)
     elif quant in (None, "none"):
         if dense is not None:
             raise GenerationError("dense applies only together with quant (bf16, q8 or q4)")
@@ -262,7 +262,7 @@ def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None
         store = cached_store_path(src, quant, dense, 32)
         if not is_store(store):
             convert(src, store, quant=quant, dense=dense, progress=progress)
-        loaded = _load_store(store, dtype, progress)
+        loaded = _load_store(store, dtype)
     spec, weights, experts, generation_config, info = loaded
     ctx = int(context_length or min(spec.max_position_embeddings, DEFAULT_CONTEXT))
     if ctx < 2:
@@ -288,7 +288,7 @@ def _load_hf(model_dir: Path, dtype: str, progress: bool | None):
     return spec, weights, experts, generation_config, info
 
 
-def _load_store(path: Path, dtype: str, progress: bool | None):
+def _load_store(path: Path, dtype: str):
     from . import native
     from .runtime.quantized import QuantizedExperts, QuantizedMatrix, StoreTensorExperts, as_tensor
     from .store.layout import PASSTHROUGH, QUANTIZED

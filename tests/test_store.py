@@ -18,7 +18,7 @@ import edgerun
 from edgerun.cli import main
 from edgerun.store.convert import LOG_FILE, convert
 from edgerun.store.store import ExpertStore, expert_chunk_path, is_store
-from hf_models import build, hf_greedy, hf_logits, save
+from hf_models import build, hf_logits, save
 
 PROMPT = [3, 17, 99, 5, 64, 12, 7, 120, 33, 2, 45, 88, 9, 101, 56, 23]
 MIXTRAL_TOKENIZER = Path(__file__).parent / "data" / "mixtral-8x7b-tokenizer.model"

@@ -17,12 +17,11 @@ from ..models.transformer import activation_fn
 
 class RoutedExperts:
     def __call__(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
         if x.shape[0] == 1:  # decode: no grouping needed
-            out = torch.zeros_like(x)
             for e, w in zip(idx[0].tolist(), weights[0]):
                 out += self.expert(layer, e, x) * w.to(x.dtype)
             return out
-        out = torch.zeros_like(x)
         K = idx.shape[1]
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)

@@ -12,7 +12,7 @@ from ..store.quant import dequantize
 from ..store.store import ExpertStore
 from .experts import RoutedExperts, TorchExperts
 
-ACTIVATION_CODES = {"silu": 0, "gelu_tanh": 1}
+ACTIVATION_CODES = {"silu": native.SILU, "gelu_tanh": native.GELU_TANH}
 
 
 class QuantizedMatrix:

@@ -35,7 +35,6 @@ PLAN_FILE = "edgerun-plan.json"
 LOG_FILE = "edgerun-progress.jsonl"
 # Tensors kept exact whatever the quantization: they are small and the output is sensitive to them.
 _EXACT = ("norm", "bias", "router", "shared_gate")
-QUANTIZED_SET = set(QUANTIZED)
 
 
 def formats_for(quant: str, dense: str | None, source: str) -> tuple[str, str]:
@@ -96,12 +95,16 @@ class _Plan:
             f"expert/{layer}/{e}" for layer in self.tensors.moe_layers for e in range(self.spec.num_experts)]
 
     def item_bytes(self, item: str) -> int:
-        if item.startswith("dense/"):
+        if _expert_of(item) is None:
             return self.reader.nbytes(self.tensors.names[item[6:]])
         return 3 * self.spec.hidden_size * self.spec.moe_intermediate_size * (2 if self.source_format != "f32" else 4)
 
+    @property
+    def quantized(self) -> bool:
+        return self.expert_format in QUANTIZED or self.dense_format in QUANTIZED
+
     def compute_dtype(self) -> str:
-        if self.expert_format in QUANTIZED or self.dense_format in QUANTIZED:
+        if self.quantized:
             return "float32"
         return "bfloat16" if {self.expert_format, self.dense_format} == {"bf16"} else "float32"
 
@@ -123,7 +126,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, quant: str = "q4", d
     partial = dst.with_name(dst.name + ".partial")
     done = _prepare(partial, plan)
     quantize = None
-    if QUANTIZED_SET & {plan.expert_format, plan.dense_format}:
+    if plan.quantized:
         from .. import native
 
         native.warmup()
@@ -198,26 +201,32 @@ def _prepare(partial: Path, plan: _Plan) -> dict[str, int]:
     return {}
 
 
-def _read(plan: _Plan, item: str):
+def _expert_of(item: str) -> tuple[int, int] | None:
+    """(layer, expert) of an "expert/L/E" work item; None for a "dense/NAME" one."""
     if item.startswith("dense/"):
-        return (plan.tensors.dense(item[6:]),)
+        return None
     _, layer, e = item.split("/")
-    return plan.tensors.expert(int(layer), int(e))
+    return int(layer), int(e)
+
+
+def _read(plan: _Plan, item: str):
+    expert = _expert_of(item)
+    return (plan.tensors.dense(item[6:]),) if expert is None else plan.tensors.expert(*expert)
 
 
 def _write(plan: _Plan, partial: Path, item: str, tensors, quantize) -> int:
     import zarr
 
-    if item.startswith("dense/"):
+    expert = _expert_of(item)
+    if expert is None:
         name = item[6:]
         layout = plan.layouts[name]
         buf = np.zeros(layout.nbytes, dtype=np.uint8)
         layout.pack(tensors[0], buf, quantize)
         array, index = str(partial / "dense" / name), slice(None)
     else:
-        _, layer, e = item.split("/")
         buf = plan.expert_layout.pack(*tensors, quantize=quantize)
-        array, index = str(partial / "experts"), (int(layer), int(e), slice(None))
+        array, index = str(partial / "experts"), (*expert, slice(None))
     # every chunk is written, all-zero ones included: the store's files are its contents
     with zarr.config.set({"array.write_empty_chunks": True}):
         zarr.open_array(array, mode="r+")[index] = buf
@@ -227,11 +236,8 @@ def _write(plan: _Plan, partial: Path, item: str, tensors, quantize) -> int:
 def _verify(partial: Path, plan: _Plan, done: dict[str, int]) -> None:
     """Read every chunk back from disk and compare with the checksum recorded when it was written."""
     for item in plan.items():
-        if item.startswith("dense/"):
-            path = tensor_chunk_path(partial, item[6:])
-        else:
-            _, layer, e = item.split("/")
-            path = expert_chunk_path(partial, int(layer), int(e))
+        expert = _expert_of(item)
+        path = tensor_chunk_path(partial, item[6:]) if expert is None else expert_chunk_path(partial, *expert)
         if not path.is_file() or crc32(np.fromfile(path, dtype=np.uint8)) != done[item]:
             raise CheckpointError(f"verification of {path} failed after writing; the disk may be failing")
 

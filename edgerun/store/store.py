@@ -69,7 +69,6 @@ class ExpertStore:
         self.num_experts: int = ex["num_experts"]
         self.expert_layout = ExpertLayout(ex["format"], ex["hidden"], ex["inter"], self.quant["group"])
         self._expert_crc = {int(k): v for k, v in ex["crc32"].items()}
-        self._verified: set[tuple[int, int]] = set()
         self._maps: dict[tuple[int, int], np.ndarray] = {}
         self._views: dict[tuple[int, int], tuple] = {}
         self._lock = threading.Lock()
@@ -85,9 +84,8 @@ class ExpertStore:
 
     def _check_files(self) -> None:
         """Every chunk file is there with its full size (a truncated file is caught here, cheaply)."""
-        for name, info in self.meta["tensors"].items():
-            want = TensorLayout(info["format"], tuple(info["shape"]), self.quant["group"]).nbytes
-            self._check_size(tensor_chunk_path(self.path, name), want, f"tensor {name}")
+        for name in self.tensor_names():
+            self._check_size(tensor_chunk_path(self.path, name), self.tensor_layout(name).nbytes, f"tensor {name}")
         for layer in self.moe_layers:
             for e in range(self.num_experts):
                 self._check_size(expert_chunk_path(self.path, layer, e), self.chunk_bytes,
@@ -165,7 +163,7 @@ class ExpertStore:
 
     def tensor_views(self, name: str) -> list[np.ndarray]:
         """The sections of a non-expert tensor, memory-mapped copy-on-write, checked against its checksum."""
-        data = np.memmap(tensor_chunk_path(self.path, name), dtype=np.uint8, mode="c")
+        data = np.memmap(tensor_chunk_path(self.path, name), dtype=np.uint8, mode="c").view(np.ndarray)
         if crc32(data) != self.meta["tensors"][name]["crc32"]:
             raise CheckpointError(
                 f"store {self.path}: checksum mismatch in tensor {name}; the file is damaged, convert again"
