@@ -7,7 +7,7 @@ import sys
 
 from .errors import EdgerunError
 
-COMMANDS = ("run", "demo", "convert", "bench")
+COMMANDS = ("run", "demo", "convert", "bench", "trace")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -27,3 +27,7 @@ class ContextLengthError(EdgerunError):
 
 class GenerationError(EdgerunError):
     """Invalid generation arguments (sampling parameters, stop strings)."""
+
+
+class TraceError(EdgerunError):
+    """A routing trace is missing or malformed, or a replay asks for an impossible cache size."""

@@ -1,0 +1,61 @@
+"""`edgerun trace replay FILE`: the hit rate an expert cache policy reaches on a recorded routing
+trace, next to Belady's offline optimum for the same number of expert slots."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def add_parser(sub) -> None:
+    from ..runtime.policy import POLICIES
+
+    p = sub.add_parser("trace", help="work with routing traces (expert choices per token and layer)",
+                       description="Work with routing traces: JSON lines of the experts each layer picked per token.")
+    actions = p.add_subparsers(dest="trace_command", metavar="SUBCOMMAND", required=True)
+    r = actions.add_parser("replay", help="replay a trace against an expert cache", description=__doc__)
+    r.add_argument("file", metavar="FILE.jsonl", help="routing trace (JSON lines)")
+    size = r.add_mutually_exclusive_group(required=True)
+    size.add_argument("--capacity", type=_positive_int, metavar="N", help="expert slots in the cache")
+    size.add_argument("--capacity-frac", type=_fraction, metavar="F",
+                      help="expert slots as a fraction of all the trace's experts (0 < F <= 1)")
+    r.add_argument("--policy", default="default", choices=POLICIES, help="eviction policy (default: default)")
+    r.add_argument("--json", action="store_true", help="print one JSON object")
+    r.set_defaults(main=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..runtime.trace import belady, capacity_from_fraction, read_trace, replay
+
+    trace = read_trace(args.file)
+    total = trace.num_layers * trace.num_experts
+    capacity = args.capacity if args.capacity is not None else capacity_from_fraction(args.capacity_frac, total)
+    result = replay(trace, capacity, args.policy)
+    result.update(belady_hit_rate=belady(trace, capacity), capacity=capacity, policy=args.policy,
+                  num_layers=trace.num_layers, num_experts=trace.num_experts)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"policy {args.policy}: {100 * result['hit_rate']:.1f}% hits ({result['hits']} of {result['accesses']} "
+          f"accesses), capacity {capacity} of {total} experts; Belady optimum {100 * result['belady_hit_rate']:.1f}%")
+    return 0

@@ -1,0 +1,217 @@
+"""Routing traces: which experts every layer picked for every token, as JSON lines, one object per
+(token, layer):
+
+    {"problem_id": 0, "layer": 3, "experts": [7, 0], "gating_probs": [0.8, 0.2], "token_idx": 12}
+
+Other keys are allowed and ignored. Replaying a trace against an expert cache gives the hit rate a
+policy would reach with that many expert slots, next to Belady's offline optimum.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO
+
+from ..errors import TraceError
+from .policy import ExpertCache, make_policy
+
+Step = tuple[int, tuple[int, ...]]  # (layer, experts it used), in replay order
+
+
+class Trace(list[Step]):
+    """The steps of a trace in replay order (problem, token, layer), with the model's shape."""
+
+    def __init__(self, steps: Sequence[Step] = (), num_layers: int = 0, num_experts: int = 0, top_k: int = 0):
+        super().__init__(steps)
+        self.num_layers = num_layers
+        self.num_experts = num_experts
+        self.top_k = top_k
+
+    @property
+    def accesses(self) -> int:
+        return sum(len(experts) for _, experts in self)
+
+
+def _int_field(rec: dict, name: str) -> int:
+    value = rec.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f'"{name}" must be a non-negative integer, got {value!r}')
+    return value
+
+
+def _parse(line: str) -> tuple[tuple[int, int, int], tuple[int, ...]]:
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg})") from None
+    if not isinstance(rec, dict):
+        raise ValueError("not a JSON object")
+    problem, token, layer = (_int_field(rec, k) for k in ("problem_id", "token_idx", "layer"))
+    experts, probs = rec.get("experts"), rec.get("gating_probs")
+    if not isinstance(experts, list) or not experts:
+        raise ValueError('"experts" must be a non-empty list')
+    if any(not isinstance(e, int) or isinstance(e, bool) or e < 0 for e in experts):
+        raise ValueError(f'"experts" must hold non-negative integers, got {experts!r}')
+    if len(set(experts)) != len(experts):
+        raise ValueError(f'"experts" repeats an expert: {experts!r}')
+    if not isinstance(probs, list) or len(probs) != len(experts) or \
+            any(not isinstance(p, (int, float)) or isinstance(p, bool) for p in probs):
+        raise ValueError('"gating_probs" must be a list of numbers, one per expert')
+    return (problem, token, layer), tuple(experts)
+
+
+def read_trace(path: str | Path) -> Trace:
+    """Read a JSON-lines routing trace; records may come in any order. Raises TraceError naming the
+    file and line of the first bad record."""
+    path = Path(path)
+    records: dict[tuple[int, int, int], tuple[int, ...]] = {}
+    first_line: dict[tuple[int, int, int], int] = {}
+    try:
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    where, experts = _parse(line)
+                except ValueError as e:
+                    raise TraceError(f"{path} line {n}: {e}") from None
+                if where in records:
+                    raise TraceError(f"{path} line {n}: a second record for problem {where[0]} token {where[1]} "
+                                     f"layer {where[2]} (first on line {first_line[where]})")
+                records[where] = experts
+                first_line[where] = n
+    except OSError as e:
+        raise TraceError(f"cannot read trace {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise TraceError(f"{path} is not a UTF-8 text file") from None
+    if not records:
+        raise TraceError(f"{path} holds no routing records")
+    steps = [(where[2], records[where]) for where in sorted(records)]
+    return Trace(steps, num_layers=max(layer for layer, _ in steps) + 1,
+                 num_experts=max(max(experts) for _, experts in steps) + 1,
+                 top_k=max(len(experts) for _, experts in steps))
+
+
+class TraceWriter:
+    """Writes the engine's routing decisions to a new trace file, in the format read_trace reads."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self._file: IO[str] | None = self.path.open("w", encoding="utf-8")
+        except OSError as e:
+            raise TraceError(f"cannot write trace {self.path}: {e.strerror or e}") from None
+        self._token: tuple[int, int] | None = None
+
+    def record(self, problem_id: int, token_idx: int, layer: int, experts: Sequence[int],
+               probs: Sequence[float]) -> None:
+        """Write one (token, layer) record; the previous token is flushed when a new one starts."""
+        if self._file is None:
+            raise ValueError(f"trace {self.path} is closed")
+        token = (int(problem_id), int(token_idx))
+        if self._token is not None and token != self._token:
+            self._file.flush()
+        self._token = token
+        rec = {"problem_id": token[0], "layer": int(layer), "experts": [int(e) for e in experts],
+               "gating_probs": [float(p) for p in probs], "token_idx": token[1]}
+        self._file.write(json.dumps(rec) + "\n")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> TraceWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _shape(steps: Sequence[Step]) -> tuple[int, int, int]:
+    if not steps:
+        raise TraceError("the trace has no steps to replay")
+    if isinstance(steps, Trace):
+        return steps.num_layers, steps.num_experts, steps.top_k
+    return (max(layer for layer, _ in steps) + 1, max(max(e) for _, e in steps) + 1,
+            max(len(e) for _, e in steps))
+
+
+def capacity_from_fraction(frac: float, total: int) -> int:
+    """A cache of `frac` of `total` experts, rounded, at least one slot."""
+    if not 0 < frac <= 1:
+        raise TraceError(f"cache fraction must be in (0, 1], got {frac}")
+    return max(1, round(frac * total))
+
+
+def _check_capacity(capacity: int, total: int) -> None:
+    if not 1 <= capacity <= total:
+        raise TraceError(f"cache capacity must be between 1 and the trace's {total} experts, got {capacity}")
+
+
+def replay(steps: Sequence[Step], capacity: int, policy_name: str = "default") -> dict:
+    """Run the steps through an ExpertCache of `capacity` slots: every expert is looked up, a miss
+    is admitted (the step's other experts pinned), then the policy observes the step."""
+    num_layers, num_experts, top_k = _shape(steps)
+    _check_capacity(capacity, num_layers * num_experts)
+    cache = ExpertCache(capacity, make_policy(policy_name, num_layers, num_experts, top_k))
+    policy = cache.policy
+    for layer, experts in steps:
+        keys = [(layer, e) for e in experts]
+        for key in keys:
+            if cache.lookup(key) is None:
+                cache.admit(key, pinned=keys)
+        policy.observe(layer, experts)
+    return {"hits": cache.hits, "accesses": cache.accesses, "hit_rate": cache.hit_rate}
+
+
+def belady(steps: Sequence[Step], capacity: int) -> float:
+    """Hit rate of Belady's offline optimum among policies that always admit: on a miss, evict the
+    resident key whose next use is farthest away (the step's other experts are pinned, as in replay).
+    A policy that may decline to cache can beat it when there are very few slots."""
+    num_layers, num_experts, _ = _shape(steps)
+    _check_capacity(capacity, num_layers * num_experts)
+    seq = [(layer, e) for layer, experts in steps for e in experts]
+    next_use: list[float] = [math.inf] * len(seq)
+    seen: dict[tuple[int, int], int] = {}
+    for i in range(len(seq) - 1, -1, -1):
+        next_use[i] = seen.get(seq[i], math.inf)
+        seen[seq[i]] = i
+    due: dict[tuple[int, int], float] = {}  # resident key -> its next use
+    heap: list[tuple[float, tuple[int, int]]] = []  # (-next use, key); outdated entries are skipped
+    hits = i = 0
+    for layer, experts in steps:
+        keys = [(layer, e) for e in experts]
+        for key in keys:
+            if key in due:
+                hits += 1
+            elif len(due) >= capacity and not _evict_farthest(due, heap, keys):
+                i += 1
+                continue
+            due[key] = next_use[i]
+            heapq.heappush(heap, (-next_use[i], key))
+            i += 1
+    return hits / len(seq)
+
+
+def _evict_farthest(due: dict, heap: list, pinned: list) -> bool:
+    """Drop the resident key used farthest ahead, other than `pinned`; False if all are pinned."""
+    kept = []
+    evicted = False
+    while heap and not evicted:
+        entry = heapq.heappop(heap)
+        key = entry[1]
+        if due.get(key) != -entry[0]:
+            continue  # outdated: the key was used or evicted since
+        if key in pinned:
+            kept.append(entry)
+        else:
+            del due[key]
+            evicted = True
+    for entry in kept:
+        heapq.heappush(heap, entry)
+    return evicted

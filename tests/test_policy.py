@@ -1,0 +1,163 @@
+"""Expert cache policies and slot bookkeeping, on short access sequences worked out by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgerun.runtime.policy import POLICIES, ExpertCache, ForecastPolicy, make_policy
+
+
+def run(cache: ExpertCache, keys) -> list:
+    """Look every key up and admit it on a miss; the evicted keys (None: free slot, "bypass": declined)."""
+    evicted = []
+    for key in keys:
+        if cache.lookup(key) is None:
+            got = cache.admit(key)
+            evicted.append("bypass" if got is None else got[1])
+    return evicted
+
+
+A, B, C, D = (0, 0), (0, 1), (0, 2), (0, 3)
+
+
+def test_make_policy_names():
+    assert set(POLICIES) == {"lru", "lfu", "default"}
+    for name in POLICIES:
+        assert make_policy(name, 4, 8, 2).name == name
+    with pytest.raises(ValueError, match="unknown cache policy 'fifo'; choose one of default, lru, lfu"):
+        make_policy("fifo", 4, 8, 2)
+
+
+def test_lru_evicts_least_recently_used():
+    cache = ExpertCache(2, make_policy("lru", 1, 4, 1))
+    # A B fill; A hits; C evicts B (A was used more recently); B evicts A; C hits
+    assert run(cache, [A, B, A, C, B, C]) == [None, None, B, A]
+    assert (cache.hits, cache.accesses) == (2, 6)
+    assert cache.hit_rate == pytest.approx(2 / 6)
+    assert sorted(cache.resident()) == [B, C]
+
+
+def test_lfu_evicts_least_frequently_used():
+    cache = ExpertCache(2, make_policy("lfu", 1, 4, 1))
+    # A twice, B once: C evicts B; B has now been accessed twice, C once: B evicts C
+    assert run(cache, [A, A, B, C, B]) == [None, None, B, C]
+    assert cache.hits == 1
+    # equal counts: the least recently accessed goes
+    cache = ExpertCache(2, make_policy("lfu", 1, 4, 1))
+    assert run(cache, [A, B, C]) == [None, None, A]
+
+
+def test_free_slots_first_then_eviction_reuses_the_slot():
+    cache = ExpertCache(3, make_policy("lru", 1, 4, 1))
+    assert [cache.admit(k) for k in (A, B, C)] == [(0, None), (1, None), (2, None)]
+    for key in (B, C, A):
+        cache.lookup(key)
+    assert cache.admit(D) == (1, B)  # B is least recent; D takes over its slot
+    assert cache.contains(D) and not cache.contains(B)
+    assert cache.slot_of(D) == 1 and cache.slot_of(B) is None
+    with pytest.raises(ValueError, match="already cached"):
+        cache.admit(D)
+
+
+def test_pinned_keys_are_never_evicted():
+    cache = ExpertCache(2, make_policy("lru", 1, 4, 1))
+    cache.admit(A)
+    cache.admit(B)
+    cache.lookup(B)  # A is now least recently used, but pinned
+    assert cache.admit(C, pinned=[A, C]) == (1, B)
+    assert cache.admit(D, pinned=[A, C]) is None
+    assert sorted(cache.resident()) == [A, C]
+
+
+def test_remove_frees_the_slot():
+    cache = ExpertCache(2, make_policy("lru", 1, 4, 1))
+    cache.admit(A)
+    cache.admit(B)
+    cache.remove(A)
+    cache.remove(D)  # not resident: nothing happens
+    assert not cache.contains(A) and cache.resident() == [B]
+    assert cache.admit(C) == (0, None)
+
+
+def test_capacity_must_be_positive():
+    with pytest.raises(ValueError, match="at least 1"):
+        ExpertCache(0, make_policy("lru", 1, 4, 1))
+
+
+def fresh_after_layer_1() -> ForecastPolicy:
+    # 4 layers of 4 experts, top-1; the first token has just passed layer 1, which used expert 3
+    policy = make_policy("default", 4, 4, 1)
+    policy.access((1, 3), False)
+    policy.observe(1, [3])
+    return policy
+
+
+def test_forecast_prefers_evicting_what_comes_back_last():
+    policy = fresh_after_layer_1()
+    eta = policy.expected_next_use()
+    # layers 2, 3, 0 have seen nothing (equal statistics): they come back 1, 2, 3 steps ahead
+    assert eta[2, 0] < eta[3, 0] < eta[0, 0]
+    assert eta[2, 0] == pytest.approx(1 + 4 * 3) and eta[0, 0] == pytest.approx(3 + 4 * 3)  # q = prior 1/4
+    # layer 1 was just used, so its experts come back last; the expert it did not pick the very last
+    assert eta[1, 0] > eta[0, 0] and eta[1, 0] > eta[1, 3]
+    assert policy.victim([(2, 0), (3, 0), (0, 0)], (1, 3)) == (0, 0)
+    assert policy.victim([(2, 0), (1, 0), (0, 0)], (1, 3)) == (1, 0)
+
+
+def test_forecast_bypasses_a_key_needed_later_than_every_resident():
+    policy = fresh_after_layer_1()
+    policy.access((1, 2), False)  # the next token at layer 1 misses expert 2
+    # the next layer's expert is due in 1 step; expert 2 of layer 1 not before the next token
+    assert policy.victim([(2, 0)], (1, 2)) is None
+    assert policy.victim([(2, 0), (1, 0)], (1, 2)) == (1, 0)  # (1, 0) was idle: it goes instead
+    cache = ExpertCache(1, make_policy("default", 4, 4, 1))
+    assert run(cache, [(2, 0), (1, 2)]) == [None, "bypass"]
+    assert cache.resident() == [(2, 0)]
+
+
+def test_forecast_uses_the_router_prediction_for_the_next_layer():
+    policy = fresh_after_layer_1()
+    eta = policy.expected_next_use()
+    assert eta[2, 0] == pytest.approx(eta[2, 1])
+    with pytest.raises(ValueError, match="expected 4 expert probabilities for layer 2"):
+        policy.predict(2, [0.5, 0.5])
+    policy.predict(2, [0.9, 0.2, 0.3, 0.25])
+    eta = policy.expected_next_use()
+    assert eta[2, 0] < eta[2, 2] < eta[2, 3] < eta[2, 1]
+    assert eta[2, 3] == pytest.approx(1 + 4 * 3)  # the prior itself changes nothing
+    policy.access((2, 0), False)
+    policy.observe(2, [0])  # the prediction is used up once layer 2 has run
+    eta = policy.expected_next_use()
+    assert eta[2, 1] == pytest.approx(eta[2, 2])
+
+
+def test_forecast_wait_is_capped_by_the_long_run_rate():
+    # expert 0 ran for 30 tokens, then expert 1 for 10: the context says 0 is unlikely next, but it
+    # is still the most used expert overall, so its wait is at most twice what its share implies
+    policy = make_policy("default", 1, 4, 1)
+    for t in range(40):
+        expert = 0 if t < 30 else 1
+        policy.access((0, expert), False)
+        policy.observe(0, [expert])
+    share = (30 + 1) / (40 + 4)  # with the prior's pseudo-counts
+    eta = policy.expected_next_use()
+    assert eta[0, 0] == pytest.approx(1 + 2 * (1 - share) / share)
+    assert eta[0, 2] > eta[0, 0]
+
+
+def test_forecast_learns_that_experts_alternate():
+    # one layer whose expert alternates 0, 1, 0, 1, ...: the one just used is not needed next
+    policy = make_policy("default", 1, 4, 1)
+    for t in range(40):
+        policy.access((0, t % 2), False)
+        policy.observe(0, [t % 2])
+    eta = policy.expected_next_use()
+    assert eta[0, 0] < eta[0, 1] < eta[0, 2]  # last token used expert 1; expert 2 never
+    cache = ExpertCache(1, make_policy("default", 1, 4, 1))
+    lru = ExpertCache(1, make_policy("lru", 1, 4, 1))
+    for t in range(40):
+        for c in (cache, lru):
+            if c.lookup((0, t % 2)) is None:
+                c.admit((0, t % 2))
+            c.policy.observe(0, [t % 2])
+    assert lru.hits == 0 and cache.hits >= 15  # holds one expert across the other's tokens

@@ -1,0 +1,186 @@
+"""Routing traces: reading and writing them, replaying them against the cache policies (on a real
+Mixtral-8x7B trace), Belady's optimum, and `edgerun trace replay`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from edgerun.cli import main
+from edgerun.errors import EdgerunError, TraceError
+from edgerun.runtime.trace import TraceWriter, belady, capacity_from_fraction, read_trace, replay
+
+MIXTRAL = Path(__file__).parent / "data" / "mixtral_gsm8k_routing.jsonl"
+
+# Replayed on MIXTRAL (32 layers x 8 experts, 15778 accesses), a step's experts pinned
+EXPECTED = {  # capacity: (lru, lfu, belady)
+    32: (0.0, 0.1608, 0.3775),
+    64: (0.3421, 0.3134, 0.5842),
+    128: (0.5349, 0.5851, 0.8094),
+}
+
+
+@pytest.fixture(scope="module")
+def mixtral():
+    return read_trace(MIXTRAL)
+
+
+@pytest.fixture(scope="module")
+def default_rates(mixtral):
+    return {c: replay(mixtral, c, "default")["hit_rate"] for c in (3, 64, 128, 200, 240)}
+
+
+def test_read_real_trace(mixtral):
+    assert (mixtral.num_layers, mixtral.num_experts, mixtral.top_k) == (32, 8, 2)
+    assert len(mixtral) == 7889 and mixtral.accesses == 15778
+    # the file is grouped by layer; replay order is token by token, layer by layer
+    assert [layer for layer, _ in mixtral[:34]] == list(range(32)) + [0, 1]
+    assert mixtral[0] == (0, (7, 0)) and mixtral[1] == (1, (3, 6)) and mixtral[32] == (0, (5, 6))
+
+
+@pytest.mark.parametrize("capacity", sorted(EXPECTED))
+def test_baselines_on_real_trace(mixtral, capacity):
+    lru, lfu, opt = EXPECTED[capacity]
+    assert replay(mixtral, capacity, "lru")["hit_rate"] == pytest.approx(lru, abs=5e-4)
+    assert replay(mixtral, capacity, "lfu")["hit_rate"] == pytest.approx(lfu, abs=5e-4)
+    assert belady(mixtral, capacity) == pytest.approx(opt, abs=5e-4)
+
+
+def test_default_policy_on_real_trace(mixtral, default_rates):
+    assert default_rates[128] >= 0.60
+    assert default_rates[64] >= 0.33
+    for capacity, rate in default_rates.items():
+        others = max(replay(mixtral, capacity, p)["hit_rate"] for p in ("lru", "lfu"))
+        assert rate >= others, capacity
+        assert rate <= belady(mixtral, capacity) or capacity < 4  # below 4 slots, bypassing beats Belady
+
+
+def test_replay_counts_and_full_cache(mixtral):
+    result = replay(mixtral, 256, "lru")
+    assert result["accesses"] == 15778
+    assert result["hits"] == 15778 - 256  # only the first use of each expert misses
+    assert result["hit_rate"] == pytest.approx(result["hits"] / 15778)
+    assert belady(mixtral, 256) == pytest.approx(result["hit_rate"])
+
+
+def test_belady_by_hand():
+    steps = [(0, (e,)) for e in (0, 1, 2, 0, 1, 2)]
+    # 2 slots: 0 1 miss; 2 evicts 1 (used after 0); 0 hits; 1 evicts 0 (never used again); 2 hits
+    assert belady(steps, 2) == pytest.approx(2 / 6)
+    assert replay(steps, 2, "lru")["hits"] == 0
+
+
+@pytest.mark.parametrize("capacity", [0, 257])
+def test_capacity_out_of_range(mixtral, capacity):
+    with pytest.raises(TraceError, match="between 1 and the trace's 256 experts"):
+        replay(mixtral, capacity, "lru")
+
+
+def test_replay_needs_steps():
+    with pytest.raises(TraceError, match="no steps"):
+        replay([], 1, "lru")
+
+
+def test_capacity_from_fraction():
+    assert capacity_from_fraction(0.5, 256) == 128
+    assert capacity_from_fraction(0.001, 256) == 1
+    with pytest.raises(TraceError, match=r"\(0, 1\]"):
+        capacity_from_fraction(1.5, 256)
+
+
+def test_writer_round_trip(tmp_path):
+    path = tmp_path / "t.jsonl"
+    with TraceWriter(path) as w:
+        for problem in (1, 0):  # out of order: replay sorts by problem, token, layer
+            for token in range(2):
+                for layer in range(3):
+                    w.record(problem, token, layer, [layer, 4 + token], [0.75, 0.25])
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(lines) == 12
+    assert lines[0] == {"problem_id": 1, "layer": 0, "experts": [0, 4], "gating_probs": [0.75, 0.25], "token_idx": 0}
+    trace = read_trace(path)
+    assert (trace.num_layers, trace.num_experts, trace.top_k) == (3, 6, 2)
+    assert list(trace) == [(layer, (layer, 4 + token)) for _ in range(2) for token in range(2) for layer in range(3)]
+
+
+def test_writer_closed(tmp_path):
+    w = TraceWriter(tmp_path / "t.jsonl")
+    w.close()
+    with pytest.raises(ValueError, match="closed"):
+        w.record(0, 0, 0, [1], [1.0])
+
+
+GOOD = '{"problem_id": 0, "layer": 0, "experts": [1, 2], "gating_probs": [0.5, 0.5], "token_idx": 0}'
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "not a JSON object"),
+    (GOOD.replace('"layer": 0, ', ''), '"layer" must be a non-negative integer, got None'),
+    (GOOD.replace('"layer": 0', '"layer": -1'), '"layer" must be a non-negative integer, got -1'),
+    (GOOD.replace('"token_idx": 0', '"token_idx": "3"'), '"token_idx" must be a non-negative integer'),
+    (GOOD.replace("[1, 2]", "[]"), '"experts" must be a non-empty list'),
+    (GOOD.replace("[1, 2]", "[1, 1.5]"), '"experts" must hold non-negative integers'),
+    (GOOD.replace("[1, 2]", "[2, 2]"), '"experts" repeats an expert'),
+    (GOOD.replace("[0.5, 0.5]", "[0.5]"), '"gating_probs" must be a list of numbers, one per expert'),
+    (GOOD, "a second record for problem 0 token 0 layer 0 (first on line 1)"),
+])
+def test_malformed_line_names_file_and_line(tmp_path, bad, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(GOOD + "\n\n" + bad + "\n")
+    with pytest.raises(TraceError) as info:
+        read_trace(path)
+    assert str(info.value).startswith(f"{path} line 3: ")
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(TraceError, match="cannot read trace .*nope.jsonl"):
+        read_trace(tmp_path / "nope.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(TraceError, match="no routing records"):
+        read_trace(tmp_path / "empty.jsonl")
+    assert issubclass(TraceError, EdgerunError)
+
+
+def test_cli_replay_json(capsys):
+    assert main(["trace", "replay", str(MIXTRAL), "--capacity-frac", "0.25", "--policy", "lfu", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"hit_rate", "belady_hit_rate", "accesses", "capacity", "policy"} <= set(out)
+    assert (out["capacity"], out["policy"], out["accesses"]) == (64, "lfu", 15778)
+    assert out["hit_rate"] == pytest.approx(EXPECTED[64][1], abs=5e-4)
+    assert out["belady_hit_rate"] == pytest.approx(EXPECTED[64][2], abs=5e-4)
+
+
+def test_cli_replay_text(capsys):
+    assert main(["trace", "replay", str(MIXTRAL), "--capacity", "32", "--policy", "lru"]) == 0
+    out = capsys.readouterr().out
+    assert out == "policy lru: 0.0% hits (0 of 15778 accesses), capacity 32 of 256 experts; Belady optimum 37.7%\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "one of the arguments --capacity --capacity-frac is required"),
+    (["--capacity", "0"], "--capacity: must be at least 1"),
+    (["--capacity", "300"], "between 1 and the trace's 256 experts, got 300"),
+    (["--capacity-frac", "0"], "--capacity-frac: must be in (0, 1]"),
+    (["--capacity-frac", "1.5"], "--capacity-frac: must be in (0, 1]"),
+    (["--capacity", "8", "--capacity-frac", "0.5"], "not allowed with"),
+    (["--capacity", "8", "--policy", "fifo"], "invalid choice: 'fifo'"),
+])
+def test_cli_bad_arguments(capsys, args, message):
+    assert main(["trace", "replay", str(MIXTRAL), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_cli_bad_file(tmp_path, capsys):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(GOOD + "\n{oops\n")
+    for target in (path, tmp_path / "missing.jsonl"):
+        assert main(["trace", "replay", str(target), "--capacity", "2"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("edgerun: error: ") and str(target) in err and len(err.splitlines()) == 1
+    assert main(["trace", "replay", str(path), "--capacity", "2"]) == 2
+    assert "line 2: not valid JSON" in capsys.readouterr().err
