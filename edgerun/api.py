@@ -6,6 +6,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,8 +21,11 @@ from .models import spec_from_config
 from .models.spec import ModelSpec, eos_list
 from .models.transformer import Transformer
 from .progress import ByteProgress
-from .runtime.engine import Engine
+from .runtime.engine import PREFILL_CHUNK, Engine
 from .runtime.experts import TorchExperts
+from .runtime.memory import (BudgetError, choose_prefill_chunk, current_rss, parse_size, peak_rss, plan_memory,
+                             scratch_bytes)
+from .runtime.policy import POLICIES
 from .runtime.sampling import Sampler, SamplingParams
 from .store.store import is_store
 
@@ -181,6 +185,34 @@ class Model:
             finally:
                 tokens.close()
 
+    # -- routing traces --------------------------------------------------------------------------------------
+    @contextmanager
+    def record_routing(self, path: str | os.PathLike, problem_id: int = 0) -> Iterator[None]:
+        """Within the block, write the experts every token uses to path (JSON lines, one per token and layer;
+        see `edgerun trace replay`)."""
+        from .runtime.trace import TraceWriter
+
+        experts = self._engine.transformer.experts
+        try:
+            writer = TraceWriter(path)
+        except OSError as e:
+            raise GenerationError(f"cannot write the trace to {path}: {e.strerror or e}") from None
+        seen: dict[int, int] = {}  # layer -> tokens recorded
+
+        def tracer(layer: int, idx: torch.Tensor, weights: torch.Tensor) -> None:
+            first = seen.get(layer, 0)
+            for t, (chosen, probs) in enumerate(zip(idx.tolist(), weights.float().tolist())):
+                writer.record(problem_id, first + t, layer, chosen, probs)
+            seen[layer] = first + idx.shape[0]
+
+        with self._lock:
+            experts.tracer = tracer
+        try:
+            yield
+        finally:
+            experts.tracer = None
+            writer.close()
+
     # -- reporting -----------------------------------------------------------------------------------------
     def stats(self) -> dict:
         """Figures of the last generation (tokens/s of prefill and decode, time to first token) and the model."""
@@ -193,6 +225,8 @@ class Model:
             "threads": torch.get_num_threads(),
         })
         out.update({k: str(v) if isinstance(v, Path) else v for k, v in self._info.items() if k != "tokenizer_dir"})
+        out.update(self._engine.transformer.experts.stats())
+        out["peak_rss_bytes"] = peak_rss()
         return out
 
     def __repr__(self) -> str:
@@ -228,7 +262,8 @@ def _find_stop(text: str, sent: int, stops: list[str]) -> tuple[int | None, int]
 
 def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None = None,
          context_length: int | None = None, dtype: str = "auto", threads: int | None = None,
-         progress: bool | None = None) -> Model:
+         progress: bool | None = None, ram: str | int | None = None, policy: str = "default",
+         prefetch: bool = True) -> Model:
     """Open a model: a Hugging Face directory (config.json, *.safetensors, tokenizer), a repo id in the HF
     cache, or an edgerun store made by `edgerun convert`.
 
@@ -241,19 +276,31 @@ def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None
     threads: CPU threads for torch and the kernels (default: one per core).
     progress: show a progress bar while converting or reading weights (default: for large models on a
         terminal).
+    ram: memory budget of the whole process for a q8/q4 store ("12GiB", "1.5GB" or bytes; default: what the
+        machine has available, less a safety margin). Experts that do not fit stay on disk and are read into
+        a cache of expert slots as they are needed; a budget below the minimum raises BudgetError.
+    policy: eviction policy of the expert cache: "default" (forecasts each expert's next use), "lru", "lfu".
+    prefetch: predict the experts of the next layers and read them ahead.
     """
     t0 = time.perf_counter()
     if threads:
         torch.set_num_threads(int(threads))
     if dtype != "auto" and dtype not in _DTYPES:
         raise GenerationError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
+    if policy not in POLICIES:
+        raise GenerationError(f"policy must be one of {', '.join(POLICIES)}; got {policy!r}")
+    budget = None if ram is None else parse_size(ram)
+    offload = {"budget": budget, "policy": policy, "prefetch": prefetch, "context_length": context_length}
     if is_store(path):
         if quant not in (None, "none") or dense is not None:
             raise GenerationError(f"{path} is already a converted store; quant and dense apply to HF checkpoints")
-        loaded = _load_store(Path(path), dtype)
+        loaded = _load_store(Path(path), dtype, **offload)
     elif quant in (None, "none"):
         if dense is not None:
             raise GenerationError("dense applies only together with quant (bf16, q8 or q4)")
+        if ram is not None:
+            raise GenerationError("ram applies to converted models: add quant='q4' (or q8), or convert the "
+                                  "model with `edgerun convert` and load the store")
         loaded = _load_hf(resolve_model_dir(path), dtype, progress)
     else:
         from .store.convert import cached_store_path, convert
@@ -262,14 +309,20 @@ def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None
         store = cached_store_path(src, quant, dense, 32)
         if not is_store(store):
             convert(src, store, quant=quant, dense=dense, progress=progress)
-        loaded = _load_store(store, dtype)
+        loaded = _load_store(store, dtype, **offload)
     spec, weights, experts, generation_config, info = loaded
+    ctx = _context_length(spec, context_length)
+    chunk = info.get("memory_plan", {}).get("prefill_chunk")
+    engine = Engine(Transformer(spec, weights, experts, ctx), ctx, chunk)
+    info["load_seconds"] = time.perf_counter() - t0
+    return Model(spec, engine, generation_config, info)
+
+
+def _context_length(spec: ModelSpec, context_length: int | None) -> int:
     ctx = int(context_length or min(spec.max_position_embeddings, DEFAULT_CONTEXT))
     if ctx < 2:
         raise GenerationError(f"context_length must be at least 2, got {ctx}")
-    engine = Engine(Transformer(spec, weights, experts, ctx), ctx)
-    info["load_seconds"] = time.perf_counter() - t0
-    return Model(spec, engine, generation_config, info)
+    return ctx
 
 
 def _load_hf(model_dir: Path, dtype: str, progress: bool | None):
@@ -288,7 +341,8 @@ def _load_hf(model_dir: Path, dtype: str, progress: bool | None):
     return spec, weights, experts, generation_config, info
 
 
-def _load_store(path: Path, dtype: str):
+def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, prefetch: bool,
+                context_length: int | None):
     from . import native
     from .runtime.quantized import QuantizedExperts, QuantizedMatrix, StoreTensorExperts, as_tensor
     from .store.layout import PASSTHROUGH, QUANTIZED
@@ -300,25 +354,52 @@ def _load_store(path: Path, dtype: str):
     if quantized and dtype not in ("auto", "float32"):
         raise GenerationError(f"{path} holds quantized weights, which compute in float32; use dtype='auto'")
     compute_dtype = _DTYPES[dtype if dtype != "auto" else store.meta["compute_dtype"]]
-    weights = {}
+    if quantized:
+        native.set_threads(torch.get_num_threads())
+        native.warmup()  # compile (or load the compiled kernels) now, not inside the first token
+    baseline = current_rss()  # the process before the model's weights: interpreter, torch, kernels
+    weights, resident = {}, 0
     for name in store.tensor_names():
         layout = store.tensor_layout(name)
         views = store.tensor_views(name)
+        resident += layout.nbytes
         if layout.fmt in QUANTIZED:
             weights[name] = QuantizedMatrix(views[0], views[1], layout.shape[1])
         else:
             weights[name] = as_tensor(views[0], PASSTHROUGH[layout.fmt][1]).to(compute_dtype)
-    if store.expert_layout.fmt in QUANTIZED:
-        native.set_threads(torch.get_num_threads())
-        native.warmup()  # compile (or load the compiled kernels) now, not inside the first token
-        experts = QuantizedExperts(store, spec.activation)
+            if weights[name].dtype != PASSTHROUGH[layout.fmt][1]:
+                resident += weights[name].nbytes  # converted copy next to the mapped bytes
+    ctx = _context_length(spec, context_length)
+    total_experts = len(store.moe_layers) * store.num_experts
+    elem = torch.empty((), dtype=compute_dtype).element_size()
+    def scratch_of(chunk: int) -> int:
+        return scratch_bytes(hidden=spec.hidden_size, inter=spec.moe_intermediate_size, heads=spec.num_heads,
+                             vocab=spec.vocab_size, top_k=spec.top_k, context_length=ctx, chunk=chunk,
+                             slot_bytes=store.chunk_bytes)
+
+    chunk = choose_prefill_chunk(budget, scratch_of, PREFILL_CHUNK)
+    plan = plan_memory(
+        budget=budget, baseline=baseline, resident=resident,
+        kv_cache=2 * spec.num_layers * spec.num_kv_heads * ctx * spec.head_dim * elem, scratch=scratch_of(chunk),
+        slot_bytes=store.chunk_bytes, total_experts=total_experts, top_k=spec.top_k, context_length=ctx,
+        prefill_chunk=chunk)
+    if plan.all_resident:
+        experts = (QuantizedExperts if store.expert_layout.fmt in QUANTIZED else StoreTensorExperts)(
+            store, spec.activation)
+    elif store.expert_layout.fmt not in QUANTIZED:
+        raise BudgetError(f"{path} keeps its experts in {store.expert_layout.fmt}, which run only fully resident "
+                          f"({plan.describe()}); convert with --quant q4 or q8 to run with this budget")
     else:
-        experts = StoreTensorExperts(store, spec.activation)
-    chunk_files = len(store.moe_layers) * store.num_experts
-    weights_bytes = chunk_files * store.chunk_bytes + sum(store.tensor_layout(n).nbytes for n in store.tensor_names())
+        from .runtime.offload import OffloadedExperts
+
+        experts = OffloadedExperts(
+            store, spec.activation, spec.top_k, plan.slots, policy=policy, prefetch=prefetch,
+            routers={layer: weights[f"layers.{layer}.router"] for layer in store.moe_layers},
+            norms={layer: weights[f"layers.{layer}.ffn_norm"] for layer in store.moe_layers})
+    weights_bytes = total_experts * store.chunk_bytes + sum(store.tensor_layout(n).nbytes for n in store.tensor_names())
     info = {"path": path, "tokenizer_dir": store.tokenizer_dir, "quant": store.quant["name"],
             "expert_format": store.expert_layout.fmt, "dense_format": store.quant["dense"],
-            "weights_bytes": weights_bytes}
+            "weights_bytes": weights_bytes, "memory_plan": plan.as_dict(), "ram_budget_bytes": plan.budget_bytes}
     return spec, weights, experts, store.generation_config, info
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from .paths import cache_dir
 from .synthetic import mixtral_config, write_random_mixtral
 
-NAME = "random-mixtral-v2"
+NAME = "random-mixtral-v3"
 SEED = 20240317
 CONFIG = mixtral_config(hidden=256, layers=4, experts=8, inter=512, context=2048, dtype="float16")
 # A Mixtral-style instruction format: <s>[INST] user [/INST] answer</s>

@@ -41,24 +41,29 @@ def write_random_mixtral(path: str | Path, config: dict, seed: int = 0, with_tok
     Dh = D // c["num_attention_heads"]
     kv = c["num_key_value_heads"] * Dh
 
-    def rand(*shape: int) -> torch.Tensor:
-        return (torch.randn(*shape, generator=g) * shape[-1] ** -0.5).to(dtype)
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * (scale * shape[-1] ** -0.5)).to(dtype)
+
+    # Token embeddings of unit RMS (what the first norm expects) and residual branches scaled down by depth,
+    # as trained models have them: otherwise attention outputs, nearly the same for every token, outweigh the
+    # token and the routers send most tokens to the same experts.
+    branch = (2 * c["num_hidden_layers"]) ** -0.5
 
     def ones(n: int) -> torch.Tensor:
         return torch.ones(n, dtype=dtype)
 
     def shards():
-        yield {"model.embed_tokens.weight": rand(V, D)}
+        yield {"model.embed_tokens.weight": rand(V, D, scale=D ** 0.5)}
         for i in range(c["num_hidden_layers"]):
             p = f"model.layers.{i}."
             layer = {p + "input_layernorm.weight": ones(D), p + "post_attention_layernorm.weight": ones(D),
                      p + "self_attn.q_proj.weight": rand(D, D), p + "self_attn.k_proj.weight": rand(kv, D),
-                     p + "self_attn.v_proj.weight": rand(kv, D), p + "self_attn.o_proj.weight": rand(D, D),
+                     p + "self_attn.v_proj.weight": rand(kv, D), p + "self_attn.o_proj.weight": rand(D, D, scale=branch),
                      p + "block_sparse_moe.gate.weight": rand(E, D)}
             for e in range(E):
                 q = f"{p}block_sparse_moe.experts.{e}."
                 layer.update({q + "w1.weight": rand(I, D), q + "w3.weight": rand(I, D),
-                              q + "w2.weight": rand(D, I)})
+                              q + "w2.weight": rand(D, I, scale=branch)})
             yield layer
         yield {"model.norm.weight": ones(D), "lm_head.weight": rand(V, D)}
 

@@ -1,5 +1,6 @@
 """`edgerun bench MODEL`: measured prefill and decode speed of a model, and of the quantized kernels
-against this machine's RAM bandwidth. Figures are medians of several runs."""
+against this machine's RAM bandwidth. Figures are medians of several runs. With --ram the model runs under
+that memory budget, experts streaming from the store; --cold drops the store from the page cache first."""
 
 from __future__ import annotations
 
@@ -17,33 +18,55 @@ def add_parser(sub) -> None:
                    help="convert a HF directory first (cached), as edgerun.load(..., quant=) does")
     p.add_argument("--prompt-tokens", type=int, default=128, metavar="N", help="prefill length (default 128)")
     p.add_argument("--tokens", type=int, default=64, metavar="N", help="tokens to decode (default 64)")
+    p.add_argument("--temp", type=float, default=1.0, metavar="T",
+                   help="sampling temperature, seeded (default 1: greedy decoding of a random-weight model loops "
+                        "over a few tokens and routes unlike a real one)")
     p.add_argument("--repeats", type=int, default=3, metavar="N", help="runs to take the median of (default 3)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: all cores)")
+    p.add_argument("--ram", default=None, metavar="SIZE",
+                   help="memory budget of the whole process, e.g. 4GiB (default: what the machine has)")
+    p.add_argument("--cold", action="store_true", help="drop the store's files from the page cache first")
+    p.add_argument("--policy", default="default", choices=["default", "lru", "lfu"], help="expert cache policy")
+    p.add_argument("--no-prefetch", action="store_true", help="load experts only when a layer asks for them")
+    p.add_argument("--ctx", type=int, default=None, metavar="N",
+                   help="context length (default: room for the prompt and the tokens, at least 512)")
     p.add_argument("--no-kernels", action="store_true", help="skip the kernel and RAM bandwidth section")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(main=main)
 
 
-def measure_model(model, prompt_tokens: int, tokens: int, repeats: int) -> dict:
+def measure_model(model, prompt_tokens: int, tokens: int, repeats: int, temperature: float = 1.0) -> dict:
     rng = random.Random(0)
     vocab = model.spec.vocab_size
     prompt_tokens = min(prompt_tokens, model.context_length - tokens - 1)
     model.generate_ids([rng.randrange(vocab) for _ in range(8)], 4, temperature=0, ignore_eos=True)  # warm-up
     runs = []
-    for _ in range(repeats):
+    for i in range(repeats):
         prompt = [rng.randrange(vocab) for _ in range(prompt_tokens)]  # a fresh prompt: no prefix reuse
-        model.generate_ids(prompt, tokens, temperature=0, ignore_eos=True)
+        model.generate_ids(prompt, tokens, temperature=temperature, seed=i, ignore_eos=True)
         runs.append(model.stats())
     med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
     last = runs[-1]
-    return {
+    out = {
         "model": str(model.path), "model_type": model.spec.model_type, "quant": last.get("quant"),
         "expert_format": last.get("expert_format", last.get("dtype")), "dtype": last["dtype"],
         "threads": last["threads"], "prompt_tokens": prompt_tokens, "decode_tokens": tokens, "repeats": repeats,
+        "temperature": temperature, "context_length": model.context_length,
         "prefill_tokens_per_s": med("prefill_tokens_per_s"), "decode_tokens_per_s": med("decode_tokens_per_s"),
         "time_to_first_token_s": med("time_to_first_token_s"), "weights_bytes": last["weights_bytes"],
-        "load_seconds": last["load_seconds"],
+        "load_seconds": last["load_seconds"], "peak_rss_bytes": last["peak_rss_bytes"],
+        "ram_budget_bytes": last.get("ram_budget_bytes"), "offload": last["offload"],
     }
+    if last["offload"]:
+        for key in ("hit_rate", "prefetch_hit_rate", "late_prefetch_rate", "demand_read_rate", "prefetch_recall", "prefetch_precision", "bytes_read",
+                    "decode_bytes_read", "bytes_read_per_token", "read_stall_seconds"):
+            out[key] = med(key)
+        for key in ("policy", "expert_slots", "experts_total", "prefetch_depth", "expert_bytes_per_token",
+                    "ideal_bytes_per_token", "direct_io"):
+            out[key] = last[key]
+    else:
+        out.update(hit_rate=1.0, bytes_read=0, prefetch_recall=None)
+    return out
 
 
 def measure_kernels(threads: int) -> dict:
@@ -66,8 +89,13 @@ def main(args: argparse.Namespace) -> int:
 
     import edgerun
 
-    model = edgerun.load(args.model, quant=args.quant, threads=args.threads)
-    result = measure_model(model, args.prompt_tokens, args.tokens, max(1, args.repeats))
+    if args.cold:
+        _drop_page_cache(args.model, args.quant)
+    ctx = args.ctx or max(512, args.prompt_tokens + args.tokens + 16)
+    model = edgerun.load(args.model, quant=args.quant, threads=args.threads, ram=args.ram, policy=args.policy,
+                         prefetch=not args.no_prefetch, context_length=ctx)
+    result = measure_model(model, args.prompt_tokens, args.tokens, max(1, args.repeats), args.temp)
+    result["cold"] = args.cold
     if not args.no_kernels:
         result["kernels"] = measure_kernels(torch.get_num_threads())
     if args.json:
@@ -78,6 +106,19 @@ def main(args: argparse.Namespace) -> int:
     print(f"prefill    {result['prefill_tokens_per_s']:.1f} tok/s ({result['prompt_tokens']} tokens)")
     print(f"decode     {result['decode_tokens_per_s']:.1f} tok/s ({result['decode_tokens']} tokens, "
           f"median of {result['repeats']}, {result['threads']} threads)")
+    if result["offload"]:
+        print(f"memory     peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB of a {result['ram_budget_bytes'] / 2**30:.2f} "
+              f"GiB budget; expert cache {result['expert_slots']} of {result['experts_total']} experts "
+              f"({result['policy']} policy{', cold start' if result['cold'] else ''})")
+        print(f"experts    {100 * result['hit_rate']:.1f}% cache hits, {100 * result['prefetch_hit_rate']:.1f}% "
+              f"prefetched in time, {100 * result['late_prefetch_rate']:.1f}% late, "
+              f"{100 * result['demand_read_rate']:.1f}% read on demand")
+        print(f"prefetch   recall "
+              f"{100 * result['prefetch_recall']:.1f}% (precision {100 * result['prefetch_precision']:.1f}%, depth "
+              f"{result['prefetch_depth']}), read {result['bytes_read_per_token'] / 1e6:.1f} MB per token (ideal "
+              f"{result['ideal_bytes_per_token'] / 1e6:.1f} MB), {'direct' if result['direct_io'] else 'buffered'} reads")
+    else:
+        print(f"memory     peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB, all experts resident")
     k = result.get("kernels")
     if k:
         ram = ", ".join(f"{v:.1f} GB/s with {n} thread{'s' if n != '1' else ''}" for n, v in k["ram_read_gbps"].items())
@@ -88,3 +129,17 @@ def main(args: argparse.Namespace) -> int:
         if k["backend"] != "numba":
             print("kernels    NumPy fallback (numba unavailable): expect far lower figures", file=sys.stderr)
     return 0
+
+
+def _drop_page_cache(model: str, quant: str | None) -> None:
+    from ..checkpoint.hf import resolve_model_dir
+    from ..store.convert import cached_store_path
+    from ..store.store import drop_page_cache, is_store
+
+    if is_store(model):
+        drop_page_cache(model)
+        return
+    src = resolve_model_dir(model)
+    drop_page_cache(src)
+    if quant not in (None, "none"):
+        drop_page_cache(cached_store_path(src, quant, None, 32))

@@ -10,8 +10,15 @@ from ..errors import EdgerunError
 
 def add_parser(sub) -> None:
     p = sub.add_parser("run", help="generate text from a prompt", description=__doc__)
-    p.add_argument("model", metavar="MODEL", help="HF model directory or repo id in the local HF cache")
+    p.add_argument("model", metavar="MODEL", help="HF model directory, repo id in the local HF cache, or store")
     add_generation_args(p)
+    p.add_argument("--quant", default=None, choices=["none", "bf16", "q8", "q4"],
+                   help="convert a HF directory first (cached), as edgerun.load(..., quant=) does")
+    p.add_argument("--ram", default=None, metavar="SIZE",
+                   help="memory budget of the whole process, e.g. 12GiB (default: what the machine has)")
+    p.add_argument("--policy", default="default", choices=["default", "lru", "lfu"], help="expert cache policy")
+    p.add_argument("--trace-out", default=None, metavar="FILE.jsonl",
+                   help="record the experts every token used, for `edgerun trace replay`")
     p.add_argument("--ctx", type=int, default=None, metavar="N", help="context length (default: model's, max 4096)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="compute dtype")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: all cores)")
@@ -67,13 +74,20 @@ def format_stats(s: dict) -> str:
     prefilled = s["prompt_tokens"] - s["cached_prompt_tokens"]
     return (f"[{s['generated_tokens']} tokens, {s['finish_reason']} | prefill {prefilled} tokens at "
             f"{s['prefill_tokens_per_s']:.1f} tok/s | decode {s['decode_tokens_per_s']:.1f} tok/s | "
-            f"first token {s['time_to_first_token_s'] * 1000:.0f} ms]")
+            f"first token {s['time_to_first_token_s'] * 1000:.0f} ms"
+            + (f" | expert hits {100 * s['hit_rate']:.0f}%, read {s['bytes_read'] / 1e6:.0f} MB" if s["offload"] else "")
+            + "]")
 
 
 def main(args: argparse.Namespace) -> int:
     import edgerun
 
     prompt = read_prompt(args)
-    model = edgerun.load(args.model, context_length=args.ctx, dtype=args.dtype, threads=args.threads)
-    stream_answer(model, prompt, args)
+    model = edgerun.load(args.model, quant=args.quant, context_length=args.ctx, dtype=args.dtype,
+                         threads=args.threads, ram=args.ram, policy=args.policy)
+    if args.trace_out:
+        with model.record_routing(args.trace_out):
+            stream_answer(model, prompt, args)
+    else:
+        stream_answer(model, prompt, args)
     return 0

@@ -46,9 +46,10 @@ class RunStats:
 
 
 class Engine:
-    def __init__(self, transformer: Transformer, context_length: int):
+    def __init__(self, transformer: Transformer, context_length: int, prefill_chunk: int | None = None):
         self.transformer = transformer
         self.context_length = context_length
+        self.prefill_chunk = prefill_chunk or PREFILL_CHUNK
         self.cache = KVCache(transformer.spec, context_length, transformer.dtype)
         self.tokens: list[int] = []  # what the cache holds
         self.stats = RunStats()
@@ -66,7 +67,8 @@ class Engine:
         """float32 [T, V] for every position of ids, from an empty cache."""
         self._check_fits(ids)
         self.cache.length, self.tokens = 0, []
-        out = [self._forward(ids[i:i + PREFILL_CHUNK], all_logits=True) for i in range(0, len(ids), PREFILL_CHUNK)]
+        n = self.prefill_chunk
+        out = [self._forward(ids[i:i + n], all_logits=True) for i in range(0, len(ids), n)]
         return torch.cat(out)
 
     def _forward(self, ids: list[int], all_logits: bool = False) -> torch.Tensor:
@@ -85,13 +87,14 @@ class Engine:
         self.cache.length, self.tokens = keep, self.tokens[:keep]
         self.stats.cached_prompt_tokens = keep
         logits = None
-        for i in range(keep, len(ids), PREFILL_CHUNK):
-            logits = self._forward(ids[i:i + PREFILL_CHUNK])
+        for i in range(keep, len(ids), self.prefill_chunk):
+            logits = self._forward(ids[i:i + self.prefill_chunk])
         return logits[-1]
 
     def generate(self, ids: list[int], sampler: Sampler, max_new_tokens: int, stop_ids: set[int]) -> Iterator[int]:
         """Yield new token ids until a stop id (not yielded), max_new_tokens, or a full context."""
         self.stats = stats = RunStats(prompt_tokens=len(ids))
+        self.transformer.experts.reset_stats()
         t0 = time.perf_counter()
         logits = self.prefill(ids)
         history = list(ids)

@@ -16,25 +16,44 @@ from ..models.transformer import activation_fn
 
 
 class RoutedExperts:
+    """Base container. Subclasses define `expert`; offloading ones also `schedule` (the order that lets
+    experts already in memory compute while the others load). Outputs are summed in routing order whatever
+    the schedule, so results do not depend on where the weights were."""
+
+    tracer = None  # called as tracer(layer, idx, weights) on every routed call (routing traces)
+
     def __call__(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(x)
+        if self.tracer is not None:
+            self.tracer(layer, idx, weights)
         if x.shape[0] == 1:  # decode: no grouping needed
-            for e, w in zip(idx[0].tolist(), weights[0]):
-                out += self.expert(layer, e, x) * w.to(x.dtype)
+            chosen = idx[0].tolist()
+            ys = {e: self.expert(layer, e, x) for e in self.schedule(layer, chosen)}
+            out = torch.zeros_like(x)
+            for e, w in zip(chosen, weights[0]):
+                out += ys[e] * w.to(x.dtype)
             return out
         K = idx.shape[1]
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)
         experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
+        groups = dict(zip(experts.tolist(), torch.split(order, counts.tolist())))
+        ys = {e: self.expert(layer, e, x[groups[e] // K]) for e in self.schedule(layer, list(groups))}
         w = weights.reshape(-1)
-        pos = 0
-        for e, n in zip(experts.tolist(), counts.tolist()):
-            sel = order[pos:pos + n]
-            pos += n
-            tokens = sel // K
-            y = self.expert(layer, e, x[tokens])
-            out.index_add_(0, tokens, y * w[sel, None].to(y.dtype))
+        out = torch.zeros_like(x)
+        for e, sel in groups.items():
+            out.index_add_(0, sel // K, ys[e] * w[sel, None].to(x.dtype))
         return out
+
+    def stats(self) -> dict:
+        """Figures of the experts' memory since reset_stats (offloading containers report their cache)."""
+        return {"offload": False}
+
+    def reset_stats(self) -> None:
+        pass
+
+    def schedule(self, layer: int, experts: list[int]) -> list[int]:
+        """The order to compute this layer's experts in."""
+        return experts
 
     def expert(self, layer: int, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e of layer on x [n, D] -> [n, D]."""

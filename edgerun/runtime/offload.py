@@ -1,0 +1,305 @@
+"""Experts offloaded to the store: a global cache of expert slots in RAM, filled by background reads,
+with the experts of the next layers predicted and prefetched while the current layer computes.
+
+Tiers: the store (NVMe) backs a pool of RAM slots; each tier is an `ExpertCache` over its own slots with
+its own policy, so a GPU tier is one more cache in front of this one.
+
+Shapes: T = tokens in the call, D = hidden, E = experts, K = experts per token, L = MoE layers.
+"""
+
+from __future__ import annotations
+
+import mmap
+import time
+
+import numpy as np
+import torch
+
+from .. import native
+from ..store.store import ExpertStore
+from .experts import RoutedExperts
+from .policy import ExpertCache, make_policy
+from .quantized import ACTIVATION_CODES
+from .reader import QUEUED, ExpertReader, ReadRequest
+
+MAX_DEPTH = 4  # layers predicted ahead at most: further out the router of the current state guesses poorly
+WASTE_LIMIT = 0.3  # share of a token's prefetches left unused above which the depth shrinks
+
+
+class SlotPool:
+    """Page-aligned buffers of one chunk each (aligned for O_DIRECT), and the expert views of each.
+
+    Anonymous memory: a slot costs RAM only once something was read into it."""
+
+    def __init__(self, count: int, store: ExpertStore):
+        self.size = store.chunk_bytes
+        self._mem = mmap.mmap(-1, max(1, count) * self.size)
+        self.data = np.frombuffer(self._mem, dtype=np.uint8)
+        self._layout = store.expert_layout
+        self._views: list = [None] * count
+
+    def buffer(self, slot: int) -> np.ndarray:
+        return self.data[slot * self.size:(slot + 1) * self.size]
+
+    def views(self, slot: int):
+        v = self._views[slot]
+        if v is None:
+            v = self._views[slot] = self._layout.views(self.buffer(slot))
+        return v
+
+
+class OffloadedExperts(RoutedExperts):
+    """q8/q4 experts of a store, computed by the fused kernel on slots of a bounded expert cache."""
+
+    def __init__(self, store: ExpertStore, activation: str, top_k: int, slots: int, *, policy: str = "default",
+                 routers: dict | None = None, norms: dict | None = None, prefetch: bool = True,
+                 workers: int = 1, direct: bool | None = None):
+        if activation not in ACTIVATION_CODES:
+            raise ValueError(f"no expert kernel for activation {activation}")
+        self.store = store
+        self.activation = ACTIVATION_CODES[activation]
+        self.layers = list(store.moe_layers)
+        self.pos = {layer: i for i, layer in enumerate(self.layers)}
+        self.top_k = top_k
+        self.capacity = slots
+        self.cache = ExpertCache(slots, make_policy(policy, len(self.layers), store.num_experts, top_k))
+        self.policy_name = policy
+        self.pool = SlotPool(slots + top_k, store)  # the last top_k are scratch for experts the cache declines
+        self.reader = ExpertReader(store, workers, direct)
+        self.routers = routers or {}
+        self.norms = norms or {}
+        self.prefetch_enabled = prefetch and bool(self.routers)
+        self.depth = 1
+        self._pending: dict[tuple[int, int], ReadRequest] = {}  # reads into cache slots not yet consumed
+        self._prefetched: set[tuple[int, int]] = set()  # reads issued as prefetches, not yet used
+        self._scratch_free = list(range(slots, slots + top_k))
+        self._scratch_queue: list[int] = []
+        self._scratch: dict[int, tuple[int, ReadRequest]] = {}  # expert -> (scratch slot, read)
+        self._predicted: dict[int, set[int]] = {}  # layer position -> experts predicted for the current token
+        self._last_pos = -1
+        self._x: torch.Tensor | None = None
+        self._token_prefetches = self._token_wasted = 0
+        self.reset_stats()
+
+    # -- statistics -----------------------------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        # decode steps only: each access is a cache hit, a prefetch that arrived (or is late), or a demand read
+        self.accesses = self.hits = self.prefetch_hits = self.late = 0
+        self.recall_used = self.recall_predicted = 0
+        self.prefetches = self.prefetches_used = 0
+        self.stall_seconds = 0.0
+        self.decode_tokens = 0
+        self._bytes0 = self.reader.bytes_read
+        self._decode_bytes0: int | None = None  # bytes read when the first decode step began
+
+    def stats(self) -> dict:
+        size = self.store.chunk_bytes
+        total = len(self.layers) * self.store.num_experts
+        bytes_read = self.reader.bytes_read - self._bytes0
+        decode_bytes = 0 if self._decode_bytes0 is None else self.reader.bytes_read - self._decode_bytes0
+        used_per_token = len(self.layers) * self.top_k * size
+
+        def rate(n: int) -> float:
+            return n / self.accesses if self.accesses else 0.0
+        return {
+            "offload": True,
+            "policy": self.policy_name,
+            "expert_slots": self.capacity,
+            "experts_total": total,
+            "hit_rate": rate(self.hits),
+            "prefetch_hit_rate": rate(self.prefetch_hits),
+            "late_prefetch_rate": rate(self.late),
+            "demand_read_rate": rate(self.accesses - self.hits - self.prefetch_hits - self.late),
+            "prefetch_recall": self.recall_predicted / self.recall_used if self.recall_used else 0.0,
+            "prefetch_precision": self.prefetches_used / self.prefetches if self.prefetches else 0.0,
+            "prefetch_depth": self.depth,
+            "bytes_read": bytes_read,
+            "decode_bytes_read": decode_bytes,
+            "bytes_read_per_token": decode_bytes / self.decode_tokens if self.decode_tokens else 0.0,
+            "expert_bytes_per_token": used_per_token,
+            "ideal_bytes_per_token": used_per_token * max(0.0, 1 - self.capacity / total),
+            "read_stall_seconds": self.stall_seconds,
+            "direct_io": self.reader.direct,
+        }
+
+    # -- the layer call -------------------------------------------------------------------------------------
+    def __call__(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        pos = self.pos[layer]
+        decode = x.shape[0] == 1
+        if pos <= self._last_pos:
+            self._next_token(decode)
+        if decode and self._decode_bytes0 is None:
+            self._decode_bytes0 = self.reader.bytes_read
+        if decode and pos == 0:
+            self.decode_tokens += 1
+        self._last_pos = pos
+        self._x = x
+        out = super().__call__(layer, x, idx, weights)
+        if decode:
+            self.cache.policy.observe(pos, idx[0].tolist())
+        return out
+
+    def schedule(self, layer: int, experts: list[int]) -> list[int]:
+        """Find each expert in the cache or start its read, start the prefetches of the next layers, and
+        order the work: experts in memory first, then reads in the order they will arrive."""
+        pos = self.pos[layer]
+        decode = self._x.shape[0] == 1
+        needed = {(pos, e) for e in experts}
+        self._cancel_stale(pos, needed)
+        ready, loading = [], []
+        for e in experts:
+            key = (pos, e)
+            slot = self.cache.lookup(key)
+            prefetched = key in self._prefetched
+            if prefetched:
+                self._prefetched.discard(key)
+                self.prefetches_used += 1
+            if decode:
+                self.accesses += 1
+                if pos > 0:
+                    self.recall_used += 1
+                    self.recall_predicted += e in self._predicted.get(pos, ())
+            if slot is not None:
+                req = self._pending.get(key)
+                if decode:
+                    if not prefetched:
+                        self.hits += 1  # resident before this token asked for it
+                    elif req is None or req.done.is_set():
+                        self.prefetch_hits += 1
+                    else:
+                        self.late += 1
+                if req is not None:
+                    self.reader.promote(req)
+                    loading.append(e)
+                else:
+                    ready.append(e)
+                continue
+            admitted = self.cache.admit(key, pinned=self._pinned(needed))
+            if admitted is None:
+                self._scratch_queue.append(e)
+                continue
+            slot, evicted = admitted
+            if evicted is not None:
+                self._forget(evicted)
+            self._pending[key] = self.reader.submit(key, layer, e, self.pool.buffer(slot), demand=True)
+            loading.append(e)
+        for _ in range(min(len(self._scratch_free), len(self._scratch_queue))):
+            self._start_scratch(layer)
+        if self.prefetch_enabled:
+            self._prefetch(pos, needed)
+        return ready + loading + [e for e in experts if e not in ready and e not in loading]
+
+    def expert(self, layer: int, e: int, x: torch.Tensor) -> torch.Tensor:
+        key = (self.pos[layer], e)
+        scratch = self._scratch.pop(e, None)
+        if scratch is not None:
+            slot, req = scratch
+            self._wait(req)
+        else:
+            req = self._pending.pop(key, None)
+            if req is not None:
+                try:
+                    self._wait(req)
+                except BaseException:
+                    self.cache.remove(key)
+                    raise
+            slot = self.cache.slot_of(key)
+        (gu_qs, gu_scales), (d_qs, d_scales) = self.pool.views(slot)
+        xs = x.to(torch.float32).contiguous()
+        out = np.empty(xs.shape, dtype=np.float32)
+        native.expert_ffn(xs.numpy(), gu_qs, gu_scales, d_qs, d_scales, self.activation, out)
+        if scratch is not None:
+            self._scratch_free.append(slot)
+            if self._scratch_queue:
+                self._start_scratch(layer)
+        return torch.from_numpy(out)
+
+    # -- helpers --------------------------------------------------------------------------------------------
+    def _wait(self, req: ReadRequest) -> None:
+        if req.done.is_set():
+            self.reader.wait(req)
+            return
+        t0 = time.perf_counter()
+        self.reader.wait(req)
+        self.stall_seconds += time.perf_counter() - t0
+
+    def _start_scratch(self, layer: int) -> None:
+        e = self._scratch_queue.pop(0)
+        slot = self._scratch_free.pop()
+        req = self.reader.submit(None, layer, e, self.pool.buffer(slot), demand=True)
+        self._scratch[e] = (slot, req)
+
+    def _pinned(self, needed: set) -> set:
+        """Keys no admission may evict: this layer's, reads under way, and prefetches not yet used."""
+        return needed | self._prefetched | self._running()
+
+    def _running(self) -> set:
+        return {k for k, r in self._pending.items() if r.state != QUEUED}
+
+    def _forget(self, key) -> None:
+        """key left the cache: stop its read if one is under way."""
+        req = self._pending.pop(key, None)
+        if req is not None:
+            self.reader.cancel(req)
+        self._prefetched.discard(key)
+
+    def _cancel_stale(self, pos: int, needed: set) -> None:
+        """Prefetches for this layer that routing did not choose, or for layers already passed."""
+        stale = [k for k in self._pending if k[0] < pos or (k[0] == pos and k not in needed)]
+        for key in stale:
+            req = self._pending.pop(key)
+            self.reader.cancel(req)
+            if req.done.is_set() and req.state != QUEUED and req.error is None and req.offset == self.store.chunk_bytes:
+                continue  # it arrived complete: keep it cached
+            self.cache.remove(key)
+            self._prefetched.discard(key)
+            self._token_wasted += 1
+
+    def _next_token(self, decode: bool) -> None:
+        if decode and self._last_pos >= 0:
+            idle = self.reader.queued() == 0 and not self._running()
+            if self._token_prefetches and self._token_wasted > WASTE_LIMIT * self._token_prefetches:
+                self.depth = max(1, self.depth - 1)
+            elif idle and self.late:
+                self.depth = min(MAX_DEPTH, self.depth + 1)
+        self._token_prefetches = self._token_wasted = 0
+        self._predicted.clear()
+        self._prefetched.clear()  # what arrived and was not used stays cached as any resident expert
+
+    def _prefetch(self, pos: int, needed: set) -> None:
+        """Apply the routers of the next layers to this layer's input and read their likely experts."""
+        x = self._x.float()
+        norm_here = self.norms.get(self.layers[pos])
+        pinned = self._pinned(needed)
+        for j in range(pos + 1, min(len(self.layers), pos + 1 + self.depth)):
+            layer = self.layers[j]
+            router = self.routers.get(layer)
+            if router is None:
+                continue
+            h = x
+            norm_next = self.norms.get(layer)
+            if norm_here is not None and norm_next is not None:
+                h = x * (norm_next / torch.where(norm_here == 0, 1.0, norm_here))
+            probs = torch.softmax(h @ router.T, dim=-1)  # [T, E]
+            top = torch.topk(probs, self.top_k, dim=-1).indices.unique().tolist()
+            if probs.shape[0] == 1:
+                self.cache.policy.predict(j, probs[0].tolist())
+            self._predicted.setdefault(j, set()).update(top)
+            for e in top:
+                key = (j, e)
+                if self.cache.contains(key):
+                    continue
+                admitted = self.cache.admit(key, pinned=pinned)
+                if admitted is None:
+                    continue
+                slot, evicted = admitted
+                if evicted is not None:
+                    self._forget(evicted)
+                self._pending[key] = self.reader.submit(key, layer, e, self.pool.buffer(slot), demand=False)
+                self._prefetched.add(key)
+                pinned.add(key)
+                self.prefetches += 1
+                self._token_prefetches += 1
+
+    def close(self) -> None:
+        self.reader.close()

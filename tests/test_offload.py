@@ -1,0 +1,293 @@
+"""The offloading engine: memory planner, reader, and experts streamed from the store under a budget."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import edgerun
+from edgerun.cli import main
+from edgerun.errors import CheckpointError, EdgerunError
+from edgerun.runtime import reader as reader_module
+from edgerun.runtime.memory import SAFETY_MIN, BudgetError, choose_prefill_chunk, parse_size, plan_memory
+from edgerun.runtime.offload import OffloadedExperts
+from edgerun.runtime.reader import CANCELLED, DONE, ExpertReader
+from edgerun.runtime.trace import read_trace
+from edgerun.store.convert import convert
+from edgerun.store.store import ExpertStore, expert_chunk_path
+from edgerun.synthetic import mixtral_config, write_random_mixtral
+from hf_models import build, save
+
+PROMPT = [3, 17, 99, 5, 64, 12, 7, 120, 33, 2, 45, 88, 9, 101, 56, 23]
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    """q4 stores of a tiny Mixtral with 4 MoE layers x 8 experts, and of a Qwen2-MoE with a dense layer."""
+    base = tmp_path_factory.mktemp("offload")
+    sources = {
+        "mixtral": write_random_mixtral(base / "mixtral-hf", mixtral_config(64, 4, 8, 96, heads=4, kv_heads=2)),
+        "qwen2_moe_step": save(build("qwen2_moe_step", num_hidden_layers=4, num_experts=8,
+                                     layer_types=["full_attention"] * 4), base / "qwen2_moe_step-hf"),
+    }
+    for name, src in sources.items():
+        convert(src, base / name, quant="q4", progress=False)
+    return {name: base / name for name in sources}
+
+
+def offload(model: edgerun.Model, slots: int, **kwargs) -> OffloadedExperts:
+    """Swap the model's experts for an offloading container of `slots` slots over the same store."""
+    transformer = model._engine.transformer
+    store = ExpertStore(model.path)
+    experts = OffloadedExperts(
+        store, model.spec.activation, model.spec.top_k, slots,
+        routers={layer: transformer.w[f"layers.{layer}.router"] for layer in store.moe_layers},
+        norms={layer: transformer.w[f"layers.{layer}.ffn_norm"] for layer in store.moe_layers}, **kwargs)
+    transformer.experts = experts
+    return experts
+
+
+# -- sizes and the planner ---------------------------------------------------------------------------------
+def test_parse_size():
+    assert parse_size("12GiB") == 12 << 30
+    assert parse_size("1.5GB") == 1_500_000_000
+    assert parse_size("800 MiB") == 800 << 20
+    assert parse_size("4096") == 4096
+    for bad in ("", "lots", "12XB", "-1GiB", "0"):
+        with pytest.raises(EdgerunError, match="size"):
+            parse_size(bad)
+
+
+def test_plan_splits_the_budget():
+    kw = dict(baseline=300 << 20, resident=100 << 20, kv_cache=50 << 20, scratch=20 << 20, slot_bytes=10 << 20,
+              total_experts=64, top_k=2, context_length=512, prefill_chunk=512)
+    plan = plan_memory(budget=1 << 30, **kw)
+    assert plan.slots == (plan.budget_bytes - plan.fixed_bytes) // (10 << 20)
+    assert 4 <= plan.slots < 64 and plan.fixed_bytes + plan.slots * plan.slot_bytes <= 1 << 30
+    assert plan_memory(budget=8 << 30, **kw).slots == 64  # never more slots than experts
+    with pytest.raises(BudgetError, match=r"minimum of (\d+\.\d+) MiB") as e:
+        plan_memory(budget=400 << 20, **kw)
+    minimum = float(e.value.args[0].split("minimum of ")[1].split(" MiB")[0]) * (1 << 20)
+    assert minimum >= (300 + 100 + 50 + 20 + 4 * 10) << 20  # what every token needs and 2 x top_k slots
+    assert plan_memory(budget=int(minimum) + (1 << 20), **kw).slots >= 4
+
+
+def test_tight_budgets_prefill_in_shorter_chunks():
+    scratch_of = lambda chunk: chunk << 20  # noqa: E731 - 1 MiB per token
+    assert choose_prefill_chunk(None, scratch_of, 512) == 512
+    assert choose_prefill_chunk(8 << 30, scratch_of, 512) == 512
+    assert choose_prefill_chunk(1 << 30, scratch_of, 512) == 64  # 64 MiB <= 10% of 1 GiB < 128 MiB
+    assert choose_prefill_chunk(1 << 20, scratch_of, 512) == 32  # never below 32
+
+
+def test_budget_below_the_minimum_is_refused_in_one_line(stores, capsys):
+    with pytest.raises(BudgetError, match="minimum"):
+        edgerun.load(stores["mixtral"], ram="64MiB")
+    assert main(["run", str(stores["mixtral"]), "-p", "hi", "--ram", "64MiB"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "minimum" in err[0] and "give more RAM" in err[0]
+    assert main(["run", str(stores["mixtral"]), "-p", "hi", "--ram", "plenty"]) == 2
+    assert "size" in capsys.readouterr().err
+
+
+def test_budget_needs_a_store(stores, tmp_path):
+    with pytest.raises(EdgerunError, match="quant"):
+        edgerun.load(stores["mixtral"].parent / "mixtral-hf", ram="8GiB")
+
+
+# -- identical output under a budget -------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe_step"])
+@pytest.mark.parametrize("policy", ["default", "lru", "lfu"])
+def test_tight_budget_gives_identical_tokens_and_logits(stores, name, policy):
+    resident = edgerun.load(stores[name])
+    want_tokens = resident.generate_ids(PROMPT, 12, temperature=0, ignore_eos=True)
+    want_logits = resident.logits(PROMPT)
+    tight = edgerun.load(stores[name])
+    experts = offload(tight, slots=4, policy=policy)
+    total = len(experts.layers) * experts.store.num_experts
+    assert tight.generate_ids(PROMPT, 12, temperature=0, ignore_eos=True) == want_tokens
+    stats = tight.stats()
+    assert stats["offload"] and stats["expert_slots"] == 4 < total
+    assert stats["bytes_read"] > 0 and 0 <= stats["hit_rate"] < 1
+    assert np.array_equal(tight.logits(PROMPT), want_logits)
+    experts.close()
+
+
+def budget_for(store: Path, slots: int, monkeypatch) -> int:
+    """A budget leaving room for `slots` experts, with this process's baseline RSS pinned so the plan is exact."""
+    monkeypatch.setattr(edgerun.api, "current_rss", lambda: 300 << 20)
+    monkeypatch.setattr(edgerun.api, "choose_prefill_chunk", lambda budget, scratch_of, largest: 64)
+    plan = edgerun.load(store, context_length=64).stats()["memory_plan"]
+    assert plan["slots"] == plan["total_experts"]  # no budget: all of a tiny model fits
+    # at these sizes the safety margin is its minimum; the no-budget plan's margin is a share of the machine's RAM
+    core = plan["fixed_bytes"] - plan["safety_bytes"]
+    return core + SAFETY_MIN + slots * plan["slot_bytes"] + plan["slot_bytes"] // 2
+
+
+def test_load_with_ram_offloads_and_keeps_output(stores, monkeypatch):
+    want = edgerun.load(stores["mixtral"]).generate_ids(PROMPT, 8, temperature=0, ignore_eos=True)
+    budget = budget_for(stores["mixtral"], 6, monkeypatch)
+    model = edgerun.load(stores["mixtral"], context_length=64, ram=budget)
+    stats = model.stats()
+    assert stats["offload"] and stats["expert_slots"] == 6 and stats["memory_plan"]["prefill_chunk"] == 64
+    assert model.generate_ids(PROMPT, 8, temperature=0, ignore_eos=True) == want
+    stats = model.stats()
+    assert stats["ram_budget_bytes"] == budget
+    for key in ("hit_rate", "prefetch_recall", "bytes_read", "peak_rss_bytes", "decode_tokens_per_s"):
+        assert key in stats
+    assert 0 < stats["bytes_read"] and 0 <= stats["hit_rate"] < 1
+
+
+def test_prefetch_predicts_with_the_next_routers(stores):
+    model = edgerun.load(stores["mixtral"])
+    experts = offload(model, slots=16)
+    model.generate_ids(PROMPT, 16, temperature=0, ignore_eos=True)
+    stats = model.stats()
+    assert experts.prefetches > 0
+    assert 0 < stats["prefetch_recall"] <= 1
+    no_prefetch = edgerun.load(stores["mixtral"])
+    plain = offload(no_prefetch, slots=16, prefetch=False)
+    no_prefetch.generate_ids(PROMPT, 16, temperature=0, ignore_eos=True)
+    assert plain.prefetches == 0 and no_prefetch.stats()["prefetch_recall"] == 0
+    experts.close(), plain.close()
+
+
+# -- the reader ----------------------------------------------------------------------------------------------
+def buffers(store: ExpertStore, n: int) -> list[np.ndarray]:
+    import mmap
+
+    mem = mmap.mmap(-1, n * store.chunk_bytes)
+    data = np.frombuffer(mem, dtype=np.uint8)
+    return [data[i * store.chunk_bytes:(i + 1) * store.chunk_bytes] for i in range(n)]
+
+
+def test_reader_reads_chunks_with_and_without_direct_io(stores):
+    store = ExpertStore(stores["mixtral"])
+    for direct in (False, None):
+        reader = ExpertReader(store, direct=direct)
+        bufs = buffers(store, 2)
+        reqs = [reader.submit(None, 1, e, bufs[i], demand=i == 0) for i, e in enumerate((3, 5))]
+        for req in reqs:
+            reader.wait(req)
+        assert np.array_equal(bufs[0], store.map_expert(1, 3)) and np.array_equal(bufs[1], store.map_expert(1, 5))
+        assert reader.bytes_read == 2 * store.chunk_bytes
+        reader.close()
+
+
+def gated_preadv(monkeypatch):
+    """Make the reader's first read block until the returned event is set, and log each read's file."""
+    gate, log = threading.Event(), []
+    real = os.preadv
+
+    def preadv(fd, bufs, offset):
+        log.append(os.readlink(f"/proc/self/fd/{fd}"))
+        if len(log) == 1:
+            gate.wait(10)
+        return real(fd, bufs, offset)
+
+    monkeypatch.setattr(reader_module.os, "preadv", preadv)
+    return gate, log
+
+
+def test_demand_reads_overtake_prefetches_and_cancelled_ones_never_run(stores, monkeypatch):
+    store = ExpertStore(stores["mixtral"])
+    monkeypatch.setattr(reader_module, "PIECE", 4096)  # a running prefetch yields between pieces
+    gate, log = gated_preadv(monkeypatch)
+    reader = ExpertReader(store, workers=1, direct=False)
+    bufs = buffers(store, 4)
+    first = reader.submit(None, 0, 0, bufs[0], demand=False)  # running, held at its first piece
+    while not log:
+        time.sleep(0.001)
+    stale = reader.submit(None, 0, 1, bufs[1], demand=False)
+    later = reader.submit(None, 0, 2, bufs[2], demand=False)
+    urgent = reader.submit(None, 0, 3, bufs[3], demand=True)
+    reader.cancel(stale)
+    assert stale.state == CANCELLED and stale.done.is_set()
+    gate.set()
+    for req in (urgent, first, later):
+        reader.wait(req)
+    assert first.state == DONE and np.array_equal(bufs[0], store.map_expert(0, 0))
+    order = [p for i, p in enumerate(log) if i == 0 or p != log[i - 1]]
+    chunk = lambda e: str(expert_chunk_path(store.path, 0, e))  # noqa: E731
+    assert chunk(1) not in log  # the cancelled prefetch never read a byte
+    assert order.index(chunk(3)) < order.index(chunk(2))  # the demand read went first
+    assert order[1] == chunk(3)  # ... and even paused the running prefetch
+    assert not bufs[1].any()
+    reader.close()
+
+
+def test_read_errors_surface_without_hanging(stores, monkeypatch):
+    store = ExpertStore(stores["mixtral"])
+
+    def failing(fd, bufs, offset):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(reader_module.os, "preadv", failing)
+    reader = ExpertReader(store, direct=False)
+    req = reader.submit(None, 2, 6, buffers(store, 1)[0], demand=True)
+    with pytest.raises(CheckpointError, match="layer 2 expert 6.*Input/output error"):
+        reader.wait(req)
+    reader.close()
+
+
+def test_damaged_chunk_fails_generation_with_a_clear_error(stores, tmp_path):
+    import shutil
+
+    store_dir = tmp_path / "store"
+    shutil.copytree(stores["mixtral"], store_dir)
+    model = edgerun.load(store_dir)
+    offload(model, slots=4)
+    for e in range(8):
+        path = expert_chunk_path(store_dir, 0, e)
+        data = bytearray(path.read_bytes())
+        data[100] ^= 0xFF
+        path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum mismatch in layer 0 expert"):
+        model.generate_ids(PROMPT, 4, temperature=0, ignore_eos=True)
+    # truncated after opening: a short read, reported, not a hang
+    model = edgerun.load(stores["mixtral"])
+    experts = offload(model, slots=4)
+    monkey_size = experts.store.chunk_bytes
+    experts.store = experts.reader.store = ExpertStore(store_dir)
+    for e in range(8):
+        os.truncate(expert_chunk_path(store_dir, 1, e), monkey_size // 2)
+    with pytest.raises(CheckpointError, match="layer [01] expert"):
+        model.generate_ids(PROMPT, 4, temperature=0, ignore_eos=True)
+
+
+# -- traces and bench ----------------------------------------------------------------------------------------
+def test_run_records_a_routing_trace(stores, tmp_path, capsys):
+    trace = tmp_path / "t.jsonl"
+    assert main(["run", str(stores["mixtral"]), "-p", "Hello there", "-n", "5", "--temp", "0",
+                 "--trace-out", str(trace)]) == 0
+    rows = [json.loads(line) for line in trace.read_text().splitlines()]
+    layers = sorted({r["layer"] for r in rows})
+    assert layers == [0, 1, 2, 3]
+    tokens = {r["token_idx"] for r in rows}
+    assert len(rows) == 4 * len(tokens) and len(tokens) >= 5
+    assert all(len(r["experts"]) == 2 and abs(sum(r["gating_probs"]) - 1) < 1e-3 for r in rows)
+    steps = read_trace(trace)
+    assert len(steps) == len(rows)
+    assert main(["trace", "replay", str(trace), "--capacity", "8", "--json"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out[out.index("{"):])
+    assert result["accesses"] == 2 * len(rows) and 0 <= result["hit_rate"] <= result["belady_hit_rate"] <= 1
+
+
+def test_bench_with_a_budget_reports_the_offload_figures(stores, capsys, monkeypatch):
+    budget = budget_for(stores["mixtral"], 8, monkeypatch)
+    assert main(["bench", str(stores["mixtral"]), "--ram", str(budget), "--cold", "--json", "--prompt-tokens",
+                 "16", "--tokens", "8", "--repeats", "1", "--no-kernels", "--ctx", "64"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for key in ("decode_tokens_per_s", "prefill_tokens_per_s", "hit_rate", "prefetch_recall", "bytes_read",
+                "peak_rss_bytes", "ram_budget_bytes"):
+        assert key in result, key
+    assert result["offload"] and result["expert_slots"] == 8 and result["bytes_read"] > 0
+    assert result["ram_budget_bytes"] == budget
