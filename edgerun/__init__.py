@@ -7,17 +7,19 @@
 
 from .api import Model, load
 from .errors import (
+    BudgetError,
     CheckpointError,
     ContextLengthError,
     EdgerunError,
     GenerationError,
     ModelNotFoundError,
     TokenizerError,
+    TraceError,
     UnsupportedModelError,
 )
 
 __version__ = "0.1.0"
 __all__ = [
     "load", "Model", "EdgerunError", "ModelNotFoundError", "UnsupportedModelError", "CheckpointError",
-    "TokenizerError", "ContextLengthError", "GenerationError",
+    "TokenizerError", "ContextLengthError", "GenerationError", "BudgetError", "TraceError",
 ]

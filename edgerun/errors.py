@@ -31,3 +31,7 @@ class GenerationError(EdgerunError):
 
 class TraceError(EdgerunError):
     """A routing trace is missing or malformed, or a replay asks for an impossible cache size."""
+
+
+class BudgetError(EdgerunError):
+    """The memory budget cannot hold the model (the message gives the minimum)."""

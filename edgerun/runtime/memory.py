@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 import psutil
 
-from ..errors import EdgerunError
+from ..errors import BudgetError, EdgerunError
 
 MIN_SLOTS_PER_K = 2  # slots per routed expert of a token: one layer computing while the next one loads
 SAFETY_FRACTION = 0.03  # allocator slack and page-table overhead, as a share of the budget
@@ -29,10 +29,6 @@ MIN_PREFILL_CHUNK = 32
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
-
-
-class BudgetError(EdgerunError):
-    """The memory budget cannot hold the model."""
 
 
 def parse_size(text: str | int | float) -> int:

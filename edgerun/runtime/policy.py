@@ -21,7 +21,7 @@ FREQ_ALPHA = 0.05        # EMA rate of an expert's usage: remembers about the la
 FREQ_WEIGHT = 0.5        # the EMA largely repeats what recency says, so it only nudges
 TEMPORAL_WEIGHT = 1.0    # the expert-to-expert transition from one token to the next is the best signal
 CROSS_WEIGHT = 0.5       # layer-to-layer co-use is noisier: it only ranks the next layer's experts
-LONG_RUN_SLACK = 2.0     # context fades: no wait is predicted beyond twice what the long-run use rate gives
+LONG_RUN_SLACK = 1.0     # context fades: no wait is predicted beyond what the long-run use rate gives
 Q_FLOOR = 1e-3           # keeps the expected time to next use finite
 PREDICT_CLIP = 1e-3      # a router forecast is never taken as certain either way
 
