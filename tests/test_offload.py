@@ -82,8 +82,8 @@ def test_plan_splits_the_budget():
 def test_tight_budgets_prefill_in_shorter_chunks():
     scratch_of = lambda chunk: chunk << 20  # noqa: E731 - 1 MiB per token
     assert choose_prefill_chunk(None, scratch_of, 512) == 512
-    assert choose_prefill_chunk(8 << 30, scratch_of, 512) == 512
-    assert choose_prefill_chunk(1 << 30, scratch_of, 512) == 64  # 64 MiB <= 10% of 1 GiB < 128 MiB
+    assert choose_prefill_chunk(16 << 30, scratch_of, 512) == 512
+    assert choose_prefill_chunk(2 << 30, scratch_of, 512) == 64  # 64 MiB <= 5% of 2 GiB < 128 MiB
     assert choose_prefill_chunk(1 << 20, scratch_of, 512) == 32  # never below 32
 
 
@@ -291,3 +291,15 @@ def test_bench_with_a_budget_reports_the_offload_figures(stores, capsys, monkeyp
         assert key in result, key
     assert result["offload"] and result["expert_slots"] == 8 and result["bytes_read"] > 0
     assert result["ram_budget_bytes"] == budget
+
+
+def test_reader_threads_end_with_the_model(stores):
+    import gc
+
+    model = edgerun.load(stores["mixtral"])
+    reader = offload(model, slots=4).reader
+    model.generate_ids(PROMPT, 2, temperature=0, ignore_eos=True)
+    assert all(t.is_alive() for t in reader._threads)
+    del model
+    gc.collect()
+    assert not any(t.is_alive() for t in reader._threads)

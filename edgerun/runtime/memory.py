@@ -19,12 +19,12 @@ import psutil
 from ..errors import BudgetError, EdgerunError
 
 MIN_SLOTS_PER_K = 2  # slots per routed expert of a token: one layer computing while the next one loads
-SAFETY_FRACTION = 0.03  # allocator slack and page-table overhead, as a share of the budget
-SAFETY_MIN = 48 << 20
+SAFETY_FRACTION = 0.02  # allocator slack and page-table overhead, as a share of the budget
+SAFETY_MIN = 32 << 20
 AUTO_MARGIN = 0.15  # with no budget given, leave this share of the available RAM to the rest of the machine
 AUTO_MARGIN_MIN = 1 << 30
 
-SCRATCH_SHARE = 0.1  # of the budget, for the activations of one prefill chunk
+SCRATCH_SHARE = 0.05  # of the budget, for the activations of one prefill chunk
 MIN_PREFILL_CHUNK = 32
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,

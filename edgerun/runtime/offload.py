@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import mmap
 import time
+import weakref
 
 import numpy as np
 import torch
@@ -66,6 +67,7 @@ class OffloadedExperts(RoutedExperts):
         self.policy_name = policy
         self.pool = SlotPool(slots + top_k, store)  # the last top_k are scratch for experts the cache declines
         self.reader = ExpertReader(store, workers, direct)
+        weakref.finalize(self, self.reader.close)  # the reader's threads end with the model
         self.routers = routers or {}
         self.norms = norms or {}
         self.prefetch_enabled = prefetch and bool(self.routers)
