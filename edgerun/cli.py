@@ -7,7 +7,7 @@ import sys
 
 from .errors import EdgerunError
 
-COMMANDS = ("run", "demo", "convert", "bench", "trace")
+COMMANDS = ("run", "demo", "convert", "bench", "trace", "profile")
 
 
 class _Parser(argparse.ArgumentParser):

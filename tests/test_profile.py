@@ -1,0 +1,145 @@
+"""Hardware profile: schema round trip, validation errors, and the `edgerun profile` command (fast sizes)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from edgerun import cli
+from edgerun.errors import EdgerunError
+from edgerun.hw import profile as hw
+
+_real_disk = hw.measure_disk
+
+
+def _fake_bench(mp: pytest.MonkeyPatch) -> None:
+    """Constant kernel and RAM figures: the kernels have tests of their own, and these take seconds."""
+    mp.setattr(hw.bench, "gemv_throughput", lambda fmt, threads, **_: 10.0 * threads)
+    mp.setattr(hw.bench, "gemm_throughput", lambda fmt, threads, **_: 50.0 * threads)
+    mp.setattr(hw.bench, "ram_read_bandwidth", lambda threads, nbytes=0: 20.0)
+
+
+def _small_disk(mp: pytest.MonkeyPatch) -> None:
+    """A 64 MiB test file, 8 MiB read per measurement, whatever sizes the command asks for."""
+    mp.setattr(hw, "measure_disk", lambda path, file_bytes, chunks, budget, log:
+               _real_disk(path, 64 << 20, chunks, 8 << 20, log))
+
+
+@pytest.fixture(autouse=True)
+def fast(monkeypatch, tmp_path):
+    _fake_bench(monkeypatch)
+    monkeypatch.setenv("EDGERUN_CONFIG", str(tmp_path / "config"))
+
+
+def _measure(tmp_path) -> dict:
+    store = tmp_path / "store"
+    store.mkdir(exist_ok=True)
+    return hw.measure_profile(store, quick=True, disk_bytes=64 << 20, read_budget=8 << 20,
+                              chunk_sizes=(1 << 20, 16 << 20), log=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory) -> dict:
+    with pytest.MonkeyPatch.context() as mp:
+        _fake_bench(mp)
+        return _measure(tmp_path_factory.mktemp("profile"))
+
+
+def test_round_trip(measured, tmp_path):
+    path = hw.save_profile(measured, tmp_path / "p.json")
+    loaded = hw.load_profile(path)
+    assert loaded == measured
+    assert loaded["source"] == "measured with edgerun profile" and loaded["quick"] is True
+    assert set(loaded["disk"]["random_read"]) == {str(1 << 20), str(16 << 20)}
+    assert loaded["disk"]["seq_read_gbps"] > 0
+    assert set(loaded["cpu"]["kernels"]) == {"q4", "q8"}
+    assert "1" in loaded["ram"]["read_gbps"]
+
+
+def test_gpu_section_is_null_without_cuda(measured):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present")
+    assert measured["gpu"] is None
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: p["disk"].pop("seq_read_gbps"), "missing key 'disk.seq_read_gbps'"),
+    (lambda p: p.pop("cpu"), "missing key 'cpu'"),
+    (lambda p: p["ram"].__setitem__("total_bytes", "lots"), "'ram.total_bytes' must be int"),
+    (lambda p: p.__setitem__("quick", 1), "'quick' must be bool"),
+    (lambda p: p["cpu"]["kernels"]["q4"].__setitem__("gemv_gbps", {"one": 1.0}), "'cpu.kernels.q4.gemv_gbps'"),
+    (lambda p: p["disk"]["random_read"][str(1 << 20)].pop("qd1_gbps"), "qd1_gbps"),
+    (lambda p: p.__setitem__("schema_version", 2), "schema_version 2"),
+])
+def test_validate_rejects(measured, edit, message):
+    bad = copy.deepcopy(measured)
+    edit(bad)
+    with pytest.raises(EdgerunError, match=message.replace("(", r"\(")) as e:
+        hw.validate_profile(bad)
+    assert "\n" not in str(e.value)
+
+
+def test_validate_accepts_a_gpu_section(measured):
+    p = copy.deepcopy(measured)
+    p["gpu"] = {"name": "X", "memory_bytes": 1 << 34, "h2d_gbps_pinned": 25.0, "h2d_gbps_pageable": 10.0,
+                "dequant_matmul_tflops": 100.0}
+    hw.validate_profile(p)
+    del p["gpu"]["name"]
+    with pytest.raises(EdgerunError, match="gpu.name"):
+        hw.validate_profile(p)
+
+
+def test_cli_writes_valid_profile_and_cleans_up(tmp_path, monkeypatch, capsys):
+    store = tmp_path / "store"
+    store.mkdir()
+    out = tmp_path / "p.json"
+    _small_disk(monkeypatch)
+    assert cli.main(["profile", "--quick", "--out", str(out), "--store-path", str(store)]) == 0
+    profile = hw.load_profile(out)
+    assert hw.load_profile(hw.default_profile_path()) == profile
+    assert list(store.iterdir()) == []  # the temporary file is gone
+    assert "disk" in capsys.readouterr().out
+
+
+def test_cli_json(tmp_path, monkeypatch, capsys):
+    _small_disk(monkeypatch)
+    assert cli.main(["profile", "--quick", "--json", "--store-path", str(tmp_path)]) == 0
+    hw.validate_profile(json.loads(capsys.readouterr().out))
+
+
+def test_temp_file_removed_on_interrupt(tmp_path, monkeypatch):
+    from edgerun.hw import disk
+
+    def interrupted(*_):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(disk, "_timed_reads", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        disk.measure_disk(tmp_path, 64 << 20, [1 << 20], 8 << 20)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["profile", "--quick", "--store-path", "/nonexistent/dir"], "--store-path /nonexistent/dir"),
+    (["profile", "--quick", "--out", "/nonexistent/dir/p.json"], "--out /nonexistent/dir/p.json"),
+])
+def test_cli_bad_paths_exit_2(argv, message, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_every_reference_profile_validates_and_says_where_its_numbers_come_from():
+    from pathlib import Path
+
+    from edgerun.hw.profile import load_profile
+
+    files = sorted((Path(__file__).parent.parent / "profiles").glob("*.json"))
+    assert len(files) >= 4
+    for path in files:
+        profile = load_profile(path)
+        assert profile["source"].startswith(("measured with edgerun profile", "reference:")), path
+        if profile["source"].startswith("reference:"):
+            assert profile.get("notes"), f"{path} gives no sources for its figures"
