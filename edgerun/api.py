@@ -300,7 +300,8 @@ def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None
             raise GenerationError("dense applies only together with quant (bf16, q8 or q4)")
         if ram is not None:
             raise GenerationError("a memory budget applies to converted models: add quant='q4' or 'q8' (--quant "
-                                  "on the command line), or convert the model with `edgerun convert` and load the store")
+                                  "on the command line), or convert the model with `edgerun convert` and load "
+                                  "the store")
         loaded = _load_hf(resolve_model_dir(path), dtype, progress)
     else:
         from .store.convert import cached_store_path, convert

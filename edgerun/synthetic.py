@@ -58,7 +58,8 @@ def write_random_mixtral(path: str | Path, config: dict, seed: int = 0, with_tok
             p = f"model.layers.{i}."
             layer = {p + "input_layernorm.weight": ones(D), p + "post_attention_layernorm.weight": ones(D),
                      p + "self_attn.q_proj.weight": rand(D, D), p + "self_attn.k_proj.weight": rand(kv, D),
-                     p + "self_attn.v_proj.weight": rand(kv, D), p + "self_attn.o_proj.weight": rand(D, D, scale=branch),
+                     p + "self_attn.v_proj.weight": rand(kv, D),
+                     p + "self_attn.o_proj.weight": rand(D, D, scale=branch),
                      p + "block_sparse_moe.gate.weight": rand(E, D)}
             for e in range(E):
                 q = f"{p}block_sparse_moe.experts.{e}."

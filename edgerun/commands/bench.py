@@ -58,7 +58,8 @@ def measure_model(model, prompt_tokens: int, tokens: int, repeats: int, temperat
         "ram_budget_bytes": last.get("ram_budget_bytes"), "offload": last["offload"],
     }
     if last["offload"]:
-        for key in ("hit_rate", "prefetch_hit_rate", "late_prefetch_rate", "demand_read_rate", "prefetch_recall", "prefetch_precision", "bytes_read",
+        for key in ("hit_rate", "prefetch_hit_rate", "late_prefetch_rate", "demand_read_rate", "prefetch_recall",
+                    "prefetch_precision", "bytes_read",
                     "decode_bytes_read", "bytes_read_per_token", "read_stall_seconds"):
             out[key] = med(key)
         for key in ("policy", "expert_slots", "experts_total", "prefetch_depth", "expert_bytes_per_token",
@@ -107,7 +108,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"decode     {result['decode_tokens_per_s']:.1f} tok/s ({result['decode_tokens']} tokens, "
           f"median of {result['repeats']}, {result['threads']} threads)")
     if result["offload"]:
-        print(f"memory     peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB of a {result['ram_budget_bytes'] / 2**30:.2f} "
+        print(f"memory     peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB of a "
+              f"{result['ram_budget_bytes'] / 2**30:.2f} "
               f"GiB budget; expert cache {result['expert_slots']} of {result['experts_total']} experts "
               f"({result['policy']} policy{', cold start' if result['cold'] else ''})")
         print(f"experts    {100 * result['hit_rate']:.1f}% cache hits, {100 * result['prefetch_hit_rate']:.1f}% "
@@ -116,7 +118,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"prefetch   recall "
               f"{100 * result['prefetch_recall']:.1f}% (precision {100 * result['prefetch_precision']:.1f}%, depth "
               f"{result['prefetch_depth']}), read {result['bytes_read_per_token'] / 1e6:.1f} MB per token (ideal "
-              f"{result['ideal_bytes_per_token'] / 1e6:.1f} MB), {'direct' if result['direct_io'] else 'buffered'} reads")
+              f"{result['ideal_bytes_per_token'] / 1e6:.1f} MB), "
+              f"{'direct' if result['direct_io'] else 'buffered'} reads")
     else:
         print(f"memory     peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB, all experts resident")
     k = result.get("kernels")
@@ -125,7 +128,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"RAM read   {ram}")
         for fmt in ("q8", "q4"):
             print(f"{fmt} GEMV    {k[f'{fmt}_gemv_gbps']:.1f} GB/s of weights "
-                  f"({100 * k[f'{fmt}_gemv_vs_ram']:.0f}% of RAM bandwidth); GEMM {k[f'{fmt}_gemm_gflops']:.1f} GFLOP/s")
+                  f"({100 * k[f'{fmt}_gemv_vs_ram']:.0f}% of RAM bandwidth); "
+                  f"GEMM {k[f'{fmt}_gemm_gflops']:.1f} GFLOP/s")
         if k["backend"] != "numba":
             print("kernels    NumPy fallback (numba unavailable): expect far lower figures", file=sys.stderr)
     return 0

@@ -62,7 +62,8 @@ def summary(p: dict) -> str:
         (f"disk       {disk['path']}: sequential {disk['seq_read_gbps']:.2f} GB/s "
          f"({'O_DIRECT' if disk['direct_io'] else 'buffered'}); random GB/s qd1/{readers} readers: {rand}"),
         "gpu        none" if gpu is None else
-        f"gpu        {gpu['name']}, {gpu['memory_bytes'] / 2**30:.0f} GiB, H2D {gpu['h2d_gbps_pinned']:.1f} GB/s pinned "
+        f"gpu        {gpu['name']}, {gpu['memory_bytes'] / 2**30:.0f} GiB, "
+        f"H2D {gpu['h2d_gbps_pinned']:.1f} GB/s pinned "
         f"/ {gpu['h2d_gbps_pageable']:.1f} pageable, dequant matmul {gpu['dequant_matmul_tflops']:.1f} TFLOP/s",
         f"took       {p['duration_s']:.1f} s{' (--quick)' if p['quick'] else ''}",
     ]

@@ -75,7 +75,8 @@ def format_stats(s: dict) -> str:
     return (f"[{s['generated_tokens']} tokens, {s['finish_reason']} | prefill {prefilled} tokens at "
             f"{s['prefill_tokens_per_s']:.1f} tok/s | decode {s['decode_tokens_per_s']:.1f} tok/s | "
             f"first token {s['time_to_first_token_s'] * 1000:.0f} ms"
-            + (f" | expert hits {100 * s['hit_rate']:.0f}%, read {s['bytes_read'] / 1e6:.0f} MB" if s["offload"] else "")
+            + (f" | expert hits {100 * s['hit_rate']:.0f}%, read {s['bytes_read'] / 1e6:.0f} MB"
+               if s["offload"] else "")
             + "]")
 
 
