@@ -391,16 +391,26 @@ def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, pref
         raise BudgetError(f"{path} keeps its experts in {store.expert_layout.fmt}, which run only fully resident "
                           f"({plan.describe()}); convert with --quant q4 or q8 to run with this budget")
     else:
+        from .hw.settings import engine_settings, local_profile
         from .runtime.offload import OffloadedExperts
 
+        profile, profile_source = local_profile()
+        settings = engine_settings(profile, chunk_bytes=store.chunk_bytes, top_k=spec.top_k,
+                                   layer_dense_bytes=resident // spec.num_layers,
+                                   expert_format=store.expert_layout.fmt)
         experts = OffloadedExperts(
             store, spec.activation, spec.top_k, plan.slots, policy=policy, prefetch=prefetch,
+            workers=settings["readers"], depth=settings["prefetch_depth"],
             routers={layer: weights[f"layers.{layer}.router"] for layer in store.moe_layers},
             norms={layer: weights[f"layers.{layer}.ffn_norm"] for layer in store.moe_layers})
     weights_bytes = total_experts * store.chunk_bytes + sum(store.tensor_layout(n).nbytes for n in store.tensor_names())
     info = {"path": path, "tokenizer_dir": store.tokenizer_dir, "quant": store.quant["name"],
             "expert_format": store.expert_layout.fmt, "dense_format": store.quant["dense"],
             "weights_bytes": weights_bytes, "memory_plan": plan.as_dict(), "ram_budget_bytes": plan.budget_bytes}
+    if plan.all_resident:
+        info["engine_settings"] = {"offload": False}
+    else:
+        info["engine_settings"] = {**settings, "profile": profile_source}
     return spec, weights, experts, store.generation_config, info
 
 

@@ -136,6 +136,9 @@ def test_load_with_ram_offloads_and_keeps_output(stores, monkeypatch):
     model = edgerun.load(stores["mixtral"], context_length=64, ram=budget)
     stats = model.stats()
     assert stats["offload"] and stats["expert_slots"] == 6 and stats["memory_plan"]["prefill_chunk"] == 64
+    # the engine took its reader threads and prefetch depth from this machine's profile
+    assert stats["engine_settings"]["profile"].endswith(".json")
+    assert stats["engine_settings"]["readers"] in (1, 2) and stats["prefetch_depth"] >= 1
     assert model.generate_ids(PROMPT, 8, temperature=0, ignore_eos=True) == want
     stats = model.stats()
     assert stats["ram_budget_bytes"] == budget

@@ -143,3 +143,44 @@ def test_every_reference_profile_validates_and_says_where_its_numbers_come_from(
         assert profile["source"].startswith(("measured with edgerun profile", "reference:")), path
         if profile["source"].startswith("reference:"):
             assert profile.get("notes"), f"{path} gives no sources for its figures"
+
+
+def test_engine_settings_follow_the_disk_and_kernels_of_the_profile():
+    import copy
+    import json
+    from pathlib import Path
+
+    from edgerun.hw.settings import engine_settings
+
+    base = json.loads((Path(__file__).parent.parent / "profiles" / "desktop-rtx4090-64gb.json").read_text())
+    chunk = 16 << 20
+    # one reader: 16 MiB at 6.0 GB/s qd1, 7.0 GB/s with 4 readers (less than 1.5x); two chunks per layer take
+    # 2 * 16 MiB / 6 GB/s = 5.6 ms; a layer computes 2 * 16 MiB at 85% of 75 GB/s plus 10 MB of dense weights
+    got = engine_settings(base, chunk_bytes=chunk, top_k=2, layer_dense_bytes=10_000_000, expert_format="q4")
+    read = 2 * chunk / 6.0e9
+    compute = 2 * chunk / (0.85 * 75.0e9) + 10_000_000 / (0.85 * 75.0e9)
+    assert got == {"readers": 1, "prefetch_depth": min(4, -(-read // compute))}
+    slow = copy.deepcopy(base)
+    slow["disk"]["random_read"][str(chunk)].update(qd1_gbps=0.5, parallel_gbps=1.5)
+    got = engine_settings(slow, chunk_bytes=chunk, top_k=2, layer_dense_bytes=10_000_000, expert_format="q4")
+    assert got == {"readers": 2, "prefetch_depth": 4}  # parallel reads pay off; the disk is far behind
+    assert engine_settings(None, chunk_bytes=chunk, top_k=2, layer_dense_bytes=0, expert_format="q4") == {
+        "readers": 1, "prefetch_depth": 1}
+
+
+def test_local_profile_is_measured_once_when_missing(tmp_path, monkeypatch):
+    import edgerun.hw.settings as settings
+
+    monkeypatch.setenv("EDGERUN_CONFIG", str(tmp_path))
+    calls = []
+    measured = settings.load_profile(
+        __import__("pathlib").Path(__file__).parent.parent / "profiles" / "minipc-cpu-32gb.json")
+
+    def fake_measure(quick, log):
+        calls.append(quick)
+        return measured
+
+    monkeypatch.setattr(settings, "measure_profile", fake_measure)
+    profile, source = settings.local_profile()
+    assert calls == [True] and profile == measured and source.startswith(str(tmp_path))
+    assert settings.local_profile() == (measured, source) and calls == [True]  # saved: not measured again

@@ -54,7 +54,7 @@ class OffloadedExperts(RoutedExperts):
 
     def __init__(self, store: ExpertStore, activation: str, top_k: int, slots: int, *, policy: str = "default",
                  routers: dict | None = None, norms: dict | None = None, prefetch: bool = True,
-                 workers: int = 1, direct: bool | None = None):
+                 workers: int = 1, direct: bool | None = None, depth: int = 1):
         if activation not in ACTIVATION_CODES:
             raise ValueError(f"no expert kernel for activation {activation}")
         self.store = store
@@ -71,7 +71,7 @@ class OffloadedExperts(RoutedExperts):
         self.routers = routers or {}
         self.norms = norms or {}
         self.prefetch_enabled = prefetch and bool(self.routers)
-        self.depth = 1
+        self.depth = max(1, min(MAX_DEPTH, depth))
         self._pending: dict[tuple[int, int], ReadRequest] = {}  # reads into cache slots not yet consumed
         self._prefetched: set[tuple[int, int]] = set()  # reads issued as prefetches, not yet used
         self._scratch_free = list(range(slots, slots + top_k))

@@ -1,0 +1,88 @@
+"""`edgerun plan MODEL`: predict where a model's parts would live (RAM, GPU, disk) and how fast it would
+prefill and decode on a profiled machine, from its config alone: nothing is downloaded, converted or loaded.
+MODEL: an edgerun store, a model directory with config.json, or a config.json file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import EdgerunError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("plan", help="predict memory placement and speed of a model on a hardware profile",
+                       description=__doc__)
+    p.add_argument("model", metavar="MODEL", help="edgerun store, model directory or config.json")
+    p.add_argument("--profile", default=None, metavar="FILE",
+                   help="hardware profile (default: this machine's, saved by `edgerun profile`)")
+    p.add_argument("--ram", default=None, metavar="SIZE",
+                   help="RAM budget, e.g. 12GiB (default: the profile's available RAM less 15%%)")
+    p.add_argument("--gpu", default=None, metavar="SIZE", help="GPU memory to use (default: the profile's GPU)")
+    p.add_argument("--quant", choices=("q4", "q8"), default="q4", help="expert format (default q4; a store's own)")
+    p.add_argument("--dense", choices=("q8", "q4", "bf16"), default="q8",
+                   help="format of the other matrices (default q8; a store's own)")
+    p.add_argument("--ctx", type=int, default=None, metavar="N",
+                   help="context length (default: the model's, at most 4096)")
+    p.add_argument("--json", action="store_true", help="print the prediction as JSON")
+    p.set_defaults(main=main)
+
+
+def read_model(path: Path, quant: str, dense: str) -> tuple[dict, str, str, int]:
+    """(config, expert format, dense format, group): a store's own formats, else the ones asked for."""
+    from ..checkpoint.hf import read_json
+    from ..store.store import ExpertStore, is_store
+
+    if is_store(path):
+        store = ExpertStore(path)
+        return store.config, store.quant["experts"], store.quant["dense"], store.quant["group"]
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise EdgerunError(f"{path} is not an edgerun store, a model directory or a config.json file")
+    return read_json(path), quant, dense, 32
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..hw.plan import predict
+    from ..hw.profile import default_profile_path, load_profile
+    from ..runtime.memory import parse_size
+
+    profile_path = Path(args.profile) if args.profile else default_profile_path()
+    if not profile_path.is_file():
+        raise EdgerunError(f"no hardware profile at {profile_path}: run `edgerun profile` or pass --profile FILE")
+    if args.ctx is not None and args.ctx < 2:
+        raise EdgerunError(f"--ctx must be at least 2, got {args.ctx}")
+    profile = load_profile(profile_path)
+    config, experts, dense, group = read_model(Path(args.model), args.quant, args.dense)
+    pred = predict(config, profile, expert_format=experts, dense_format=dense,
+                   ram=parse_size(args.ram) if args.ram else None, gpu=parse_size(args.gpu) if args.gpu else None,
+                   ctx=args.ctx, group=group)
+    if args.json:
+        print(json.dumps(pred.as_dict(), indent=2))
+    else:
+        print(describe(pred, experts, dense))
+    return 0 if pred.possible else 1
+
+
+def describe(pred, experts: str, dense: str) -> str:
+    """The prediction as a few human lines."""
+    from ..runtime.memory import format_size
+
+    if not pred.possible:
+        return f"impossible: {pred.reason}"
+    width = max(len(row["part"]) for row in pred.placement)
+    lines = [f"plan for {experts} experts, {dense} dense weights, RAM budget {format_size(pred.ram_budget_bytes)}"]
+    lines += [f"  {row['part']:<{width}}  {row['where']:<3}  {format_size(row['bytes']):>11}" for row in pred.placement]
+    tiers = ", ".join(f"{tier} {format_size(n)}" for tier, n in pred.bytes_per_token.items())
+    t = pred.times
+    lines += [
+        f"experts per token from {tiers} (hit rate {pred.hit_rate:.0%})",
+        f"per token: read {t['read'] * 1e3:.1f} ms, experts {t['experts'] * 1e3:.1f} ms, dense "
+        f"{t['dense'] * 1e3:.1f} ms, attention {t['kv'] * 1e3:.1f} ms (reads overlap with compute)",
+        f"prefill {pred.prefill_tokens_per_s:.1f} tok/s, decode {pred.decode_tokens_per_s:.2f} tok/s "
+        f"(bottleneck: {pred.bottleneck})",
+    ]
+    lines += [f"note: {n}" for n in pred.notes]
+    return "\n".join(lines)

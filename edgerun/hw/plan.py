@@ -1,0 +1,246 @@
+"""Predict how a model would run on a machine described by a hardware profile, without loading it.
+
+Sizes come from the model's config and the formats a conversion would use; memory is split with the
+engine's own planner; speed comes from the profile's kernel, RAM and disk figures. Expert hits assume
+uniform routing (the cached share of the experts), which the engine's policies beat on real routing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..errors import BudgetError
+from ..models import spec_from_config
+from ..models.spec import ModelSpec
+from ..models.transformer import expected_shapes
+from ..runtime.memory import (AUTO_MARGIN, AUTO_MARGIN_MIN, MemoryPlan, choose_prefill_chunk, format_size,
+                              plan_memory, scratch_bytes)
+from ..store.layout import QUANTIZED, ExpertLayout, TensorLayout
+
+BASELINE_BYTES = 340 << 20  # Python, torch and the compiled kernels, measured before the weights are mapped
+PREFILL_TOKENS = 512  # the engine's longest prefill step
+DEFAULT_CONTEXT = 4096
+KV_ELEMENT_BYTES = 4  # quantized stores compute in float32
+EXACT_SUFFIXES = ("norm", "bias", "router", "shared_gate")  # kept unquantized by the converter
+GPU_MARGIN = 0.10
+GPU_CONTEXT_BYTES = 500 << 20  # CUDA context and allocator reserve
+# No profile figure gives the GPU's own memory bandwidth; consumer GPUs read VRAM roughly 20x faster than
+# a desktop CPU reads DDR, so weights on the GPU are costed at 20x the profile's RAM read rate.
+GPU_SPEEDUP = 20.0
+OVERLAP_SLACK = 0.02  # reads and compute overlap, but not perfectly
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """What a model would weigh in a store of the given formats."""
+
+    spec: ModelSpec
+    expert_format: str
+    dense_format: str
+    resident_bytes: int  # everything but the experts
+    token_dense_bytes: int  # resident matrix bytes one decoded token reads
+    dense_params: int  # non-expert weights one token multiplies by
+    chunk_bytes: int  # one expert
+    moe_layers: int
+
+    @property
+    def total_experts(self) -> int:
+        return self.moe_layers * self.spec.num_experts
+
+    @property
+    def active_params(self) -> int:
+        return self.dense_params + self.moe_layers * self.spec.top_k * 3 * self.spec.hidden_size * \
+            self.spec.moe_intermediate_size
+
+    def kv_bytes(self, ctx: int) -> int:
+        s = self.spec
+        return 2 * s.num_layers * s.num_kv_heads * ctx * s.head_dim * KV_ELEMENT_BYTES
+
+
+def tensor_format(name: str, shape: tuple[int, ...], dense_format: str) -> str:
+    """The format the converter gives a non-expert tensor: vectors, norms, routers stay exact."""
+    if len(shape) < 2 or name.rsplit(".", 1)[-1] in EXACT_SUFFIXES:
+        return "f32" if dense_format in QUANTIZED else dense_format
+    return dense_format
+
+
+def model_sizes(config: dict, expert_format: str, dense_format: str, group: int = 32,
+                source: str = "config.json") -> ModelSizes:
+    _, spec = spec_from_config(config, source)
+    resident = token = params = 0
+    for name, shape in expected_shapes(spec).items():
+        if ".experts." in name:
+            continue
+        nbytes = TensorLayout(tensor_format(name, shape, dense_format), shape, group).nbytes
+        resident += nbytes
+        if name == "embed" and not spec.tie_word_embeddings:
+            token += nbytes // shape[0]  # a lookup reads one row
+            continue
+        token += nbytes  # a tied embedding is also the output head: read whole
+        params += math.prod(shape)
+    chunk = ExpertLayout(expert_format, spec.hidden_size, spec.moe_intermediate_size, group).nbytes
+    moe_layers = sum(kind == "moe" for kind in spec.ffn_kinds)
+    return ModelSizes(spec, expert_format, dense_format, resident, token, params, chunk, moe_layers)
+
+
+def default_budget(profile: dict) -> int:
+    """What the engine takes with no --ram: the available RAM less 15% (at least 1 GiB)."""
+    avail = profile["ram"]["available_bytes"]
+    return max(avail - max(AUTO_MARGIN_MIN, int(avail * AUTO_MARGIN)), 0)
+
+
+def memory_plan(sizes: ModelSizes, budget: int, ctx: int) -> MemoryPlan:
+    """The engine's split of a RAM budget (raises BudgetError like the engine)."""
+    s = sizes.spec
+
+    def scratch_of(chunk: int) -> int:
+        return scratch_bytes(hidden=s.hidden_size, inter=s.moe_intermediate_size, heads=s.num_heads,
+                             vocab=s.vocab_size, top_k=s.top_k, context_length=ctx, chunk=chunk,
+                             slot_bytes=sizes.chunk_bytes)
+
+    chunk = choose_prefill_chunk(budget, scratch_of, PREFILL_TOKENS)
+    return plan_memory(budget=budget, baseline=BASELINE_BYTES, resident=sizes.resident_bytes,
+                       kv_cache=sizes.kv_bytes(ctx), scratch=scratch_of(chunk), slot_bytes=sizes.chunk_bytes,
+                       total_experts=sizes.total_experts, top_k=s.top_k, context_length=ctx, prefill_chunk=chunk)
+
+
+def _fits(sizes: ModelSizes, budget: int, ctx: int) -> bool:
+    try:
+        memory_plan(sizes, budget, ctx)
+    except BudgetError:
+        return False
+    return True
+
+
+def impossible_reason(config: dict, sizes: ModelSizes, budget: int, ctx: int, group: int = 32) -> str:
+    """Why a budget cannot hold the model, and what would make it fit."""
+    minimum = memory_plan(sizes, 1 << 62, ctx).minimum_bytes
+    # a tight budget prefills in shorter steps: bisect for the true minimum between budget and the loose one
+    lo, hi = budget, max(minimum, budget + 1)
+    while hi - lo > (1 << 20):
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if _fits(sizes, mid, ctx) else (mid, hi)
+    fixes = [f"{format_size(hi - budget)} more RAM (at least {format_size(hi)})"]
+    if sizes.expert_format == "q8" and _fits(model_sizes(config, "q4", sizes.dense_format, group), budget, ctx):
+        fixes.append("q4 experts (--quant q4)")
+    if sizes.dense_format != "q4" and _fits(model_sizes(config, sizes.expert_format, "q4", group), budget, ctx):
+        fixes.append("q4 dense weights (--dense q4)")
+    longest, n = None, 512
+    while n < ctx and _fits(sizes, budget, n):  # powers of two from 512 below the asked context
+        longest, n = n, n * 2
+    if longest:
+        fixes.append(f"a context of {longest} tokens (--ctx {longest})")
+    return (f"a RAM budget of {format_size(budget)} cannot hold this model with a {ctx}-token context "
+            f"(weights {format_size(sizes.resident_bytes)}, KV cache {format_size(sizes.kv_bytes(ctx))}, "
+            f"experts of {format_size(sizes.chunk_bytes)}); it would fit with " + ", or ".join(fixes))
+
+
+def top_threads(by_threads: dict) -> float:
+    """The figure at the largest thread count measured (the physical cores)."""
+    return by_threads[max(by_threads, key=int)]
+
+
+def disk_rate(profile: dict, nbytes: int) -> float:
+    """One reader's GB/s for reads of nbytes: the measured chunk size nearest on a log scale."""
+    rr = profile["disk"]["random_read"]
+    key = min(rr, key=lambda k: abs(math.log(int(k)) - math.log(max(nbytes, 1))))
+    return rr[key]["qd1_gbps"]
+
+
+@dataclass
+class Prediction:
+    possible: bool
+    reason: str | None = None
+    ram_budget_bytes: int = 0
+    placement: list[dict] = field(default_factory=list)  # {"part", "where", "bytes"}
+    expert_slots: int = 0  # in RAM
+    gpu_expert_slots: int = 0
+    experts_total: int = 0
+    hit_rate: float = 0.0
+    bytes_per_token: dict = field(default_factory=dict)
+    times: dict = field(default_factory=dict)  # seconds per decoded token
+    decode_tokens_per_s: float = 0.0
+    prefill_tokens_per_s: float = 0.0
+    bottleneck: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        keys = ("possible", "reason") if not self.possible else tuple(self.__dataclass_fields__)
+        return {k: getattr(self, k) for k in keys} | {"ram_budget_bytes": self.ram_budget_bytes}
+
+
+def _gpu_budget(profile: dict, gpu: int | None) -> int:
+    if profile.get("gpu") is None:
+        return 0
+    total = gpu if gpu is not None else profile["gpu"]["memory_bytes"]
+    return max(int(total * (1 - GPU_MARGIN)) - GPU_CONTEXT_BYTES, 0)
+
+
+def predict(config: dict, profile: dict, *, expert_format: str = "q4", dense_format: str = "q8",
+            ram: int | None = None, gpu: int | None = None, ctx: int | None = None, group: int = 32) -> Prediction:
+    """Placement and speed of a model on a profiled machine (ram/gpu: budgets in bytes, None: the profile's)."""
+    sizes = model_sizes(config, expert_format, dense_format, group)
+    s = sizes.spec
+    ctx = ctx or min(s.max_position_embeddings, DEFAULT_CONTEXT)
+    budget = ram if ram is not None else default_budget(profile)
+    try:
+        mem = memory_plan(sizes, budget, ctx)
+    except BudgetError:
+        return Prediction(False, impossible_reason(config, sizes, budget, ctx, group), budget)
+    total, chunk, kv = sizes.total_experts, sizes.chunk_bytes, sizes.kv_bytes(ctx)
+    ram_slots = mem.slots
+    gpu_room = _gpu_budget(profile, gpu)
+    on_gpu = gpu_room > 0 and sizes.resident_bytes + kv <= gpu_room
+    gpu_slots = min(total - ram_slots, (gpu_room - sizes.resident_bytes - kv) // chunk) if on_gpu else 0
+    where = "GPU" if on_gpu else "RAM"
+    placement = [
+        {"part": "baseline (Python, torch, kernels)", "where": "RAM", "bytes": BASELINE_BYTES},
+        {"part": "weights resident (non-expert)", "where": where, "bytes": sizes.resident_bytes},
+        {"part": "KV cache", "where": where, "bytes": kv},
+        {"part": "scratch", "where": "RAM", "bytes": mem.scratch_bytes + mem.safety_bytes},
+        {"part": f"expert slots RAM ({ram_slots} of {total})", "where": "RAM", "bytes": ram_slots * chunk},
+    ]
+    if on_gpu:
+        placement.append({"part": f"expert slots GPU ({gpu_slots} of {total})", "where": "GPU",
+                          "bytes": gpu_slots * chunk})
+
+    h_ram, h_gpu = ram_slots / total, gpu_slots / total
+    hit = h_ram + h_gpu
+    used = sizes.moe_layers * s.top_k * chunk  # expert bytes one token computes with
+    ram_gbps = top_threads(profile["ram"]["read_gbps"])
+    kernels = profile["cpu"]["kernels"]
+    expert_rate = top_threads(kernels[expert_format]["gemv_gbps"]) * 1e9
+    dense_rate = (top_threads(kernels[dense_format]["gemv_gbps"]) if dense_format in kernels else ram_gbps) * 1e9
+    gpu_rate = GPU_SPEEDUP * ram_gbps * 1e9
+    times = {
+        "read": used * (1 - hit) / (disk_rate(profile, chunk) * 1e9),
+        # misses and RAM hits run on the CPU (no PCIe copy); GPU-slot hits on the GPU
+        "experts": used * (1 - h_gpu) / expert_rate + used * h_gpu / gpu_rate,
+        "dense": sizes.token_dense_bytes / (gpu_rate if on_gpu else dense_rate),
+        "kv": kv / 2 / (gpu_rate if on_gpu else ram_gbps * 1e9),  # attention reads half the cache on average
+    }
+    compute = times["experts"] + times["dense"] + times["kv"]
+    per_token = max(times["read"], compute) * (1 + OVERLAP_SLACK)
+    if times["read"] >= compute:
+        bottleneck = "disk reads"
+    else:
+        names = {"experts": "expert kernels", "dense": "dense kernels", "kv": "attention (KV cache)"}
+        bottleneck = names[max(names, key=lambda k: times[k])]
+
+    flops = 2 * sizes.active_params * PREFILL_TOKENS
+    gemm = top_threads(kernels[expert_format]["gemm_gflops"]) * 1e9
+    # a long chunk touches every expert: the uncached ones are read once per chunk
+    prefill = max(flops / gemm, (total - ram_slots - gpu_slots) * chunk / (profile["disk"]["seq_read_gbps"] * 1e9))
+
+    notes = ["hit rate assumes uniform routing (the cached share of the experts); the engine's cache policies "
+             "and read-ahead do better on real routing"]
+    if on_gpu:
+        notes.append("the GPU tier is planned here but not yet implemented by the engine")
+    elif gpu_room > 0:
+        notes.append("the resident weights and KV cache do not fit in the GPU budget: CPU only")
+    bpt = {"ram": int(used * h_ram), "disk": int(used * (1 - hit))}
+    if on_gpu:
+        bpt["gpu"] = int(used * h_gpu)
+    return Prediction(True, None, budget, placement, ram_slots, int(gpu_slots), total, hit, bpt, times,
+                      1 / per_token, PREFILL_TOKENS / prefill, bottleneck, notes)

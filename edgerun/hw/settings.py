@@ -1,0 +1,61 @@
+"""What the offloading engine takes from the machine's profile: reader threads and how many layers ahead
+prefetching starts."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+from ..errors import EdgerunError
+from .profile import default_profile_path, load_profile, measure_profile, save_profile
+
+PARALLEL_GAIN = 1.5  # a second reader pays off only when parallel reads are half again as fast as one
+MAX_READERS = 2  # more readers than this only split the same bandwidth on consumer SSDs
+MAX_DEPTH = 4
+
+
+def local_profile(measure: bool = True) -> tuple[dict | None, str]:
+    """This machine's saved profile and where it came from; without one, a quick one is measured and saved
+    (once) when `measure`, else (None, reason)."""
+    path = default_profile_path()
+    if path.is_file():
+        try:
+            return load_profile(path), str(path)
+        except EdgerunError as e:
+            return None, f"unreadable profile ({e})"
+    if not measure:
+        return None, "no profile"
+    print("edgerun: measuring this machine once for the offloading engine (edgerun profile --quick)...",
+          file=sys.stderr)
+    profile = measure_profile(quick=True, log=lambda line: None)
+    save_profile(profile, path)
+    return profile, str(path)
+
+
+def _nearest(table: dict, size: int) -> dict:
+    return table[min(table, key=lambda k: abs(math.log(int(k) / size)))]
+
+
+def _widest(by_threads: dict) -> float:
+    return by_threads[max(by_threads, key=int)]
+
+
+def engine_settings(profile: dict | None, *, chunk_bytes: int, top_k: int, layer_dense_bytes: int,
+                    expert_format: str) -> dict:
+    """Reader threads and the first prefetch depth for experts of chunk_bytes (whether O_DIRECT works is
+    probed on the store itself, which may sit on another disk than the profile's).
+
+    The depth is how many layers of compute it takes to read one layer's experts: reads must start that
+    far ahead to arrive in time (the engine adapts it while it runs)."""
+    if profile is None:
+        return {"readers": 1, "prefetch_depth": 1}
+    disk = _nearest(profile["disk"]["random_read"], chunk_bytes)
+    one, parallel = disk["qd1_gbps"], disk["parallel_gbps"]
+    readers = MAX_READERS if parallel >= PARALLEL_GAIN * one else 1
+    read_s = top_k * chunk_bytes / (max(one, parallel if readers > 1 else one) * 1e9)
+    kernels = profile["cpu"]["kernels"]
+    expert_gbps = _widest(kernels[expert_format]["gemv_gbps"]) if expert_format in kernels else 1.0
+    dense_gbps = _widest(kernels["q8"]["gemv_gbps"])
+    compute_s = top_k * chunk_bytes / (expert_gbps * 1e9) + layer_dense_bytes / (dense_gbps * 1e9)
+    depth = max(1, min(MAX_DEPTH, math.ceil(read_s / compute_s)))
+    return {"readers": readers, "prefetch_depth": depth}
