@@ -36,6 +36,9 @@ def read_model(path: Path, quant: str, dense: str) -> tuple[dict, str, str, int]
 
     if is_store(path):
         store = ExpertStore(path)
+        if store.quant["experts"] not in ("q4", "q8"):
+            raise EdgerunError(f"{path} keeps its experts in {store.quant['experts']}, which run only fully "
+                               f"resident; plan its checkpoint with --quant q4 or q8 instead")
         return store.config, store.quant["experts"], store.quant["dense"], store.quant["group"]
     if path.is_dir():
         path = path / "config.json"
@@ -79,10 +82,10 @@ def describe(pred, experts: str, dense: str) -> str:
     t = pred.times
     lines += [
         f"experts per token from {tiers} (hit rate {pred.hit_rate:.0%})",
-        f"per token: read {t['read'] * 1e3:.1f} ms, experts {t['experts'] * 1e3:.1f} ms, dense "
-        f"{t['dense'] * 1e3:.1f} ms, attention {t['kv'] * 1e3:.1f} ms (reads overlap with compute)",
-        f"prefill {pred.prefill_tokens_per_s:.1f} tok/s, decode {pred.decode_tokens_per_s:.2f} tok/s "
-        f"(bottleneck: {pred.bottleneck})",
+        (f"per token: read {t['read'] * 1e3:.1f} ms, experts {t['experts'] * 1e3:.1f} ms, dense "
+         f"{t['dense'] * 1e3:.1f} ms, attention {t['kv'] * 1e3:.1f} ms (reads overlap with compute)"),
+        (f"prefill {pred.prefill_tokens_per_s:.1f} tok/s, decode {pred.decode_tokens_per_s:.2f} tok/s "
+         f"(bottleneck: {pred.bottleneck})"),
     ]
     lines += [f"note: {n}" for n in pred.notes]
     return "\n".join(lines)

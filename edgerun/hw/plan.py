@@ -14,8 +14,15 @@ from ..errors import BudgetError
 from ..models import spec_from_config
 from ..models.spec import ModelSpec
 from ..models.transformer import expected_shapes
-from ..runtime.memory import (AUTO_MARGIN, AUTO_MARGIN_MIN, MemoryPlan, choose_prefill_chunk, format_size,
-                              plan_memory, scratch_bytes)
+from ..runtime.memory import (
+    AUTO_MARGIN,
+    AUTO_MARGIN_MIN,
+    MemoryPlan,
+    choose_prefill_chunk,
+    format_size,
+    plan_memory,
+    scratch_bytes,
+)
 from ..store.layout import QUANTIZED, ExpertLayout, TensorLayout
 
 BASELINE_BYTES = 340 << 20  # Python, torch and the compiled kernels, measured before the weights are mapped
@@ -233,8 +240,8 @@ def predict(config: dict, profile: dict, *, expert_format: str = "q4", dense_for
     # a long chunk touches every expert: the uncached ones are read once per chunk
     prefill = max(flops / gemm, (total - ram_slots - gpu_slots) * chunk / (profile["disk"]["seq_read_gbps"] * 1e9))
 
-    notes = ["hit rate assumes uniform routing (the cached share of the experts); the engine's cache policies "
-             "and read-ahead do better on real routing"]
+    notes = [("hit rate assumes uniform routing (the cached share of the experts); the engine's cache policies "
+             "and read-ahead do better on real routing")]
     if on_gpu:
         notes.append("the GPU tier is planned here but not yet implemented by the engine")
     elif gpu_room > 0:
