@@ -142,7 +142,7 @@ def run_pass(files: list[Path], threads: int, direct: bool, block: int) -> tuple
     for f in files:
         work.put(f)
     counts = [0] * threads
-    errors: list[BaseException] = []
+    errors: list[OSError] = []
 
     def reader(i: int) -> None:
         buf = mmap.mmap(-1, block)  # anonymous mappings are page aligned
@@ -153,7 +153,7 @@ def run_pass(files: list[Path], threads: int, direct: bool, block: int) -> tuple
                 except queue.Empty:
                     return
                 counts[i] += _read_whole(f, buf, direct, block)
-        except BaseException as e:  # surfaced in the main thread
+        except OSError as e:  # surfaced in the main thread
             errors.append(e)
         finally:
             buf.close()

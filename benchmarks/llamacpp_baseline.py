@@ -29,14 +29,16 @@ Three subcommands:
     Runs ``bench`` in a child process inside a cgroup v1 memory cgroup, for every combination of
     ``--modes`` and ``--limits``, ``--repeat`` times each, optionally dropping the GGUF from the page
     cache first (``--cold``). The page cache of a mapped file is charged to the cgroup, so with a
-    limit below the file size llama.cpp has to read weights from disk again. Needs root.
+    limit below the file size llama.cpp has to read weights from disk again. Runs during which other
+    processes used a noticeable share of the CPUs are repeated and left out of the medians. Needs
+    root.
 
 Examples::
 
     python benchmarks/llamacpp_baseline.py convert path/to/hf-model model-q4_0.gguf
     python benchmarks/llamacpp_baseline.py bench model-q4_0.gguf --mode no-repack
-    sudo python benchmarks/llamacpp_baseline.py run model-q4_0.gguf --cold \\
-        --modes default no-repack --limits 0.75G 1.25G 2.5G none --repeat 3
+    sudo python benchmarks/llamacpp_baseline.py run model-q4_0.gguf --cold --wait-idle 0.9 \\
+        --modes default direct-io no-repack lazy --limits 0.75G 1.25G 2.5G none --repeat 3
 """
 
 from __future__ import annotations
@@ -53,9 +55,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -98,8 +101,8 @@ class SafetensorsDir:
         path, dtype, shape, offset, nbytes = self.entries[name]
         if dtype not in _ST_DTYPES:
             raise SystemExit(f"unsupported dtype {dtype} of {name}")
-        raw = np.fromfile(path, dtype=_ST_DTYPES[dtype], count=nbytes // np.dtype(_ST_DTYPES[dtype]).itemsize,
-                          offset=offset)
+        np_dtype = np.dtype(_ST_DTYPES[dtype])
+        raw = np.fromfile(path, dtype=np_dtype, count=nbytes // np_dtype.itemsize, offset=offset)
         if dtype == "BF16":
             out = (raw.astype(np.uint32) << 16).view(np.float32)
         else:
@@ -136,8 +139,12 @@ def _quantized_nbytes(shape: tuple[int, ...], qtype: Any) -> int:
     return n // block * type_size
 
 
-def convert(hf_dir: Path, out: Path, output_type: str, embd_type: str) -> None:
-    """Write a Q4_0 llama-architecture MoE GGUF of the Mixtral checkpoint in ``hf_dir``."""
+def convert(hf_dir: Path, out: Path, output_type: str, embd_type: str, weight_type: str = "q4_0") -> None:
+    """Write a llama-architecture MoE GGUF of the Mixtral checkpoint in ``hf_dir``.
+
+    ``weight_type`` is the type of the attention and expert matrices (Q4_0 for the baseline; Q8_0
+    gives a nearly lossless file for checking the conversion against a reference implementation).
+    """
     import gguf
     from gguf.vocab import SentencePieceVocab
 
@@ -145,6 +152,7 @@ def convert(hf_dir: Path, out: Path, output_type: str, embd_type: str) -> None:
     qtypes = {"q4_0": Q.Q4_0, "q8_0": Q.Q8_0, "f16": Q.F16, "f32": Q.F32}
     cfg = json.loads((hf_dir / "config.json").read_text())
     st = SafetensorsDir(hf_dir)
+    W = qtypes[weight_type]
     n_layer = cfg["num_hidden_layers"]
     n_embd = cfg["hidden_size"]
     n_head = cfg["num_attention_heads"]
@@ -164,7 +172,7 @@ def convert(hf_dir: Path, out: Path, output_type: str, embd_type: str) -> None:
         # Quantized one expert at a time so that only one expert is ever held in float32.
         def make() -> np.ndarray:
             parts = [quantize(st.get(f"model.layers.{layer}.block_sparse_moe.experts.{e}.{which}.weight"),
-                              Q.Q4_0) for e in range(n_expert)]
+                              W) for e in range(n_expert)]
             return np.stack(parts)
         return make
 
@@ -184,21 +192,21 @@ def convert(hf_dir: Path, out: Path, output_type: str, embd_type: str) -> None:
         p = f"model.layers.{i}"
         add(f"blk.{i}.attn_norm.weight", st.shape(f"{p}.input_layernorm.weight"), Q.F32,
             plain(f"{p}.input_layernorm.weight"))
-        add(f"blk.{i}.attn_q.weight", st.shape(f"{p}.self_attn.q_proj.weight"), Q.Q4_0,
+        add(f"blk.{i}.attn_q.weight", st.shape(f"{p}.self_attn.q_proj.weight"), W,
             plain(f"{p}.self_attn.q_proj.weight", lambda w: permute_rotary(w, n_head)))
-        add(f"blk.{i}.attn_k.weight", st.shape(f"{p}.self_attn.k_proj.weight"), Q.Q4_0,
+        add(f"blk.{i}.attn_k.weight", st.shape(f"{p}.self_attn.k_proj.weight"), W,
             plain(f"{p}.self_attn.k_proj.weight", lambda w: permute_rotary(w, n_head_kv)))
-        add(f"blk.{i}.attn_v.weight", st.shape(f"{p}.self_attn.v_proj.weight"), Q.Q4_0,
+        add(f"blk.{i}.attn_v.weight", st.shape(f"{p}.self_attn.v_proj.weight"), W,
             plain(f"{p}.self_attn.v_proj.weight"))
-        add(f"blk.{i}.attn_output.weight", st.shape(f"{p}.self_attn.o_proj.weight"), Q.Q4_0,
+        add(f"blk.{i}.attn_output.weight", st.shape(f"{p}.self_attn.o_proj.weight"), W,
             plain(f"{p}.self_attn.o_proj.weight"))
         add(f"blk.{i}.ffn_norm.weight", st.shape(f"{p}.post_attention_layernorm.weight"), Q.F32,
             plain(f"{p}.post_attention_layernorm.weight"))
         add(f"blk.{i}.ffn_gate_inp.weight", st.shape(f"{p}.block_sparse_moe.gate.weight"), Q.F32,
             plain(f"{p}.block_sparse_moe.gate.weight"))
-        add(f"blk.{i}.ffn_gate_exps.weight", [n_expert, n_ff, n_embd], Q.Q4_0, experts(i, "w1"), True)
-        add(f"blk.{i}.ffn_up_exps.weight", [n_expert, n_ff, n_embd], Q.Q4_0, experts(i, "w3"), True)
-        add(f"blk.{i}.ffn_down_exps.weight", [n_expert, n_embd, n_ff], Q.Q4_0, experts(i, "w2"), True)
+        add(f"blk.{i}.ffn_gate_exps.weight", [n_expert, n_ff, n_embd], W, experts(i, "w1"), True)
+        add(f"blk.{i}.ffn_up_exps.weight", [n_expert, n_ff, n_embd], W, experts(i, "w3"), True)
+        add(f"blk.{i}.ffn_down_exps.weight", [n_expert, n_embd, n_ff], W, experts(i, "w2"), True)
     add("output_norm.weight", st.shape("model.norm.weight"), Q.F32, plain("model.norm.weight"))
     add("output.weight", st.shape("lm_head.weight"), qtypes[output_type], plain("lm_head.weight"))
 
@@ -216,7 +224,7 @@ def convert(hf_dir: Path, out: Path, output_type: str, embd_type: str) -> None:
     w.add_expert_count(n_expert)
     w.add_expert_used_count(cfg["num_experts_per_tok"])
     w.add_vocab_size(cfg["vocab_size"])
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0 if W == Q.Q4_0 else gguf.LlamaFileType.MOSTLY_Q8_0)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     vocab = SentencePieceVocab(hf_dir)
@@ -445,21 +453,17 @@ def drop_file_cache(path: Path) -> float:
 
 
 class MemoryCgroup:
-    """A cgroup v1 memory cgroup with an optional hard limit; removed on exit."""
+    """A cgroup v1 memory cgroup with an optional hard limit."""
 
     def __init__(self, name: str, limit: int | None) -> None:
         if not (CGROUP_ROOT / "memory.limit_in_bytes").exists():
             raise SystemExit(f"no cgroup v1 memory controller at {CGROUP_ROOT}")
         self.path = CGROUP_ROOT / name
-        self.limit = limit
-
-    def __enter__(self) -> "MemoryCgroup":
         self.path.mkdir(exist_ok=True)
-        if self.limit is not None:
-            (self.path / "memory.limit_in_bytes").write_text(str(self.limit))
-        return self
+        if limit is not None:
+            (self.path / "memory.limit_in_bytes").write_text(str(limit))
 
-    def __exit__(self, *exc: object) -> None:
+    def remove(self) -> None:
         for _ in range(50):
             try:
                 self.path.rmdir()
@@ -467,9 +471,10 @@ class MemoryCgroup:
             except OSError:
                 time.sleep(0.1)  # the killed child may still be exiting
 
-    def join(self) -> None:
-        """Move the calling process into the cgroup (used in the child before exec)."""
-        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+    def wrap(self, cmd: list[str]) -> list[str]:
+        """``cmd`` behind a shell that moves itself into the cgroup, then execs ``cmd``."""
+        procs = self.path / "cgroup.procs"
+        return ["/bin/sh", "-c", f'echo $$ > "{procs}" && exec "$@"', "sh", *cmd]
 
     def read(self, key: str) -> str:
         return (self.path / key).read_text()
@@ -506,30 +511,32 @@ def run_one(model: Path, mode: str, limit: int | None, cold: bool, args: argpars
     cmd = [sys.executable, str(Path(__file__).resolve()), "bench", str(model), "--mode", mode,
            "--threads", str(args.threads), "--prompt-tokens", str(args.prompt_tokens),
            "--gen-tokens", str(args.gen_tokens), "--json"]
-    with MemoryCgroup(f"llamacpp-bench-{os.getpid()}", limit) as cg, \
-            tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        idle0, total0 = _cpu_times()
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, preexec_fn=cg.join,
-                                start_new_session=True)
-        timed_out = threading.Event()
+    cg = MemoryCgroup(f"llamacpp-bench-{os.getpid()}", limit)
+    try:
+        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+            idle0, total0 = _cpu_times()
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(cg.wrap(cmd), stdout=out, stderr=err, text=True, start_new_session=True)
+            timed_out = threading.Event()
 
-        def kill() -> None:
-            timed_out.set()
-            os.killpg(proc.pid, signal.SIGKILL)
+            def kill() -> None:
+                timed_out.set()
+                os.killpg(proc.pid, signal.SIGKILL)
 
-        timer = threading.Timer(args.timeout, kill)
-        timer.start()
-        _, wstatus, usage = os.wait4(proc.pid, 0)
-        timer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(wstatus)
-        wall = time.perf_counter() - t0
-        idle1, total1 = _cpu_times()
-        peak = int(cg.read("memory.max_usage_in_bytes")) / 2**20
-        oom = cg.oom_kills()
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read(), err.read()
+            timer = threading.Timer(args.timeout, kill)
+            timer.start()
+            _, wstatus, usage = os.wait4(proc.pid, 0)
+            timer.cancel()
+            proc.returncode = os.waitstatus_to_exitcode(wstatus)
+            wall = time.perf_counter() - t0
+            idle1, total1 = _cpu_times()
+            peak = int(cg.read("memory.max_usage_in_bytes")) / 2**20
+            oom = cg.oom_kills()
+            out.seek(0)
+            err.seek(0)
+            stdout, stderr = out.read(), err.read()
+    finally:
+        cg.remove()
     # CPU time that other processes used while the child ran, as a fraction of the machine
     busy = ((total1 - total0) - (idle1 - idle0)) / os.sysconf("SC_CLK_TCK")
     foreign = max(0.0, busy - usage.ru_utime - usage.ru_stime) / (wall * (os.cpu_count() or 1))
@@ -571,7 +578,7 @@ def summarize(runs: list[RunResult], max_foreign: float) -> list[dict[str, Any]]
         used = clean or ok_runs
         ok = [r.bench for r in used if r.bench]
 
-        def med(key: str) -> float | None:
+        def med(key: str, ok: list[dict[str, Any]] = ok) -> float | None:
             return round(statistics.median(b[key] for b in ok), 3) if ok else None
 
         rows.append({
@@ -660,6 +667,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("out", type=Path)
     c.add_argument("--output-type", choices=["q4_0", "q8_0", "f16"], default="q8_0",
                    help="type of output.weight (default q8_0)")
+    c.add_argument("--weight-type", choices=["q4_0", "q8_0"], default="q4_0",
+                   help="type of the attention and expert matrices (default q4_0; q8_0 is for "
+                        "checking the conversion against a reference)")
     c.add_argument("--embd-type", choices=["q4_0", "q8_0", "f16"], default="q4_0",
                    help="type of token_embd.weight (default q4_0, as llama.cpp's Q4_0)")
 
@@ -697,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = ap.parse_args(argv)
     if args.cmd == "convert":
-        convert(args.hf_dir, args.out, args.output_type, args.embd_type)
+        convert(args.hf_dir, args.out, args.output_type, args.embd_type, args.weight_type)
     elif args.cmd == "bench":
         res = bench(args.model, args.mode, args.threads, args.prompt_tokens, args.gen_tokens, args.verbose)
         if args.json:
