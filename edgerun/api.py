@@ -229,6 +229,35 @@ class Model:
         out["peak_rss_bytes"] = peak_rss()
         return out
 
+    def expert_activity(self, tokens: int = 32) -> dict:
+        """Per MoE layer, which experts the last `tokens` tokens (prompt or generated, at most 256) chose and
+        which experts are in RAM now. May be called from another thread while a generation runs.
+
+        Returns {"layers": the MoE layers' indices, "num_experts": E, "tokens": tokens counted (fewer
+        before any have run), "used": [layer][expert] how many of those tokens chose the expert,
+        "resident": [layer][expert] whether its weights are in RAM, "loading": [layer][expert] whether
+        they are being read from disk now, "all_resident": True when every expert is always in memory}.
+        """
+        experts = self._engine.transformer.experts
+        layers = [i for i, kind in enumerate(self.spec.ffn_kinds) if kind == "moe"]
+        E = self.spec.num_experts
+        recent = getattr(experts, "recent", None)
+        used, counted = [], 0
+        for layer in layers:
+            counts, n = recent.counts(layer, E, int(tokens)) if recent is not None else ([0] * E, 0)
+            used.append(counts)
+            counted = max(counted, n)
+        where = experts.residency() if hasattr(experts, "residency") else None
+        if where is None:
+            resident = [[True] * E for _ in layers]
+            loading = [[False] * E for _ in layers]
+        else:
+            cached, reading = where
+            resident = [[(layer, e) in cached for e in range(E)] for layer in layers]
+            loading = [[(layer, e) in reading for e in range(E)] for layer in layers]
+        return {"layers": layers, "num_experts": E, "tokens": counted, "used": used, "resident": resident,
+                "loading": loading, "all_resident": where is None}
+
     def __repr__(self) -> str:
         return f"<edgerun.Model {self.spec.model_type} from {self.path}>"
 

@@ -7,6 +7,8 @@ or with the JIT kernels straight on quantized bytes from the store.
 
 from __future__ import annotations
 
+import threading
+from collections import deque
 from collections.abc import Sequence
 
 import torch
@@ -15,16 +17,48 @@ import torch.nn.functional as F
 from ..models.transformer import activation_fn
 
 
+class RecentRouting:
+    """The experts each layer chose for its last `capacity` tokens. Written by the generating thread and
+    readable from any other while it runs."""
+
+    def __init__(self, capacity: int = 256):
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        self._layers: dict[int, deque] = {}
+
+    def add(self, layer: int, idx: torch.Tensor) -> None:
+        """Record idx [tokens, K]: the experts layer chose for each token."""
+        rows = idx[-self.capacity:].tolist()
+        with self._lock:
+            if layer not in self._layers:
+                self._layers[layer] = deque(maxlen=self.capacity)
+            self._layers[layer].extend(rows)
+
+    def counts(self, layer: int, num_experts: int, tokens: int) -> tuple[list[int], int]:
+        """(how many of the layer's last `tokens` tokens chose each expert, tokens counted)."""
+        with self._lock:
+            rows = list(self._layers.get(layer, ()))[-tokens:] if tokens > 0 else []
+        out = [0] * num_experts
+        for row in rows:
+            for e in row:
+                out[e] += 1
+        return out, len(rows)
+
+
 class RoutedExperts:
     """Base container. Subclasses define `expert`; offloading ones also `schedule` (the order that lets
     experts already in memory compute while the others load). Outputs are summed in routing order whatever
     the schedule, so results do not depend on where the weights were."""
 
     tracer = None  # called as tracer(layer, idx, weights) on every routed call (routing traces)
+    recent: RecentRouting | None = None  # the latest routing choices, made on the first routed call
 
     def __call__(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.tracer is not None:
             self.tracer(layer, idx, weights)
+        if self.recent is None:
+            self.recent = RecentRouting()
+        self.recent.add(layer, idx)
         if x.shape[0] == 1:  # decode: no grouping needed
             chosen = idx[0].tolist()
             ys = {e: self.expert(layer, e, x) for e in self.schedule(layer, chosen)}
@@ -50,6 +84,10 @@ class RoutedExperts:
 
     def reset_stats(self) -> None:
         pass
+
+    def residency(self) -> tuple[set[tuple[int, int]], set[tuple[int, int]]] | None:
+        """(layer, expert) pairs in RAM now and pairs being read into it; None when every expert is in memory."""
+        return None
 
     def schedule(self, layer: int, experts: list[int]) -> list[int]:
         """The order to compute this layer's experts in."""

@@ -124,6 +124,14 @@ class OffloadedExperts(RoutedExperts):
             "direct_io": self.reader.direct,
         }
 
+    def residency(self) -> tuple[set[tuple[int, int]], set[tuple[int, int]]]:
+        """(layer, expert) pairs whose chunk is in a cache slot, and pairs whose read into one is under way.
+        Safe to call from another thread while a generation runs."""
+        pending = [k for k, r in list(self._pending.items()) if not r.done.is_set()]
+        cached = self.cache.resident()
+        loading = {(self.layers[p], e) for p, e in pending}
+        return {(self.layers[p], e) for p, e in cached} - loading, loading
+
     # -- the layer call -------------------------------------------------------------------------------------
     def __call__(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         pos = self.pos[layer]
