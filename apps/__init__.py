@@ -1,0 +1,1 @@
+"""Applications built on edgerun's public API (installed as `edgerun.apps`)."""

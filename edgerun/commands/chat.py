@@ -1,0 +1,65 @@
+"""`edgerun chat [MODEL]`: a local web page to chat with a model and watch its experts stream in and out of RAM."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from ..errors import EdgerunError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("chat", help="chat with a model in a local web page", description=__doc__)
+    p.add_argument("model", metavar="MODEL", nargs="?", default=None,
+                   help="HF model directory, repo id in the local HF cache, or store (default: the demo model)")
+    p.add_argument("--quant", default=None, choices=["none", "q8", "q4"],
+                   help="convert a HF directory first (cached), as edgerun.load(..., quant=) does")
+    p.add_argument("--ram", default=None, metavar="SIZE",
+                   help="memory budget of the whole process, e.g. 12GiB (default: what the machine has)")
+    p.add_argument("--port", type=int, default=None, metavar="N",
+                   help="port to serve on (default: the first free one from 7860)")
+    p.add_argument("--host", default="127.0.0.1", metavar="ADDR",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every network)")
+    p.add_argument("--share", default="no", choices=["no", "yes"],
+                   help="also open a public gradio.live link (default no)")
+    p.add_argument("--ctx", type=int, default=None, metavar="N", help="context length (default: model's, max 4096)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: all cores)")
+    p.set_defaults(main=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.port is not None and not 1 <= args.port <= 65535:
+        raise EdgerunError(f"--port must be between 1 and 65535, got {args.port}")
+    try:
+        from ..apps import chat
+    except ImportError as e:
+        raise EdgerunError(f"the chat app needs gradio ({e}): pip install gradio") from None
+    if args.port is not None and not chat.port_is_free(args.host, args.port):
+        raise EdgerunError(f"cannot listen on {args.host}:{args.port}: the port is in use or the address is not "
+                           "this machine's; pick another with --port")
+    import edgerun
+
+    if args.model:
+        source = args.model
+    else:
+        from ..demo_model import demo_model_dir
+
+        source = demo_model_dir()
+    quant = None if args.quant in (None, "none") else args.quant
+    print(f"edgerun chat: loading {source}", file=sys.stderr)
+    model = edgerun.load(source, quant=quant, ram=args.ram, context_length=args.ctx, threads=args.threads)
+    app = chat.ChatApp(model, (args.model or "", args.quant or "none", args.ram or ""))
+    page, url = app.launch(host=args.host, port=args.port, share=args.share == "yes")
+    print(f"edgerun chat: serving {model.path} at {url}", flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"edgerun chat: listening on {args.host}: other machines of the network can open it", file=sys.stderr)
+    if getattr(page, "share_url", None):
+        print(f"edgerun chat: public link {page.share_url}", flush=True)
+    print("edgerun chat: press Ctrl+C to stop", file=sys.stderr, flush=True)
+    try:
+        while page.is_running:  # Ctrl+C ends here as KeyboardInterrupt
+            time.sleep(0.2)
+    finally:
+        page.close()
+    return 0

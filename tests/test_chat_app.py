@@ -1,0 +1,378 @@
+"""`edgerun chat`: the web page (served in-process on a free port), its live panel, queueing and cancelling, the
+command's arguments, and Model.expert_activity behind the heatmap."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+gr = pytest.importorskip("gradio", reason="the chat app needs gradio")
+httpx = pytest.importorskip("httpx")
+
+import edgerun  # noqa: E402
+from edgerun.apps import chat  # noqa: E402
+from edgerun.cli import main  # noqa: E402
+from edgerun.runtime.offload import OffloadedExperts  # noqa: E402
+from edgerun.store.convert import convert  # noqa: E402
+from edgerun.store.store import ExpertStore  # noqa: E402
+from edgerun.synthetic import mixtral_config, write_random_mixtral  # noqa: E402
+
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+            "{% elif m['role'] == 'assistant' %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+SETTINGS = ("", 0.8, 0.95)  # system prompt, temperature, top-p
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    """A small random Mixtral (4 MoE layers x 8 experts) with the Mixtral tokenizer and a chat template, and its
+    q4 store."""
+    base = tmp_path_factory.mktemp("chat")
+    hf = write_random_mixtral(base / "hf", mixtral_config(128, 4, 8, 256, heads=4, kv_heads=2, context=4096), seed=3)
+    (hf / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True, "chat_template": TEMPLATE}))
+    convert(hf, base / "q4", quant="q4", progress=False)
+    return {"hf": hf, "q4": base / "q4"}
+
+
+@pytest.fixture(scope="module")
+def model(paths):
+    return edgerun.load(paths["hf"])
+
+
+@contextmanager
+def serving(app: chat.ChatApp):
+    page, url = app.launch(port=chat.free_port())
+    try:
+        yield page, url
+    finally:
+        page.close()
+
+
+@pytest.fixture(scope="module")
+def served(model):
+    app = chat.ChatApp(model)
+    with serving(app) as (page, url):
+        yield app, page, url
+
+
+def offload(model: edgerun.Model, slots: int) -> OffloadedExperts:
+    """Put the model's experts behind a cache of `slots` expert slots over its store."""
+    transformer = model._engine.transformer
+    store = ExpertStore(model.path)
+    experts = OffloadedExperts(
+        store, model.spec.activation, model.spec.top_k, slots,
+        routers={layer: transformer.w[f"layers.{layer}.router"] for layer in store.moe_layers},
+        norms={layer: transformer.w[f"layers.{layer}.ffn_norm"] for layer in store.moe_layers})
+    transformer.experts = experts
+    return experts
+
+
+def api_reply(model, text: str, max_tokens: int, seed: int) -> str:
+    return model.chat([{"role": "user", "content": text}], max_tokens, temperature=SETTINGS[1], top_p=SETTINGS[2],
+                      seed=seed)
+
+
+def reply_text(history) -> str:
+    assert history[-1]["role"] == "assistant"
+    return chat.message_text(history[-1]["content"])
+
+
+def wait_until(cond, timeout: float = 20.0, what: str = "condition") -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def model_is_free(model) -> bool:
+    """Whether no generation holds the model (its generations run one at a time under this lock)."""
+    if model._lock.acquire(blocking=False):
+        model._lock.release()
+        return True
+    return False
+
+
+# -- the API behind the heatmap ----------------------------------------------------------------------------------
+def test_expert_activity_counts_routing_and_reports_the_cache(paths):
+    held = edgerun.load(paths["hf"])
+    activity = held.expert_activity()
+    assert activity["layers"] == [0, 1, 2, 3] and activity["num_experts"] == 8 and activity["tokens"] == 0
+    assert activity["all_resident"] and all(all(row) for row in activity["resident"])
+    held.generate_ids(held.tokenizer.encode("The quick brown fox"), 20, temperature=0.8, seed=1, ignore_eos=True)
+    activity = held.expert_activity(tokens=16)
+    assert activity["tokens"] == 16
+    for counts in activity["used"]:  # each of the 16 tokens chose top_k = 2 distinct experts in every layer
+        assert sum(counts) == 32 and max(counts) <= 16 and sum(c > 0 for c in counts) >= 2
+
+    small = edgerun.load(paths["q4"])
+    experts = offload(small, slots=6)
+    small.generate_ids(small.tokenizer.encode("The quick brown fox"), 12, temperature=0.8, seed=2, ignore_eos=True)
+    activity = small.expert_activity()
+    assert not activity["all_resident"]
+    in_ram = {(layer, e) for i, layer in enumerate(activity["layers"]) for e in range(8) if activity["resident"][i][e]}
+    assert in_ram == {(experts.layers[p], e) for p, e in experts.cache.resident()}
+    assert 0 < len(in_ram) <= 6 and not any(map(any, activity["loading"]))  # nothing is read once a reply is done
+    assert all(sum(counts) > 0 for counts in activity["used"])
+    html = chat.render_heatmap(activity)
+    assert html.count('class="er-c ') == 32 and html.count("er-ram") - html.count('er-sw er-ram') == len(in_ram)
+    experts.close()
+
+
+# -- chatting through the page's API -----------------------------------------------------------------------------
+def test_chat_streams_pieces_and_matches_the_api(served, model):
+    from gradio_client import Client
+
+    app, page, url = served
+    client = Client(url, verbose=False)
+    job = client.submit("Tell me about disks.", [], *SETTINGS, 24, 11, api_name="/chat")
+    history, box = job.result(timeout=60)
+    partial = [reply_text(h) for h, _ in job.outputs() if h and h[-1]["role"] == "assistant"]
+    assert box == "" and history[0]["role"] == "user"
+    assert len(set(partial)) >= 5, "the reply should arrive in several streamed pieces"
+    assert all(b.startswith(a) for a, b in zip(partial, partial[1:]))  # each update extends the last
+    assert reply_text(history) == api_reply(model, "Tell me about disks.", 24, 11) != ""
+
+    # a follow-up turn sends the whole conversation through the chat template
+    job = client.submit("And about RAM?", history, *SETTINGS, 8, 5, api_name="/chat")
+    history2, _ = job.result(timeout=60)
+    messages = [{"role": "user", "content": "Tell me about disks."},
+                {"role": "assistant", "content": reply_text(history)}, {"role": "user", "content": "And about RAM?"}]
+    assert len(history2) == 4
+    assert reply_text(history2) == model.chat(messages, 8, temperature=0.8, top_p=0.95, seed=5)
+
+    # regenerate answers the last user message again; clear empties the chat
+    regenerated, _ = client.predict(history2, *SETTINGS, 8, 6, api_name="/regenerate")
+    assert len(regenerated) == 4 and reply_text(regenerated) == model.chat(messages, 8, temperature=0.8,
+                                                                           top_p=0.95, seed=6)
+    assert client.predict(api_name="/clear")[0] == []
+
+
+def test_live_panel_shows_the_figures_of_the_reply(served, model):
+    from gradio_client import Client
+
+    app, page, url = served
+    client = Client(url, verbose=False)
+    client.predict("Count to ten.", [], *SETTINGS, 16, 3, api_name="/chat")
+    stats_html, heat_html = client.predict(api_name="/live")
+    s = model.stats()
+    assert f"{s['decode_tokens_per_s']:.1f}" in stats_html and "tok/s" in stats_html
+    assert f"{s['time_to_first_token_s'] * 1000:.0f}" in stats_html and "16 tokens" in stats_html
+    assert "all experts are in memory" in stats_html and "KV cache" in stats_html
+    cells = re.findall(r'title="layer (\d+), expert (\d+): chosen by (\d+) of the last (\d+) tokens', heat_html)
+    assert len(cells) == 4 * 8
+    activity = model.expert_activity(chat.ACTIVITY_TOKENS)
+    for layer, e, n, tokens in cells:  # the heatmap shows the model's own counts
+        assert int(n) == activity["used"][int(layer)][int(e)] and int(tokens) == activity["tokens"]
+    assert all(sum(int(n) for layer, _, n, _ in cells if int(layer) == i) > 0 for i in range(4))
+
+
+def test_live_panel_of_an_offloaded_model(paths):
+    small = edgerun.load(paths["q4"], ram="64GiB")  # a store under a budget: the plan is shown by tier
+    experts = offload(small, slots=6)
+    small.generate_ids(small.tokenizer.encode("Hello"), 10, temperature=0.8, seed=4, ignore_eos=True)
+    stats_html, heat_html = chat.ChatApp(small).live()
+    plan = small.stats()["memory_plan"]
+    assert "budget" in stats_html and chat.format_bytes(plan["budget_bytes"]) in stats_html
+    for label in ("resident weights", "KV cache", "expert slots", "expert hits", "prefetch recall", "read from disk"):
+        assert label in stats_html
+    assert f"{len(experts.cache.resident())} of 32 experts in RAM" in heat_html
+    experts.close()
+
+
+def test_a_long_conversation_keeps_to_the_context(paths, capsys):
+    short = edgerun.load(paths["hf"], context_length=96)
+    app = chat.ChatApp(short)
+    history = []
+    for i in range(6):
+        history += [{"role": "user", "content": f"question number {i} about the weather in the mountains"},
+                    {"role": "assistant", "content": f"answer number {i}: it is cold and windy up there today"}]
+    messages = chat.to_messages(history + [{"role": "user", "content": "And now?"}], "Be brief.")
+    kept, dropped = chat.fit_context(short, messages, 16)
+    assert dropped > 0 and kept[0] == messages[0] and kept[-1] == messages[-1] and kept[1]["role"] == "user"
+    assert kept == [messages[0]] + messages[1 + dropped:]
+    longer = [messages[0]] + messages[dropped - 1:]  # one turn (user and assistant) more
+    assert chat.prompt_tokens(short, kept) + 16 <= 96 < chat.prompt_tokens(short, longer) + 16
+    final = list(app.respond("And now?", history, "Be brief.", 0.8, 0.95, 16, 3))[-1][0]
+    assert f"the {dropped} oldest messages were left out" in capsys.readouterr().out  # gr.Info outside a request
+    assert reply_text(final) == short.chat(kept, 16, temperature=0.8, top_p=0.95, seed=3)
+    assert len(final) == len(history) + 2  # the page keeps the whole conversation; only the prompt is cut
+
+
+# -- several tabs, Stop, and closed tabs -------------------------------------------------------------------------
+def test_two_chats_at_once_are_queued_and_both_answered(served, model):
+    from gradio_client import Client
+
+    app, page, url = served
+    a, b = Client(url, verbose=False), Client(url, verbose=False)
+    job_a = a.submit("First question", [], *SETTINGS, 40, 21, api_name="/chat")
+    job_b = b.submit("Second question", [], *SETTINGS, 40, 22, api_name="/chat")
+    (hist_a, _), (hist_b, _) = job_a.result(timeout=120), job_b.result(timeout=120)
+    assert reply_text(hist_a) == api_reply(model, "First question", 40, 21)
+    assert reply_text(hist_b) == api_reply(model, "Second question", 40, 22)
+
+
+def test_stop_ends_the_generation_and_frees_the_model(served, model):
+    from gradio_client import Client
+
+    app, page, url = served
+    client = Client(url, verbose=False)
+    job = client.submit("Go on forever", [], *SETTINGS, 3000, 1, api_name="/chat")
+    wait_until(lambda: model.stats()["generated_tokens"] >= 5 and app.generating, what="the reply to start")
+    job.cancel()
+    wait_until(lambda: not app.generating and model_is_free(model), timeout=10, what="the model to be free")
+    assert model.stats()["generated_tokens"] < 3000
+
+
+def _fn_index(page, api_name: str) -> int:
+    return next(i for i, fn in page.fns.items() if fn.api_name == api_name)
+
+
+def test_a_closed_tab_stops_its_generation(served, model):
+    """A page that goes away mid-reply (its event stream closes) stops the generation: the model is free long
+    before the token limit, and the next chat is answered."""
+    app, page, url = served
+    session = uuid.uuid4().hex
+    with httpx.Client(base_url=url + "gradio_api/", timeout=30) as http:
+        joined = http.post("queue/join", json={"data": ["Go on forever", [], *SETTINGS, 3000, 1],
+                                               "fn_index": _fn_index(page, "chat"), "session_hash": session,
+                                               "event_data": None, "trigger_id": None})
+        assert joined.status_code == 200, joined.text
+        with http.stream("GET", "queue/data", params={"session_hash": session}) as stream:
+            updates = 0
+            for line in stream.iter_lines():
+                updates += '"process_generating"' in line
+                if updates >= 5:
+                    break  # leaving the block closes the connection, as a closed tab does
+    wait_until(lambda: not app.generating and model_is_free(model), timeout=15, what="the model to be free")
+    assert model.stats()["generated_tokens"] < 3000
+    from gradio_client import Client
+
+    history, _ = Client(url, verbose=False).predict("Still there?", [], *SETTINGS, 6, 2, api_name="/chat")
+    assert reply_text(history) == api_reply(model, "Still there?", 6, 2)
+
+
+# -- loading models from the page --------------------------------------------------------------------------------
+def test_loading_a_model_from_the_page_reports_errors_in_it(paths, tmp_path):
+    app = chat.ChatApp(edgerun.load(paths["hf"]), (str(paths["hf"]), "none", ""))
+    for path, quant, ram, expected in [
+        (str(tmp_path / "missing"), "none", "", "missing"),
+        (str(tmp_path), "none", "", "config.json"),
+        (str(paths["q4"]), "none", "1MiB", "minimum"),
+        (str(paths["hf"]), "none", "lots", "size"),
+    ]:
+        with pytest.warns(UserWarning):  # gr.Warning outside a request
+            status, header = app.load_model(path, quant, ram)
+        assert "er-error" in status and expected in status and "Traceback" not in status
+        assert app.model is not None and "kept" in status and "hf" in header  # the previous model is back
+    status, header = app.load_model(str(paths["q4"]), "none", "")
+    assert "loaded" in status and app.model.stats()["quant"] == "q4" and "q4" in header
+    history = list(app.respond("Hi", [], *SETTINGS, 5, 1))[-1][0]
+    assert reply_text(history)
+
+
+# -- the command -------------------------------------------------------------------------------------------------
+def test_chat_command_rejects_bad_arguments(paths, tmp_path, capsys):
+    cases = [
+        (["chat", "--port", "abc"], "invalid int value"),
+        (["chat", "--port", "70000"], "between 1 and 65535"),
+        (["chat", str(tmp_path / "nowhere")], "nowhere"),
+        (["chat", str(paths["q4"]), "--ram", "1MiB"], "minimum"),
+        (["chat", "--share", "maybe"], "invalid choice"),
+    ]
+    def one_error_line(expected: str) -> None:
+        err = capsys.readouterr().err.strip().splitlines()
+        errors = [line for line in err if "error" in line]
+        assert len(errors) == 1 and expected in errors[0] and err[-1] == errors[0], err
+        assert not any("Traceback" in line for line in err)
+
+    for argv, expected in cases:
+        assert main(argv) == 2, argv
+        one_error_line(expected)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        assert main(["chat", str(paths["hf"]), "--port", str(s.getsockname()[1])]) == 2
+        one_error_line("in use")
+
+
+def test_chat_command_serves_the_page(paths):
+    port = chat.free_port(start=7900)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "edgerun.cli", "chat", str(paths["hf"]), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = ""
+        end = time.monotonic() + 90
+        while "serving" not in line and time.monotonic() < end and proc.poll() is None:
+            line = proc.stdout.readline()
+        url = f"http://127.0.0.1:{port}/"
+        assert url in line, (line, proc.poll())
+        page = httpx.get(url, timeout=30)
+        assert page.status_code == 200 and "edgerun chat" in page.text
+    finally:
+        proc.send_signal(2)  # Ctrl+C
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130 and "interrupted" in proc.stderr.read()
+
+
+# -- the page in a real browser ----------------------------------------------------------------------------------
+def test_the_page_in_a_headless_browser(served, model, tmp_path):
+    if not (Path(CHROMIUM).exists() or shutil.which("chromium")):
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("the playwright python package is not installed (pip install playwright)")
+    app, page, url = served
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium"),
+                                    args=CHROMIUM_ARGS)
+        try:
+            tab = browser.new_page(viewport={"width": 1440, "height": 900})
+            tab.goto(url)
+            box = tab.locator("#er-input textarea")
+            box.wait_for(state="visible", timeout=30_000)
+            tab.locator("#er-seed input").fill("9")
+            tab.locator("#er-max-tokens input[type=number]").fill("24")
+            tab.locator("#er-max-tokens input[type=number]").press("Enter")
+            box.fill("Hello from the browser")
+            box.press("Enter")
+            want = api_reply(model, "Hello from the browser", 24, 9)
+            chat_box = tab.locator("#er-chat")
+            chat_box.get_by_text("Hello from the browser").wait_for(timeout=30_000)
+            tab.wait_for_function("t => document.querySelector('#er-chat').innerText.includes(t)",
+                                  arg=want.strip()[:20], timeout=60_000)
+            tab.wait_for_function("() => document.querySelector('#er-stats').innerText.includes('last reply')",
+                                  timeout=30_000)
+            stats = tab.locator("#er-stats").inner_text()
+            assert re.search(r"DECODE\s*[\d.]+\s*tok/s", stats, re.I), stats
+            assert re.search(r"FIRST TOKEN\s*\d+\s*ms", stats, re.I), stats
+            assert "24 tokens" in stats
+            assert tab.locator("#er-heatmap .er-c").count() == 32
+            shot = tmp_path / "chat.png"
+            tab.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 10_000
+        finally:
+            browser.close()
