@@ -236,39 +236,40 @@ class ChatApp:
         self._count_lock = threading.Lock()
 
     # -- chat --------------------------------------------------------------------------------------------------
-    def respond(self, message: str, history: list, system: str, temperature: float, top_p: float,
-                max_tokens: float, seed: float | None) -> Iterator[tuple[list, str]]:
-        """Add the user's message and stream the reply into the chat, piece by piece."""
+    @staticmethod
+    def add_message(message: str, history: list) -> tuple[list, str]:
+        """The user's message joins the chat at once (the reply may wait in the queue); the box empties."""
         message = (message or "").strip()
         history = list(history or [])
         if not message:
-            yield history, ""
-            return
-        history.append({"role": "user", "content": message})
-        yield from self._answer(history, system, temperature, top_p, max_tokens, seed, draft="")
+            return history, ""
+        return history + [{"role": "user", "content": message}], ""
 
-    def regenerate(self, history: list, system: str, temperature: float, top_p: float, max_tokens: float,
-                   seed: float | None) -> Iterator[tuple[list, str]]:
-        """Answer the last user message again, replacing the reply after it."""
+    @staticmethod
+    def drop_reply(history: list) -> list:
+        """The chat without the replies after its last user message (Regenerate)."""
         history = list(history or [])
         while history and history[-1].get("role") != "user":
             history.pop()
         if not history:
             gr.Warning("nothing to regenerate: send a message first")
-            yield history, gr.skip()
-            return
-        yield from self._answer(history, system, temperature, top_p, max_tokens, seed, draft=gr.skip())
+        return history
 
-    def _answer(self, history: list, system, temperature, top_p, max_tokens, seed, draft) -> Iterator:
+    def reply(self, history: list, system: str, temperature: float, top_p: float, max_tokens: float,
+              seed: float | None) -> Iterator[list]:
+        """Stream the model's reply to the chat's last (user) message into the chat, piece by piece."""
+        history = list(history or [])
         model = self.model
+        if not history or history[-1].get("role") != "user":
+            yield history
+            return
         if model is None:
             gr.Warning("no model is loaded: open Model and load one")
-            yield history, draft
+            yield history
             return
-        reply = {"role": "assistant", "content": ""}
-        history = history + [reply]
+        answer = {"role": "assistant", "content": ""}
         try:
-            messages, dropped = fit_context(model, to_messages(history[:-1], system), int(max_tokens))
+            messages, dropped = fit_context(model, to_messages(history, system), int(max_tokens))
             if dropped:
                 gr.Info(f"the {dropped} oldest messages were left out: the conversation no longer fits the "
                         f"model's {model.context_length}-token context")
@@ -276,27 +277,32 @@ class ChatApp:
                                        top_p=float(top_p), seed=_seed(seed))
         except edgerun.EdgerunError as e:
             gr.Warning(str(e))
-            yield history[:-1], draft
+            yield history
             return
+        history.append(answer)
         with self._count_lock:
             self._active += 1
         try:
-            yield history, draft
+            yield history
             text = ""
             for piece in pieces:
                 text += piece
-                reply["content"] = text
-                yield history, draft
+                answer["content"] = text
+                yield history
             if not text:
-                reply["content"] = "*(the model ended its reply without text)*"
-                yield history, draft
+                answer["content"] = "*(the model ended its reply without text)*"
+                yield history
         except edgerun.EdgerunError as e:
             gr.Warning(str(e))
-            yield (history if reply["content"] else history[:-1]), draft
+            yield history if answer["content"] else history[:-1]
         finally:
             pieces.close()  # a closed tab or Stop ends here: the model stops generating and is free again
             with self._count_lock:
                 self._active -= 1
+
+    def respond(self, message: str, history: list, *settings) -> Iterator[list]:
+        """add_message, then reply: the whole turn in one call (for Python callers)."""
+        yield from self.reply(self.add_message(message, history)[0], *settings)
 
     @property
     def generating(self) -> bool:
@@ -390,13 +396,17 @@ class ChatApp:
                     heat_box = gr.HTML(heat_html, elem_id="er-heatmap")
             settings = [system, temperature, top_p, max_tokens, seed]
             common = dict(concurrency_id="generate", concurrency_limit=1, show_progress="minimal")
-            ev_submit = msg.submit(self.respond, [msg, chatbot, *settings], [chatbot, msg], api_name="chat", **common)
-            ev_send = send.click(self.respond, [msg, chatbot, *settings], [chatbot, msg], api_name=False, **common)
-            ev_regen = regen.click(self.regenerate, [chatbot, *settings], [chatbot, msg], api_name="regenerate",
-                                   **common)
-            stop.click(None, None, None, cancels=[ev_submit, ev_send, ev_regen])
-            clear.click(lambda: ([], ""), None, [chatbot, msg], api_name="clear", queue=False,
-                        cancels=[ev_submit, ev_send, ev_regen])
+            answers = []
+            for trigger in (msg.submit, send.click):
+                added = trigger(self.add_message, [msg, chatbot], [chatbot, msg], queue=False, api_name=False)
+                answers.append(added.then(self.reply, [chatbot, *settings], chatbot, api_name=False, **common))
+            trimmed = regen.click(self.drop_reply, chatbot, chatbot, queue=False, api_name=False)
+            answers.append(trimmed.then(self.reply, [chatbot, *settings], chatbot, api_name=False, **common))
+            # for API clients: chat(message, history, ...) -> the history with the reply, streamed
+            answers.append(gr.Button(visible=False).click(self.respond, [msg, chatbot, *settings], chatbot,
+                                                          api_name="chat", **common))
+            stop.click(None, None, None, cancels=answers)
+            clear.click(lambda: ([], ""), None, [chatbot, msg], api_name="clear", queue=False, cancels=answers)
             load.click(self.load_model, [path, quant, ram], [load_status, header], api_name="load_model",
                        concurrency_id="generate", concurrency_limit=1)
             timer = gr.Timer(REFRESH_SECONDS)
@@ -522,5 +532,6 @@ CSS = """
 .er-loading { border: 2px solid #3b82f6; animation: er-blink 0.8s infinite alternate; }
 @keyframes er-blink { from { border-color: #3b82f6; } to { border-color: transparent; } }
 .er-sw { border-radius: 3px; box-sizing: border-box; }
+.er-sw.er-loading { animation: none; }
 .er-heat-empty { color: var(--body-text-color-subdued); }
 """

@@ -143,25 +143,27 @@ def test_chat_streams_pieces_and_matches_the_api(served, model):
     app, page, url = served
     client = Client(url, verbose=False)
     job = client.submit("Tell me about disks.", [], *SETTINGS, 24, 11, api_name="/chat")
-    history, box = job.result(timeout=60)
-    partial = [reply_text(h) for h, _ in job.outputs() if h and h[-1]["role"] == "assistant"]
-    assert box == "" and history[0]["role"] == "user"
+    history = job.result(timeout=60)
+    partial = [reply_text(h) for h in job.outputs() if h and h[-1]["role"] == "assistant"]
+    assert [m["role"] for m in history] == ["user", "assistant"]
     assert len(set(partial)) >= 5, "the reply should arrive in several streamed pieces"
     assert all(b.startswith(a) for a, b in zip(partial, partial[1:]))  # each update extends the last
     assert reply_text(history) == api_reply(model, "Tell me about disks.", 24, 11) != ""
 
     # a follow-up turn sends the whole conversation through the chat template
-    job = client.submit("And about RAM?", history, *SETTINGS, 8, 5, api_name="/chat")
-    history2, _ = job.result(timeout=60)
+    history2 = client.predict("And about RAM?", history, *SETTINGS, 8, 5, api_name="/chat")
     messages = [{"role": "user", "content": "Tell me about disks."},
                 {"role": "assistant", "content": reply_text(history)}, {"role": "user", "content": "And about RAM?"}]
     assert len(history2) == 4
     assert reply_text(history2) == model.chat(messages, 8, temperature=0.8, top_p=0.95, seed=5)
 
-    # regenerate answers the last user message again; clear empties the chat
-    regenerated, _ = client.predict(history2, *SETTINGS, 8, 6, api_name="/regenerate")
+    # Regenerate drops the last reply and answers the same message again; Clear empties the chat
+    trimmed = chat.ChatApp.drop_reply(history2)
+    assert len(trimmed) == 3 and trimmed[-1]["role"] == "user"
+    regenerated = client.predict("", trimmed, *SETTINGS, 8, 6, api_name="/chat")
     assert len(regenerated) == 4 and reply_text(regenerated) == model.chat(messages, 8, temperature=0.8,
                                                                            top_p=0.95, seed=6)
+    assert client.predict("", regenerated, *SETTINGS, 8, 6, api_name="/chat") == regenerated  # no new user message
     assert client.predict(api_name="/clear")[0] == []
 
 
@@ -210,7 +212,7 @@ def test_a_long_conversation_keeps_to_the_context(paths, capsys):
     assert kept == [messages[0]] + messages[1 + dropped:]
     longer = [messages[0]] + messages[dropped - 1:]  # one turn (user and assistant) more
     assert chat.prompt_tokens(short, kept) + 16 <= 96 < chat.prompt_tokens(short, longer) + 16
-    final = list(app.respond("And now?", history, "Be brief.", 0.8, 0.95, 16, 3))[-1][0]
+    final = list(app.respond("And now?", history, "Be brief.", 0.8, 0.95, 16, 3))[-1]
     assert f"the {dropped} oldest messages were left out" in capsys.readouterr().out  # gr.Info outside a request
     assert reply_text(final) == short.chat(kept, 16, temperature=0.8, top_p=0.95, seed=3)
     assert len(final) == len(history) + 2  # the page keeps the whole conversation; only the prompt is cut
@@ -224,7 +226,7 @@ def test_two_chats_at_once_are_queued_and_both_answered(served, model):
     a, b = Client(url, verbose=False), Client(url, verbose=False)
     job_a = a.submit("First question", [], *SETTINGS, 40, 21, api_name="/chat")
     job_b = b.submit("Second question", [], *SETTINGS, 40, 22, api_name="/chat")
-    (hist_a, _), (hist_b, _) = job_a.result(timeout=120), job_b.result(timeout=120)
+    hist_a, hist_b = job_a.result(timeout=120), job_b.result(timeout=120)
     assert reply_text(hist_a) == api_reply(model, "First question", 40, 21)
     assert reply_text(hist_b) == api_reply(model, "Second question", 40, 22)
 
@@ -265,7 +267,7 @@ def test_a_closed_tab_stops_its_generation(served, model):
     assert model.stats()["generated_tokens"] < 3000
     from gradio_client import Client
 
-    history, _ = Client(url, verbose=False).predict("Still there?", [], *SETTINGS, 6, 2, api_name="/chat")
+    history = Client(url, verbose=False).predict("Still there?", [], *SETTINGS, 6, 2, api_name="/chat")
     assert reply_text(history) == api_reply(model, "Still there?", 6, 2)
 
 
@@ -284,7 +286,7 @@ def test_loading_a_model_from_the_page_reports_errors_in_it(paths, tmp_path):
         assert app.model is not None and "kept" in status and "hf" in header  # the previous model is back
     status, header = app.load_model(str(paths["q4"]), "none", "")
     assert "loaded" in status and app.model.stats()["quant"] == "q4" and "q4" in header
-    history = list(app.respond("Hi", [], *SETTINGS, 5, 1))[-1][0]
+    history = list(app.respond("Hi", [], *SETTINGS, 5, 1))[-1]
     assert reply_text(history)
 
 
