@@ -309,13 +309,14 @@ class ChatApp:
         return self._active > 0
 
     # -- the live panel ----------------------------------------------------------------------------------------
-    def live(self) -> tuple[str, str]:
-        """(figures and memory, heatmap) as HTML, refreshed every REFRESH_SECONDS."""
+    def live(self) -> tuple[str, str, str]:
+        """(the model line, figures and memory, heatmap) as HTML, refreshed every REFRESH_SECONDS (so every tab
+        also sees a model another tab loaded)."""
         model = self.model
         if model is None:
-            empty = '<div class="er-live"><div class="er-status">no model loaded</div></div>'
-            return empty, ""
-        return render_stats(model.stats(), self.generating), render_heatmap(model.expert_activity(ACTIVITY_TOKENS))
+            return describe_model(None), '<div class="er-live"><div class="er-status">no model loaded</div></div>', ""
+        return (describe_model(model), render_stats(model.stats(), self.generating),
+                render_heatmap(model.expert_activity(ACTIVITY_TOKENS)))
 
     # -- loading a model ---------------------------------------------------------------------------------------
     def load_model(self, path: str, quant: str, ram: str, progress=gr.Progress(track_tqdm=True)) -> tuple[str, str]:
@@ -355,7 +356,7 @@ class ChatApp:
         with gr.Blocks(title="edgerun chat", fill_height=True) as page:
             with gr.Row(elem_id="er-header"):
                 gr.HTML('<div class="er-brand">edgerun <span>chat</span></div>', elem_id="er-brand")
-                header = gr.HTML(describe_model(self.model), elem_id="er-model-line")
+                header = gr.HTML(describe_model(self.model), elem_id="er-model-line", min_height=0)
             with gr.Sidebar(label="Settings", open=True, width=330, elem_id="er-sidebar"):
                 gr.Markdown("### Model")
                 path = gr.Textbox(model_path, label="Path", elem_id="er-path",
@@ -391,7 +392,7 @@ class ChatApp:
                         regen = gr.Button("Regenerate", size="sm", variant="secondary", elem_id="er-regen")
                         clear = gr.Button("Clear", size="sm", variant="secondary", elem_id="er-clear")
                 with gr.Column(scale=5, min_width=340, elem_id="er-side"):
-                    stats_html, heat_html = self.live()
+                    _, stats_html, heat_html = self.live()
                     stats_box = gr.HTML(stats_html, elem_id="er-stats")
                     heat_box = gr.HTML(heat_html, elem_id="er-heatmap")
             settings = [system, temperature, top_p, max_tokens, seed]
@@ -410,7 +411,7 @@ class ChatApp:
             load.click(self.load_model, [path, quant, ram], [load_status, header], api_name="load_model",
                        concurrency_id="generate", concurrency_limit=1)
             timer = gr.Timer(REFRESH_SECONDS)
-            timer.tick(self.live, None, [stats_box, heat_box], api_name="live", show_progress="hidden",
+            timer.tick(self.live, None, [header, stats_box, heat_box], api_name="live", show_progress="hidden",
                        concurrency_limit=None)
         return page
 

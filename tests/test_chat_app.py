@@ -173,7 +173,8 @@ def test_live_panel_shows_the_figures_of_the_reply(served, model):
     app, page, url = served
     client = Client(url, verbose=False)
     client.predict("Count to ten.", [], *SETTINGS, 16, 3, api_name="/chat")
-    stats_html, heat_html = client.predict(api_name="/live")
+    header, stats_html, heat_html = client.predict(api_name="/live")
+    assert "4 MoE layers x 8 experts, top-2" in header and "all experts in memory" in header
     s = model.stats()
     assert f"{s['decode_tokens_per_s']:.1f}" in stats_html and "tok/s" in stats_html
     assert f"{s['time_to_first_token_s'] * 1000:.0f}" in stats_html and "16 tokens" in stats_html
@@ -190,7 +191,8 @@ def test_live_panel_of_an_offloaded_model(paths):
     small = edgerun.load(paths["q4"], ram="64GiB")  # a store under a budget: the plan is shown by tier
     experts = offload(small, slots=6)
     small.generate_ids(small.tokenizer.encode("Hello"), 10, temperature=0.8, seed=4, ignore_eos=True)
-    stats_html, heat_html = chat.ChatApp(small).live()
+    header, stats_html, heat_html = chat.ChatApp(small).live()
+    assert "6 of 32 experts in RAM, the rest on disk" in header
     plan = small.stats()["memory_plan"]
     assert "budget" in stats_html and chat.format_bytes(plan["budget_bytes"]) in stats_html
     for label in ("resident weights", "KV cache", "expert slots", "expert hits", "prefetch recall", "read from disk"):
