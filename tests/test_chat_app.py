@@ -378,5 +378,18 @@ def test_the_page_in_a_headless_browser(served, model, tmp_path):
             shot = tmp_path / "chat.png"
             tab.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000
+
+            # a second tab asks for a long reply and is closed in the middle of it: the generation stops
+            other = browser.new_page()
+            other.goto(url)
+            other.locator("#er-input textarea").wait_for(state="visible", timeout=30_000)
+            other.locator("#er-max-tokens input[type=number]").fill("3000")
+            other.locator("#er-max-tokens input[type=number]").press("Enter")
+            other.locator("#er-input textarea").fill("Go on forever")
+            other.locator("#er-input textarea").press("Enter")
+            wait_until(lambda: app.generating and model.stats()["generated_tokens"] >= 5, what="the long reply")
+            other.close()
+            wait_until(lambda: not app.generating and model_is_free(model), timeout=15, what="the model to be free")
+            assert model.stats()["generated_tokens"] < 3000
         finally:
             browser.close()
