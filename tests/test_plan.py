@@ -61,10 +61,15 @@ def scratch(T: int) -> int:
     return 16 * T * 256 * 4 + 3 * T * 2 * 4096 * 4 + 4 * T * 1024 * 4 + T * 1024 * 4 + 2 * CHUNK
 
 
-def hand_slots(budget: int) -> int:
+def hand_step(budget: int) -> int:
     T = 512
     while T > 32 and scratch(T) > 0.05 * budget:
         T //= 2
+    return T
+
+
+def hand_slots(budget: int) -> int:
+    T = hand_step(budget)
     safety = max(32 * MiB, int(budget * 0.02))
     return min(16, (budget - 340 * MiB - RESIDENT - KV - scratch(T) - safety) // CHUNK)
 
@@ -73,23 +78,41 @@ def test_tiny_model_by_hand():
     budget = 410 * MiB
     slots = hand_slots(budget)
     assert 4 <= slots < 16
-    p = predict(TINY, synthetic_profile(), ram=budget)
+    p = predict(TINY, synthetic_profile(), ram=budget, prompt=300)
     assert p.possible and p.expert_slots == slots and p.experts_total == 16
     rows = {r["part"].split(" (")[0]: r for r in p.placement}
     assert rows["weights resident"]["bytes"] == RESIDENT and rows["KV cache"]["bytes"] == KV
     assert rows["expert slots RAM"]["bytes"] == slots * CHUNK
     h = slots / 16
     used = 2 * 2 * CHUNK  # 2 MoE layers x top-2
-    read = used * (1 - h) / 2.0e9  # 1.7 MB chunks: nearest measured size is 4 MiB, 2 GB/s
+    # 1.7 MB chunks: nearest measured size is 4 MiB, 2 GB/s, one reader (parallel is no faster); read-ahead
+    # reads 10% more than the tokens use
+    read = used * (1 - h) * 1.1 / 2.0e9
     experts, dense, kv = used / 20e9, TOKEN_DENSE / 24e9, KV / 2 / 40e9
+    assert p.readers == 1
     assert p.times == pytest.approx({"read": read, "experts": experts, "dense": dense, "kv": kv})
     assert p.decode_tokens_per_s == pytest.approx(1 / (max(read, experts + dense + kv) * 1.02))
     assert p.bottleneck == "disk reads"
-    assert p.bytes_per_token == {"ram": int(used * h), "disk": int(used * (1 - h))}
+    assert p.bytes_per_token == {"ram": int(used * h), "disk": int(used * (1 - h) * 1.1)}
+    # prefill in engine steps of T tokens: 300 tokens = 2 steps when T = 256, 1 when T = 512
+    T = hand_step(budget)
+    steps = -(-300 // T)
+    step = min(T, 300)
+    touched = 8 * (1 - (6 / 8) ** step)  # experts of a layer some token of the step picks
     # lm_head, final norm, layers; not the embedding (a lookup)
     dense_params = 1024 * 256 + 256 + 2 * (2 * 256 + 2 * 256 * 256 + 2 * 128 * 256 + 8 * 256)
-    flops = 2 * (dense_params + 2 * 2 * 3 * 256 * 4096) * 512
-    assert p.prefill_tokens_per_s == pytest.approx(512 / max(flops / 200e9, (16 - slots) * CHUNK / 2.0e9))
+    per_expert = max(CHUNK / 20e9, 2 * 3 * 256 * 4096 * (step * 2 / touched) / 200e9)
+    compute = 2 * touched * per_expert + max(TOKEN_DENSE / 24e9, 2 * dense_params * step / 200e9)
+    reads = 2 * touched * CHUNK * (1 - h) / 2.0e9
+    assert p.prefill_tokens_per_s == pytest.approx(300 / (steps * max(compute, reads) * 1.02))
+
+
+def test_parallel_readers_when_they_pay_off():
+    profile = synthetic_profile()
+    profile["disk"]["random_read"]["4194304"]["parallel_gbps"] = 3.0  # 1.5x one reader's 2 GB/s
+    slow, fast = predict(TINY, synthetic_profile(), ram=410 * MiB), predict(TINY, profile, ram=410 * MiB)
+    assert (slow.readers, fast.readers) == (1, 4)  # as many as the profile measured in parallel
+    assert fast.times["read"] == pytest.approx(slow.times["read"] * 2 / 3)
 
 
 def test_compute_bound_when_every_expert_fits():

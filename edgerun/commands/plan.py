@@ -25,6 +25,8 @@ def add_parser(sub) -> None:
                    help="format of the other matrices (default q8; a store's own)")
     p.add_argument("--ctx", type=int, default=None, metavar="N",
                    help="context length (default: the model's, at most 4096)")
+    p.add_argument("--prompt", type=int, default=512, metavar="N",
+                   help="prompt length the prefill speed is predicted for (default 512)")
     p.add_argument("--json", action="store_true", help="print the prediction as JSON")
     p.set_defaults(main=main)
 
@@ -57,19 +59,21 @@ def main(args: argparse.Namespace) -> int:
         raise EdgerunError(f"no hardware profile at {profile_path}: run `edgerun profile` or pass --profile FILE")
     if args.ctx is not None and args.ctx < 2:
         raise EdgerunError(f"--ctx must be at least 2, got {args.ctx}")
+    if args.prompt < 1:
+        raise EdgerunError(f"--prompt must be at least 1, got {args.prompt}")
     profile = load_profile(profile_path)
     config, experts, dense, group = read_model(Path(args.model), args.quant, args.dense)
     pred = predict(config, profile, expert_format=experts, dense_format=dense,
                    ram=parse_size(args.ram) if args.ram else None, gpu=parse_size(args.gpu) if args.gpu else None,
-                   ctx=args.ctx, group=group)
+                   ctx=args.ctx, group=group, prompt=args.prompt)
     if args.json:
-        print(json.dumps(pred.as_dict(), indent=2))
+        print(json.dumps(pred.as_dict() | {"prompt_tokens": args.prompt}, indent=2))
     else:
-        print(describe(pred, experts, dense))
+        print(describe(pred, experts, dense, args.prompt))
     return 0 if pred.possible else 1
 
 
-def describe(pred, experts: str, dense: str) -> str:
+def describe(pred, experts: str, dense: str, prompt: int = 512) -> str:
     """The prediction as a few human lines."""
     from ..runtime.memory import format_size
 
@@ -82,9 +86,9 @@ def describe(pred, experts: str, dense: str) -> str:
     t = pred.times
     lines += [
         f"experts per token from {tiers} (hit rate {pred.hit_rate:.0%})",
-        (f"per token: read {t['read'] * 1e3:.1f} ms, experts {t['experts'] * 1e3:.1f} ms, dense "
+        (f"per token: read {t['read'] * 1e3:.1f} ms ({pred.readers} reader{'s' * (pred.readers > 1)}), experts {t['experts'] * 1e3:.1f} ms, dense "
          f"{t['dense'] * 1e3:.1f} ms, attention {t['kv'] * 1e3:.1f} ms (reads overlap with compute)"),
-        (f"prefill {pred.prefill_tokens_per_s:.1f} tok/s, decode {pred.decode_tokens_per_s:.2f} tok/s "
+        (f"prefill {pred.prefill_tokens_per_s:.1f} tok/s ({prompt}-token prompt), decode {pred.decode_tokens_per_s:.2f} tok/s "
          f"(bottleneck: {pred.bottleneck})"),
     ]
     lines += [f"note: {n}" for n in pred.notes]

@@ -21,7 +21,7 @@ from ..runtime.reader import supports_direct_io
 
 _WRITE_BLOCK = 16 << 20
 _SEQ_BLOCK = 16 << 20
-_PARALLEL_READERS = 4
+_PARALLEL_READERS = 2  # what the offloading engine runs at most (hw/settings.py MAX_READERS)
 _MIN_FILE = 64 << 20
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 

@@ -7,10 +7,11 @@ import math
 import sys
 
 from ..errors import EdgerunError
+from ..runtime.reader import PIECE
 from .profile import default_profile_path, load_profile, measure_profile, save_profile
 
 PARALLEL_GAIN = 1.5  # a second reader pays off only when parallel reads are half again as fast as one
-MAX_READERS = 2  # more readers than this only split the same bandwidth on consumer SSDs
+MAX_READERS = 4  # more readers than this only split the same bandwidth on consumer SSDs
 MAX_DEPTH = 4
 
 
@@ -40,6 +41,16 @@ def _widest(by_threads: dict) -> float:
     return by_threads[max(by_threads, key=int)]
 
 
+def read_plan(profile: dict, chunk_bytes: int) -> tuple[int, float]:
+    """(reader threads, GB/s they read together) for experts of chunk_bytes: the profile's random reads of
+    the size nearest to the engine's read calls, with as many readers as it measured in parallel where that pays off."""
+    disk = _nearest(profile["disk"]["random_read"], min(chunk_bytes, PIECE))  # a chunk is read piece by piece
+    one, parallel = disk["qd1_gbps"], disk["parallel_gbps"]
+    if parallel >= PARALLEL_GAIN * one and disk["parallel_readers"] > 1:
+        return min(disk["parallel_readers"], MAX_READERS), parallel
+    return 1, one
+
+
 def engine_settings(profile: dict | None, *, chunk_bytes: int, top_k: int, layer_dense_bytes: int,
                     expert_format: str) -> dict:
     """Reader threads and the first prefetch depth for experts of chunk_bytes (whether O_DIRECT works is
@@ -49,10 +60,8 @@ def engine_settings(profile: dict | None, *, chunk_bytes: int, top_k: int, layer
     far ahead to arrive in time (the engine adapts it while it runs)."""
     if profile is None:
         return {"readers": 1, "prefetch_depth": 1}
-    disk = _nearest(profile["disk"]["random_read"], chunk_bytes)
-    one, parallel = disk["qd1_gbps"], disk["parallel_gbps"]
-    readers = MAX_READERS if parallel >= PARALLEL_GAIN * one else 1
-    read_s = top_k * chunk_bytes / (max(one, parallel if readers > 1 else one) * 1e9)
+    readers, gbps = read_plan(profile, chunk_bytes)
+    read_s = top_k * chunk_bytes / (gbps * 1e9)
     kernels = profile["cpu"]["kernels"]
     expert_gbps = _widest(kernels[expert_format]["gemv_gbps"]) if expert_format in kernels else 1.0
     dense_gbps = _widest(kernels["q8"]["gemv_gbps"])
