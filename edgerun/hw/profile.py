@@ -48,6 +48,12 @@ def measure_profile(store_path: str | os.PathLike | None = None, quick: bool = F
     """Measure this machine. The keyword arguments override the sizes --quick and the default pick."""
     from .. import __version__
 
+    from .. import native
+
+    t = time.perf_counter()
+    log("cpu: loading edgerun's kernels (compiled once after an install, 20-30 s)")
+    native.warmup()  # not part of the measurement: a later run loads them from the disk cache in a second
+    log(f"cpu: kernels ready in {time.perf_counter() - t:.1f} s")
     t0 = time.perf_counter()
     if store_path is None:
         from ..paths import cache_dir
