@@ -302,7 +302,8 @@ def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None
     context_length: tokens the KV cache holds (default: the model's, capped at 4096).
     dtype: "auto" (the checkpoint's; float16 computes in float32 on the CPU), "float32", "bfloat16".
         Quantized weights always compute in float32.
-    threads: CPU threads for torch and the kernels (default: one per core).
+    threads: CPU threads for torch and the kernels (default: for q8/q4 stores, the fewest threads that run the
+        kernels at full speed in this machine's profile, when one has been measured; else one per core).
     progress: show a progress bar while converting or reading weights (default: for large models on a
         terminal).
     ram: memory budget of the whole process for a q8/q4 store ("12GiB", "1.5GB" or bytes; default: what the
@@ -323,7 +324,7 @@ def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None
     if is_store(path):
         if quant not in (None, "none") or dense is not None:
             raise GenerationError(f"{path} is already a converted store; quant and dense apply to HF checkpoints")
-        loaded = _load_store(Path(path), dtype, **offload)
+        loaded = _load_store(Path(path), dtype, threads=threads, **offload)
     elif quant in (None, "none"):
         if dense is not None:
             raise GenerationError("dense applies only together with quant (bf16, q8 or q4)")
@@ -339,7 +340,7 @@ def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None
         store = cached_store_path(src, quant, dense, 32)
         if not is_store(store):
             convert(src, store, quant=quant, dense=dense, progress=progress)
-        loaded = _load_store(store, dtype, **offload)
+        loaded = _load_store(store, dtype, threads=threads, **offload)
     spec, weights, experts, generation_config, info = loaded
     ctx = _context_length(spec, context_length)
     chunk = info.get("memory_plan", {}).get("prefill_chunk")
@@ -372,7 +373,7 @@ def _load_hf(model_dir: Path, dtype: str, progress: bool | None):
 
 
 def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, prefetch: bool,
-                context_length: int | None):
+                context_length: int | None, threads: int | None = None):
     from . import native
     from .runtime.quantized import QuantizedExperts, QuantizedMatrix, StoreTensorExperts, as_tensor
     from .store.layout import PASSTHROUGH, QUANTIZED
@@ -384,6 +385,11 @@ def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, pref
     if quantized and dtype not in ("auto", "float32"):
         raise GenerationError(f"{path} holds quantized weights, which compute in float32; use dtype='auto'")
     compute_dtype = _DTYPES[dtype if dtype != "auto" else store.meta["compute_dtype"]]
+    profile, profile_source = _machine_profile(measure=False)
+    if quantized and not threads and profile is not None:
+        from .hw.settings import best_threads
+
+        torch.set_num_threads(best_threads(profile, store.expert_layout.fmt))
     if quantized:
         native.set_threads(torch.get_num_threads())
         native.warmup()  # compile (or load the compiled kernels) now, not inside the first token
@@ -420,10 +426,11 @@ def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, pref
         raise BudgetError(f"{path} keeps its experts in {store.expert_layout.fmt}, which run only fully resident "
                           f"({plan.describe()}); convert with --quant q4 or q8 to run with this budget")
     else:
-        from .hw.settings import engine_settings, local_profile
+        from .hw.settings import engine_settings
         from .runtime.offload import OffloadedExperts
 
-        profile, profile_source = local_profile()
+        if profile is None:
+            profile, profile_source = _machine_profile(measure=True)
         settings = engine_settings(profile, chunk_bytes=store.chunk_bytes, top_k=spec.top_k,
                                    layer_dense_bytes=resident // spec.num_layers,
                                    expert_format=store.expert_layout.fmt)
@@ -437,10 +444,17 @@ def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, pref
             "expert_format": store.expert_layout.fmt, "dense_format": store.quant["dense"],
             "weights_bytes": weights_bytes, "memory_plan": plan.as_dict(), "ram_budget_bytes": plan.budget_bytes}
     if plan.all_resident:
-        info["engine_settings"] = {"offload": False}
+        info["engine_settings"] = {"offload": False, "threads": torch.get_num_threads(), "profile": profile_source}
     else:
-        info["engine_settings"] = {**settings, "profile": profile_source}
+        info["engine_settings"] = {**settings, "threads": torch.get_num_threads(),
+                                   "direct_io": experts.stats().get("direct_io"), "profile": profile_source}
     return spec, weights, experts, store.generation_config, info
+
+
+def _machine_profile(measure: bool) -> tuple[dict | None, str]:
+    from .hw.settings import local_profile
+
+    return local_profile(measure=measure)
 
 
 def _auto_dtype(reader: SafetensorsReader) -> torch.dtype:

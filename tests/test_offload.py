@@ -139,6 +139,8 @@ def test_load_with_ram_offloads_and_keeps_output(stores, monkeypatch):
     # the engine took its reader threads and prefetch depth from this machine's profile
     assert stats["engine_settings"]["profile"].endswith(".json")
     assert stats["engine_settings"]["readers"] in (1, 2) and stats["prefetch_depth"] >= 1
+    assert stats["engine_settings"]["threads"] == stats["threads"] >= 1
+    assert stats["engine_settings"]["direct_io"] == stats["direct_io"]
     assert model.generate_ids(PROMPT, 8, temperature=0, ignore_eos=True) == want
     stats = model.stats()
     assert stats["ram_budget_bytes"] == budget

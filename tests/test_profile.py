@@ -172,6 +172,19 @@ def test_engine_settings_follow_the_disk_and_kernels_of_the_profile():
         "readers": 1, "prefetch_depth": 1}
 
 
+def test_threads_are_the_fewest_at_full_kernel_speed():
+    from edgerun.hw.settings import best_threads
+
+    profile = {"cpu": {"kernels": {"q4": {"gemv_gbps": {"1": 20.0, "4": 40.0, "8": 41.0, "16": 39.0},
+                                          "gemm_gflops": {"1": 50.0, "4": 190.0, "8": 200.0, "16": 380.0}}}}}
+    # GEMV: 4 threads give 40 of the best 41 (within 5%); GEMM needs 16; the engine takes the larger
+    assert best_threads(profile, "q4") == 16
+    profile["cpu"]["kernels"]["q4"]["gemm_gflops"]["16"] = 205.0  # 8 threads within 5% of 205
+    assert best_threads(profile, "q4") == 8
+    profile["cpu"]["kernels"]["q8"] = profile["cpu"]["kernels"].pop("q4")
+    assert best_threads(profile, "q4") == 8  # a format the profile lacks falls back to q8's figures
+
+
 def test_local_profile_is_measured_once_when_missing(tmp_path, monkeypatch):
     import edgerun.hw.settings as settings
 

@@ -46,15 +46,8 @@ def measure_profile(store_path: str | os.PathLike | None = None, quick: bool = F
                     chunk_sizes: tuple[int, ...] | None = None, ram_bytes: int | None = None,
                     log: Log = _stderr) -> dict:
     """Measure this machine. The keyword arguments override the sizes --quick and the default pick."""
-    from .. import __version__
+    from .. import __version__, native
 
-    from .. import native
-
-    t = time.perf_counter()
-    log("cpu: loading edgerun's kernels (compiled once after an install, 20-30 s)")
-    native.warmup()  # not part of the measurement: a later run loads them from the disk cache in a second
-    log(f"cpu: kernels ready in {time.perf_counter() - t:.1f} s")
-    t0 = time.perf_counter()
     if store_path is None:
         from ..paths import cache_dir
 
@@ -62,6 +55,11 @@ def measure_profile(store_path: str | os.PathLike | None = None, quick: bool = F
         store_path.mkdir(parents=True, exist_ok=True)
     elif not Path(store_path).is_dir():
         raise EdgerunError(f"--store-path {store_path} is not an existing directory")
+    t = time.perf_counter()
+    log("cpu: loading edgerun's kernels (compiled once after an install, 20-30 s)")
+    native.warmup()  # not part of the measurement: a later run loads them from the disk cache in a second
+    log(f"cpu: kernels ready in {time.perf_counter() - t:.1f} s")
+    t0 = time.perf_counter()
     profile = {
         "schema_version": SCHEMA_VERSION,
         "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),

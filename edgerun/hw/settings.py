@@ -13,6 +13,7 @@ from .profile import default_profile_path, load_profile, measure_profile, save_p
 PARALLEL_GAIN = 1.5  # a second reader pays off only when parallel reads are half again as fast as one
 MAX_READERS = 4  # more readers than this only split the same bandwidth on consumer SSDs
 MAX_DEPTH = 4
+THREADS_WITHIN = 0.95
 
 
 def local_profile(measure: bool = True) -> tuple[dict | None, str]:
@@ -49,6 +50,17 @@ def read_plan(profile: dict, chunk_bytes: int) -> tuple[int, float]:
     if parallel >= PARALLEL_GAIN * one and disk["parallel_readers"] > 1:
         return min(disk["parallel_readers"], MAX_READERS), parallel
     return 1, one
+
+
+def best_threads(profile: dict, fmt: str) -> int:
+    """The fewest threads within 5% of the profile's fastest q4/q8 kernels, one-token and many-token alike
+    (on SMT or hybrid CPUs, more threads can be slower)."""
+    kernels = profile["cpu"]["kernels"].get(fmt) or profile["cpu"]["kernels"]["q8"]
+    picks = []
+    for figures in (kernels["gemv_gbps"], kernels["gemm_gflops"]):
+        best = max(figures.values())
+        picks.append(min(int(n) for n, v in figures.items() if v >= THREADS_WITHIN * best))
+    return max(picks)
 
 
 def engine_settings(profile: dict | None, *, chunk_bytes: int, top_k: int, layer_dense_bytes: int,
