@@ -234,6 +234,8 @@ class ChatApp:
         self.source = source  # (path as typed, quant, ram) of the loaded model, to reload it after a failed load
         self._active = 0  # generations running now
         self._count_lock = threading.Lock()
+        self._running: set[str] = set()  # sessions (tabs) whose reply is being generated
+        self._gone: set[str] = set()  # of those, the ones whose tab was closed
 
     # -- chat --------------------------------------------------------------------------------------------------
     @staticmethod
@@ -256,8 +258,9 @@ class ChatApp:
         return history
 
     def reply(self, history: list, system: str, temperature: float, top_p: float, max_tokens: float,
-              seed: float | None) -> Iterator[list]:
+              seed: float | None, request: gr.Request | None = None) -> Iterator[list]:
         """Stream the model's reply to the chat's last (user) message into the chat, piece by piece."""
+        session = getattr(request, "session_hash", None)
         history = list(history or [])
         model = self.model
         if not history or history[-1].get("role") != "user":
@@ -282,10 +285,13 @@ class ChatApp:
         history.append(answer)
         with self._count_lock:
             self._active += 1
+            self._running.add(session)
         try:
             yield history
             text = ""
             for piece in pieces:
+                if session in self._gone:
+                    return  # the tab was closed, and gradio's event stream had not noticed
                 text += piece
                 answer["content"] = text
                 yield history
@@ -299,10 +305,20 @@ class ChatApp:
             pieces.close()  # a closed tab or Stop ends here: the model stops generating and is free again
             with self._count_lock:
                 self._active -= 1
+                self._running.discard(session)
+                self._gone.discard(session)
 
-    def respond(self, message: str, history: list, *settings) -> Iterator[list]:
-        """add_message, then reply: the whole turn in one call (for Python callers)."""
-        yield from self.reply(self.add_message(message, history)[0], *settings)
+    def respond(self, message: str, history: list, system: str, temperature: float, top_p: float,
+                max_tokens: float, seed: float | None, request: gr.Request | None = None) -> Iterator[list]:
+        """add_message, then reply: the whole turn in one call (API clients, Python callers)."""
+        yield from self.reply(self.add_message(message, history)[0], system, temperature, top_p, max_tokens, seed,
+                              request)
+
+    def tab_closed(self, request: gr.Request) -> None:
+        """A page's session ended (gradio's heartbeat connection closed): stop its reply, if one is running."""
+        with self._count_lock:
+            if request.session_hash in self._running:
+                self._gone.add(request.session_hash)
 
     @property
     def generating(self) -> bool:
@@ -353,7 +369,7 @@ class ChatApp:
     # -- the page ----------------------------------------------------------------------------------------------
     def build(self) -> gr.Blocks:
         model_path, model_quant, model_ram = self.source
-        with gr.Blocks(title="edgerun chat", fill_height=True) as page:
+        with gr.Blocks(title="edgerun chat", fill_height=True, fill_width=True) as page:
             with gr.Row(elem_id="er-header"):
                 gr.HTML('<div class="er-brand">edgerun <span>chat</span></div>', elem_id="er-brand")
                 header = gr.HTML(describe_model(self.model), elem_id="er-model-line", min_height=0)
@@ -410,6 +426,9 @@ class ChatApp:
             clear.click(lambda: ([], ""), None, [chatbot, msg], api_name="clear", queue=False, cancels=answers)
             load.click(self.load_model, [path, quant, ram], [load_status, header], api_name="load_model",
                        concurrency_id="generate", concurrency_limit=1)
+            page.unload(self.tab_closed)
+            page.load(self.live, None, [header, stats_box, heat_box], api_name=False, show_progress="hidden",
+                      concurrency_limit=None)
             timer = gr.Timer(REFRESH_SECONDS)
             timer.tick(self.live, None, [header, stats_box, heat_box], api_name="live", show_progress="hidden",
                        concurrency_limit=None)
@@ -450,6 +469,7 @@ def free_port(host: str = "127.0.0.1", start: int = DEFAULT_PORT, tries: int = 1
 def port_is_free(host: str, port: int) -> bool:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: old connections do not count
         try:
             s.bind((host, port))
         except OSError:

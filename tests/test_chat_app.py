@@ -273,6 +273,26 @@ def test_a_closed_tab_stops_its_generation(served, model):
     assert reply_text(history) == api_reply(model, "Still there?", 6, 2)
 
 
+def test_a_closed_tab_stops_its_generation_even_before_its_event_stream_opens(served, model):
+    """The page's heartbeat connection ends with the tab: its session's reply stops, even where the event
+    stream that gradio watches for disconnects was never opened (a tab closed right after sending)."""
+    app, page, url = served
+    session = uuid.uuid4().hex
+    with httpx.Client(base_url=url + "gradio_api/", timeout=30) as http:
+        with http.stream("GET", f"heartbeat/{session}") as heartbeat:
+            lines = heartbeat.iter_lines()  # kept open until the block ends, as a page keeps it
+            assert "ALIVE" in next(lines)
+            history = [{"role": "user", "content": [{"type": "text", "text": "Go on forever"}]}]
+            reply_fn = next(i for i, fn in page.fns.items() if fn.fn == app.reply)  # the page's own event
+            joined = http.post("queue/join", json={"data": [history, *SETTINGS, 3000, 1], "fn_index": reply_fn,
+                                                   "session_hash": session, "event_data": None, "trigger_id": None})
+            assert joined.status_code == 200, joined.text
+            wait_until(lambda: app.generating and not model_is_free(model) and model.stats()["generated_tokens"] >= 5,
+                       what="the reply to start")
+    wait_until(lambda: not app.generating and model_is_free(model), timeout=60, what="the model to be free")
+    assert model.stats()["generated_tokens"] < 3000
+
+
 # -- loading models from the page --------------------------------------------------------------------------------
 def test_loading_a_model_from_the_page_reports_errors_in_it(paths, tmp_path):
     app = chat.ChatApp(edgerun.load(paths["hf"]), (str(paths["hf"]), "none", ""))
@@ -368,8 +388,8 @@ def test_the_page_in_a_headless_browser(served, model, tmp_path):
             chat_box.get_by_text("Hello from the browser").wait_for(timeout=30_000)
             tab.wait_for_function("t => document.querySelector('#er-chat').innerText.includes(t)",
                                   arg=want.strip()[:20], timeout=60_000)
-            tab.wait_for_function("() => document.querySelector('#er-stats').innerText.includes('last reply')",
-                                  timeout=30_000)
+            tab.wait_for_function("() => document.querySelector('#er-stats').innerText"
+                                  ".includes('last reply: 24 tokens')", timeout=30_000)
             stats = tab.locator("#er-stats").inner_text()
             assert re.search(r"DECODE\s*[\d.]+\s*tok/s", stats, re.I), stats
             assert re.search(r"FIRST TOKEN\s*\d+\s*ms", stats, re.I), stats
@@ -387,9 +407,10 @@ def test_the_page_in_a_headless_browser(served, model, tmp_path):
             other.locator("#er-max-tokens input[type=number]").press("Enter")
             other.locator("#er-input textarea").fill("Go on forever")
             other.locator("#er-input textarea").press("Enter")
-            wait_until(lambda: app.generating and model.stats()["generated_tokens"] >= 5, what="the long reply")
+            wait_until(lambda: app.generating and not model_is_free(model) and model.stats()["generated_tokens"] >= 5,
+                       what="the long reply")
             other.close()
-            wait_until(lambda: not app.generating and model_is_free(model), timeout=15, what="the model to be free")
+            wait_until(lambda: not app.generating and model_is_free(model), timeout=60, what="the model to be free")
             assert model.stats()["generated_tokens"] < 3000
         finally:
             browser.close()

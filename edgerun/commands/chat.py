@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import sys
 import time
 
@@ -47,11 +49,18 @@ def main(args: argparse.Namespace) -> int:
 
         source = demo_model_dir()
     quant = None if args.quant in (None, "none") else args.quant
-    print(f"edgerun chat: loading {source}", file=sys.stderr)
-    model = edgerun.load(source, quant=quant, ram=args.ram, context_length=args.ctx, threads=args.threads)
-    app = chat.ChatApp(model, (args.model or "", args.quant or "none", args.ram or ""))
-    page, url = app.launch(host=args.host, port=args.port, share=args.share == "yes")
-    print(f"edgerun chat: serving {model.path} at {url}", flush=True)
+    app = chat.ChatApp(None, (args.model or "", args.quant or "none", args.ram or ""))
+    try:
+        page, url = app.launch(host=args.host, port=args.port, share=args.share == "yes")
+    except OSError as e:
+        raise EdgerunError(f"cannot serve the page on {args.host}: {e}") from None
+    try:  # the server runs first, so that a RAM budget, planned when the model loads, counts its memory too
+        print(f"edgerun chat: loading {source}", file=sys.stderr)
+        app.model = edgerun.load(source, quant=quant, ram=args.ram, context_length=args.ctx, threads=args.threads)
+    except BaseException:
+        _close(page)
+        raise
+    print(f"edgerun chat: serving {app.model.path} at {url}", flush=True)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"edgerun chat: listening on {args.host}: other machines of the network can open it", file=sys.stderr)
     if getattr(page, "share_url", None):
@@ -61,5 +70,10 @@ def main(args: argparse.Namespace) -> int:
         while page.is_running:  # Ctrl+C ends here as KeyboardInterrupt
             time.sleep(0.2)
     finally:
-        page.close()
+        _close(page)
     return 0
+
+
+def _close(page) -> None:
+    with contextlib.redirect_stdout(io.StringIO()):  # gradio announces it on stdout
+        page.close()
