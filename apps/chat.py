@@ -172,13 +172,14 @@ def describe_model(model: edgerun.Model | None) -> str:
     spec = model.spec
     moe = sum(1 for kind in spec.ffn_kinds if kind == "moe")
     quant = s.get("quant", "none")
+    weights = f"weights {quant}" if quant not in (None, "none") else f"weights {s.get('dtype')}, unconverted"
     where = ("all experts in memory" if not s.get("offload") else
              f"{s['expert_slots']} of {s['experts_total']} experts in RAM, the rest on disk")
     budget = f", budget {format_bytes(s['ram_budget_bytes'])}" if s.get("ram_budget_bytes") else ""
     name = html.escape(Path(str(s.get("path", "model"))).name)
     return (f'<div class="er-model"><b>{name}</b><span>{html.escape(str(s.get("model_type")))}</span>'
             f'<span>{moe} MoE layers x {spec.num_experts} experts, top-{spec.top_k}</span>'
-            f'<span>weights {quant}</span><span>context {s["context_length"]}</span>'
+            f'<span>{weights}</span><span>context {s["context_length"]}</span>'
             f'<span>{where}{budget}</span></div>')
 
 
@@ -334,6 +335,10 @@ class ChatApp:
         return (describe_model(model), render_stats(model.stats(), self.generating),
                 render_heatmap(model.expert_activity(ACTIVITY_TOKENS)))
 
+    def token_limit(self) -> dict:
+        """The most new tokens one can ask for: the loaded model's context."""
+        return gr.update(maximum=self.model.context_length if self.model is not None else 4096)
+
     # -- loading a model ---------------------------------------------------------------------------------------
     def load_model(self, path: str, quant: str, ram: str, progress=gr.Progress(track_tqdm=True)) -> tuple[str, str]:
         """Replace the model by the one at path (empty: the demo model); errors become a message in the page."""
@@ -424,11 +429,13 @@ class ChatApp:
                                                           api_name="chat", **common))
             stop.click(None, None, None, cancels=answers)
             clear.click(lambda: ([], ""), None, [chatbot, msg], api_name="clear", queue=False, cancels=answers)
-            load.click(self.load_model, [path, quant, ram], [load_status, header], api_name="load_model",
-                       concurrency_id="generate", concurrency_limit=1)
+            loaded = load.click(self.load_model, [path, quant, ram], [load_status, header], api_name="load_model",
+                                concurrency_id="generate", concurrency_limit=1)
+            loaded.then(self.token_limit, None, max_tokens, api_name=False, show_progress="hidden", queue=False)
             page.unload(self.tab_closed)
             page.load(self.live, None, [header, stats_box, heat_box], api_name=False, show_progress="hidden",
                       concurrency_limit=None)
+            page.load(self.token_limit, None, max_tokens, api_name=False, show_progress="hidden", queue=False)
             timer = gr.Timer(REFRESH_SECONDS)
             timer.tick(self.live, None, [header, stats_box, heat_box], api_name="live", show_progress="hidden",
                        concurrency_limit=None)

@@ -123,13 +123,14 @@ def main() -> None:
             proc.kill()
     prompt = replies[-1]["prompt_tokens"]
     tokens = int(statistics.median(r["generated_tokens"] for r in replies))
-    bench = [sys.executable, "-m", "edgerun.cli", "bench", *([args.model] if args.model else []),
-             "--prompt-tokens", str(prompt), "--tokens", str(tokens), "--repeats", str(args.replies),
-             "--no-kernels", "--json"]
-    if not args.model:
+    if args.model:
+        model = args.model
+    else:
         from edgerun.demo_model import demo_model_dir
 
-        bench.insert(3, str(demo_model_dir()))
+        model = str(demo_model_dir())
+    bench = [sys.executable, "-m", "edgerun.cli", "bench", model, "--prompt-tokens", str(prompt), "--tokens",
+             str(tokens), "--repeats", str(args.replies), "--no-kernels", "--json"]
     bench += ["--quant", args.quant] if args.quant else []
     bench += ["--ram", args.ram] if args.ram else []
     result = json.loads(subprocess.run(bench, capture_output=True, text=True, check=True).stdout)

@@ -204,6 +204,7 @@ def test_live_panel_of_an_offloaded_model(paths):
 def test_a_long_conversation_keeps_to_the_context(paths, capsys):
     short = edgerun.load(paths["hf"], context_length=96)
     app = chat.ChatApp(short)
+    assert app.token_limit()["maximum"] == 96  # the page's max-new-tokens slider ends at the context
     history = []
     for i in range(6):
         history += [{"role": "user", "content": f"question number {i} about the weather in the mountains"},
