@@ -1,54 +1,36 @@
-"""The embedded default model: a small Mixtral-architecture MoE with fixed random weights and the real
-Mixtral tokenizer, built once into the user cache dir. It exercises the whole runtime without a download;
-its text is meaningless because its weights are random."""
+"""The embedded default model: a small Mixtral-architecture MoE trained on Tiny Shakespeare by
+training/train_demo.py, shipped inside the package in Hugging Face format (edgerun/data/demo-model)."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from .paths import cache_dir
-from .synthetic import mixtral_config, write_random_mixtral
+from .errors import ModelNotFoundError
 
-NAME = "random-mixtral-v3"
-SEED = 20240317
-CONFIG = mixtral_config(hidden=256, layers=4, experts=8, inter=512, context=2048, dtype="float16")
-# A Mixtral-style instruction format: <s>[INST] user [/INST] answer</s>
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}"
-    "{% if m['role'] == 'user' %}[INST] {% if loop.index0 == 1 and messages[0]['role'] == 'system' %}"
-    "{{ messages[0]['content'] }}\n\n{% endif %}{{ m['content'] }} [/INST]"
-    "{% elif m['role'] == 'assistant' %} {{ m['content'] }}{{ eos_token }}"
-    "{% elif m['role'] != 'system' %}{{ raise_exception('roles must be system, user or assistant') }}"
-    "{% endif %}{% endfor %}"
-)
+NAME = "demo-model"
+USER, ASSISTANT = "ROMEO", "JULIET"  # the speakers the chat template gives the user and the model
 
 
 def demo_model_dir() -> Path:
-    """The demo model's directory, built on first use (about 60 MB, a few seconds)."""
-    target = cache_dir() / "demo" / NAME
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=NAME + ".", dir=target.parent))
+    """The packaged demo model's directory."""
+    path = Path(__file__).resolve().parent / "data" / NAME
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(f"the demo model is missing from {path}; reinstall edgerun")
+    return path
+
+
+def describe(path: Path | None = None) -> str:
+    """One line on what the demo model is, from its config.json and metrics.json."""
+    path = path or demo_model_dir()
+    cfg = json.loads((path / "config.json").read_text())
     try:
-        _write(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished first
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _write(path: Path) -> None:
-    write_random_mixtral(path, CONFIG, seed=SEED)
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True,
-        "add_eos_token": False, "chat_template": CHAT_TEMPLATE,
-    }, indent=2))
+        metrics = json.loads((path / "metrics.json").read_text())
+    except (OSError, ValueError):
+        metrics = {}
+    size = f"{metrics['parameters'] / 1e6:.1f}M-parameter " if "parameters" in metrics else ""
+    ppl = metrics.get("heldout_perplexity", {}).get("edgerun_float")
+    trained = f" (held-out perplexity {ppl:.0f})" if ppl else ""
+    return (f"a {size}Mixtral-architecture MoE ({cfg['num_local_experts']} experts, top-"
+            f"{cfg['num_experts_per_tok']}, {cfg['num_hidden_layers']} layers) trained on Tiny Shakespeare"
+            f"{trained}; you speak as {USER}, it answers as {ASSISTANT}")

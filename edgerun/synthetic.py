@@ -1,4 +1,4 @@
-"""Random-weight Mixtral-architecture checkpoints of any size, for the demo and for benchmarks.
+"""Random-weight Mixtral-architecture checkpoints of any size, for tests and benchmarks.
 
 Tensors are generated and written one layer per safetensors shard, so memory stays bounded by one layer
 however large the model. Run `python -m edgerun.synthetic DST --hidden 1024 --layers 8 ...`.

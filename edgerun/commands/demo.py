@@ -1,4 +1,5 @@
-"""`edgerun demo`: run the embedded default model end to end, with no download."""
+"""`edgerun demo`: chat with the embedded demo model, a small MoE trained on Tiny Shakespeare (no download).
+Your prompt is spoken by ROMEO and the model answers as JULIET, in the play's own format."""
 
 from __future__ import annotations
 
@@ -7,27 +8,24 @@ import sys
 
 from .run import add_generation_args, read_prompt, stream_answer
 
-DEFAULT_PROMPT = "Once upon a time, in a land far away,"
+DEFAULT_PROMPT = "Good morrow, fair Juliet. What news from Verona?"
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help="run the embedded demo model (no download)", description=__doc__)
-    add_generation_args(p, default_n=64)
+    p = sub.add_parser("demo", help="chat with the embedded demo model (no download)", description=__doc__)
+    add_generation_args(p, default_n=128)
     p.set_defaults(main=main)
 
 
 def main(args: argparse.Namespace) -> int:
     import edgerun
-    from ..demo_model import CONFIG, demo_model_dir
+    from ..demo_model import demo_model_dir, describe
 
-    print("edgerun demo: a small Mixtral-architecture model (8 experts, top-2, "
-          f"{CONFIG['num_hidden_layers']} layers) with RANDOM weights and the real Mixtral tokenizer.\n"
-          "Its text is meaningless: it shows the runtime working end to end, not a trained model.",
-          file=sys.stderr)
-    model = edgerun.load(demo_model_dir())
+    path = demo_model_dir()
+    print(f"edgerun demo: {describe(path)}.", file=sys.stderr)
+    model = edgerun.load(path)
     prompt = read_prompt(args, default=DEFAULT_PROMPT)
-    if args.temp is None:
-        args.temp = 0.8  # random weights are most telling sampled; greedy repeats one token
+    args.chat = True  # the model is trained on dialogue: the prompt is always a speech
     print(f"model: {model.path}\nprompt: {prompt}", file=sys.stderr)
     stream_answer(model, prompt, args)
     return 0
