@@ -14,6 +14,7 @@ import html
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import gradio as gr  # noqa: E402
 import edgerun  # noqa: E402
 
 REFRESH_SECONDS = 1.0  # the live panel's update interval
+UPDATE_SECONDS = 1 / 30  # the reply is sent to the page at most this often: each update costs the server time
 ACTIVITY_TOKENS = 32  # the heatmap shows the experts chosen by this many latest tokens
 DEFAULT_PORT = 7860
 QUANTS = ["none", "q8", "q4"]
@@ -289,16 +291,18 @@ class ChatApp:
             self._running.add(session)
         try:
             yield history
-            text = ""
+            text, shown = "", time.monotonic()
             for piece in pieces:
                 if session in self._gone:
                     return  # the tab was closed, and gradio's event stream had not noticed
                 text += piece
                 answer["content"] = text
-                yield history
+                if time.monotonic() - shown >= UPDATE_SECONDS:  # a fast model's pieces go out together
+                    shown = time.monotonic()
+                    yield history
             if not text:
                 answer["content"] = "*(the model ended its reply without text)*"
-                yield history
+            yield history
         except edgerun.EdgerunError as e:
             gr.Warning(str(e))
             yield history if answer["content"] else history[:-1]
