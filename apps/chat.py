@@ -9,13 +9,16 @@ they were asked for, and a reply stops when its tab is closed or its Stop button
 
 from __future__ import annotations
 
+import contextvars
 import gc
 import html
 import os
+import queue
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local app reports nothing to anyone
@@ -237,6 +240,7 @@ class ChatApp:
         self.source = source  # (path as typed, quant, ram) of the loaded model, to reload it after a failed load
         self._active = 0  # generations running now
         self._count_lock = threading.Lock()
+        self._turn = threading.Lock()
         self._running: set[str] = set()  # sessions (tabs) whose reply is being generated
         self._gone: set[str] = set()  # of those, the ones whose tab was closed
 
@@ -263,7 +267,11 @@ class ChatApp:
     def reply(self, history: list, system: str, temperature: float, top_p: float, max_tokens: float,
               seed: float | None, request: gr.Request | None = None) -> Iterator[list]:
         """Stream the model's reply to the chat's last (user) message into the chat, piece by piece."""
-        session = getattr(request, "session_hash", None)
+        with self._turn:  # one reply (or model load) at a time drives the model thread
+            yield from self._reply(history, system, temperature, top_p, max_tokens, seed,
+                                   getattr(request, "session_hash", None))
+
+    def _reply(self, history, system, temperature, top_p, max_tokens, seed, session) -> Iterator[list]:
         history = list(history or [])
         model = self.model
         if not history or history[-1].get("role") != "user":
@@ -279,8 +287,8 @@ class ChatApp:
             if dropped:
                 gr.Info(f"the {dropped} oldest messages were left out: the conversation no longer fits the "
                         f"model's {model.context_length}-token context")
-            pieces = model.stream_chat(messages, int(max_tokens), temperature=float(temperature),
-                                       top_p=float(top_p), seed=_seed(seed))
+            pieces = on_model_thread(model.stream_chat(messages, int(max_tokens), temperature=float(temperature),
+                                                       top_p=float(top_p), seed=_seed(seed)))
         except edgerun.EdgerunError as e:
             gr.Warning(str(e))
             yield history
@@ -355,7 +363,8 @@ class ChatApp:
         gc.collect()
         progress(0.05, desc=f"loading {path or 'the demo model'}")
         try:
-            self.model = open_model(path, quant, ram)
+            with self._turn:
+                self.model = model_thread().call(open_model, path, quant, ram)
             self.source = (path, quant, ram)
             s = self.model.stats()
             msg = _status(f"loaded **{html.escape(path or 'the demo model')}** in {s.get('load_seconds', 0):.1f} s")
@@ -368,7 +377,8 @@ class ChatApp:
     def _restore(self, previous: tuple[str, str, str], error: str) -> str:
         gr.Warning(error)
         try:
-            self.model = open_model(*previous)
+            with self._turn:
+                self.model = model_thread().call(open_model, *previous)
             kept = f"; kept {previous[0] or 'the demo model'}"
         except Exception:  # noqa: BLE001
             self.model = None
@@ -454,6 +464,54 @@ class ChatApp:
         page.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True, quiet=quiet,
                     show_error=False, theme=THEME, css=CSS, footer_links=[], run_history=False, ssr_mode=False)
         return page, f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/"
+
+
+class ModelThread:
+    """One thread that makes every call into the model (loading, each next token). The kernels' OpenMP
+    threads belong to the thread that calls them: calls from the server's changing worker threads would
+    start one team per caller, and on a small machine the idle teams' spinning slows decoding severalfold."""
+
+    def __init__(self):
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="edgerun-model", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            future, context, fn, args = self._calls.get()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(context.run(fn, *args))
+                except BaseException as e:  # noqa: BLE001 - handed to the caller
+                    future.set_exception(e)
+
+    def call(self, fn, *args):
+        """fn(*args) on the model thread, in the caller's context (gradio's progress tracking follows it)."""
+        future: Future = Future()
+        self._calls.put((future, contextvars.copy_context(), fn, args))
+        return future.result()
+
+
+_model_thread: ModelThread | None = None
+_model_thread_lock = threading.Lock()
+_END = object()
+
+
+def model_thread() -> ModelThread:
+    global _model_thread
+    with _model_thread_lock:
+        if _model_thread is None:
+            _model_thread = ModelThread()
+        return _model_thread
+
+
+def on_model_thread(pieces: Iterator[str]) -> Iterator[str]:
+    """The pieces of a reply, each computed on the model thread; closing this closes them there too."""
+    thread = model_thread()
+    try:
+        while (piece := thread.call(next, pieces, _END)) is not _END:
+            yield piece
+    finally:
+        thread.call(pieces.close)
 
 
 def open_model(path: str, quant: str, ram: str) -> edgerun.Model:

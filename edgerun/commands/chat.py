@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import sys
 import time
@@ -56,7 +57,8 @@ def main(args: argparse.Namespace) -> int:
         raise EdgerunError(f"cannot serve the page on {args.host}: {e}") from None
     try:  # the server runs first, so that a RAM budget, planned when the model loads, counts its memory too
         print(f"edgerun chat: loading {source}", file=sys.stderr)
-        app.model = edgerun.load(source, quant=quant, ram=args.ram, context_length=args.ctx, threads=args.threads)
+        app.model = chat.model_thread().call(functools.partial(
+            edgerun.load, source, quant=quant, ram=args.ram, context_length=args.ctx, threads=args.threads))
     except BaseException:
         _close(page)
         raise
