@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -166,6 +167,24 @@ def test_chat_streams_pieces_and_matches_the_api(served, model):
                                                                            top_p=0.95, seed=6)
     assert client.predict("", regenerated, *SETTINGS, 8, 6, api_name="/chat") == regenerated  # no new user message
     assert client.predict(api_name="/clear")[0] == []
+
+
+def test_every_token_is_computed_on_the_model_thread(served, model):
+    """The server calls a reply's generator from changing worker threads; the model itself only ever runs on
+    one thread (its kernels' thread pools belong to the calling thread)."""
+    from gradio_client import Client
+
+    app, page, url = served
+    threads = set()
+    experts = model._engine.transformer.experts
+    experts.tracer = lambda layer, idx, weights: threads.add(threading.current_thread().name)
+    try:
+        client = Client(url, verbose=False)
+        for seed in (1, 2):
+            client.predict("Which thread?", [], *SETTINGS, 40, seed, api_name="/chat")
+    finally:
+        experts.tracer = None
+    assert threads == {"edgerun-model"}
 
 
 def test_live_panel_shows_the_figures_of_the_reply(served, model):
