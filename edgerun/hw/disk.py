@@ -10,6 +10,7 @@ import mmap
 import os
 import random
 import shutil
+import statistics
 import tempfile
 import threading
 import time
@@ -23,6 +24,7 @@ _WRITE_BLOCK = 16 << 20
 _SEQ_BLOCK = 16 << 20
 _PARALLEL_READERS = 2  # what the offloading engine runs at most (hw/settings.py MAX_READERS)
 _MIN_FILE = 64 << 20
+PASSES = 3
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
@@ -57,9 +59,16 @@ def measure_disk(path: str | os.PathLike, file_bytes: int, chunk_sizes: list[int
             slots = list(range(file_bytes // chunk))
             n = max(min(len(slots), read_budget // chunk), 1)
             reads = [(s * chunk, chunk) for s in rng.sample(slots, n)]  # distinct: no read hits a cached slot
+            # one reader and several, alternately, on PASSES slices of the reads: the median of each is steadier
+            # than one long pass on disks whose speed drifts from second to second (shared or throttled ones)
+            parts = [reads[i::PASSES] for i in range(PASSES)] if len(reads) >= 2 * PASSES else [reads]
+            one, several = [], []
+            for part in parts:
+                one.append(_timed_reads(name, direct, part, 1))
+                several.append(_timed_reads(name, direct, part, _PARALLEL_READERS))
             random_read[str(chunk)] = {
-                "qd1_gbps": _timed_reads(name, direct, reads, 1),
-                "parallel_gbps": _timed_reads(name, direct, reads, _PARALLEL_READERS),
+                "qd1_gbps": statistics.median(one),
+                "parallel_gbps": statistics.median(several),
                 "parallel_readers": _PARALLEL_READERS,
             }
     finally:
