@@ -385,10 +385,10 @@ def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, pref
     if quantized and dtype not in ("auto", "float32"):
         raise GenerationError(f"{path} holds quantized weights, which compute in float32; use dtype='auto'")
     compute_dtype = _DTYPES[dtype if dtype != "auto" else store.meta["compute_dtype"]]
-    profile, profile_source = _machine_profile(measure=False)
-    if quantized and not threads and profile is not None:
-        from .hw.settings import best_threads
+    from .hw.settings import best_threads, engine_settings, local_profile
 
+    profile, profile_source = local_profile(measure=False)
+    if quantized and not threads and profile is not None:
         torch.set_num_threads(best_threads(profile, store.expert_layout.fmt))
     if quantized:
         native.set_threads(torch.get_num_threads())
@@ -426,11 +426,10 @@ def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, pref
         raise BudgetError(f"{path} keeps its experts in {store.expert_layout.fmt}, which run only fully resident "
                           f"({plan.describe()}); convert with --quant q4 or q8 to run with this budget")
     else:
-        from .hw.settings import engine_settings
         from .runtime.offload import OffloadedExperts
 
         if profile is None:
-            profile, profile_source = _machine_profile(measure=True)
+            profile, profile_source = local_profile(measure=True)
         settings = engine_settings(profile, chunk_bytes=store.chunk_bytes, top_k=spec.top_k,
                                    layer_dense_bytes=resident // spec.num_layers,
                                    expert_format=store.expert_layout.fmt)
@@ -449,12 +448,6 @@ def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, pref
         info["engine_settings"] = {**settings, "threads": torch.get_num_threads(),
                                    "direct_io": experts.stats().get("direct_io"), "profile": profile_source}
     return spec, weights, experts, store.generation_config, info
-
-
-def _machine_profile(measure: bool) -> tuple[dict | None, str]:
-    from .hw.settings import local_profile
-
-    return local_profile(measure=measure)
 
 
 def _auto_dtype(reader: SafetensorsReader) -> torch.dtype:

@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
                    help="sampling temperature, seeded (default 1: greedy decoding of a random-weight model loops "
                         "over a few tokens and routes unlike a real one)")
     p.add_argument("--repeats", type=int, default=3, metavar="N", help="runs to take the median of (default 3)")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: edgerun.load's pick)")
     p.add_argument("--ram", default=None, metavar="SIZE",
                    help="memory budget of the whole process, e.g. 4GiB (default: what the machine has)")
     p.add_argument("--cold", action="store_true", help="drop the store's files from the page cache first")

@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("--share", default="no", choices=["no", "yes"],
                    help="also open a public gradio.live link (default no)")
     p.add_argument("--ctx", type=int, default=None, metavar="N", help="context length (default: model's, max 4096)")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: edgerun.load's pick)")
     p.set_defaults(main=main)
 
 

@@ -86,10 +86,11 @@ def describe(pred, experts: str, dense: str, prompt: int = 512) -> str:
     t = pred.times
     lines += [
         f"experts per token from {tiers} (hit rate {pred.hit_rate:.0%})",
-        (f"per token: read {t['read'] * 1e3:.1f} ms ({pred.readers} reader{'s' * (pred.readers > 1)}), experts {t['experts'] * 1e3:.1f} ms, dense "
-         f"{t['dense'] * 1e3:.1f} ms, attention {t['kv'] * 1e3:.1f} ms (reads overlap with compute)"),
-        (f"prefill {pred.prefill_tokens_per_s:.1f} tok/s ({prompt}-token prompt), decode {pred.decode_tokens_per_s:.2f} tok/s "
-         f"(bottleneck: {pred.bottleneck})"),
+        (f"per token: read {t['read'] * 1e3:.1f} ms ({pred.readers} reader{'s' * (pred.readers > 1)}), "
+         f"experts {t['experts'] * 1e3:.1f} ms, dense {t['dense'] * 1e3:.1f} ms, attention {t['kv'] * 1e3:.1f} ms "
+         "(reads overlap with compute)"),
+        (f"prefill {pred.prefill_tokens_per_s:.1f} tok/s ({prompt}-token prompt), "
+         f"decode {pred.decode_tokens_per_s:.2f} tok/s (bottleneck: {pred.bottleneck})"),
     ]
     lines += [f"note: {n}" for n in pred.notes]
     return "\n".join(lines)

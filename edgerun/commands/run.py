@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
                    help="record the experts every token used, for `edgerun trace replay`")
     p.add_argument("--ctx", type=int, default=None, metavar="N", help="context length (default: model's, max 4096)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="compute dtype")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: edgerun.load's pick)")
     p.set_defaults(main=main)
 
 

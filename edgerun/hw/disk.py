@@ -22,7 +22,7 @@ from ..runtime.reader import supports_direct_io
 
 _WRITE_BLOCK = 16 << 20
 _SEQ_BLOCK = 16 << 20
-_PARALLEL_READERS = 2  # what the offloading engine runs at most (hw/settings.py MAX_READERS)
+_PARALLEL_READERS = 2  # the engine runs this many readers where they beat one (hw/settings.py read_plan)
 _MIN_FILE = 64 << 20
 PASSES = 3
 _O_DIRECT = getattr(os, "O_DIRECT", 0)

@@ -25,7 +25,7 @@ from ..runtime.memory import (
     scratch_bytes,
 )
 from ..store.layout import QUANTIZED, ExpertLayout, TensorLayout
-from .settings import read_plan
+from .settings import read_plan, top_threads
 
 BASELINE_BYTES = 340 << 20  # Python, torch and the compiled kernels, measured before the weights are mapped
 PREFILL_TOKENS = 512  # default prompt length of the prefill prediction
@@ -146,11 +146,6 @@ def impossible_reason(config: dict, sizes: ModelSizes, budget: int, ctx: int, gr
     return (f"a RAM budget of {format_size(budget)} cannot hold this model with a {ctx}-token context "
             f"(weights {format_size(sizes.resident_bytes)}, KV cache {format_size(sizes.kv_bytes(ctx))}, "
             f"experts of {format_size(sizes.chunk_bytes)}); it would fit with " + ", or ".join(fixes))
-
-
-def top_threads(by_threads: dict) -> float:
-    """The figure at the largest thread count measured (the physical cores)."""
-    return by_threads[max(by_threads, key=int)]
 
 
 @dataclass

@@ -38,7 +38,8 @@ def _nearest(table: dict, size: int) -> dict:
     return table[min(table, key=lambda k: abs(math.log(int(k) / size)))]
 
 
-def _widest(by_threads: dict) -> float:
+def top_threads(by_threads: dict) -> float:
+    """The figure at the largest thread count measured (the physical cores)."""
     return by_threads[max(by_threads, key=int)]
 
 
@@ -75,8 +76,8 @@ def engine_settings(profile: dict | None, *, chunk_bytes: int, top_k: int, layer
     readers, gbps = read_plan(profile, chunk_bytes)
     read_s = top_k * chunk_bytes / (gbps * 1e9)
     kernels = profile["cpu"]["kernels"]
-    expert_gbps = _widest(kernels[expert_format]["gemv_gbps"]) if expert_format in kernels else 1.0
-    dense_gbps = _widest(kernels["q8"]["gemv_gbps"])
+    expert_gbps = top_threads(kernels[expert_format]["gemv_gbps"]) if expert_format in kernels else 1.0
+    dense_gbps = top_threads(kernels["q8"]["gemv_gbps"])
     compute_s = top_k * chunk_bytes / (expert_gbps * 1e9) + layer_dense_bytes / (dense_gbps * 1e9)
     depth = max(1, min(MAX_DEPTH, math.ceil(read_s / compute_s)))
     return {"readers": readers, "prefetch_depth": depth}
