@@ -7,6 +7,7 @@
 
 from .api import Model, load
 from .errors import (
+    ArgumentError,
     BudgetError,
     CheckpointError,
     ContextLengthError,
@@ -20,6 +21,6 @@ from .errors import (
 
 __version__ = "0.1.0"
 __all__ = [
-    "load", "Model", "EdgerunError", "ModelNotFoundError", "UnsupportedModelError", "CheckpointError",
-    "TokenizerError", "ContextLengthError", "GenerationError", "BudgetError", "TraceError",
+    "load", "Model", "EdgerunError", "ArgumentError", "ModelNotFoundError", "UnsupportedModelError",
+    "CheckpointError", "TokenizerError", "ContextLengthError", "GenerationError", "BudgetError", "TraceError",
 ]

@@ -25,6 +25,10 @@ class ContextLengthError(EdgerunError):
     """The prompt does not fit in the model's context window."""
 
 
+class ArgumentError(EdgerunError, ValueError):
+    """An argument of `edgerun.load` or a command is invalid (an unknown dtype or policy, a malformed size)."""
+
+
 class GenerationError(EdgerunError):
     """Invalid generation arguments (sampling parameters, stop strings)."""
 

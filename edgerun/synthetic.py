@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .units import format_size
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = mixtral_config(a.hidden, a.layers, a.experts, a.inter, a.vocab, a.heads, a.kv_heads, dtype=a.dtype)
     path = write_random_mixtral(a.dst, cfg, a.seed)
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-    print(f"{path}: {size / 1e6:.0f} MB of random weights")
+    print(f"{path}: {format_size(size)} of random weights")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ import random
 import statistics
 import sys
 
+from ..units import format_size
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="measure tokens/s and kernel throughput", description=__doc__)
@@ -103,25 +105,24 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
         return 0
     print(f"model      {result['model']} ({result['model_type']}, experts {result['expert_format']}, "
-          f"{result['weights_bytes'] / 1e6:.0f} MB)")
+          f"{format_size(result['weights_bytes'])})")
     print(f"prefill    {result['prefill_tokens_per_s']:.1f} tok/s ({result['prompt_tokens']} tokens)")
     print(f"decode     {result['decode_tokens_per_s']:.1f} tok/s ({result['decode_tokens']} tokens, "
           f"median of {result['repeats']}, {result['threads']} threads)")
     if result["offload"]:
-        print(f"memory     peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB of a "
-              f"{result['ram_budget_bytes'] / 2**30:.2f} "
-              f"GiB budget; expert cache {result['expert_slots']} of {result['experts_total']} experts "
+        print(f"memory     peak RSS {format_size(result['peak_rss_bytes'])} of a "
+              f"{format_size(result['ram_budget_bytes'])} budget; expert cache {result['expert_slots']} of {result['experts_total']} experts "
               f"({result['policy']} policy{', cold start' if result['cold'] else ''})")
         print(f"experts    {100 * result['hit_rate']:.1f}% cache hits, {100 * result['prefetch_hit_rate']:.1f}% "
               f"prefetched in time, {100 * result['late_prefetch_rate']:.1f}% late, "
               f"{100 * result['demand_read_rate']:.1f}% read on demand")
         print(f"prefetch   recall "
               f"{100 * result['prefetch_recall']:.1f}% (precision {100 * result['prefetch_precision']:.1f}%, depth "
-              f"{result['prefetch_depth']}), read {result['bytes_read_per_token'] / 1e6:.1f} MB per token (ideal "
-              f"{result['ideal_bytes_per_token'] / 1e6:.1f} MB), "
+              f"{result['prefetch_depth']}), read {format_size(result['bytes_read_per_token'])} per token (ideal "
+              f"{format_size(result['ideal_bytes_per_token'])}), "
               f"{'direct' if result['direct_io'] else 'buffered'} reads")
     else:
-        print(f"memory     peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB, all experts resident")
+        print(f"memory     peak RSS {format_size(result['peak_rss_bytes'])}, all experts resident")
     k = result.get("kernels")
     if k:
         ram = ", ".join(f"{v:.1f} GB/s with {n} thread{'s' if n != '1' else ''}" for n, v in k["ram_read_gbps"].items())

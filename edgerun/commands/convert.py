@@ -7,6 +7,8 @@ import resource
 import sys
 import time
 
+from ..units import format_size
+
 
 def add_parser(sub) -> None:
     from ..store.convert import DENSE_CHOICES, QUANT_CHOICES
@@ -36,6 +38,6 @@ def main(args: argparse.Namespace) -> int:
     written = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file())
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     print(f"{dst}: experts {store.expert_layout.fmt}, other matrices {store.quant['dense']}; "
-          f"read {read / 1e6:.0f} MB, wrote {written / 1e6:.0f} MB in {seconds:.1f} s "
-          f"({read / 1e6 / seconds:.0f} MB/s of checkpoint), peak RSS {rss / 1e6:.0f} MB", file=sys.stderr)
+          f"read {format_size(read)}, wrote {format_size(written)} in {seconds:.1f} s "
+          f"({read / 1e6 / seconds:.0f} MB/s of checkpoint), peak RSS {format_size(rss)}", file=sys.stderr)
     return 0

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from ..errors import EdgerunError
+from ..units import format_size
 
 
 def add_parser(sub) -> None:
@@ -57,12 +58,12 @@ def summary(p: dict) -> str:
          f"{', '.join(cpu['simd']) or 'no listed SIMD extensions'}"),
         *(f"{fmt} kernels GEMV {cpu['kernels'][fmt]['gemv_gbps'][top]:.1f} GB/s, GEMM "
           f"{cpu['kernels'][fmt]['gemm_gflops'][top]:.1f} GFLOP/s ({top} threads)" for fmt in ("q4", "q8")),
-        f"ram        {ram['total_bytes'] / 2**30:.1f} GiB ({ram['available_bytes'] / 2**30:.1f} available), read "
+        f"ram        {format_size(ram['total_bytes'])} ({format_size(ram['available_bytes'])} available), read "
         + ", ".join(f"{v:.1f} GB/s with {n} thread{'s' if n != '1' else ''}" for n, v in ram["read_gbps"].items()),
         (f"disk       {disk['path']}: sequential {disk['seq_read_gbps']:.2f} GB/s "
          f"({'O_DIRECT' if disk['direct_io'] else 'buffered'}); random GB/s qd1/{readers} readers: {rand}"),
         "gpu        none" if gpu is None else
-        f"gpu        {gpu['name']}, {gpu['memory_bytes'] / 2**30:.0f} GiB, "
+        f"gpu        {gpu['name']}, {format_size(gpu['memory_bytes'])}, "
         f"H2D {gpu['h2d_gbps_pinned']:.1f} GB/s pinned "
         f"/ {gpu['h2d_gbps_pageable']:.1f} pageable, dequant matmul {gpu['dequant_matmul_tflops']:.1f} TFLOP/s",
         f"took       {p['duration_s']:.1f} s{' (--quick)' if p['quick'] else ''}",

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ..errors import EdgerunError
+from ..units import format_size
 
 
 def add_parser(sub) -> None:
@@ -75,7 +76,7 @@ def format_stats(s: dict) -> str:
     return (f"[{s['generated_tokens']} tokens, {s['finish_reason']} | prefill {prefilled} tokens at "
             f"{s['prefill_tokens_per_s']:.1f} tok/s | decode {s['decode_tokens_per_s']:.1f} tok/s | "
             f"first token {s['time_to_first_token_s'] * 1000:.0f} ms"
-            + (f" | expert hits {100 * s['hit_rate']:.0f}%, read {s['bytes_read'] / 1e6:.0f} MB"
+            + (f" | expert hits {100 * s['hit_rate']:.0f}%, read {format_size(s['bytes_read'])}"
                if s["offload"] else "")
             + "]")
 

@@ -18,11 +18,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import EdgerunError
+from ..units import format_size
 from ..runtime.reader import supports_direct_io
 
 _WRITE_BLOCK = 16 << 20
 _SEQ_BLOCK = 16 << 20
-_PARALLEL_READERS = 2  # the engine runs this many readers where they beat one (hw/settings.py read_plan)
+_PARALLEL_READERS = 2  # the expert reader runs this many where they beat one (hw/settings.py reader_choice)
 _MIN_FILE = 64 << 20
 PASSES = 3
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
@@ -38,18 +39,18 @@ def measure_disk(path: str | os.PathLike, file_bytes: int, chunk_sizes: list[int
     free = shutil.disk_usage(path).free
     file_bytes = min(file_bytes, free // 4) // _WRITE_BLOCK * _WRITE_BLOCK  # leave the disk most of its room
     if file_bytes < _MIN_FILE:
-        raise EdgerunError(f"{path} has {free / 2**20:.0f} MiB free; the disk test needs at least "
-                           f"{4 * _MIN_FILE / 2**20:.0f} MiB")
+        raise EdgerunError(f"{path} has {format_size(free)} free; the disk test needs at least "
+                           f"{format_size(4 * _MIN_FILE)}")
     if file_bytes < wanted:
-        log(f"disk: only {free / 2**30:.1f} GiB free, testing with a {file_bytes / 2**20:.0f} MiB file "
-            f"instead of {wanted / 2**20:.0f} MiB")
+        log(f"disk: only {format_size(free)} free, testing with a {format_size(file_bytes)} file "
+            f"instead of {format_size(wanted)}")
     fd, name = tempfile.mkstemp(prefix=".edgerun-profile-", dir=path)
     try:
         _fill(fd, file_bytes)
         os.close(fd)
         fd = -1
         direct = supports_direct_io(name)
-        log(f"disk: sequential read of {file_bytes / 2**20:.0f} MiB ({'O_DIRECT' if direct else 'buffered'})")
+        log(f"disk: sequential read of {format_size(file_bytes)} ({'O_DIRECT' if direct else 'buffered'})")
         seq = _timed_reads(name, direct, [(o, _SEQ_BLOCK) for o in range(0, file_bytes, _SEQ_BLOCK)], 1)
         random_read = {}
         rng = random.Random(0)
