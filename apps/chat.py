@@ -2,9 +2,9 @@
 
     edgerun chat [MODEL] [--quant q4] [--ram 8GiB] [--port N]
 
-Built with Gradio on edgerun's public API only (edgerun.load, Model.stream_chat, Model.stats and
-Model.expert_activity). One model serves every open tab: replies are generated one at a time, in the order
-they were asked for, and a reply stops when its tab is closed or its Stop button is pressed.
+Built with Gradio on edgerun's public API only (edgerun.load, Model.stream_chat, Model.stats,
+Model.expert_activity and edgerun.units). One model serves every open tab: replies are generated one at a time,
+in the order they were asked for, and a reply stops when its tab is closed or its Stop button is pressed.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local app report
 import gradio as gr  # noqa: E402
 
 import edgerun  # noqa: E402
+from edgerun.units import format_size  # noqa: E402
 
 REFRESH_SECONDS = 1.0  # the live panel's update interval
 UPDATE_SECONDS = 1 / 30  # the reply is sent to the page at most this often: each update costs the server time
@@ -36,13 +37,6 @@ FINISH = {"stop": "end of text", "length": "token limit", "context": "context fu
 
 
 # -- formatting --------------------------------------------------------------------------------------------------
-def format_bytes(n: float) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}" if scale == 1 << 30 else f"{n / scale:.1f} {unit}"
-    return f"{int(n)} B"
-
-
 def _card(label: str, value: str, unit: str = "", note: str = "") -> str:
     unit_html = f'<span class="er-unit">{unit}</span>' if unit else ""
     note_html = f'<div class="er-note">{note}</div>' if note else ""
@@ -75,8 +69,8 @@ def render_stats(stats: dict, generating: bool) -> str:
                   f"+{100 * stats.get('prefetch_hit_rate', 0.0):.0f}% prefetched in time"),
             _card("prefetch recall", f"{100 * stats.get('prefetch_recall', 0.0):.0f}", "%",
                   f"depth {stats.get('prefetch_depth', 0)} layers"),
-            _card("read from disk", format_bytes(stats.get("bytes_read", 0)), "",
-                  f"{format_bytes(stats.get('bytes_read_per_token', 0.0))} per token"),
+            _card("read from disk", format_size(stats.get("bytes_read", 0)), "",
+                  f"{format_size(stats.get('bytes_read_per_token', 0.0))} per token"),
         ]
     else:
         cards += [
@@ -108,10 +102,10 @@ def render_memory(stats: dict) -> str:
         if plan["slots"] >= plan["total_experts"]:
             note = f"all {plan['total_experts']} experts fit in the budget: mapped from the store, none is read"
         else:
-            note = (f"{plan['slots']} expert slots of {format_bytes(plan['slot_bytes'])} hold "
+            note = (f"{plan['slots']} expert slots of {format_size(plan['slot_bytes'])} hold "
                     f"{100 * plan['slots'] / plan['total_experts']:.0f}% of the {plan['total_experts']} experts; "
                     "the others are read from disk when needed")
-        title = f"memory: peak {format_bytes(peak)} of a {format_bytes(budget)} budget"
+        title = f"memory: peak {format_size(peak)} of a {format_size(budget)} budget"
     else:
         budget = max(peak, 1)
         weights = stats.get("weights_bytes", 0)
@@ -120,13 +114,13 @@ def render_memory(stats: dict) -> str:
                  ("KV cache", kv, "er-t2")]
         note = ("all experts are in memory (no RAM budget applies); load a model with quant q8/q4 and a RAM "
                 "budget to stream its experts from disk")
-        title = f"memory: peak {format_bytes(peak)}"
+        title = f"memory: peak {format_size(peak)}"
     total = max(budget, sum(p[1] for p in parts), 1)
     bar = "".join(f'<div class="er-seg {cls}" style="width:{100 * n / total:.2f}%" title="{label}: '
-                  f'{format_bytes(n)}"></div>' for label, n, cls in parts if n > 0)
+                  f'{format_size(n)}"></div>' for label, n, cls in parts if n > 0)
     marker = (f'<div class="er-peak" style="left:{min(100.0, 100 * peak / total):.2f}%" '
-              f'title="peak RSS {format_bytes(peak)}"></div>' if plan else "")
-    legend = "".join(f'<span class="er-key"><i class="{cls}"></i>{label} {format_bytes(n)}</span>'
+              f'title="peak RSS {format_size(peak)}"></div>' if plan else "")
+    legend = "".join(f'<span class="er-key"><i class="{cls}"></i>{label} {format_size(n)}</span>'
                      for label, n, cls in parts)
     return (f'<div class="er-mem"><div class="er-mem-title">{title}</div>'
             f'<div class="er-bar">{bar}{marker}</div><div class="er-legend">{legend}</div>'
@@ -175,12 +169,12 @@ def describe_model(model: edgerun.Model | None) -> str:
         return '<div class="er-model">no model loaded: open <b>Model</b> and load one</div>'
     s = model.stats()
     spec = model.spec
-    moe = sum(1 for kind in spec.ffn_kinds if kind == "moe")
+    moe = len(spec.moe_layers)
     quant = s.get("quant", "none")
     weights = f"weights {quant}" if quant not in (None, "none") else f"weights {s.get('dtype')}, unconverted"
     where = ("all experts in memory" if not s.get("offload") else
              f"{s['expert_slots']} of {s['experts_total']} experts in RAM, the rest on disk")
-    budget = f", budget {format_bytes(s['ram_budget_bytes'])}" if s.get("ram_budget_bytes") else ""
+    budget = f", budget {format_size(s['ram_budget_bytes'])}" if s.get("ram_budget_bytes") else ""
     name = html.escape(Path(str(s.get("path", "model"))).name)
     return (f'<div class="er-model"><b>{name}</b><span>{html.escape(str(s.get("model_type")))}</span>'
             f'<span>{moe} MoE layers x {spec.num_experts} experts, top-{spec.top_k}</span>'

@@ -16,23 +16,24 @@ import torch
 from .checkpoint.hf import read_json, resolve_model_dir
 from .checkpoint.loader import load_weights
 from .checkpoint.safetensors_reader import SafetensorsReader
-from .errors import GenerationError, TokenizerError
+from .errors import ArgumentError, CheckpointError, GenerationError, TokenizerError
 from .models import spec_from_config
+from .models.decoder import Decoder
 from .models.spec import ModelSpec, eos_list
-from .models.transformer import Transformer
 from .progress import ByteProgress
-from .runtime.engine import PREFILL_CHUNK, Engine
-from .runtime.experts import TorchExperts
-from .runtime.memory import (BudgetError, choose_prefill_chunk, current_rss, parse_size, peak_rss, plan_memory,
-                             scratch_bytes)
+from .runtime import placement
+from .runtime.engine import Engine
+from .runtime.experts import ExpertsContainer, TorchExperts
+from .runtime.placement import BudgetError, ModelLayout, available_ram, current_rss, peak_rss
 from .runtime.policy import POLICIES
 from .runtime.sampling import Sampler, SamplingParams
+from .runtime.trace import RecentRouting
 from .store.store import is_store
+from .units import parse_size
 
 if TYPE_CHECKING:
     from .checkpoint.tokenizer import Tokenizer
 
-DEFAULT_CONTEXT = 4096
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -47,6 +48,8 @@ class Model:
         self._tokenizer: Tokenizer | None = None
         self._generation_config = generation_config
         self._info = info
+        self._recent = RecentRouting()  # the experts every MoE layer chose lately, for expert_activity()
+        engine.decoder.observers.append(self._recent)
 
     # -- tokenizer -------------------------------------------------------------------------------------
     @property
@@ -192,7 +195,7 @@ class Model:
         see `edgerun trace replay`)."""
         from .runtime.trace import TraceWriter
 
-        experts = self._engine.transformer.experts
+        observers = self._engine.decoder.observers
         try:
             writer = TraceWriter(path)
         except OSError as e:
@@ -206,11 +209,11 @@ class Model:
             seen[layer] = first + idx.shape[0]
 
         with self._lock:
-            experts.tracer = tracer
+            observers.append(tracer)
         try:
             yield
         finally:
-            experts.tracer = None
+            observers.remove(tracer)
             writer.close()
 
     # -- reporting -----------------------------------------------------------------------------------------
@@ -221,11 +224,11 @@ class Model:
             "model_type": self.spec.model_type,
             "context_length": self.context_length,
             "kv_cache_bytes": self._engine.cache.nbytes,
-            "dtype": str(self._engine.transformer.dtype).removeprefix("torch."),
+            "dtype": str(self._engine.decoder.dtype).removeprefix("torch."),
             "threads": torch.get_num_threads(),
         })
         out.update({k: str(v) if isinstance(v, Path) else v for k, v in self._info.items() if k != "tokenizer_dir"})
-        out.update(self._engine.transformer.experts.stats())
+        out.update(self._engine.experts.stats())
         out["peak_rss_bytes"] = peak_rss()
         return out
 
@@ -238,16 +241,14 @@ class Model:
         "resident": [layer][expert] whether its weights are in RAM, "loading": [layer][expert] whether
         they are being read from disk now, "all_resident": True when every expert is always in memory}.
         """
-        experts = self._engine.transformer.experts
-        layers = [i for i, kind in enumerate(self.spec.ffn_kinds) if kind == "moe"]
+        layers = self.spec.moe_layers
         E = self.spec.num_experts
-        recent = getattr(experts, "recent", None)
         used, counted = [], 0
         for layer in layers:
-            counts, n = recent.counts(layer, E, int(tokens)) if recent is not None else ([0] * E, 0)
+            counts, n = self._recent.counts(layer, E, int(tokens))
             used.append(counts)
             counted = max(counted, n)
-        where = experts.residency() if hasattr(experts, "residency") else None
+        where = self._engine.experts.residency()
         if where is None:
             resident = [[True] * E for _ in layers]
             loading = [[False] * E for _ in layers]
@@ -257,6 +258,18 @@ class Model:
             loading = [[(layer, e) in reading for e in range(E)] for layer in layers]
         return {"layers": layers, "num_experts": E, "tokens": counted, "used": used, "resident": resident,
                 "loading": loading, "all_resident": where is None}
+
+    # -- the experts container ------------------------------------------------------------------------------
+    @property
+    def experts(self) -> ExpertsContainer:
+        """The container that computes the routed experts (in RAM, memory-mapped, or offloaded to a store)."""
+        return self._engine.experts
+
+    def use_experts(self, experts: ExpertsContainer) -> ExpertsContainer:
+        """Compute the routed experts with another container (see runtime.experts.ExpertsContainer) from the next
+        call on; returns the one it replaces, which the caller may close."""
+        with self._lock:
+            return self._engine.use_experts(experts)
 
     def __repr__(self) -> str:
         return f"<edgerun.Model {self.spec.model_type} from {self.path}>"
@@ -313,52 +326,60 @@ def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None
     prefetch: predict the experts of the next layers and read them ahead.
     """
     t0 = time.perf_counter()
+    _check_load_arguments(quant, dense, dtype, threads, policy, context_length)
     if threads:
         torch.set_num_threads(int(threads))
-    if dtype != "auto" and dtype not in _DTYPES:
-        raise GenerationError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
-    if policy not in POLICIES:
-        raise GenerationError(f"policy must be one of {', '.join(POLICIES)}; got {policy!r}")
     budget = None if ram is None else parse_size(ram)
     offload = {"budget": budget, "policy": policy, "prefetch": prefetch, "context_length": context_length}
     if is_store(path):
         if quant not in (None, "none") or dense is not None:
-            raise GenerationError(f"{path} is already a converted store; quant and dense apply to HF checkpoints")
-        loaded = _load_store(Path(path), dtype, threads=threads, **offload)
-    elif quant in (None, "none"):
+            raise ArgumentError(f"{path} is already a converted store; quant and dense apply to HF checkpoints")
+        return _load_store(Path(path), dtype, threads=threads, t0=t0, **offload)
+    if quant in (None, "none"):
         if dense is not None:
-            raise GenerationError("dense applies only together with quant (bf16, q8 or q4)")
+            raise ArgumentError("dense applies only together with quant (bf16, q8 or q4)")
         if ram is not None:
-            raise GenerationError("a memory budget applies to converted models: add quant='q4' or 'q8' (--quant "
-                                  "on the command line), or convert the model with `edgerun convert` and load "
-                                  "the store")
-        loaded = _load_hf(resolve_model_dir(path), dtype, progress)
-    else:
-        from .store.convert import cached_store_path, convert
+            raise ArgumentError("a memory budget applies to converted models: add quant='q4' or 'q8' (--quant on the "
+                                "command line), or convert the model with `edgerun convert` and load the store")
+        return _load_hf(resolve_model_dir(path), dtype, progress, context_length, t0)
+    from .store.convert import cached_store_path, convert
 
-        src = resolve_model_dir(path)
-        store = cached_store_path(src, quant, dense, 32)
-        if not is_store(store):
-            convert(src, store, quant=quant, dense=dense, progress=progress)
-        loaded = _load_store(store, dtype, threads=threads, **offload)
-    spec, weights, experts, generation_config, info = loaded
-    ctx = _context_length(spec, context_length)
-    chunk = info.get("memory_plan", {}).get("prefill_chunk")
-    engine = Engine(Transformer(spec, weights, experts, ctx), ctx, chunk)
+    src = resolve_model_dir(path)
+    store = cached_store_path(src, quant, dense, 32)
+    if not is_store(store):
+        convert(src, store, quant=quant, dense=dense, progress=progress)
+    return _load_store(store, dtype, threads=threads, t0=t0, **offload)
+
+
+def _check_load_arguments(quant, dense, dtype, threads, policy, context_length) -> None:
+    """Bad arguments fail at once, before any file is read."""
+    from .store.convert import DENSE_CHOICES, QUANT_CHOICES
+
+    if quant is not None and quant not in QUANT_CHOICES:
+        raise ArgumentError(f"quant must be one of {', '.join(QUANT_CHOICES)}; got {quant!r}")
+    if dense is not None and dense not in DENSE_CHOICES:
+        raise ArgumentError(f"dense must be one of {', '.join(DENSE_CHOICES)}; got {dense!r}")
+    if dtype != "auto" and dtype not in _DTYPES:
+        raise ArgumentError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ArgumentError(f"threads must be a positive integer, got {threads!r}")
+    if policy not in POLICIES:
+        raise ArgumentError(f"policy must be one of {', '.join(POLICIES)}; got {policy!r}")
+    if context_length is not None and (not isinstance(context_length, int) or context_length < 2):
+        raise ArgumentError(f"context_length must be an integer of at least 2, got {context_length!r}")
+
+
+def _model(spec: ModelSpec, decoder: Decoder, experts: ExpertsContainer, context: int, prefill_chunk: int | None,
+           generation_config: dict, info: dict, t0: float) -> Model:
+    engine = Engine(decoder, experts, context, prefill_chunk)
     info["load_seconds"] = time.perf_counter() - t0
     return Model(spec, engine, generation_config, info)
 
 
-def _context_length(spec: ModelSpec, context_length: int | None) -> int:
-    ctx = int(context_length or min(spec.max_position_embeddings, DEFAULT_CONTEXT))
-    if ctx < 2:
-        raise GenerationError(f"context_length must be at least 2, got {ctx}")
-    return ctx
-
-
-def _load_hf(model_dir: Path, dtype: str, progress: bool | None):
+def _load_hf(model_dir: Path, dtype: str, progress: bool | None, context_length: int | None, t0: float) -> Model:
     cfg = read_json(model_dir / "config.json")
     family, spec = spec_from_config(cfg, str(model_dir / "config.json"))
+    ctx = placement.context_length(spec, context_length)
     generation_config = read_json(model_dir / "generation_config.json", required=False)
     reader = SafetensorsReader(model_dir)
     compute_dtype = _DTYPES[dtype] if dtype != "auto" else _auto_dtype(reader)
@@ -366,15 +387,18 @@ def _load_hf(model_dir: Path, dtype: str, progress: bool | None):
     with ByteProgress(total, f"loading {model_dir.name}", enabled=progress) as bar:
         weights, gate_up, down = load_weights(reader, spec, family.RULES, compute_dtype, progress=bar.update)
     reader.close()
+    decoder = Decoder(spec)
+    decoder.bind(weights)
     experts = TorchExperts(gate_up, down, spec.activation)
     weights_bytes = sum(t.nbytes for t in weights.values()) + sum(t.nbytes for t in gate_up + down if t is not None)
     info = {"path": model_dir, "tokenizer_dir": model_dir, "quant": "none", "weights_bytes": weights_bytes}
-    return spec, weights, experts, generation_config, info
+    return _model(spec, decoder, experts, ctx, None, generation_config, info, t0)
 
 
 def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, prefetch: bool,
-                context_length: int | None, threads: int | None = None):
+                context_length: int | None, threads: int | None, t0: float) -> Model:
     from . import native
+    from .hw.settings import best_threads, local_profile
     from .runtime.quantized import QuantizedExperts, QuantizedMatrix, StoreTensorExperts, as_tensor
     from .store.layout import PASSTHROUGH, QUANTIZED
     from .store.store import ExpertStore
@@ -383,71 +407,70 @@ def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, pref
     _, spec = spec_from_config(store.config, f"{path} (stored config)")
     quantized = store.quant["experts"] in QUANTIZED or store.quant["dense"] in QUANTIZED
     if quantized and dtype not in ("auto", "float32"):
-        raise GenerationError(f"{path} holds quantized weights, which compute in float32; use dtype='auto'")
+        raise ArgumentError(f"{path} holds quantized weights, which compute in float32; use dtype='auto'")
     compute_dtype = _DTYPES[dtype if dtype != "auto" else store.meta["compute_dtype"]]
-    from .hw.settings import best_threads, engine_settings, local_profile
+    layout = ModelLayout.for_formats(spec, store.quant["experts"], store.quant["dense"], store.quant["group"],
+                                     compute_dtype)
+    _check_store_layout(store, layout)
+    ctx = placement.context_length(spec, context_length)
 
     profile, profile_source = local_profile(measure=False)
     if quantized and not threads and profile is not None:
-        torch.set_num_threads(best_threads(profile, store.expert_layout.fmt))
+        torch.set_num_threads(best_threads(profile, layout.expert_format))
     if quantized:
         native.set_threads(torch.get_num_threads())
         native.warmup()  # compile (or load the compiled kernels) now, not inside the first token
     baseline = current_rss()  # the process before the model's weights: interpreter, torch, kernels
-    weights, resident = {}, 0
-    for name in store.tensor_names():
-        layout = store.tensor_layout(name)
+    weights = {}
+    for name, tensor in layout.tensors.items():
         views = store.tensor_views(name)
-        resident += layout.nbytes
-        if layout.fmt in QUANTIZED:
-            weights[name] = QuantizedMatrix(views[0], views[1], layout.shape[1])
+        if tensor.fmt in QUANTIZED:
+            weights[name] = QuantizedMatrix(views[0], views[1], tensor.shape[1])
         else:
-            weights[name] = as_tensor(views[0], PASSTHROUGH[layout.fmt][1]).to(compute_dtype)
-            if weights[name].dtype != PASSTHROUGH[layout.fmt][1]:
-                resident += weights[name].nbytes  # converted copy next to the mapped bytes
-    ctx = _context_length(spec, context_length)
-    total_experts = len(store.moe_layers) * store.num_experts
-    elem = torch.empty((), dtype=compute_dtype).element_size()
-    def scratch_of(chunk: int) -> int:
-        return scratch_bytes(hidden=spec.hidden_size, inter=spec.moe_intermediate_size, heads=spec.num_heads,
-                             vocab=spec.vocab_size, top_k=spec.top_k, context_length=ctx, chunk=chunk,
-                             slot_bytes=store.chunk_bytes)
-
-    chunk = choose_prefill_chunk(budget, scratch_of, PREFILL_CHUNK)
-    plan = plan_memory(
-        budget=budget, baseline=baseline, resident=resident,
-        kv_cache=2 * spec.num_layers * spec.num_kv_heads * ctx * spec.head_dim * elem, scratch=scratch_of(chunk),
-        slot_bytes=store.chunk_bytes, total_experts=total_experts, top_k=spec.top_k, context_length=ctx,
-        prefill_chunk=chunk)
+            weights[name] = as_tensor(views[0], PASSTHROUGH[tensor.fmt][1]).to(compute_dtype)
+    plan = placement.place(layout, budget=budget, context=ctx, baseline=baseline,
+                           available=available_ram() + current_rss())  # the process's own pages count as available
     if plan.all_resident:
-        experts = (QuantizedExperts if store.expert_layout.fmt in QUANTIZED else StoreTensorExperts)(
+        experts = (QuantizedExperts if layout.expert_format in QUANTIZED else StoreTensorExperts)(
             store, spec.activation)
-    elif store.expert_layout.fmt not in QUANTIZED:
-        raise BudgetError(f"{path} keeps its experts in {store.expert_layout.fmt}, which run only fully resident "
+        settings = {"offload": False}
+    elif layout.expert_format not in QUANTIZED:
+        raise BudgetError(f"{path} keeps its experts in {layout.expert_format}, which run only fully resident "
                           f"({plan.describe()}); convert with --quant q4 or q8 to run with this budget")
     else:
         from .runtime.offload import OffloadedExperts
 
         if profile is None:
             profile, profile_source = local_profile(measure=True)
-        settings = engine_settings(profile, chunk_bytes=store.chunk_bytes, top_k=spec.top_k,
-                                   layer_dense_bytes=resident // spec.num_layers,
-                                   expert_format=store.expert_layout.fmt)
-        experts = OffloadedExperts(
-            store, spec.activation, spec.top_k, plan.slots, policy=policy, prefetch=prefetch,
-            workers=settings["readers"], depth=settings["prefetch_depth"],
-            routers={layer: weights[f"layers.{layer}.router"] for layer in store.moe_layers},
-            norms={layer: weights[f"layers.{layer}.ffn_norm"] for layer in store.moe_layers})
-    weights_bytes = total_experts * store.chunk_bytes + sum(store.tensor_layout(n).nbytes for n in store.tensor_names())
+        settings = placement.runtime_settings(profile, layout)
+        experts = OffloadedExperts(store, spec.activation, spec.top_k, plan.slots, policy=policy, prefetch=prefetch,
+                                   workers=settings["readers"], depth=settings["prefetch_depth"])
+        settings["direct_io"] = experts.reader.direct
+    settings.update(threads=torch.get_num_threads(), profile=profile_source)
+    decoder = layout.decoder
+    decoder.bind(weights)
+    weights_bytes = layout.total_experts * layout.chunk_bytes + sum(t.nbytes for t in layout.tensors.values())
     info = {"path": path, "tokenizer_dir": store.tokenizer_dir, "quant": store.quant["name"],
-            "expert_format": store.expert_layout.fmt, "dense_format": store.quant["dense"],
-            "weights_bytes": weights_bytes, "memory_plan": plan.as_dict(), "ram_budget_bytes": plan.budget_bytes}
-    if plan.all_resident:
-        info["engine_settings"] = {"offload": False, "threads": torch.get_num_threads(), "profile": profile_source}
-    else:
-        info["engine_settings"] = {**settings, "threads": torch.get_num_threads(),
-                                   "direct_io": experts.stats().get("direct_io"), "profile": profile_source}
-    return spec, weights, experts, store.generation_config, info
+            "expert_format": layout.expert_format, "dense_format": layout.dense_format,
+            "weights_bytes": weights_bytes, "memory_plan": plan.as_dict(), "ram_budget_bytes": plan.budget_bytes,
+            "runtime_settings": settings}
+    return _model(spec, decoder, experts, ctx, plan.prefill_chunk, store.generation_config, info, t0)
+
+
+def _check_store_layout(store, layout: ModelLayout) -> None:
+    """The store holds exactly the tensors, shapes and formats its model and formats call for."""
+    def describe(t) -> str:
+        return "nothing" if t is None else f"{t.fmt} {list(t.shape)}"
+
+    stored = {name: store.tensor_layout(name) for name in store.tensor_names()}
+    for name in sorted(stored.keys() | layout.tensors.keys()):
+        want, got = layout.tensors.get(name), stored.get(name)
+        if want != got:
+            raise CheckpointError(f"store {store.path} holds {describe(got)} for tensor {name} where its model calls "
+                                  f"for {describe(want)}; convert the model again")
+    if store.moe_layers != layout.spec.moe_layers or store.expert_layout != layout.expert_layout:
+        raise CheckpointError(f"store {store.path} holds experts of another shape than its config describes; "
+                              f"convert the model again")
 
 
 def _auto_dtype(reader: SafetensorsReader) -> torch.dtype:

@@ -30,6 +30,7 @@ from edgerun.cli import main  # noqa: E402
 from edgerun.runtime.offload import OffloadedExperts  # noqa: E402
 from edgerun.store.convert import convert  # noqa: E402
 from edgerun.store.store import ExpertStore  # noqa: E402
+from edgerun.units import format_size  # noqa: E402
 from edgerun.synthetic import mixtral_config, write_random_mixtral  # noqa: E402
 
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
@@ -75,13 +76,8 @@ def served(model):
 
 def offload(model: edgerun.Model, slots: int) -> OffloadedExperts:
     """Put the model's experts behind a cache of `slots` expert slots over its store."""
-    transformer = model._engine.transformer
-    store = ExpertStore(model.path)
-    experts = OffloadedExperts(
-        store, model.spec.activation, model.spec.top_k, slots,
-        routers={layer: transformer.w[f"layers.{layer}.router"] for layer in store.moe_layers},
-        norms={layer: transformer.w[f"layers.{layer}.ffn_norm"] for layer in store.moe_layers})
-    transformer.experts = experts
+    experts = OffloadedExperts(ExpertStore(model.path), model.spec.activation, model.spec.top_k, slots)
+    model.use_experts(experts).close()
     return experts
 
 
@@ -176,14 +172,24 @@ def test_every_token_is_computed_on_the_model_thread(served, model):
 
     app, page, url = served
     threads = set()
-    experts = model._engine.transformer.experts
-    experts.tracer = lambda layer, idx, weights: threads.add(threading.current_thread().name)
+    class Recording:  # an experts container that notes the calling thread and hands the work on
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, layer, x, idx, weights):
+            threads.add(threading.current_thread().name)
+            return self.inner(layer, x, idx, weights)
+
+        def __getattr__(self, name):  # the rest of the contract: the wrapped container's
+            return getattr(self.inner, name)
+
+    inner = model.use_experts(Recording(model.experts))
     try:
         client = Client(url, verbose=False)
         for seed in (1, 2):
             client.predict("Which thread?", [], *SETTINGS, 40, seed, api_name="/chat")
     finally:
-        experts.tracer = None
+        model.use_experts(inner)
     assert threads == {"edgerun-model"}
 
 
@@ -214,7 +220,7 @@ def test_live_panel_of_an_offloaded_model(paths):
     header, stats_html, heat_html = chat.ChatApp(small).live()
     assert "6 of 32 experts in RAM, the rest on disk" in header
     plan = small.stats()["memory_plan"]
-    assert "budget" in stats_html and chat.format_bytes(plan["budget_bytes"]) in stats_html
+    assert "budget" in stats_html and format_size(plan["budget_bytes"]) in stats_html
     for label in ("resident weights", "KV cache", "expert slots", "expert hits", "prefetch recall", "read from disk"):
         assert label in stats_html
     assert f"{len(experts.cache.resident())} of 32 experts in RAM" in heat_html

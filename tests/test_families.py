@@ -127,9 +127,9 @@ def test_prefix_reuse_gives_the_same_tokens(tmp_path):
 
 
 def test_long_prompt_prefills_in_chunks(tmp_path, monkeypatch):
-    from edgerun.runtime import engine
+    from edgerun.runtime import placement
 
-    monkeypatch.setattr(engine, "PREFILL_CHUNK", 5)
+    monkeypatch.setattr(placement, "PREFILL_CHUNK", 5)
     hf = build("qwen2_moe")
     model = edgerun.load(save(hf, tmp_path / "q"))
     ids = (PROMPT * 2)[:23]

@@ -15,7 +15,9 @@ import edgerun
 from edgerun.cli import main
 from edgerun.errors import CheckpointError, EdgerunError
 from edgerun.runtime import reader as reader_module
-from edgerun.runtime.memory import SAFETY_MIN, BudgetError, choose_prefill_chunk, parse_size, plan_memory
+from edgerun.runtime import placement
+from edgerun.runtime.placement import SAFETY_MIN, BudgetError, choose_prefill_chunk, split_budget
+from edgerun.units import parse_size
 from edgerun.runtime.offload import OffloadedExperts
 from edgerun.runtime.reader import CANCELLED, DONE, ExpertReader
 from edgerun.runtime.trace import read_trace
@@ -43,13 +45,8 @@ def stores(tmp_path_factory):
 
 def offload(model: edgerun.Model, slots: int, **kwargs) -> OffloadedExperts:
     """Swap the model's experts for an offloading container of `slots` slots over the same store."""
-    transformer = model._engine.transformer
-    store = ExpertStore(model.path)
-    experts = OffloadedExperts(
-        store, model.spec.activation, model.spec.top_k, slots,
-        routers={layer: transformer.w[f"layers.{layer}.router"] for layer in store.moe_layers},
-        norms={layer: transformer.w[f"layers.{layer}.ffn_norm"] for layer in store.moe_layers}, **kwargs)
-    transformer.experts = experts
+    experts = OffloadedExperts(ExpertStore(model.path), model.spec.activation, model.spec.top_k, slots, **kwargs)
+    model.use_experts(experts).close()
     return experts
 
 
@@ -65,17 +62,17 @@ def test_parse_size():
 
 
 def test_plan_splits_the_budget():
-    kw = dict(baseline=300 << 20, resident=100 << 20, kv_cache=50 << 20, scratch=20 << 20, slot_bytes=10 << 20,
-              total_experts=64, top_k=2, context_length=512, prefill_chunk=512)
-    plan = plan_memory(budget=1 << 30, **kw)
+    kw = dict(given=True, baseline=300 << 20, resident=100 << 20, kv_cache=50 << 20, scratch=20 << 20,
+              slot_bytes=10 << 20, total_experts=64, top_k=2, context_length=512, prefill_chunk=512)
+    plan = split_budget(budget=1 << 30, **kw)
     assert plan.slots == (plan.budget_bytes - plan.fixed_bytes) // (10 << 20)
     assert 4 <= plan.slots < 64 and plan.fixed_bytes + plan.slots * plan.slot_bytes <= 1 << 30
-    assert plan_memory(budget=8 << 30, **kw).slots == 64  # never more slots than experts
+    assert split_budget(budget=8 << 30, **kw).slots == 64  # never more slots than experts
     with pytest.raises(BudgetError, match=r"minimum of (\d+\.\d+) MiB") as e:
-        plan_memory(budget=400 << 20, **kw)
+        split_budget(budget=400 << 20, **kw)
     minimum = float(e.value.args[0].split("minimum of ")[1].split(" MiB")[0]) * (1 << 20)
     assert minimum >= (300 + 100 + 50 + 20 + 4 * 10) << 20  # what every token needs and 2 x top_k slots
-    assert plan_memory(budget=int(minimum) + (1 << 20), **kw).slots >= 4
+    assert split_budget(budget=int(minimum) + (1 << 20), **kw).slots >= 4
 
 
 def test_tight_budgets_prefill_in_shorter_chunks():
@@ -122,7 +119,7 @@ def test_tight_budget_gives_identical_tokens_and_logits(stores, name, policy):
 def budget_for(store: Path, slots: int, monkeypatch) -> int:
     """A budget leaving room for `slots` experts, with this process's baseline RSS pinned so the plan is exact."""
     monkeypatch.setattr(edgerun.api, "current_rss", lambda: 300 << 20)
-    monkeypatch.setattr(edgerun.api, "choose_prefill_chunk", lambda budget, scratch_of, largest: 64)
+    monkeypatch.setattr(placement, "choose_prefill_chunk", lambda budget, scratch_of: 64)
     plan = edgerun.load(store, context_length=64).stats()["memory_plan"]
     assert plan["slots"] == plan["total_experts"]  # no budget: all of a tiny model fits
     # at these sizes the safety margin is its minimum; the no-budget plan's margin is a share of the machine's RAM
@@ -137,10 +134,10 @@ def test_load_with_ram_offloads_and_keeps_output(stores, monkeypatch):
     stats = model.stats()
     assert stats["offload"] and stats["expert_slots"] == 6 and stats["memory_plan"]["prefill_chunk"] == 64
     # the engine took its reader threads and prefetch depth from this machine's profile
-    assert stats["engine_settings"]["profile"].endswith(".json")
-    assert stats["engine_settings"]["readers"] in (1, 2) and stats["prefetch_depth"] >= 1
-    assert stats["engine_settings"]["threads"] == stats["threads"] >= 1
-    assert stats["engine_settings"]["direct_io"] == stats["direct_io"]
+    assert stats["runtime_settings"]["profile"].endswith(".json")
+    assert stats["runtime_settings"]["readers"] in (1, 2) and stats["prefetch_depth"] >= 1
+    assert stats["runtime_settings"]["threads"] == stats["threads"] >= 1
+    assert stats["runtime_settings"]["direct_io"] == stats["direct_io"]
     assert model.generate_ids(PROMPT, 8, temperature=0, ignore_eos=True) == want
     stats = model.stats()
     assert stats["ram_budget_bytes"] == budget

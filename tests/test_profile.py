@@ -145,30 +145,30 @@ def test_every_reference_profile_validates_and_says_where_its_numbers_come_from(
             assert profile.get("notes"), f"{path} gives no sources for its figures"
 
 
-def test_engine_settings_follow_the_disk_and_kernels_of_the_profile():
+def test_read_ahead_follows_the_disk_and_kernels_of_the_profile():
     import copy
     import json
     from pathlib import Path
 
-    from edgerun.hw.settings import engine_settings
+    from edgerun.runtime.placement import read_ahead
 
     base = json.loads((Path(__file__).parent.parent / "profiles" / "desktop-rtx4090-64gb.json").read_text())
     chunk = 16 << 20
-    piece = str(4 << 20)  # the engine reads a chunk in 4 MiB calls: the 4 MiB figures apply
+    piece = str(4 << 20)  # the reader reads a chunk in 4 MiB calls: the 4 MiB figures apply
     base["disk"]["random_read"][piece].update(qd1_gbps=4.5, parallel_gbps=6.0, parallel_readers=4)
     # one reader: 4.5 GB/s qd1, 6.0 GB/s with 4 readers (less than 1.5x); two chunks per layer take
     # 2 * 16 MiB / 4.5 GB/s = 7.5 ms; a layer computes 2 * 16 MiB at 85% of 75 GB/s plus 10 MB of dense weights
-    got = engine_settings(base, chunk_bytes=chunk, top_k=2, layer_dense_bytes=10_000_000, expert_format="q4")
+    got = read_ahead(base, chunk_bytes=chunk, top_k=2, layer_dense_bytes=10_000_000, expert_format="q4")
     read = 2 * chunk / 4.5e9
     compute = 2 * chunk / (0.85 * 75.0e9) + 10_000_000 / (0.85 * 75.0e9)
     assert got == {"readers": 1, "prefetch_depth": min(4, -(-read // compute))}
     slow = copy.deepcopy(base)
     slow["disk"]["random_read"][piece].update(qd1_gbps=0.5, parallel_gbps=1.5)
-    got = engine_settings(slow, chunk_bytes=chunk, top_k=2, layer_dense_bytes=10_000_000, expert_format="q4")
+    got = read_ahead(slow, chunk_bytes=chunk, top_k=2, layer_dense_bytes=10_000_000, expert_format="q4")
     assert got == {"readers": 4, "prefetch_depth": 4}  # parallel reads pay off; the disk is far behind
     slow["disk"]["random_read"][piece]["parallel_readers"] = 2
-    assert engine_settings(slow, chunk_bytes=chunk, top_k=2, layer_dense_bytes=0, expert_format="q4")["readers"] == 2
-    assert engine_settings(None, chunk_bytes=chunk, top_k=2, layer_dense_bytes=0, expert_format="q4") == {
+    assert read_ahead(slow, chunk_bytes=chunk, top_k=2, layer_dense_bytes=0, expert_format="q4")["readers"] == 2
+    assert read_ahead(None, chunk_bytes=chunk, top_k=2, layer_dense_bytes=0, expert_format="q4") == {
         "readers": 1, "prefetch_depth": 1}
 
 

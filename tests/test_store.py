@@ -235,7 +235,7 @@ def test_load_converts_once_into_the_cache(hf_dirs, monkeypatch):
     again = edgerun.load(src, quant="q8")
     assert again.path == model.path
     assert np.array_equal(again.logits(PROMPT), model.logits(PROMPT))
-    with pytest.raises(edgerun.GenerationError, match="already a converted store"):
+    with pytest.raises(edgerun.ArgumentError, match="already a converted store"):
         edgerun.load(model.path, quant="q4")
 
 

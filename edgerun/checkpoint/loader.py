@@ -1,7 +1,7 @@
 """Turn a checkpoint's tensors into the decoder's canonical weights, checking every name and shape.
 
-Families give a list of (regex, replacement) rules mapping checkpoint names to canonical names
-(see `models.transformer.expected_shapes`). Experts arrive either as one 2D tensor per expert
+Families give a list of (regex, replacement) rules mapping checkpoint names to canonical names (the tensors
+the decoder's parts declare, `Decoder.tensors`). Experts arrive either as one 2D tensor per expert
 (`layers.N.experts.E.{gate,up,down}`) or fused 3D (`layers.N.experts.{gate_up,down}`, possibly stored
 transposed); both end up stacked as gate_up [E, 2I, D] and down [E, D, I].
 """
@@ -14,8 +14,8 @@ from collections.abc import Callable
 import torch
 
 from ..errors import CheckpointError
+from ..models.decoder import Decoder
 from ..models.spec import ModelSpec
-from ..models.transformer import expected_shapes
 from .safetensors_reader import SafetensorsReader
 
 Rules = list[tuple[str, str]]
@@ -40,9 +40,10 @@ class CheckpointTensors:
         self.reader = reader
         self.spec = spec
         self.names = canonical_names(reader, rules)
-        self.shapes = expected_shapes(spec)
-        self.dense_names = [n for n in self.shapes if ".experts." not in n]
-        self.moe_layers = [i for i, kind in enumerate(spec.ffn_kinds) if kind == "moe"]
+        self.declared = Decoder(spec).tensors()
+        self.shapes = {name: t.shape for name, t in self.declared.items()}
+        self.dense_names = [name for name, t in self.declared.items() if not t.expert]
+        self.moe_layers = spec.moe_layers
 
     def _source(self, canonical: str) -> str:
         src = self.names.get(canonical)
@@ -55,13 +56,35 @@ class CheckpointTensors:
             f"tensor {src} in {self.reader.file_of(src).name} has shape {list(got)}, expected {list(want)}"
         )
 
-    def dense(self, canonical: str) -> torch.Tensor:
-        """A non-expert tensor, in the checkpoint's dtype."""
+    def check(self) -> None:
+        """Every tensor the model needs is in the checkpoint with its shape (from the files' headers alone);
+        raises CheckpointError naming the first one that is not."""
+        for name in self.dense_names:
+            self._checked(name, self.shapes[name])
+        for layer in self.moe_layers:
+            p = f"layers.{layer}.experts."
+            if p + "gate_up" in self.names:
+                for part in ("gate_up", "down"):
+                    want = self.shapes[p + part]
+                    src = self._source(p + part)
+                    if self.reader.shape(src) not in (want, (want[0], want[2], want[1])):
+                        raise self._shape_error(src, self.reader.shape(src), want)
+                continue
+            I, D = self.shapes[p + "down"][2], self.shapes[p + "down"][1]
+            for e in range(self.spec.num_experts):
+                for part, want in (("gate", (I, D)), ("up", (I, D)), ("down", (D, I))):
+                    self._checked(f"{p}{e}.{part}", want)
+
+    def _checked(self, canonical: str, want: tuple) -> str:
         src = self._source(canonical)
-        got, want = self.reader.shape(src), self.shapes[canonical]
+        got = self.reader.shape(src)
         if got != want:
             raise self._shape_error(src, got, want)
-        return self.reader.get(src)
+        return src
+
+    def dense(self, canonical: str) -> torch.Tensor:
+        """A non-expert tensor, in the checkpoint's dtype."""
+        return self.reader.get(self._checked(canonical, self.shapes[canonical]))
 
     def expert(self, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up [2I, D] with gate rows first, down [D, I]) of one expert, in the checkpoint's dtype."""
@@ -74,11 +97,7 @@ class CheckpointTensors:
         return torch.cat([gate, up]), self._per_expert(f"{p}{e}.down", d_shape[1:])
 
     def _per_expert(self, canonical: str, want: tuple) -> torch.Tensor:
-        src = self._source(canonical)
-        got = self.reader.shape(src)
-        if got != want:
-            raise self._shape_error(src, got, want)
-        return self.reader.get(src)
+        return self.reader.get(self._checked(canonical, want))
 
     def _fused(self, canonical: str, want: tuple, e: int) -> torch.Tensor:
         # Fused experts are [E, out, in]; some checkpoints store them transposed as [E, in, out].

@@ -52,7 +52,7 @@ def read_model(path: Path, quant: str, dense: str) -> tuple[dict, str, str, int]
 def main(args: argparse.Namespace) -> int:
     from ..hw.plan import predict
     from ..hw.profile import default_profile_path, load_profile
-    from ..runtime.memory import parse_size
+    from ..units import parse_size
 
     profile_path = Path(args.profile) if args.profile else default_profile_path()
     if not profile_path.is_file():
@@ -75,7 +75,7 @@ def main(args: argparse.Namespace) -> int:
 
 def describe(pred, experts: str, dense: str, prompt: int = 512) -> str:
     """The prediction as a few human lines."""
-    from ..runtime.memory import format_size
+    from ..units import format_size
 
     if not pred.possible:
         return f"impossible: {pred.reason}"

@@ -1,8 +1,8 @@
 """Predict how a model would run on a machine described by a hardware profile, without loading it.
 
-Sizes come from the model's config and the formats a conversion would use; memory is split with the
-engine's own planner; speed comes from the profile's kernel, RAM and disk figures. Expert hits assume
-uniform routing (the cached share of the experts), which the engine's policies beat on real routing.
+Placement is the one `load` makes (runtime/placement.py), from the model's config and the formats a conversion
+would use; speed comes from the profile's kernel, RAM and disk figures. Expert hits assume uniform routing (the
+cached share of the experts), which the expert cache's policies beat on real routing.
 """
 
 from __future__ import annotations
@@ -12,26 +12,13 @@ from dataclasses import dataclass, field
 
 from ..errors import BudgetError
 from ..models import spec_from_config
-from ..models.spec import ModelSpec
-from ..models.transformer import expected_shapes
-from ..runtime.engine import PREFILL_CHUNK
-from ..runtime.memory import (
-    AUTO_MARGIN,
-    AUTO_MARGIN_MIN,
-    MemoryPlan,
-    choose_prefill_chunk,
-    format_size,
-    plan_memory,
-    scratch_bytes,
-)
-from ..store.layout import QUANTIZED, ExpertLayout, TensorLayout
-from .settings import read_plan, top_threads
+from ..runtime import placement
+from ..runtime.placement import MemoryPlan, ModelLayout
+from ..units import format_size
+from .settings import reader_choice, top_threads
 
 BASELINE_BYTES = 340 << 20  # Python, torch and the compiled kernels, measured before the weights are mapped
 PREFILL_TOKENS = 512  # default prompt length of the prefill prediction
-DEFAULT_CONTEXT = 4096
-KV_ELEMENT_BYTES = 4  # quantized stores compute in float32
-EXACT_SUFFIXES = ("norm", "bias", "router", "shared_gate")  # kept unquantized by the converter
 GPU_MARGIN = 0.10
 GPU_CONTEXT_BYTES = 500 << 20  # CUDA context and allocator reserve
 # No profile figure gives the GPU's own memory bandwidth; consumer GPUs read VRAM roughly 20x faster than
@@ -45,76 +32,53 @@ PREFETCH_WASTE = 0.10
 
 @dataclass(frozen=True)
 class ModelSizes:
-    """What a model would weigh in a store of the given formats."""
+    """A model in the formats of a store, and what one decoded token reads of its non-expert weights."""
 
-    spec: ModelSpec
-    expert_format: str
-    dense_format: str
-    resident_bytes: int  # everything but the experts
+    layout: ModelLayout
     token_dense_bytes: int  # resident matrix bytes one decoded token reads
     dense_params: int  # non-expert weights one token multiplies by
-    chunk_bytes: int  # one expert
-    moe_layers: int
+
+    @property
+    def spec(self):
+        return self.layout.spec
+
+    @property
+    def chunk_bytes(self) -> int:
+        return self.layout.chunk_bytes
+
+    @property
+    def resident_bytes(self) -> int:
+        return self.layout.resident_bytes
+
+    @property
+    def moe_layers(self) -> int:
+        return len(self.spec.moe_layers)
 
     @property
     def total_experts(self) -> int:
-        return self.moe_layers * self.spec.num_experts
-
-    @property
-    def active_params(self) -> int:
-        return self.dense_params + self.moe_layers * self.spec.top_k * 3 * self.spec.hidden_size * \
-            self.spec.moe_intermediate_size
+        return self.layout.total_experts
 
     def kv_bytes(self, ctx: int) -> int:
-        s = self.spec
-        return 2 * s.num_layers * s.num_kv_heads * ctx * s.head_dim * KV_ELEMENT_BYTES
-
-
-def tensor_format(name: str, shape: tuple[int, ...], dense_format: str) -> str:
-    """The format the converter gives a non-expert tensor: vectors, norms, routers stay exact."""
-    if len(shape) < 2 or name.rsplit(".", 1)[-1] in EXACT_SUFFIXES:
-        return "f32" if dense_format in QUANTIZED else dense_format
-    return dense_format
+        return self.layout.kv_bytes(ctx)
 
 
 def model_sizes(config: dict, expert_format: str, dense_format: str, group: int = 32,
                 source: str = "config.json") -> ModelSizes:
     _, spec = spec_from_config(config, source)
-    resident = token = params = 0
-    for name, shape in expected_shapes(spec).items():
-        if ".experts." in name:
-            continue
-        nbytes = TensorLayout(tensor_format(name, shape, dense_format), shape, group).nbytes
-        resident += nbytes
+    layout = ModelLayout.for_formats(spec, expert_format, dense_format, group)
+    token = params = 0
+    for name, tensor in layout.tensors.items():
         if name == "embed" and not spec.tie_word_embeddings:
-            token += nbytes // shape[0]  # a lookup reads one row
+            token += tensor.nbytes // tensor.shape[0]  # a lookup reads one row
             continue
-        token += nbytes  # a tied embedding is also the output head: read whole
-        params += math.prod(shape)
-    chunk = ExpertLayout(expert_format, spec.hidden_size, spec.moe_intermediate_size, group).nbytes
-    moe_layers = sum(kind == "moe" for kind in spec.ffn_kinds)
-    return ModelSizes(spec, expert_format, dense_format, resident, token, params, chunk, moe_layers)
-
-
-def default_budget(profile: dict) -> int:
-    """What the engine takes with no --ram: the available RAM less 15% (at least 1 GiB)."""
-    avail = profile["ram"]["available_bytes"]
-    return max(avail - max(AUTO_MARGIN_MIN, int(avail * AUTO_MARGIN)), 0)
+        token += tensor.nbytes  # a tied embedding is also the output head: read whole
+        params += math.prod(tensor.shape)
+    return ModelSizes(layout, token, params)
 
 
 def memory_plan(sizes: ModelSizes, budget: int, ctx: int) -> MemoryPlan:
-    """The engine's split of a RAM budget (raises BudgetError like the engine)."""
-    s = sizes.spec
-
-    def scratch_of(chunk: int) -> int:
-        return scratch_bytes(hidden=s.hidden_size, inter=s.moe_intermediate_size, heads=s.num_heads,
-                             vocab=s.vocab_size, top_k=s.top_k, context_length=ctx, chunk=chunk,
-                             slot_bytes=sizes.chunk_bytes)
-
-    chunk = choose_prefill_chunk(budget, scratch_of, PREFILL_CHUNK)
-    return plan_memory(budget=budget, baseline=BASELINE_BYTES, resident=sizes.resident_bytes,
-                       kv_cache=sizes.kv_bytes(ctx), scratch=scratch_of(chunk), slot_bytes=sizes.chunk_bytes,
-                       total_experts=sizes.total_experts, top_k=s.top_k, context_length=ctx, prefill_chunk=chunk)
+    """load's split of a RAM budget (raises BudgetError as load does)."""
+    return placement.place(sizes.layout, budget=budget, context=ctx, baseline=BASELINE_BYTES)
 
 
 def _fits(sizes: ModelSizes, budget: int, ctx: int) -> bool:
@@ -134,9 +98,10 @@ def impossible_reason(config: dict, sizes: ModelSizes, budget: int, ctx: int, gr
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if _fits(sizes, mid, ctx) else (mid, hi)
     fixes = [f"{format_size(hi - budget)} more RAM (at least {format_size(hi)})"]
-    if sizes.expert_format == "q8" and _fits(model_sizes(config, "q4", sizes.dense_format, group), budget, ctx):
+    expert_format, dense_format = sizes.layout.expert_format, sizes.layout.dense_format
+    if expert_format == "q8" and _fits(model_sizes(config, "q4", dense_format, group), budget, ctx):
         fixes.append("q4 experts (--quant q4)")
-    if sizes.dense_format != "q4" and _fits(model_sizes(config, sizes.expert_format, "q4", group), budget, ctx):
+    if dense_format != "q4" and _fits(model_sizes(config, expert_format, "q4", group), budget, ctx):
         fixes.append("q4 dense weights (--dense q4)")
     longest, n = None, 512
     while n < ctx and _fits(sizes, budget, n):  # powers of two from 512 below the asked context
@@ -164,7 +129,9 @@ class Prediction:
     prefill_tokens_per_s: float = 0.0
     bottleneck: str | None = None
     notes: list[str] = field(default_factory=list)
-    readers: int = 1  # expert reader threads, as the engine would pick them
+    readers: int = 1  # expert reader threads, as load picks them
+    prefetch_depth: int = 1  # layers read ahead at first, as load picks it
+    memory_plan: dict = field(default_factory=dict)  # the split load makes (MemoryPlan.as_dict)
 
     def as_dict(self) -> dict:
         keys = ("possible", "reason") if not self.possible else tuple(self.__dataclass_fields__)
@@ -185,8 +152,8 @@ def predict(config: dict, profile: dict, *, expert_format: str = "q4", dense_for
     prompt: the prompt length prefill speed is predicted for)."""
     sizes = model_sizes(config, expert_format, dense_format, group)
     s = sizes.spec
-    ctx = ctx or min(s.max_position_embeddings, DEFAULT_CONTEXT)
-    budget = ram if ram is not None else default_budget(profile)
+    ctx = placement.context_length(s, ctx)
+    budget = ram if ram is not None else placement.auto_budget(profile["ram"]["available_bytes"])
     try:
         mem = memory_plan(sizes, budget, ctx)
     except BudgetError:
@@ -197,7 +164,7 @@ def predict(config: dict, profile: dict, *, expert_format: str = "q4", dense_for
     on_gpu = gpu_room > 0 and sizes.resident_bytes + kv <= gpu_room
     gpu_slots = min(total - ram_slots, (gpu_room - sizes.resident_bytes - kv) // chunk) if on_gpu else 0
     where = "GPU" if on_gpu else "RAM"
-    placement = [
+    rows = [
         {"part": "baseline (Python, torch, kernels)", "where": "RAM", "bytes": BASELINE_BYTES},
         {"part": "weights resident (non-expert)", "where": where, "bytes": sizes.resident_bytes},
         {"part": "KV cache", "where": where, "bytes": kv},
@@ -205,14 +172,14 @@ def predict(config: dict, profile: dict, *, expert_format: str = "q4", dense_for
         {"part": f"expert slots RAM ({ram_slots} of {total})", "where": "RAM", "bytes": ram_slots * chunk},
     ]
     if on_gpu:
-        placement.append({"part": f"expert slots GPU ({gpu_slots} of {total})", "where": "GPU",
-                          "bytes": gpu_slots * chunk})
+        rows.append({"part": f"expert slots GPU ({gpu_slots} of {total})", "where": "GPU", "bytes": gpu_slots * chunk})
 
     h_ram, h_gpu = ram_slots / total, gpu_slots / total
     hit = h_ram + h_gpu
     k, E = s.top_k, s.num_experts
     used = sizes.moe_layers * k * chunk  # expert bytes one token computes with
-    readers, disk_gbps = read_plan(profile, chunk)
+    settings = placement.runtime_settings(profile, sizes.layout)
+    _, disk_gbps = reader_choice(profile, chunk)
     disk_rate = disk_gbps * 1e9
     ram_gbps = top_threads(profile["ram"]["read_gbps"])
     kernels = profile["cpu"]["kernels"]
@@ -249,14 +216,15 @@ def predict(config: dict, profile: dict, *, expert_format: str = "q4", dense_for
     step_read = sizes.moe_layers * touched * chunk * (1 - hit) / disk_rate
     prefill = math.ceil(prompt / step) * max(step_compute, step_read) * (1 + OVERLAP_SLACK)
 
-    notes = [("hit rate assumes uniform routing (the cached share of the experts); the engine's cache policies "
+    notes = [("hit rate assumes uniform routing (the cached share of the experts); the expert cache's policies "
              "and read-ahead do better on real routing")]
     if on_gpu:
-        notes.append("the GPU tier is planned here but not yet implemented by the engine")
+        notes.append("the GPU tier is planned here but not yet implemented by the runtime")
     elif gpu_room > 0:
         notes.append("the resident weights and KV cache do not fit in the GPU budget: CPU only")
     bpt = {"ram": int(used * h_ram), "disk": int(used * (1 - hit) * waste)}
     if on_gpu:
         bpt["gpu"] = int(used * h_gpu)
-    return Prediction(True, None, budget, placement, ram_slots, int(gpu_slots), total, hit, bpt, times,
-                      1 / per_token, prompt / prefill, bottleneck, notes, readers)
+    return Prediction(True, None, budget, rows, ram_slots, int(gpu_slots), total, hit, bpt, times,
+                      1 / per_token, prompt / prefill, bottleneck, notes, settings["readers"],
+                      settings["prefetch_depth"], mem.as_dict())

@@ -59,7 +59,7 @@ def _validate(spec: ModelSpec, source: str) -> None:
     if spec.num_heads % spec.num_kv_heads:
         problems.append(f"num_attention_heads {spec.num_heads} is not a multiple of num_key_value_heads "
                         f"{spec.num_kv_heads}")
-    if "moe" in spec.ffn_kinds and not 0 < spec.top_k <= spec.num_experts:
+    if spec.moe_layers and not 0 < spec.top_k <= spec.num_experts:
         problems.append(f"num_experts_per_tok {spec.top_k} must be between 1 and the number of experts "
                         f"{spec.num_experts}")
     if spec.head_dim % 2:

@@ -1,6 +1,6 @@
 """Checkpoint-name rules shared by the families that use the Llama-style HF naming.
 
-Each rule maps a regex over a checkpoint tensor name to a canonical name (see transformer.expected_shapes).
+Each rule maps a regex over a checkpoint tensor name to a canonical name (the names the decoder's parts declare).
 The MoE block is `block_sparse_moe` in Mixtral's original layout and `mlp` in the others (and in
 transformers v5's fused layout for every family).
 """

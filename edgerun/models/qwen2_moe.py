@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .ffn import DenseFFN, MoE, SharedExpertMoE
 from .names import HF_RULES
 from .spec import ACTIVATIONS, ModelSpec, common_fields
 
@@ -46,10 +47,11 @@ def num_experts(args: ModelArgs) -> int:
     return args.num_experts or args.num_local_experts
 
 
-def ffn_kinds(args: ModelArgs) -> list[str]:
+def ffn_parts(args: ModelArgs, moe: type) -> list[type]:
+    """Per layer: `moe` where the layer is sparse, else a dense MLP."""
     mlp_only = set(args.mlp_only_layers or [])
     return [
-        "moe" if i not in mlp_only and num_experts(args) > 0 and (i + 1) % args.decoder_sparse_step == 0 else "dense"
+        moe if i not in mlp_only and num_experts(args) > 0 and (i + 1) % args.decoder_sparse_step == 0 else DenseFFN
         for i in range(args.num_hidden_layers)
     ]
 
@@ -64,13 +66,13 @@ def sliding_windows(args: ModelArgs) -> list[int | None]:
     return [args.sliding_window if t == "sliding_attention" else None for t in types]
 
 
-def common_spec(args: ModelArgs, cfg: dict, model_type: str) -> ModelSpec:
+def common_spec(args: ModelArgs, cfg: dict, model_type: str, moe: type) -> ModelSpec:
     head_dim = args.head_dim or args.hidden_size // args.num_attention_heads
     return ModelSpec(
         model_type=model_type,
         **common_fields(args, cfg, head_dim),
         sliding_windows=sliding_windows(args),
-        ffn_kinds=ffn_kinds(args),
+        ffn=ffn_parts(args, moe),
         activation=ACTIVATIONS.get(args.hidden_act, args.hidden_act),
         intermediate_size=args.intermediate_size,
         num_experts=num_experts(args),
@@ -80,7 +82,7 @@ def common_spec(args: ModelArgs, cfg: dict, model_type: str) -> ModelSpec:
 
 
 def to_spec(args: ModelArgs, cfg: dict) -> ModelSpec:
-    spec = common_spec(args, cfg, "qwen2_moe")
+    spec = common_spec(args, cfg, "qwen2_moe", SharedExpertMoE if args.shared_expert_intermediate_size else MoE)
     spec.qkv_bias = args.qkv_bias
     spec.shared_expert_intermediate_size = args.shared_expert_intermediate_size
     spec.shared_expert_gate = args.shared_expert_intermediate_size > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from . import qwen2_moe
+from .ffn import MoE
 from .spec import ModelSpec
 
 ARCHITECTURES = ("Qwen3MoeForCausalLM",)
@@ -12,7 +13,7 @@ ModelArgs = qwen2_moe.ModelArgs
 
 
 def to_spec(args: ModelArgs, cfg: dict) -> ModelSpec:
-    spec = qwen2_moe.common_spec(args, cfg, "qwen3_moe")
+    spec = qwen2_moe.common_spec(args, cfg, "qwen3_moe", MoE)
     spec.qkv_bias = spec.o_bias = args.attention_bias
     spec.qk_norm = "head"
     return spec

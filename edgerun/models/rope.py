@@ -39,6 +39,11 @@ class RopeSpec:
             raise UnsupportedModelError("partial rotary embeddings (partial_rotary_factor < 1) are not supported")
         return cls(float(theta), head_dim, int(cfg.get("max_position_embeddings") or 4096), rope_type, params)
 
+    def key(self) -> tuple:
+        """Identifies the schedule: attention parts with equal keys share one table."""
+        return (self.theta, self.head_dim, self.max_position_embeddings, self.rope_type,
+                tuple(sorted((k, repr(v)) for k, v in self.params.items())))
+
 
 class Rope:
     """Cos/sin tables for positions, computed for a whole context once (dynamic NTK: per call)."""

@@ -1,14 +1,19 @@
-"""ModelSpec: everything the shared transformer needs to know about a family, in one flat dataclass.
+"""ModelSpec: what the shared decoder needs to know about a family: the parts it is built of, and plain fields.
 
 Family modules (mixtral.py, qwen2_moe.py, ...) read a HF config.json into their own `ModelArgs` (HF field
-names) and turn it into a ModelSpec; the math in `transformer.py` only ever sees the ModelSpec.
+names) and turn it into a ModelSpec. Structure is chosen by part: the attention kind, the router kind and, per
+layer, the FFN kind (see attention.py, routers.py, ffn.py); numeric quirks (multipliers, soft caps, eps) and
+simple options stay plain fields, which the parts read.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .attention import Attention
+from .ffn import MoE
 from .rope import RopeSpec
+from .routers import SoftmaxTopK
 
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
                "gelu_tanh": "gelu_tanh", "gelu": "gelu"}
@@ -27,7 +32,11 @@ class ModelSpec:
     rms_norm_eps: float = 1e-5
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    # attention
+    # parts: classes built as Part(spec, layer)
+    attention: type = Attention
+    router: type = SoftmaxTopK
+    ffn: list[type] = field(default_factory=list)  # per layer: DenseFFN, MoE, SharedExpertMoE, ResidualMoE ...
+    # attention options
     qkv_bias: bool = False
     o_bias: bool = False
     qk_norm: str | None = None  # None, "head" (per head over head_dim) or "proj" (over the whole projection)
@@ -37,9 +46,8 @@ class ModelSpec:
     sliding_windows: list[int | None] = field(default_factory=list)  # per layer
     # block layout
     sandwich_norm: bool = False  # extra norms on the attention and FFN outputs (Grok)
-    ffn_kinds: list[str] = field(default_factory=list)  # per layer: "moe" or "dense"
     activation: str = "silu"
-    intermediate_size: int = 0  # dense MLP width
+    intermediate_size: int = 0  # dense MLP width (dense layers, Grok-2's residual MLP)
     # mixture of experts
     num_experts: int = 0
     top_k: int = 0
@@ -58,12 +66,13 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if not self.sliding_windows:
             self.sliding_windows = [None] * self.num_layers
-        if not self.ffn_kinds:
-            self.ffn_kinds = ["moe"] * self.num_layers
+        if not self.ffn:
+            self.ffn = [MoE] * self.num_layers
 
     @property
-    def scale(self) -> float:
-        return self.attn_scale if self.attn_scale is not None else self.head_dim**-0.5
+    def moe_layers(self) -> list[int]:
+        """The layers whose FFN has routed experts."""
+        return [i for i, part in enumerate(self.ffn) if part.routed]
 
 
 def common_fields(args, cfg: dict, head_dim: int, default_theta: float = 10000.0) -> dict:

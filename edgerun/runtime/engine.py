@@ -1,4 +1,5 @@
-"""The generation loop over a Transformer and its KV cache: prefill in chunks, then one token at a time.
+"""The generation loop over a decoder, its experts container and its KV cache: prefill in chunks, then one
+token at a time. Each forward call is announced to the experts container as a prefill or a decode step.
 
 The cache keeps the tokens of the previous call, so a follow-up prompt that extends it (the next turn of a
 chat) only prefills what is new.
@@ -13,10 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ContextLengthError
-from ..models.transformer import KVCache, Transformer
+from ..models.decoder import Decoder
+from . import placement
+from .experts import ExpertsContainer, Phase
 from .sampling import Sampler
-
-PREFILL_CHUNK = 512  # tokens per prefill step: bounds attention scratch memory on long prompts
 
 
 @dataclass
@@ -46,13 +47,23 @@ class RunStats:
 
 
 class Engine:
-    def __init__(self, transformer: Transformer, context_length: int, prefill_chunk: int | None = None):
-        self.transformer = transformer
+    def __init__(self, decoder: Decoder, experts: ExpertsContainer, context_length: int,
+                 prefill_chunk: int | None = None):
+        self.decoder = decoder
         self.context_length = context_length
-        self.prefill_chunk = prefill_chunk or PREFILL_CHUNK
-        self.cache = KVCache(transformer.spec, context_length, transformer.dtype)
+        self.prefill_chunk = prefill_chunk or placement.PREFILL_CHUNK
+        self.cache = decoder.new_cache(context_length)
         self.tokens: list[int] = []  # what the cache holds
         self.stats = RunStats()
+        self.experts: ExpertsContainer | None = None
+        self.use_experts(experts)
+
+    def use_experts(self, experts: ExpertsContainer) -> ExpertsContainer | None:
+        """Compute the routed experts with `experts` from now on; returns the container it replaces."""
+        previous, self.experts = self.experts, experts
+        self.decoder.use_experts(experts)
+        experts.attach(self.decoder)
+        return previous
 
     def _check_fits(self, ids: list[int]) -> None:
         if not ids:
@@ -68,11 +79,12 @@ class Engine:
         self._check_fits(ids)
         self.cache.length, self.tokens = 0, []
         n = self.prefill_chunk
-        out = [self._forward(ids[i:i + n], all_logits=True) for i in range(0, len(ids), n)]
+        out = [self._forward(ids[i:i + n], "prefill", all_logits=True) for i in range(0, len(ids), n)]
         return torch.cat(out)
 
-    def _forward(self, ids: list[int], all_logits: bool = False) -> torch.Tensor:
-        logits = self.transformer.forward(torch.tensor(ids, dtype=torch.long), self.cache, all_logits)
+    def _forward(self, ids: list[int], phase: Phase, all_logits: bool = False) -> torch.Tensor:
+        self.experts.begin_step(phase, len(ids))
+        logits = self.decoder.forward(torch.tensor(ids, dtype=torch.long), self.cache, all_logits)
         self.tokens.extend(ids)
         return logits
 
@@ -88,13 +100,13 @@ class Engine:
         self.stats.cached_prompt_tokens = keep
         logits = None
         for i in range(keep, len(ids), self.prefill_chunk):
-            logits = self._forward(ids[i:i + self.prefill_chunk])
+            logits = self._forward(ids[i:i + self.prefill_chunk], "prefill")
         return logits[-1]
 
     def generate(self, ids: list[int], sampler: Sampler, max_new_tokens: int, stop_ids: set[int]) -> Iterator[int]:
         """Yield new token ids until a stop id (not yielded), max_new_tokens, or a full context."""
         self.stats = stats = RunStats(prompt_tokens=len(ids))
-        self.transformer.experts.reset_stats()
+        self.experts.reset_stats()
         t0 = time.perf_counter()
         logits = self.prefill(ids)
         history = list(ids)
@@ -116,6 +128,6 @@ class Engine:
                 stats.finish_reason = "context"
                 return
             t = time.perf_counter()
-            logits = self._forward([token])[-1]
+            logits = self._forward([token], "decode")[-1]
             stats.decode_seconds += time.perf_counter() - t
             stats.decode_steps += 1

@@ -2,64 +2,75 @@
 
 The decoder hands a container (layer, tokens, expert choices, weights); the container groups the tokens by
 expert and computes each expert on its tokens. Subclasses say how one expert runs: on torch tensors in RAM,
-or with the JIT kernels straight on quantized bytes from the store.
+or with the JIT kernels straight on quantized bytes from the store. `ExpertsContainer` is the whole contract
+between a container and the decoder, the engine and the API.
 """
 
 from __future__ import annotations
 
-import threading
-from collections import deque
 from collections.abc import Sequence
+from typing import Literal, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 
-from ..models.transformer import activation_fn
+from ..models.parts import activation_fn
+from ..models.routers import Routing
+
+Phase = Literal["prefill", "decode"]
 
 
-class RecentRouting:
-    """The experts each layer chose for its last `capacity` tokens. Written by the generating thread and
-    readable from any other while it runs."""
+class Residency(NamedTuple):
+    """Where experts are now, as (layer, expert) pairs."""
 
-    def __init__(self, capacity: int = 256):
-        self.capacity = capacity
-        self._lock = threading.Lock()
-        self._layers: dict[int, deque] = {}
+    resident: set[tuple[int, int]]  # in a cache slot
+    loading: set[tuple[int, int]]  # being read into one
 
-    def add(self, layer: int, idx: torch.Tensor) -> None:
-        """Record idx [tokens, K]: the experts layer chose for each token."""
-        rows = idx[-self.capacity:].tolist()
-        with self._lock:
-            if layer not in self._layers:
-                self._layers[layer] = deque(maxlen=self.capacity)
-            self._layers[layer].extend(rows)
 
-    def counts(self, layer: int, num_experts: int, tokens: int) -> tuple[list[int], int]:
-        """(how many of the layer's last `tokens` tokens chose each expert, tokens counted)."""
-        with self._lock:
-            rows = list(self._layers.get(layer, ()))[-tokens:] if tokens > 0 else []
-        out = [0] * num_experts
-        for row in rows:
-            for e in row:
-                out[e] += 1
-        return out, len(rows)
+class Lookahead(Protocol):
+    """What a container may ask of the decoder it serves: run a later layer's router on a hidden state."""
+
+    @property
+    def moe_layers(self) -> list[int]: ...
+
+    def lookahead(self, from_layer: int, to_layer: int, x: torch.Tensor) -> Routing:
+        """The routing `to_layer` would give x, the FFN input of `from_layer` (see Decoder.lookahead)."""
+
+
+class ExpertsContainer(Protocol):
+    """Everything the decoder, the engine and the API call on an experts container."""
+
+    def __call__(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, D], idx [T, K] expert ids, weights [T, K] -> sum_k weights * expert_k(x), [T, D]."""
+
+    def attach(self, decoder: Lookahead) -> None:
+        """The container now serves `decoder` (called once it is installed)."""
+
+    def begin_step(self, phase: Phase, tokens: int) -> None:
+        """A forward call over `tokens` tokens begins: a prefill chunk or one decoded token."""
+
+    def stats(self) -> dict:
+        """Figures since reset_stats; "offload" says whether experts stream from a store."""
+
+    def reset_stats(self) -> None:
+        """Start counting anew (the engine calls it when a generation begins)."""
+
+    def residency(self) -> Residency | None:
+        """Which experts are in RAM and which are being read; None when every expert is always in memory.
+        Safe to call from another thread while a generation runs."""
+
+    def close(self) -> None:
+        """Release threads and buffers; the container is not used afterwards."""
 
 
 class RoutedExperts:
-    """Base container. Subclasses define `expert`; offloading ones also `schedule` (the order that lets
-    experts already in memory compute while the others load). Outputs are summed in routing order whatever
-    the schedule, so results do not depend on where the weights were."""
-
-    tracer = None  # called as tracer(layer, idx, weights) on every routed call (routing traces)
-    recent: RecentRouting | None = None  # the latest routing choices, made on the first routed call
+    """Base container: groups tokens by expert and sums the experts' outputs; subclasses define `expert` and, when
+    experts may be missing from memory, `schedule` (the order that lets experts already in memory compute while
+    the others load). Outputs are summed in routing order whatever the schedule, so results do not depend on where
+    the weights were. Implements ExpertsContainer for experts that are always in memory."""
 
     def __call__(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if self.tracer is not None:
-            self.tracer(layer, idx, weights)
-        if self.recent is None:
-            self.recent = RecentRouting()
-        self.recent.add(layer, idx)
-        if x.shape[0] == 1:  # decode: no grouping needed
+        if x.shape[0] == 1:  # one token: no grouping needed
             chosen = idx[0].tolist()
             ys = {e: self.expert(layer, e, x) for e in self.schedule(layer, chosen)}
             out = torch.zeros_like(x)
@@ -78,16 +89,23 @@ class RoutedExperts:
             out.index_add_(0, sel // K, ys[e] * w[sel, None].to(x.dtype))
         return out
 
+    def attach(self, decoder: Lookahead) -> None:
+        pass
+
+    def begin_step(self, phase: Phase, tokens: int) -> None:
+        pass
+
     def stats(self) -> dict:
-        """Figures of the experts' memory since reset_stats (offloading containers report their cache)."""
         return {"offload": False}
 
     def reset_stats(self) -> None:
         pass
 
-    def residency(self) -> tuple[set[tuple[int, int]], set[tuple[int, int]]] | None:
-        """(layer, expert) pairs in RAM now and pairs being read into it; None when every expert is in memory."""
+    def residency(self) -> Residency | None:
         return None
+
+    def close(self) -> None:
+        pass
 
     def schedule(self, layer: int, experts: list[int]) -> list[int]:
         """The order to compute this layer's experts in."""

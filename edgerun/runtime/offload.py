@@ -18,12 +18,12 @@ import torch
 
 from .. import native
 from ..store.store import ExpertStore
-from .experts import RoutedExperts
+from .experts import Lookahead, Phase, Residency, RoutedExperts
+from .placement import MAX_PREFETCH_DEPTH
 from .policy import ExpertCache, make_policy
 from .quantized import ACTIVATION_CODES
 from .reader import QUEUED, ExpertReader, ReadRequest
 
-MAX_DEPTH = 4  # layers predicted ahead at most: further out the router of the current state guesses poorly
 WASTE_LIMIT = 0.3  # share of a token's prefetches left unused above which the depth shrinks
 
 
@@ -50,11 +50,11 @@ class SlotPool:
 
 
 class OffloadedExperts(RoutedExperts):
-    """q8/q4 experts of a store, computed by the fused kernel on slots of a bounded expert cache."""
+    """q8/q4 experts of a store, computed by the fused kernel on slots of a bounded expert cache. Read-ahead runs
+    the next layers' own routers (through the decoder's lookahead) on the current layer's input."""
 
     def __init__(self, store: ExpertStore, activation: str, top_k: int, slots: int, *, policy: str = "default",
-                 routers: dict | None = None, norms: dict | None = None, prefetch: bool = True,
-                 workers: int = 1, direct: bool | None = None, depth: int = 1):
+                 prefetch: bool = True, workers: int = 1, direct: bool | None = None, depth: int = 1):
         if activation not in ACTIVATION_CODES:
             raise ValueError(f"no expert kernel for activation {activation}")
         self.store = store
@@ -68,20 +68,44 @@ class OffloadedExperts(RoutedExperts):
         self.pool = SlotPool(slots + top_k, store)  # the last top_k are scratch for experts the cache declines
         self.reader = ExpertReader(store, workers, direct)
         weakref.finalize(self, self.reader.close)  # the reader's threads end with the model
-        self.routers = routers or {}
-        self.norms = norms or {}
-        self.prefetch_enabled = prefetch and bool(self.routers)
-        self.depth = max(1, min(MAX_DEPTH, depth))
+        self.decoder: Lookahead | None = None  # set by attach
+        self.prefetch = prefetch
+        self.depth = max(1, min(MAX_PREFETCH_DEPTH, depth))
         self._pending: dict[tuple[int, int], ReadRequest] = {}  # reads into cache slots not yet consumed
         self._prefetched: set[tuple[int, int]] = set()  # reads issued as prefetches, not yet used
         self._scratch_free = list(range(slots, slots + top_k))
         self._scratch_queue: list[int] = []
         self._scratch: dict[int, tuple[int, ReadRequest]] = {}  # expert -> (scratch slot, read)
         self._predicted: dict[int, set[int]] = {}  # layer position -> experts predicted for the current token
-        self._last_pos = -1
+        self._decode = False  # the phase of the current step
+        self._steps = 0  # steps begun
         self._x: torch.Tensor | None = None
         self._token_prefetches = self._token_wasted = 0
         self.reset_stats()
+
+    # -- the contract with the engine -----------------------------------------------------------------------
+    def attach(self, decoder: Lookahead) -> None:
+        if list(decoder.moe_layers) != self.layers:
+            raise ValueError(f"the decoder's MoE layers {decoder.moe_layers} are not the store's {self.layers}")
+        self.decoder = decoder
+
+    def begin_step(self, phase: Phase, tokens: int) -> None:
+        decode = phase == "decode"
+        if decode and self._steps:  # how the previous token's read-ahead went sets this one's depth
+            idle = self.reader.queued() == 0 and not self._running()
+            if self._token_prefetches and self._token_wasted > WASTE_LIMIT * self._token_prefetches:
+                self.depth = max(1, self.depth - 1)
+            elif idle and self.late:
+                self.depth = min(MAX_PREFETCH_DEPTH, self.depth + 1)
+        self._token_prefetches = self._token_wasted = 0
+        self._predicted.clear()
+        self._prefetched.clear()  # what arrived and was not used stays cached as any resident expert
+        self._decode = decode
+        self._steps += 1
+        if decode:
+            self.decode_tokens += 1
+            if self._decode_bytes0 is None:
+                self._decode_bytes0 = self.reader.bytes_read
 
     # -- statistics -----------------------------------------------------------------------------------------
     def reset_stats(self) -> None:
@@ -124,36 +148,25 @@ class OffloadedExperts(RoutedExperts):
             "direct_io": self.reader.direct,
         }
 
-    def residency(self) -> tuple[set[tuple[int, int]], set[tuple[int, int]]]:
-        """(layer, expert) pairs whose chunk is in a cache slot, and pairs whose read into one is under way.
-        Safe to call from another thread while a generation runs."""
+    def residency(self) -> Residency:
         pending = [k for k, r in list(self._pending.items()) if not r.done.is_set()]
         cached = self.cache.resident()
         loading = {(self.layers[p], e) for p, e in pending}
-        return {(self.layers[p], e) for p, e in cached} - loading, loading
+        return Residency({(self.layers[p], e) for p, e in cached} - loading, loading)
 
     # -- the layer call -------------------------------------------------------------------------------------
     def __call__(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        pos = self.pos[layer]
-        decode = x.shape[0] == 1
-        if pos <= self._last_pos:
-            self._next_token(decode)
-        if decode and self._decode_bytes0 is None:
-            self._decode_bytes0 = self.reader.bytes_read
-        if decode and pos == 0:
-            self.decode_tokens += 1
-        self._last_pos = pos
         self._x = x
         out = super().__call__(layer, x, idx, weights)
-        if decode:
-            self.cache.policy.observe(pos, idx[0].tolist())
+        if self._decode:
+            self.cache.policy.observe(self.pos[layer], idx[0].tolist())
         return out
 
     def schedule(self, layer: int, experts: list[int]) -> list[int]:
         """Find each expert in the cache or start its read, start the prefetches of the next layers, and
         order the work: experts in memory first, then reads in the order they will arrive."""
         pos = self.pos[layer]
-        decode = self._x.shape[0] == 1
+        decode = self._decode
         needed = {(pos, e) for e in experts}
         self._cancel_stale(pos, needed)
         ready, loading = [], []
@@ -195,7 +208,7 @@ class OffloadedExperts(RoutedExperts):
             loading.append(e)
         for _ in range(min(len(self._scratch_free), len(self._scratch_queue))):
             self._start_scratch(layer)
-        if self.prefetch_enabled:
+        if self.prefetch and self.decoder is not None:
             self._prefetch(pos, needed)
         return ready + loading + [e for e in experts if e not in ready and e not in loading]
 
@@ -265,35 +278,22 @@ class OffloadedExperts(RoutedExperts):
             self._prefetched.discard(key)
             self._token_wasted += 1
 
-    def _next_token(self, decode: bool) -> None:
-        if decode and self._last_pos >= 0:
-            idle = self.reader.queued() == 0 and not self._running()
-            if self._token_prefetches and self._token_wasted > WASTE_LIMIT * self._token_prefetches:
-                self.depth = max(1, self.depth - 1)
-            elif idle and self.late:
-                self.depth = min(MAX_DEPTH, self.depth + 1)
-        self._token_prefetches = self._token_wasted = 0
-        self._predicted.clear()
-        self._prefetched.clear()  # what arrived and was not used stays cached as any resident expert
+    def forecast(self, pos: int, x: torch.Tensor) -> dict[int, tuple[list[int], list[float] | None]]:
+        """For the MoE layers after position pos (up to the prefetch depth): the experts their routers pick for x,
+        the input of layer pos, and, for one token, every expert's probability (the cache policy's hint)."""
+        out = {}
+        for j in range(pos + 1, min(len(self.layers), pos + 1 + self.depth)):
+            routing = self.decoder.lookahead(self.layers[pos], self.layers[j], x)
+            probs = routing.probs[0].tolist() if routing.probs.shape[0] == 1 else None
+            out[j] = (routing.idx.unique().tolist(), probs)
+        return out
 
     def _prefetch(self, pos: int, needed: set) -> None:
-        """Apply the routers of the next layers to this layer's input and read their likely experts."""
-        x = self._x.float()
-        norm_here = self.norms.get(self.layers[pos])
+        """Read the experts the next layers' routers pick for this layer's input."""
         pinned = self._pinned(needed)
-        for j in range(pos + 1, min(len(self.layers), pos + 1 + self.depth)):
-            layer = self.layers[j]
-            router = self.routers.get(layer)
-            if router is None:
-                continue
-            h = x
-            norm_next = self.norms.get(layer)
-            if norm_here is not None and norm_next is not None:
-                h = x * (norm_next / torch.where(norm_here == 0, 1.0, norm_here))
-            probs = torch.softmax(h @ router.T, dim=-1)  # [T, E]
-            top = torch.topk(probs, self.top_k, dim=-1).indices.unique().tolist()
-            if probs.shape[0] == 1:
-                self.cache.policy.predict(j, probs[0].tolist())
+        for j, (top, probs) in self.forecast(pos, self._x).items():
+            if probs is not None:
+                self.cache.policy.predict(j, probs)
             self._predicted.setdefault(j, set()).update(top)
             for e in top:
                 key = (j, e)
@@ -305,7 +305,7 @@ class OffloadedExperts(RoutedExperts):
                 slot, evicted = admitted
                 if evicted is not None:
                     self._forget(evicted)
-                self._pending[key] = self.reader.submit(key, layer, e, self.pool.buffer(slot), demand=False)
+                self._pending[key] = self.reader.submit(key, self.layers[j], e, self.pool.buffer(slot), demand=False)
                 self._prefetched.add(key)
                 pinned.add(key)
                 self.prefetches += 1

@@ -12,9 +12,13 @@ from __future__ import annotations
 import heapq
 import json
 import math
+import threading
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
+
+import torch
 
 from ..errors import TraceError
 from .policy import ExpertCache, make_policy
@@ -94,6 +98,34 @@ def read_trace(path: str | Path) -> Trace:
     return Trace(steps, num_layers=max(layer for layer, _ in steps) + 1,
                  num_experts=max(max(experts) for _, experts in steps) + 1,
                  top_k=max(len(experts) for _, experts in steps))
+
+
+class RecentRouting:
+    """A routing observer: the experts each layer chose for its last `capacity` tokens. Written by the generating
+    thread and readable from any other while it runs."""
+
+    def __init__(self, capacity: int = 256):
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        self._layers: dict[int, deque] = {}
+
+    def __call__(self, layer: int, idx: torch.Tensor, weights: torch.Tensor) -> None:
+        """Record idx [tokens, K]: the experts layer chose for each token."""
+        rows = idx[-self.capacity:].tolist()
+        with self._lock:
+            if layer not in self._layers:
+                self._layers[layer] = deque(maxlen=self.capacity)
+            self._layers[layer].extend(rows)
+
+    def counts(self, layer: int, num_experts: int, tokens: int) -> tuple[list[int], int]:
+        """(how many of the layer's last `tokens` tokens chose each expert, tokens counted)."""
+        with self._lock:
+            rows = list(self._layers.get(layer, ()))[-tokens:] if tokens > 0 else []
+        out = [0] * num_experts
+        for row in rows:
+            for e in row:
+                out[e] += 1
+        return out, len(rows)
 
 
 class TraceWriter:

@@ -20,10 +20,11 @@ import numpy as np
 from ..checkpoint.hf import read_json, resolve_model_dir
 from ..checkpoint.loader import CheckpointTensors
 from ..checkpoint.safetensors_reader import SafetensorsReader
-from ..errors import CheckpointError, EdgerunError
+from ..errors import ArgumentError, CheckpointError, EdgerunError
 from ..models import spec_from_config
 from ..progress import ByteProgress
-from .layout import PASSTHROUGH, QUANTIZED, TORCH_FORMAT, ExpertLayout, TensorLayout
+from ..runtime.placement import ModelLayout
+from .layout import QUANTIZED, TORCH_FORMAT
 from .store import (FORMAT_NAME, FORMAT_VERSION, META_KEY, TOKENIZER_DIR, crc32, expert_chunk_path,
                     tensor_chunk_path)
 
@@ -31,18 +32,16 @@ QUANT_CHOICES = ("none", "bf16", "q8", "q4")
 DENSE_CHOICES = ("q8", "q4", "bf16", "none")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "tokenizer.tok.json")
-PLAN_FILE = "edgerun-plan.json"
+SETTINGS_FILE = "edgerun-conversion.json"
 LOG_FILE = "edgerun-progress.jsonl"
-# Tensors kept exact whatever the quantization: they are small and the output is sensitive to them.
-_EXACT = ("norm", "bias", "router", "shared_gate")
 
 
 def formats_for(quant: str, dense: str | None, source: str) -> tuple[str, str]:
     """(expert format, dense-matrix format) for a --quant/--dense choice; source: the checkpoint's format."""
     if quant not in QUANT_CHOICES:
-        raise EdgerunError(f"quant must be one of {', '.join(QUANT_CHOICES)}; got {quant!r}")
+        raise ArgumentError(f"quant must be one of {', '.join(QUANT_CHOICES)}; got {quant!r}")
     if dense is not None and dense not in DENSE_CHOICES:
-        raise EdgerunError(f"dense must be one of {', '.join(DENSE_CHOICES)}; got {dense!r}")
+        raise ArgumentError(f"dense must be one of {', '.join(DENSE_CHOICES)}; got {dense!r}")
     experts = {"none": source, "bf16": "bf16"}.get(quant, quant)
     if dense is None:
         dense = {"none": "none", "bf16": "bf16"}.get(quant, "q8")
@@ -59,32 +58,26 @@ def source_fingerprint(model_dir: Path) -> str:
     return h.hexdigest()
 
 
-class _Plan:
-    """What to write: every tensor's layout and the expert chunk layout, from the checkpoint and options."""
+class _Conversion:
+    """What to write: every tensor's layout and the expert chunk layout, from the checkpoint and options. Every
+    tensor the model needs is checked (present, right shape) before anything is written."""
 
     def __init__(self, src: Path, quant: str, dense: str | None, group: int):
         if group % 32 or group <= 0:
-            raise EdgerunError(f"group must be a positive multiple of 32; got {group}")
+            raise ArgumentError(f"group must be a positive multiple of 32; got {group}")
         self.src = src
         self.config = read_json(src / "config.json")
         self.family, self.spec = spec_from_config(self.config, str(src / "config.json"))
         self.reader = SafetensorsReader(src, keep_open=False)
         self.tensors = CheckpointTensors(self.reader, self.spec, self.family.RULES)
+        self.tensors.check()
         self.source_format = TORCH_FORMAT.get(self.reader.common_dtype(), "f32")
         self.expert_format, self.dense_format = formats_for(quant, dense, self.source_format)
         self.quant, self.group = quant, group
-        spec = self.spec
-        self.expert_layout = ExpertLayout(self.expert_format, spec.hidden_size, spec.moe_intermediate_size, group)
-        self.layouts = {name: TensorLayout(self._format_of(name, shape), shape, group)
-                        for name, shape in ((n, self.tensors.shapes[n]) for n in self.tensors.dense_names)}
+        self.layout = ModelLayout.for_formats(self.spec, self.expert_format, self.dense_format, group)
+        self.expert_layout = self.layout.expert_layout
+        self.layouts = self.layout.tensors
         self.fingerprint = source_fingerprint(src)
-
-    def _format_of(self, name: str, shape: tuple[int, ...]) -> str:
-        exact = len(shape) < 2 or name.rsplit(".", 1)[-1] in _EXACT
-        if exact:
-            # kept as in the checkpoint when it is not quantized, else float32
-            return self.dense_format if self.dense_format in PASSTHROUGH else "f32"
-        return self.dense_format
 
     def describe(self) -> dict:
         return {"source_fingerprint": self.fingerprint, "quant": self.quant, "experts": self.expert_format,
@@ -104,9 +97,7 @@ class _Plan:
         return self.expert_format in QUANTIZED or self.dense_format in QUANTIZED
 
     def compute_dtype(self) -> str:
-        if self.quantized:
-            return "float32"
-        return "bfloat16" if {self.expert_format, self.dense_format} == {"bf16"} else "float32"
+        return str(self.layout.compute_dtype).removeprefix("torch.")
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, quant: str = "q4", dense: str | None = None,
@@ -122,54 +113,54 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, quant: str = "q4", d
     if dst.exists():
         raise EdgerunError(f"{dst} already exists; remove it or choose another destination")
     src_dir = resolve_model_dir(src)
-    plan = _Plan(src_dir, quant, dense, group)
+    job = _Conversion(src_dir, quant, dense, group)
     partial = dst.with_name(dst.name + ".partial")
-    done = _prepare(partial, plan)
+    done = _prepare(partial, job)
     quantize = None
-    if plan.quantized:
+    if job.quantized:
         from .. import native
 
         native.warmup()
         quantize = native.quantize
 
-    items = [i for i in plan.items() if i not in done]
-    total = sum(plan.item_bytes(i) for i in plan.items())
+    items = [i for i in job.items() if i not in done]
+    total = sum(job.item_bytes(i) for i in job.items())
     try:
         with ByteProgress(total, f"converting {src_dir.name}", enabled=progress) as bar, \
                 open(partial / LOG_FILE, "a") as log, ThreadPoolExecutor(1) as reader:
-            bar.update(sum(plan.item_bytes(i) for i in done))
+            bar.update(sum(job.item_bytes(i) for i in done))
             # read the next item's tensors while the current one is quantized and written
-            pending = reader.submit(_read, plan, items[0]) if items else None
+            pending = reader.submit(_read, job, items[0]) if items else None
             for n, item in enumerate(items):
                 tensors = pending.result()
-                pending = reader.submit(_read, plan, items[n + 1]) if n + 1 < len(items) else None
-                checksum = _write(plan, partial, item, tensors, quantize)
+                pending = reader.submit(_read, job, items[n + 1]) if n + 1 < len(items) else None
+                checksum = _write(job, partial, item, tensors, quantize)
                 log.write(json.dumps({"item": item, "crc32": checksum}) + "\n")
                 log.flush()
                 os.fsync(log.fileno())
                 done[item] = checksum
-                bar.update(plan.item_bytes(item))
+                bar.update(job.item_bytes(item))
                 if on_item:
                     on_item(item)
     except OSError as e:
         raise EdgerunError(f"writing {partial} failed ({e}); run the same command again to resume") from None
-    _verify(partial, plan, done)
-    _finish(partial, plan, done)
+    _verify(partial, job, done)
+    _finish(partial, job, done)
     os.replace(partial, dst)
     return dst
 
 
-def _prepare(partial: Path, plan: _Plan) -> dict[str, int]:
+def _prepare(partial: Path, job: _Conversion) -> dict[str, int]:
     """Create partial (or reopen it to resume); returns the items already written, with their checksums."""
     import zarr
 
-    plan_file = partial / PLAN_FILE
+    plan_file = partial / SETTINGS_FILE
     if partial.exists():
         try:
             previous = json.loads(plan_file.read_text())
         except (OSError, ValueError):
             previous = None
-        if previous != plan.describe():
+        if previous != job.describe():
             raise EdgerunError(
                 f"{partial} holds an unfinished conversion with other settings or another source; "
                 f"remove it to start again"
@@ -184,20 +175,20 @@ def _prepare(partial: Path, plan: _Plan) -> dict[str, int]:
         return done
     partial.mkdir(parents=True)
     root = zarr.open_group(str(partial), mode="w", zarr_format=3)
-    spec = plan.spec
-    if plan.tensors.moe_layers:
-        root.create_array(name="experts", shape=(spec.num_layers, spec.num_experts, plan.expert_layout.nbytes),
-                          chunks=(1, 1, plan.expert_layout.nbytes), dtype="uint8", compressors=None, fill_value=0)
+    spec = job.spec
+    if job.tensors.moe_layers:
+        root.create_array(name="experts", shape=(spec.num_layers, spec.num_experts, job.expert_layout.nbytes),
+                          chunks=(1, 1, job.expert_layout.nbytes), dtype="uint8", compressors=None, fill_value=0)
     dense = root.create_group("dense")
-    for name, layout in plan.layouts.items():
+    for name, layout in job.layouts.items():
         dense.create_array(name=name, shape=(layout.nbytes,), chunks=(layout.nbytes,), dtype="uint8",
                            compressors=None, fill_value=0)
     tok = partial / TOKENIZER_DIR
     tok.mkdir()
     for f in TOKENIZER_FILES:
-        if (plan.src / f).is_file():
-            shutil.copyfile(plan.src / f, tok / f)
-    plan_file.write_text(json.dumps(plan.describe(), indent=1))
+        if (job.src / f).is_file():
+            shutil.copyfile(job.src / f, tok / f)
+    plan_file.write_text(json.dumps(job.describe(), indent=1))
     return {}
 
 
@@ -209,23 +200,23 @@ def _expert_of(item: str) -> tuple[int, int] | None:
     return int(layer), int(e)
 
 
-def _read(plan: _Plan, item: str):
+def _read(job: _Conversion, item: str):
     expert = _expert_of(item)
-    return (plan.tensors.dense(item[6:]),) if expert is None else plan.tensors.expert(*expert)
+    return (job.tensors.dense(item[6:]),) if expert is None else job.tensors.expert(*expert)
 
 
-def _write(plan: _Plan, partial: Path, item: str, tensors, quantize) -> int:
+def _write(job: _Conversion, partial: Path, item: str, tensors, quantize) -> int:
     import zarr
 
     expert = _expert_of(item)
     if expert is None:
         name = item[6:]
-        layout = plan.layouts[name]
+        layout = job.layouts[name]
         buf = np.zeros(layout.nbytes, dtype=np.uint8)
         layout.pack(tensors[0], buf, quantize)
         array, index = str(partial / "dense" / name), slice(None)
     else:
-        buf = plan.expert_layout.pack(*tensors, quantize=quantize)
+        buf = job.expert_layout.pack(*tensors, quantize=quantize)
         array, index = str(partial / "experts"), (*expert, slice(None))
     # every chunk is written, all-zero ones included: the store's files are its contents
     with zarr.config.set({"array.write_empty_chunks": True}):
@@ -233,39 +224,39 @@ def _write(plan: _Plan, partial: Path, item: str, tensors, quantize) -> int:
     return crc32(buf)
 
 
-def _verify(partial: Path, plan: _Plan, done: dict[str, int]) -> None:
+def _verify(partial: Path, job: _Conversion, done: dict[str, int]) -> None:
     """Read every chunk back from disk and compare with the checksum recorded when it was written."""
-    for item in plan.items():
+    for item in job.items():
         expert = _expert_of(item)
         path = tensor_chunk_path(partial, item[6:]) if expert is None else expert_chunk_path(partial, *expert)
         if not path.is_file() or crc32(np.fromfile(path, dtype=np.uint8)) != done[item]:
             raise CheckpointError(f"verification of {path} failed after writing; the disk may be failing")
 
 
-def _finish(partial: Path, plan: _Plan, done: dict[str, int]) -> None:
+def _finish(partial: Path, job: _Conversion, done: dict[str, int]) -> None:
     import zarr
 
-    spec = plan.spec
+    spec = job.spec
     meta = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
-        "config": plan.config,
-        "generation_config": read_json(plan.src / "generation_config.json", required=False),
-        "quant": {"name": plan.quant, "experts": plan.expert_format, "dense": plan.dense_format,
-                  "group": plan.group},
-        "compute_dtype": plan.compute_dtype(),
-        "source": {"name": plan.src.name, "fingerprint": plan.fingerprint, "format": plan.source_format},
+        "config": job.config,
+        "generation_config": read_json(job.src / "generation_config.json", required=False),
+        "quant": {"name": job.quant, "experts": job.expert_format, "dense": job.dense_format,
+                  "group": job.group},
+        "compute_dtype": job.compute_dtype(),
+        "source": {"name": job.src.name, "fingerprint": job.fingerprint, "format": job.source_format},
         "tensors": {name: {"format": layout.fmt, "shape": list(layout.shape), "crc32": done[f"dense/{name}"]}
-                    for name, layout in plan.layouts.items()},
+                    for name, layout in job.layouts.items()},
         "experts": {
-            "format": plan.expert_format, "hidden": spec.hidden_size, "inter": spec.moe_intermediate_size,
-            "num_experts": spec.num_experts, "layers": plan.tensors.moe_layers,
+            "format": job.expert_format, "hidden": spec.hidden_size, "inter": spec.moe_intermediate_size,
+            "num_experts": spec.num_experts, "layers": job.tensors.moe_layers,
             "crc32": {str(layer): [done[f"expert/{layer}/{e}"] for e in range(spec.num_experts)]
-                      for layer in plan.tensors.moe_layers},
+                      for layer in job.tensors.moe_layers},
         },
     }
     zarr.open_group(str(partial), mode="r+").attrs[META_KEY] = meta
-    (partial / PLAN_FILE).unlink()
+    (partial / SETTINGS_FILE).unlink()
     (partial / LOG_FILE).unlink()
 
 

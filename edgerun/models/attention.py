@@ -1,0 +1,156 @@
+"""Attention parts. Each owns its layer's cache: it allocates it and says what it costs.
+
+Shapes: T = tokens in this call, S = tokens in the cache after it, D = hidden, H = query heads, KV = key/value
+heads, Dh = head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .parts import Part, TensorSpec, linear, rms_norm, softcap
+from .rope import Rope, RopeSpec, apply_rope
+
+F32 = 4  # bytes of the float32 scratch activations
+
+
+class Positions:
+    """Where the tokens of one forward call sit (start .. start + length - 1), with their rotary tables, made
+    once per call and rotary schedule and shared by every layer."""
+
+    def __init__(self, start: int, length: int, dtype: torch.dtype, ropes: dict):
+        self.start, self.length, self.dtype = start, length, dtype
+        self._ropes = ropes  # the decoder's tables, by schedule
+        self._cos_sin: dict = {}
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+    def rotary(self, spec: RopeSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [length, rotary dim / 2] of these positions."""
+        key = spec.key()
+        if key not in self._cos_sin:
+            rope = self._ropes.get(key)
+            if rope is None:
+                rope = self._ropes[key] = Rope(spec, self.end)
+            self._cos_sin[key] = rope.cos_sin(self.start, self.length, self.dtype)
+        return self._cos_sin[key]
+
+
+class KVCache:
+    """Keys and values of one layer, preallocated: [KV, context, Dh] each."""
+
+    def __init__(self, kv_heads: int, head_dim: int, context_length: int, dtype: torch.dtype):
+        self.k = torch.zeros((kv_heads, context_length, head_dim), dtype=dtype)
+        self.v = torch.zeros((kv_heads, context_length, head_dim), dtype=dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+def causal_mask(start: int, T: int, window: int | None) -> torch.Tensor | None:
+    """[T, S] True where a query may attend to a key; None when every query sees the whole cache."""
+    end = start + T
+    if T == 1 and (window is None or end <= window):
+        return None
+    q_pos = torch.arange(start, end)[:, None]
+    k_pos = torch.arange(end)[None, :]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask
+
+
+class Attention(Part):
+    """Grouped-query attention with rotary embeddings and a KV cache.
+
+    Options from the spec: biases on q/k/v and o, q/k RMSNorm per head or over the whole projection, clipping of
+    q/k/v, the logit scale, a soft cap on the logits (computed in float32) and a sliding window per layer."""
+
+    def __init__(self, spec, layer: int):
+        super().__init__(f"layers.{layer}.")
+        self.layer = layer
+        self.hidden, self.heads, self.kv_heads, self.head_dim = (spec.hidden_size, spec.num_heads, spec.num_kv_heads,
+                                                                 spec.head_dim)
+        self.qkv_bias, self.o_bias, self.qk_norm, self.clip = spec.qkv_bias, spec.o_bias, spec.qk_norm, spec.clip_qkv
+        self.scale = spec.attn_scale if spec.attn_scale is not None else spec.head_dim ** -0.5
+        self.cap = spec.attn_softcap
+        self.window = spec.sliding_windows[layer]
+        self.eps = spec.rms_norm_eps
+        self.rope = spec.rope
+
+    def declare(self) -> dict[str, TensorSpec]:
+        D, q_out, kv_out = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        out = {"q": TensorSpec((q_out, D)), "k": TensorSpec((kv_out, D)), "v": TensorSpec((kv_out, D)),
+               "o": TensorSpec((D, q_out))}
+        if self.qkv_bias:
+            out.update(q_bias=TensorSpec((q_out,)), k_bias=TensorSpec((kv_out,)), v_bias=TensorSpec((kv_out,)))
+        if self.o_bias:
+            out["o_bias"] = TensorSpec((D,))
+        if self.qk_norm == "head":
+            out.update(q_norm=TensorSpec((self.head_dim,)), k_norm=TensorSpec((self.head_dim,)))
+        elif self.qk_norm == "proj":
+            out.update(q_norm=TensorSpec((q_out,)), k_norm=TensorSpec((kv_out,)))
+        return out
+
+    # -- the cache ----------------------------------------------------------------------------------------------
+    def new_cache(self, context_length: int, dtype: torch.dtype) -> KVCache:
+        return KVCache(self.kv_heads, self.head_dim, context_length, dtype)
+
+    def cache_bytes(self, context_length: int, dtype: torch.dtype) -> int:
+        return 2 * self.kv_heads * context_length * self.head_dim * torch.empty((), dtype=dtype).element_size()
+
+    def scratch_bytes(self, tokens: int, context: int) -> int:
+        return self.heads * tokens * context * F32  # the scores of a call against the whole context
+
+    # -- the forward pass ---------------------------------------------------------------------------------------
+    def __call__(self, x: torch.Tensor, pos: Positions, cache: KVCache) -> torch.Tensor:
+        q, k, v = self.project(x)
+        cos, sin = pos.rotary(self.rope)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = self.adjust_queries(q, pos)
+        cache.k[:, pos.start:pos.end] = k.transpose(0, 1)
+        cache.v[:, pos.start:pos.end] = v.transpose(0, 1)
+        keys, values = cache.k[:, :pos.end], cache.v[:, :pos.end]  # [KV, S, Dh]
+        out = self.attend(q, keys, values, causal_mask(pos.start, pos.length, self.window))  # [H, T, Dh]
+        return linear(out.transpose(0, 1).reshape(pos.length, -1), self.w["o"], self.w.get("o_bias"))
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [T, H, Dh], k and v [T, KV, Dh] before rotation."""
+        w, T = self.w, x.shape[0]
+        q = linear(x, w["q"], w.get("q_bias"))
+        k = linear(x, w["k"], w.get("k_bias"))
+        v = linear(x, w["v"], w.get("v_bias"))
+        if self.qk_norm == "proj":
+            q, k = rms_norm(q, w["q_norm"], self.eps), rms_norm(k, w["k_norm"], self.eps)
+        if self.clip is not None:
+            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
+        q, k, v = q.view(T, self.heads, -1), k.view(T, self.kv_heads, -1), v.view(T, self.kv_heads, -1)
+        if self.qk_norm == "head":
+            q, k = rms_norm(q, w["q_norm"], self.eps), rms_norm(k, w["k_norm"], self.eps)
+        return q, k, v
+
+    def adjust_queries(self, q: torch.Tensor, pos: Positions) -> torch.Tensor:
+        """Hook for kinds that scale the rotated queries by position; the identity here."""
+        return q
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               mask: torch.Tensor | None) -> torch.Tensor:
+        """q [T, H, Dh] against the cache [KV, S, Dh] -> [H, T, Dh]."""
+        H, KV = self.heads, self.kv_heads
+        if self.cap is None:
+            return F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), keys.unsqueeze(0),
+                                                  values.unsqueeze(0), attn_mask=mask, scale=self.scale,
+                                                  enable_gqa=H != KV)[0]
+        # soft-capped logits: cap * tanh(scale * q.k / cap), in float32
+        T, _, Dh = q.shape
+        qg = q.view(T, KV, H // KV, Dh).permute(1, 2, 0, 3)  # [KV, G, T, Dh]
+        scores = torch.matmul(qg, keys.unsqueeze(1).transpose(-1, -2)).float() * self.scale  # [KV, G, T, S]
+        scores = softcap(scores, self.cap)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(values.dtype)
+        return torch.matmul(probs, values.unsqueeze(1)).reshape(H, T, Dh)

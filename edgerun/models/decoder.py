@@ -1,0 +1,160 @@
+"""The decoder every family shares, composed of the parts its spec selects: per layer an attention part and an
+FFN part between RMSNorms (Grok's four norms when the spec asks for them), then the output head.
+
+The math does no I/O and knows nothing of where expert weights live: MoE parts hand (layer, tokens, choices) to
+an experts container. Parts are built from the spec alone, so `tensors()`, `cache_bytes()` and `scratch_bytes()`
+answer before any weight is loaded; `bind` gives the parts their weights.
+
+Shapes: T = tokens in this call, D = hidden, V = vocab.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from .attention import Positions
+from .ffn import ExpertsCall, MoE, RoutingObserver
+from .parts import Part, RMSNorm, TensorSpec, Weight, linear, softcap
+from .routers import Routing
+from .spec import ModelSpec
+
+F32 = 4
+RESIDUAL_COPIES = 16  # hidden-sized float32 activations alive at once in a layer (residual, norms, q/k/v/o, ...)
+
+
+class Block(Part):
+    """One layer: h + attention(norm(h)), then h + ffn(norm(h)); with `sandwich_norm`, each branch's output is
+    normed again before it is added (Grok)."""
+
+    def __init__(self, spec: ModelSpec, layer: int):
+        super().__init__(f"layers.{layer}.")
+        D, eps, p = spec.hidden_size, spec.rms_norm_eps, self.prefix
+        self.attn_norm = RMSNorm(p, "attn_norm", D, eps)
+        self.attention = spec.attention(spec, layer)
+        self.ffn_norm = RMSNorm(p, "ffn_norm", D, eps)
+        self.ffn = spec.ffn[layer](spec, layer)
+        sandwich = spec.sandwich_norm
+        self.post_attn_norm = RMSNorm(p, "post_attn_norm", D, eps) if sandwich else None
+        self.post_ffn_norm = RMSNorm(p, "post_ffn_norm", D, eps) if sandwich else None
+
+    def children(self) -> list[Part]:
+        parts = [self.attn_norm, self.attention, self.ffn_norm, self.ffn, self.post_attn_norm, self.post_ffn_norm]
+        return [p for p in parts if p is not None]
+
+    def scratch_bytes(self, tokens: int, context: int) -> int:
+        return self.attention.scratch_bytes(tokens, context) + self.ffn.scratch_bytes(tokens, context)
+
+    def __call__(self, h: torch.Tensor, pos: Positions, cache) -> torch.Tensor:
+        a = self.attention(self.attn_norm(h), pos, cache)
+        if self.post_attn_norm is not None:
+            a = self.post_attn_norm(a)
+        h = h + a
+        f = self.ffn(self.ffn_norm(h))
+        if self.post_ffn_norm is not None:
+            f = self.post_ffn_norm(f)
+        return h + f
+
+
+class DecoderCache:
+    """The per-layer caches of one sequence (each made by its layer's attention part) and how many tokens they
+    hold."""
+
+    def __init__(self, layers: list, context_length: int):
+        self.layers = layers
+        self.context_length = context_length
+        self.length = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.layers)
+
+
+class Decoder(Part):
+    """Forward pass of a decoder-only MoE model over canonical weights (see `tensors`)."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__("")
+        self.spec = spec
+        self.blocks = [Block(spec, i) for i in range(spec.num_layers)]
+        self.norm = RMSNorm("", "norm", spec.hidden_size, spec.rms_norm_eps)
+        self.observers: list[RoutingObserver] = []  # called with every MoE layer's routing
+        self.moe: dict[int, MoE] = {i: b.ffn for i, b in enumerate(self.blocks) if b.ffn.routed}
+        for part in self.moe.values():
+            part.observers = self.observers
+        self._ropes: dict = {}  # rotary tables, shared by every forward call
+        self.dtype = torch.float32  # of activations and the cache: the embedding's, once bound
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return list(self.moe)
+
+    def declare(self) -> dict[str, TensorSpec]:
+        V, D = self.spec.vocab_size, self.spec.hidden_size
+        out = {"embed": TensorSpec((V, D))}
+        if not self.spec.tie_word_embeddings:
+            out["lm_head"] = TensorSpec((V, D))
+        return out
+
+    def children(self) -> list[Part]:
+        return [*self.blocks, self.norm]
+
+    def bind(self, weights: Mapping[str, Weight]) -> None:
+        super().bind(weights)
+        self.lm_head = self.w["embed"] if self.spec.tie_word_embeddings else self.w["lm_head"]
+        self.dtype = self.w["embed"].dtype
+
+    def use_experts(self, experts: ExpertsCall) -> None:
+        """Make `experts` compute the routed experts of every MoE layer."""
+        for part in self.moe.values():
+            part.experts = experts
+
+    # -- memory ---------------------------------------------------------------------------------------------
+    def new_cache(self, context_length: int, dtype: torch.dtype | None = None) -> DecoderCache:
+        dtype = dtype or self.dtype
+        return DecoderCache([b.attention.new_cache(context_length, dtype) for b in self.blocks], context_length)
+
+    def cache_bytes(self, context_length: int, dtype: torch.dtype) -> int:
+        """What new_cache(context_length, dtype) allocates."""
+        return sum(b.attention.cache_bytes(context_length, dtype) for b in self.blocks)
+
+    def scratch_bytes(self, tokens: int, context: int) -> int:
+        """Transient memory of a forward call on `tokens` tokens at its largest (float32 activations, the
+        all-position logits of Model.logits)."""
+        spec = self.spec
+        layer = max(b.scratch_bytes(tokens, context) for b in self.blocks)
+        return RESIDUAL_COPIES * tokens * spec.hidden_size * F32 + layer + tokens * spec.vocab_size * F32
+
+    # -- the forward pass -----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, cache: DecoderCache, all_logits: bool = False) -> torch.Tensor:
+        """Run tokens [T] at positions cache.length.. and append them to the cache.
+
+        Returns float32 logits, [T, V] if all_logits else [1, V] for the last token only."""
+        spec = self.spec
+        embed = self.w["embed"]
+        h = F.embedding(tokens, embed) if isinstance(embed, torch.Tensor) else embed.rows(tokens)  # [T, D]
+        if spec.embedding_multiplier != 1.0:
+            h = h * spec.embedding_multiplier
+        pos = Positions(cache.length, tokens.shape[0], self.dtype, self._ropes)
+        for block, layer_cache in zip(self.blocks, cache.layers):
+            h = block(h, pos, layer_cache)
+        cache.length = pos.end
+        if not all_logits:
+            h = h[-1:]
+        logits = linear(self.norm(h), self.lm_head).float()
+        if spec.output_multiplier != 1.0:
+            logits = logits * spec.output_multiplier
+        return softcap(logits, spec.final_logit_softcap)
+
+    # -- routing ahead of time ------------------------------------------------------------------------------
+    def lookahead(self, from_layer: int, to_layer: int, x: torch.Tensor) -> Routing:
+        """The routing of MoE layer `to_layer` for x, the FFN input of `from_layer`, as if the residual stream
+        did not change in between: x is brought from one FFN norm to the other, then routed by that layer's own
+        router."""
+        here = self.blocks[from_layer].ffn_norm.weight.float()
+        there = self.blocks[to_layer].ffn_norm.weight.float()
+        h = (x.float() * (there / torch.where(here == 0, 1.0, here))).to(x.dtype)
+        return self.moe[to_layer].router(h)

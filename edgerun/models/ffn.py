@@ -1,0 +1,139 @@
+"""FFN parts: a dense MLP, a mixture of experts, a mixture of experts with a shared expert (gated or not), and
+a residual mixture (a dense MLP beside the experts).
+
+The MoE parts route each token with their layer's router and hand (layer, tokens, choices, weights) to an
+experts container, which knows where the expert weights live; the model math does no I/O.
+
+Shapes: T = tokens, D = hidden, E = experts, K = experts per token, I = expert width.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+
+from .parts import Part, TensorSpec, activation_fn, linear
+
+F32 = 4
+
+
+class ExpertsCall(Protocol):
+    def __call__(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, D], idx [T, K] expert ids, weights [T, K] -> sum_k weights * expert_k(x), [T, D]."""
+
+
+RoutingObserver = Callable[[int, torch.Tensor, torch.Tensor], None]  # (layer, idx [T, K], weights [T, K])
+
+
+class DenseMLP(Part):
+    """down(act(gate(x)) * up(x)) with matrices named prefix + gate/up/down."""
+
+    routed = False
+
+    def __init__(self, prefix: str, hidden: int, width: int, activation: str):
+        super().__init__(prefix)
+        self.hidden, self.width = hidden, width
+        self.act = activation_fn(activation)
+
+    def declare(self) -> dict[str, TensorSpec]:
+        D, I = self.hidden, self.width
+        return {"gate": TensorSpec((I, D)), "up": TensorSpec((I, D)), "down": TensorSpec((D, I))}
+
+    def scratch_bytes(self, tokens: int, context: int) -> int:
+        return 3 * tokens * self.width * F32
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.w
+        return linear(self.act(linear(x, w["gate"])) * linear(x, w["up"]), w["down"])
+
+
+class DenseFFN(DenseMLP):
+    """A layer whose FFN is a plain MLP of the spec's `intermediate_size` (`layers.N.mlp.*`)."""
+
+    def __init__(self, spec, layer: int):
+        super().__init__(f"layers.{layer}.mlp.", spec.hidden_size, spec.intermediate_size, spec.activation)
+
+
+class MoE(Part):
+    """Routed experts: the layer's router picks K of E experts per token; the experts container computes them."""
+
+    routed = True
+
+    def __init__(self, spec, layer: int):
+        super().__init__(f"layers.{layer}.")
+        self.layer = layer
+        self.hidden, self.num_experts, self.width = spec.hidden_size, spec.num_experts, spec.moe_intermediate_size
+        self.top_k = spec.top_k
+        self.router = spec.router(spec, layer)
+        self.experts: ExpertsCall | None = None  # set when the decoder is given its container
+        self.observers: list[RoutingObserver] = []  # the decoder's list, shared by all its MoE parts
+
+    def declare(self) -> dict[str, TensorSpec]:
+        E, D, I = self.num_experts, self.hidden, self.width
+        return {"experts.gate_up": TensorSpec((E, 2 * I, D), expert=True),
+                "experts.down": TensorSpec((E, D, I), expert=True)}
+
+    def children(self) -> list[Part]:
+        return [self.router]
+
+    def scratch_bytes(self, tokens: int, context: int) -> int:
+        return 3 * tokens * self.top_k * self.width * F32  # gate/up products of the routed tokens
+
+    def routed_experts(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.router(x)
+        for observe in self.observers:
+            observe(self.layer, r.idx, r.weights)
+        return self.experts(self.layer, x, r.idx, r.weights)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.routed_experts(x)
+
+
+class SharedExpertMoE(MoE):
+    """Routed experts plus a shared expert every token uses (`layers.N.shared.*`, width
+    `shared_expert_intermediate_size`), scaled by sigmoid(shared_gate . x) when the spec has the gate."""
+
+    def __init__(self, spec, layer: int):
+        super().__init__(spec, layer)
+        self.shared = DenseMLP(f"{self.prefix}shared.", spec.hidden_size, spec.shared_expert_intermediate_size,
+                               spec.activation)
+        self.gated = spec.shared_expert_gate
+
+    def declare(self) -> dict[str, TensorSpec]:
+        out = super().declare()
+        if self.gated:
+            out["shared_gate"] = TensorSpec((1, self.hidden), exact=True)
+        return out
+
+    def children(self) -> list[Part]:
+        return [self.router, self.shared]
+
+    def scratch_bytes(self, tokens: int, context: int) -> int:
+        return super().scratch_bytes(tokens, context) + self.shared.scratch_bytes(tokens, context)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shared = self.shared(x)
+        if self.gated:
+            shared = torch.sigmoid(linear(x, self.w["shared_gate"])) * shared
+        return self.routed_experts(x) + shared
+
+
+class ResidualMoE(MoE):
+    """Routed experts beside a dense MLP of width `intermediate_size` (`layers.N.mlp.*`) on the same input:
+    (mlp(x) + experts(x)) / sqrt(2) (Grok-2's `residual_moe`)."""
+
+    def __init__(self, spec, layer: int):
+        super().__init__(spec, layer)
+        self.mlp = DenseMLP(f"{self.prefix}mlp.", spec.hidden_size, spec.intermediate_size, spec.activation)
+
+    def children(self) -> list[Part]:
+        return [self.router, self.mlp]
+
+    def scratch_bytes(self, tokens: int, context: int) -> int:
+        return super().scratch_bytes(tokens, context) + self.mlp.scratch_bytes(tokens, context)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.mlp(x) + self.routed_experts(x)) / math.sqrt(2)

@@ -1,0 +1,252 @@
+"""Placement: where a model's bytes go in a RAM budget. `load` and `edgerun plan` both call this module, so what
+the plan predicts is what loading does.
+
+    budget = baseline (Python, torch, numba) + resident weights (mapped from the store, and converted copies)
+             + KV cache (the attention parts' caches for the context) + scratch (activations of one prefill
+             step, buffers for experts the cache declines to hold) + safety + slots x chunk size (expert cache)
+
+The budget is a ceiling on peak RSS: every term is counted at its largest. A model's bytes come from the
+tensors its decoder's parts declare and the formats of a store (`ModelLayout`), for a store on disk or for one
+a conversion would write.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+from dataclasses import asdict, dataclass
+
+import psutil
+import torch
+
+from ..errors import ArgumentError, BudgetError
+from ..models.decoder import Decoder
+from ..models.parts import TensorSpec
+from ..models.spec import ModelSpec
+from ..store.layout import PASSTHROUGH, QUANTIZED, ExpertLayout, TensorLayout
+from ..units import format_size
+
+DEFAULT_CONTEXT = 4096  # tokens of KV cache when none is asked for (at most the model's own context)
+PREFILL_CHUNK = 512  # tokens per prefill step: bounds the attention scratch of long prompts
+MIN_PREFILL_CHUNK = 32
+SCRATCH_SHARE = 0.05  # of the budget, for the activations of one prefill step
+MIN_SLOTS_PER_K = 2  # slots per routed expert of a token: one layer computing while the next one loads
+SAFETY_FRACTION = 0.02  # allocator slack and page-table overhead, as a share of the budget
+SAFETY_MIN = 32 << 20
+AUTO_MARGIN = 0.15  # with no budget given, leave this share of the available RAM to the rest of the machine
+AUTO_MARGIN_MIN = 1 << 30
+MAX_PREFETCH_DEPTH = 4  # layers read ahead at most: further out the router of the current state guesses poorly
+
+
+# -- the model's bytes -------------------------------------------------------------------------------------------
+def stored_format(tensor: TensorSpec, dense_format: str) -> str:
+    """The format a store keeps a non-expert tensor in: the dense format, except that exact tensors (norms,
+    biases, routers) stay unquantized (float32 beside quantized matrices)."""
+    if tensor.exact:
+        return dense_format if dense_format in PASSTHROUGH else "f32"
+    return dense_format
+
+
+def compute_dtype(expert_format: str, dense_format: str) -> torch.dtype:
+    """What a store of these formats computes in: quantized weights in float32, an all-bf16 store in bf16."""
+    if expert_format in QUANTIZED or dense_format in QUANTIZED:
+        return torch.float32
+    return torch.bfloat16 if {expert_format, dense_format} == {"bf16"} else torch.float32
+
+
+def context_length(spec: ModelSpec, requested: int | None) -> int:
+    """The KV cache's length: the one asked for, else the model's own, at most DEFAULT_CONTEXT."""
+    ctx = int(requested or min(spec.max_position_embeddings, DEFAULT_CONTEXT))
+    if ctx < 2:
+        raise ArgumentError(f"context_length must be at least 2, got {ctx}")
+    return ctx
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """A model in a store's formats: its decoder's parts, every resident tensor's layout, the expert chunk."""
+
+    spec: ModelSpec
+    decoder: Decoder
+    expert_format: str
+    dense_format: str
+    group: int
+    tensors: dict[str, TensorLayout]  # non-expert tensors as stored
+    compute_dtype: torch.dtype
+
+    @classmethod
+    def for_formats(cls, spec: ModelSpec, expert_format: str, dense_format: str, group: int = 32,
+                    dtype: torch.dtype | None = None) -> ModelLayout:
+        """The layout a conversion to these formats writes (and `edgerun convert` does write)."""
+        decoder = Decoder(spec)
+        tensors = {name: TensorLayout(stored_format(t, dense_format), t.shape, group)
+                   for name, t in decoder.tensors().items() if not t.expert}
+        return cls(spec, decoder, expert_format, dense_format, group, tensors,
+                   dtype or compute_dtype(expert_format, dense_format))
+
+    @property
+    def expert_layout(self) -> ExpertLayout:
+        return ExpertLayout(self.expert_format, self.spec.hidden_size, self.spec.moe_intermediate_size, self.group)
+
+    @property
+    def chunk_bytes(self) -> int:
+        """One expert's chunk in the store (0 for a model without experts)."""
+        return self.expert_layout.nbytes if self.spec.moe_layers else 0
+
+    @property
+    def total_experts(self) -> int:
+        return len(self.spec.moe_layers) * self.spec.num_experts
+
+    @property
+    def resident_bytes(self) -> int:
+        """The non-expert weights in RAM: mapped from the store, plus a copy in the compute dtype of any
+        unquantized tensor stored in another dtype."""
+        elem = torch.empty((), dtype=self.compute_dtype).element_size()
+        total = 0
+        for layout in self.tensors.values():
+            total += layout.nbytes
+            if layout.fmt in PASSTHROUGH and PASSTHROUGH[layout.fmt][1] != self.compute_dtype:
+                total += math.prod(layout.shape) * elem
+        return total
+
+    def kv_bytes(self, context: int) -> int:
+        return self.decoder.cache_bytes(context, self.compute_dtype)
+
+    def scratch_bytes(self, tokens: int, context: int) -> int:
+        """One forward step's activations on `tokens` tokens, plus buffers for the experts of a token that the
+        expert cache declines to hold."""
+        return self.decoder.scratch_bytes(tokens, context) + self.spec.top_k * self.chunk_bytes
+
+
+# -- the split of a budget ---------------------------------------------------------------------------------------
+@dataclass
+class MemoryPlan:
+    budget_bytes: int
+    baseline_bytes: int  # the process before the model: interpreter, torch, compiled kernels
+    resident_bytes: int  # non-expert weights
+    kv_cache_bytes: int
+    scratch_bytes: int
+    safety_bytes: int
+    slot_bytes: int  # one expert chunk
+    slots: int  # expert cache capacity
+    total_experts: int
+    minimum_bytes: int  # the smallest budget this model, context and machine accept
+    budget_given: bool
+    prefill_chunk: int  # tokens per prefill step, shorter under a tight budget
+    context_length: int
+
+    @property
+    def fixed_bytes(self) -> int:
+        return self.baseline_bytes + self.resident_bytes + self.kv_cache_bytes + self.scratch_bytes + self.safety_bytes
+
+    @property
+    def all_resident(self) -> bool:
+        return self.slots >= self.total_experts
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["expert_cache_bytes"] = self.slots * self.slot_bytes
+        d["fixed_bytes"] = self.fixed_bytes
+        return d
+
+    def describe(self) -> str:
+        return (f"budget {format_size(self.budget_bytes)}: baseline {format_size(self.baseline_bytes)}, weights "
+                f"{format_size(self.resident_bytes)}, KV cache {format_size(self.kv_cache_bytes)}, scratch "
+                f"{format_size(self.scratch_bytes + self.safety_bytes)}, expert cache {self.slots} of "
+                f"{self.total_experts} experts ({format_size(self.slots * self.slot_bytes)})")
+
+
+def auto_budget(available: int) -> int:
+    """The budget taken when none is given: the available RAM less a margin for the rest of the machine."""
+    return max(available - max(AUTO_MARGIN_MIN, int(available * AUTO_MARGIN)), 0)
+
+
+def choose_prefill_chunk(budget: int | None, scratch_of, largest: int = PREFILL_CHUNK) -> int:
+    """The longest prefill step whose scratch takes at most SCRATCH_SHARE of the budget (at least
+    MIN_PREFILL_CHUNK tokens)."""
+    chunk = largest
+    while budget is not None and chunk > MIN_PREFILL_CHUNK and scratch_of(chunk) > SCRATCH_SHARE * budget:
+        chunk //= 2
+    return chunk
+
+
+def split_budget(*, budget: int, given: bool, baseline: int, resident: int, kv_cache: int, scratch: int,
+                 slot_bytes: int, total_experts: int, top_k: int, context_length: int,
+                 prefill_chunk: int) -> MemoryPlan:
+    """Fixed parts first, the rest as expert slots. Refuses a budget below the minimum with one line giving it."""
+    safety = max(SAFETY_MIN, int(budget * SAFETY_FRACTION))
+    fixed = baseline + resident + kv_cache + scratch + safety
+    min_slots = min(total_experts, MIN_SLOTS_PER_K * top_k)
+    core = fixed - safety + min_slots * slot_bytes
+    minimum = core + max(SAFETY_MIN, int(core * SAFETY_FRACTION / (1 - SAFETY_FRACTION)))
+    if budget < minimum:
+        where = "the budget" if given else "this machine's available RAM (less a safety margin)"
+        raise BudgetError(
+            f"{where} of {format_size(budget)} is below the minimum of {format_size(minimum)} for this model "
+            f"with a {context_length}-token context (weights {format_size(resident)}, KV cache "
+            f"{format_size(kv_cache)}, {min_slots} expert slots of {format_size(slot_bytes)}); give more RAM or a "
+            f"shorter context"
+        )
+    slots = min(total_experts, max(min_slots, (budget - fixed) // slot_bytes)) if slot_bytes else 0
+    return MemoryPlan(budget, baseline, resident, kv_cache, scratch, safety, slot_bytes, int(slots), total_experts,
+                      minimum, given, prefill_chunk, context_length)
+
+
+def place(layout: ModelLayout, *, budget: int | None, context: int, baseline: int,
+          available: int | None = None) -> MemoryPlan:
+    """Split a RAM budget for a model of `layout` with a `context`-token cache. budget None: `available` (default:
+    this machine's available RAM) less a margin. Raises BudgetError below the minimum."""
+    given = budget is not None
+    if budget is None:
+        budget = auto_budget(available if available is not None else available_ram())
+    chunk = choose_prefill_chunk(budget, lambda tokens: layout.scratch_bytes(tokens, context))
+    return split_budget(budget=budget, given=given, baseline=baseline, resident=layout.resident_bytes,
+                        kv_cache=layout.kv_bytes(context), scratch=layout.scratch_bytes(chunk, context),
+                        slot_bytes=layout.chunk_bytes, total_experts=layout.total_experts, top_k=layout.spec.top_k,
+                        context_length=context, prefill_chunk=chunk)
+
+
+# -- what the offloading container takes from the machine's profile ----------------------------------------------
+def runtime_settings(profile: dict | None, layout: ModelLayout) -> dict:
+    """Reader threads and the first prefetch depth for this model's experts on a profiled machine."""
+    if profile is None or not layout.chunk_bytes:
+        return {"readers": 1, "prefetch_depth": 1}
+    return read_ahead(profile, chunk_bytes=layout.chunk_bytes, top_k=layout.spec.top_k,
+                      layer_dense_bytes=layout.resident_bytes // layout.spec.num_layers,
+                      expert_format=layout.expert_format)
+
+
+def read_ahead(profile: dict | None, *, chunk_bytes: int, top_k: int, layer_dense_bytes: int,
+               expert_format: str) -> dict:
+    """Reader threads and the first prefetch depth for experts of chunk_bytes.
+
+    The depth is how many layers of compute it takes to read one layer's experts: reads must start that far
+    ahead to arrive in time (the offloading container adapts it while it runs). Whether O_DIRECT works is probed
+    on the store itself, which may sit on another disk than the profile's."""
+    from ..hw.settings import reader_choice, top_threads
+
+    if profile is None:
+        return {"readers": 1, "prefetch_depth": 1}
+    readers, gbps = reader_choice(profile, chunk_bytes)
+    read_s = top_k * chunk_bytes / (gbps * 1e9)
+    kernels = profile["cpu"]["kernels"]
+    expert_gbps = top_threads(kernels[expert_format]["gemv_gbps"]) if expert_format in kernels else 1.0
+    dense_gbps = top_threads(kernels["q8"]["gemv_gbps"])
+    compute_s = top_k * chunk_bytes / (expert_gbps * 1e9) + layer_dense_bytes / (dense_gbps * 1e9)
+    depth = max(1, min(MAX_PREFETCH_DEPTH, math.ceil(read_s / compute_s)))
+    return {"readers": readers, "prefetch_depth": depth}
+
+
+# -- this process ------------------------------------------------------------------------------------------------
+def current_rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def peak_rss() -> int:
+    """The process's peak resident set size so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if psutil.MACOS else peak * 1024
+
+
+def available_ram() -> int:
+    return psutil.virtual_memory().available
