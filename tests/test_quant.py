@@ -142,15 +142,12 @@ def test_float16_input(fmt):
     assert rel_rmse(w16.astype(np.float32), quant.dequantize(qs, scales, 100)) < quant.MAX_REL_RMSE[fmt]
 
 
-def test_bits_per_weight():
-    assert quant.bits_per_weight("q8") == 8.5
-    assert quant.bits_per_weight("q4") == 4.5
-    assert quant.bits_per_weight("q8", 64) == 8.25
-    assert quant.bits_per_weight("q4", 128) == 4.125
-    # the arrays hold exactly that many bits
-    for fmt in quant.FORMATS:
-        qs, scales = quant.quantize(gaussian((4, 256)), fmt, 64)
-        assert (qs.nbytes + scales.nbytes) * 8 == quant.bits_per_weight(fmt, 64) * 4 * 256
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_bits_per_weight(group):
+    # the arrays hold 8 (q8) or 4 (q4) bits per weight plus a float16 scale per group, nothing more
+    for fmt, bits in (("q8", 8), ("q4", 4)):
+        qs, scales = quant.quantize(gaussian((4, 256)), fmt, group)
+        assert (qs.nbytes + scales.nbytes) * 8 == (bits + 16 / group) * 4 * 256
 
 
 def test_packed_shapes():
@@ -164,9 +161,9 @@ def test_packed_shapes():
 def test_bad_format_or_group(bad):
     args = dict(fmt="q4", group=32) | bad
     with pytest.raises(ValueError):
-        quant.bits_per_weight(**args)
-    with pytest.raises(ValueError):
         quant.quantize(gaussian((2, 64)), **args)
+    with pytest.raises(ValueError):
+        quant.packed_shapes(args["fmt"], 2, 64, group=args["group"])
 
 
 def asymmetric_4bit(w: np.ndarray, group: int) -> np.ndarray:
@@ -184,7 +181,6 @@ def test_symmetric_q4_beats_asymmetric_at_equal_bytes(dist):
     shape = (256, 2048)
     w = (rng.standard_normal(shape) if dist == "gaussian" else rng.standard_t(3, shape)).astype(np.float32)
     # asymmetric 4-bit with two float16 per 64 values: 4 + 32 / 64 = 4.5 bits per weight, as q4 at G = 32
-    assert quant.bits_per_weight("q4", 32) == 4 + 32 / 64
     symmetric = rel_rmse(w, quant.dequantize(*quant.quantize(w, "q4", 32), shape[1]))
     asymmetric = rel_rmse(w, asymmetric_4bit(w, 64))
     assert symmetric <= asymmetric

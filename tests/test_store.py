@@ -120,13 +120,17 @@ def test_store_layout_on_disk(hf_dirs, tmp_path):
     assert info["tensors"]["layers.0.q"]["format"] == "q8"
 
 
-def test_chunk_access_by_memmap_and_preadv(hf_dirs, tmp_path):
+def test_chunk_access_by_memmap_and_reader(hf_dirs, tmp_path):
+    from edgerun.runtime.reader import ExpertReader
+
     _, src = hf_dirs["mixtral"]
     store = ExpertStore(convert(src, tmp_path / "s", quant="q8"))
     mapped = store.map_expert(1, 3)
-    buf = np.zeros(store.chunk_bytes + 4096, dtype=np.uint8)
-    store.read_expert_into(1, 3, buf)
-    assert np.array_equal(buf[: store.chunk_bytes], mapped)
+    buf = np.zeros(store.chunk_bytes, dtype=np.uint8)
+    reader = ExpertReader(store, direct=False)
+    reader.wait(reader.submit(None, 1, 3, buf, demand=True))
+    reader.close()
+    assert np.array_equal(buf, mapped)
     (gu_qs, gu_scales), (d_qs, d_scales) = store.expert_views(1, 3)
     assert gu_qs.dtype == np.int8 and gu_qs.shape == (2 * 96, 64) and d_qs.shape == (64, 96)
     assert gu_scales.dtype == np.float16 and gu_scales.shape == (192, 2)
@@ -145,8 +149,12 @@ def test_corrupted_chunk_is_detected(hf_dirs, tmp_path):
     store = ExpertStore(dst)  # opening reads no expert bytes
     with pytest.raises(edgerun.CheckpointError, match="layer 1 expert 2"):
         store.map_expert(1, 2)
+    from edgerun.runtime.reader import ExpertReader
+
+    reader = ExpertReader(store, direct=False)
     with pytest.raises(edgerun.CheckpointError, match="layer 1 expert 2"):
-        store.read_expert_into(1, 2, np.zeros(store.chunk_bytes, np.uint8))
+        reader.wait(reader.submit(None, 1, 2, np.zeros(store.chunk_bytes, np.uint8), demand=True))
+    reader.close()
     model = edgerun.load(dst)
     with pytest.raises(edgerun.CheckpointError, match="checksum mismatch in layer 1 expert 2"):
         for start in range(0, 100, 4):  # some prompt routes to the damaged expert

@@ -1,8 +1,8 @@
 """Which experts stay in RAM: a fixed set of expert slots (`ExpertCache`) and the policy that picks
 what to evict when a missing expert needs a slot.
 
-A key is `(layer, expert)` with MoE layers numbered 0..L-1 in execution order. The engine reports
-every expert access (`Policy.access`), the experts each layer used once a token has passed it
+A key is `(layer, expert)` with MoE layers numbered 0..L-1 in execution order. The offloading
+container reports every expert access (`Policy.access`), the experts each layer used once a token has passed it
 (`Policy.observe`), and optionally a router's forecast for a layer ahead (`Policy.predict`).
 """
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import heapq
 import os
 import threading
-import time
 
 import numpy as np
 
@@ -73,7 +72,6 @@ class ExpertReader:
         self._closed = False
         self.bytes_read = 0
         self.reads = 0
-        self.busy_seconds = 0.0
         self._threads = [threading.Thread(target=self._work, name=f"edgerun-reader-{i}", daemon=True)
                          for i in range(max(1, workers))]
         for t in self._threads:
@@ -151,7 +149,6 @@ class ExpertReader:
 
     def _work(self) -> None:
         while (req := self._next()) is not None:
-            t0 = time.perf_counter()
             try:
                 finished = self._read(req)
             except Exception as e:  # noqa: BLE001 - any failure is handed to the waiting thread
@@ -162,7 +159,6 @@ class ExpertReader:
                 with self._cv:
                     req.state = FAILED
                     req.done.set()
-            self.busy_seconds += time.perf_counter() - t0
             if finished:
                 with self._cv:
                     if req.state == RUNNING:

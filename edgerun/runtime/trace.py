@@ -129,7 +129,7 @@ class RecentRouting:
 
 
 class TraceWriter:
-    """Writes the engine's routing decisions to a new trace file, in the format read_trace reads."""
+    """Writes the decoder's routing decisions to a new trace file, in the format read_trace reads."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)

@@ -154,10 +154,10 @@ def _prepare(partial: Path, job: _Conversion) -> dict[str, int]:
     """Create partial (or reopen it to resume); returns the items already written, with their checksums."""
     import zarr
 
-    plan_file = partial / SETTINGS_FILE
+    settings_file = partial / SETTINGS_FILE
     if partial.exists():
         try:
-            previous = json.loads(plan_file.read_text())
+            previous = json.loads(settings_file.read_text())
         except (OSError, ValueError):
             previous = None
         if previous != job.describe():
@@ -188,7 +188,7 @@ def _prepare(partial: Path, job: _Conversion) -> dict[str, int]:
     for f in TOKENIZER_FILES:
         if (job.src / f).is_file():
             shutil.copyfile(job.src / f, tok / f)
-    plan_file.write_text(json.dumps(job.describe(), indent=1))
+    settings_file.write_text(json.dumps(job.describe(), indent=1))
     return {}
 
 

@@ -50,12 +50,6 @@ def _check(fmt: str, group: int) -> None:
         raise ValueError(f"group size must be a positive multiple of 32; got {group}")
 
 
-def bits_per_weight(fmt: str, group: int = 32) -> float:
-    """Bits of storage per weight of fmt, the float16 scales included."""
-    _check(fmt, group)
-    return (8 if fmt == "q8" else 4) + 16 / group
-
-
 def padded_in_features(in_features: int, group: int = 32) -> int:
     """in_features rounded up to a multiple of group (Kp)."""
     return -(-in_features // group) * group

@@ -1,4 +1,5 @@
-"""Opening an expert store: metadata, integrity checks, and access to chunks by memory map or by preadv.
+"""Opening an expert store: metadata, integrity checks, and access to chunks by memory map (the reader in
+runtime/reader.py reads them into cache slots).
 
 Opening reads only metadata and the sizes of the chunk files; expert bytes are read when a chunk is
 first used, and checked against its CRC32 then.
@@ -142,24 +143,6 @@ class ExpertStore:
                     self.verify_expert(layer, expert, chunk)
                     self._maps[key] = chunk
         return chunk
-
-    def read_expert_into(self, layer: int, expert: int, buf: np.ndarray, verify: bool = True) -> None:
-        """Read a chunk into buf (uint8, chunk_bytes long; page-aligned for O_DIRECT) with preadv."""
-        if buf.nbytes < self.chunk_bytes:
-            raise ValueError(f"buffer of {buf.nbytes} bytes is smaller than a chunk ({self.chunk_bytes})")
-        view = memoryview(buf)[: self.chunk_bytes]
-        fd = os.open(self.expert_path(layer, expert), os.O_RDONLY)
-        try:
-            done = 0
-            while done < self.chunk_bytes:
-                n = os.preadv(fd, [view[done:]], done)
-                if n <= 0:
-                    raise CheckpointError(f"store {self.path}: short read in layer {layer} expert {expert}")
-                done += n
-        finally:
-            os.close(fd)
-        if verify:
-            self.verify_expert(layer, expert, buf[: self.chunk_bytes])
 
     def expert_views(self, layer: int, expert: int):
         """(gate_up sections, down sections) of an expert as arrays over its memory map."""
