@@ -259,7 +259,12 @@ class Model:
         return {"layers": layers, "num_experts": E, "tokens": counted, "used": used, "resident": resident,
                 "loading": loading, "all_resident": where is None}
 
-    # -- the experts container ------------------------------------------------------------------------------
+    # -- the decoder and its experts container -------------------------------------------------------------
+    @property
+    def decoder(self) -> Decoder:
+        """The model math: the parts it is composed of, their tensors, the routers (models.decoder.Decoder)."""
+        return self._engine.decoder
+
     @property
     def experts(self) -> ExpertsContainer:
         """The container that computes the routed experts (in RAM, memory-mapped, or offloaded to a store)."""

@@ -161,10 +161,10 @@ def auto_budget(available: int) -> int:
     return max(available - max(AUTO_MARGIN_MIN, int(available * AUTO_MARGIN)), 0)
 
 
-def choose_prefill_chunk(budget: int | None, scratch_of, largest: int = PREFILL_CHUNK) -> int:
-    """The longest prefill step whose scratch takes at most SCRATCH_SHARE of the budget (at least
-    MIN_PREFILL_CHUNK tokens)."""
-    chunk = largest
+def choose_prefill_chunk(budget: int | None, scratch_of, largest: int | None = None) -> int:
+    """The longest prefill step, up to `largest` (default PREFILL_CHUNK), whose scratch takes at most
+    SCRATCH_SHARE of the budget (at least MIN_PREFILL_CHUNK tokens)."""
+    chunk = largest or PREFILL_CHUNK
     while budget is not None and chunk > MIN_PREFILL_CHUNK and scratch_of(chunk) > SCRATCH_SHARE * budget:
         chunk //= 2
     return chunk
