@@ -84,9 +84,12 @@ def describe(pred, experts: str, dense: str, prompt: int = 512) -> str:
     lines += [f"  {row['part']:<{width}}  {row['where']:<3}  {format_size(row['bytes']):>11}" for row in pred.placement]
     tiers = ", ".join(f"{tier} {format_size(n)}" for tier, n in pred.bytes_per_token.items())
     t = pred.times
+    reads = "every expert in RAM" if pred.expert_slots >= pred.experts_total else (
+        f"{pred.readers} reader{'s' * (pred.readers > 1)}, {pred.prefetch_depth} layer"
+        f"{'s' * (pred.prefetch_depth > 1)} ahead")
     lines += [
         f"experts per token from {tiers} (hit rate {pred.hit_rate:.0%})",
-        (f"per token: read {t['read'] * 1e3:.1f} ms ({pred.readers} reader{'s' * (pred.readers > 1)}), "
+        (f"per token: read {t['read'] * 1e3:.1f} ms ({reads}), "
          f"experts {t['experts'] * 1e3:.1f} ms, dense {t['dense'] * 1e3:.1f} ms, attention {t['kv'] * 1e3:.1f} ms "
          "(reads overlap with compute)"),
         (f"prefill {pred.prefill_tokens_per_s:.1f} tok/s ({prompt}-token prompt), "
