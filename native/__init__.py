@@ -25,7 +25,7 @@ import numpy as np
 from ..store import quant
 from . import config, reference
 
-SILU, GELU_TANH = reference.SILU, reference.GELU_TANH
+SILU, GELU_TANH, GELU = reference.SILU, reference.GELU_TANH, reference.GELU
 
 _kernels = config.load_kernels()
 BACKEND: str = "numpy" if _kernels is None else "numba"
@@ -48,7 +48,8 @@ def warmup() -> None:
             for n_tok in (1, 3):
                 x = rng.standard_normal((n_tok, 40)).astype(np.float32)
                 matmul(x, *gate_up, np.empty((n_tok, 64), np.float32))
-                expert_ffn(x, *gate_up, *down, SILU, np.empty((n_tok, 40), np.float32))
+                for activation in (SILU, GELU_TANH, GELU):
+                    expert_ffn(x, *gate_up, *down, activation, np.empty((n_tok, 40), np.float32))
     except Exception as e:  # a numba/LLVM that cannot compile them: keep running, on NumPy
         config.fall_back(e)
         _kernels, BACKEND, INT_DOT = None, "numpy", False
@@ -128,12 +129,12 @@ def expert_ffn(x: np.ndarray, gate_up_qs: np.ndarray, gate_up_scales: np.ndarray
     """One expert on the tokens routed to it: out = down @ (act(gate @ x) * (up @ x)).
 
     x float32 [T, H]; gate_up [2I, H] is one quantized matrix, gate rows first, then up rows; down
-    [H, I] in the same format; activation 0 = SiLU, 1 = GELU (tanh approximation); out float32 [T, H]
-    is overwritten."""
+    [H, I] in the same format; activation 0 = SiLU, 1 = GELU (tanh approximation), 2 = GELU (exact); out
+    float32 [T, H] is overwritten."""
     if x.ndim != 2:
         raise ValueError(f"x must be 2D [tokens, hidden]; got shape {x.shape}")
-    if activation not in (SILU, GELU_TANH):
-        raise ValueError(f"unknown activation {activation}; expected 0 (SiLU) or 1 (GELU tanh)")
+    if activation not in (SILU, GELU_TANH, GELU):
+        raise ValueError(f"unknown activation {activation}; expected 0 (SiLU), 1 (GELU tanh) or 2 (GELU)")
     if gate_up_qs.dtype != down_qs.dtype:
         raise ValueError(f"gate_up and down must share a format; got {gate_up_qs.dtype} and {down_qs.dtype}")
     hidden = x.shape[1]

@@ -16,6 +16,8 @@ iterations, so a row keeps 16 partial sums and the horizontal sum happens once p
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 from llvmlite import ir
@@ -727,7 +729,7 @@ def matmul(x, qs, scales, lut, out, n_threads):
 
 # ---------------------------------------------------------------- one expert: down(act(gate(x)) * up(x))
 
-SILU, GELU_TANH = 0, 1
+SILU, GELU_TANH, GELU = 0, 1, 2
 
 
 @njit(parallel=True, **_OPTS)
@@ -737,13 +739,16 @@ def _gated_activation(h, activation, a):
     inter = h.shape[1] // 2
     one, half = np.float32(1.0), np.float32(0.5)
     c0, c1 = np.float32(0.7978845608028654), np.float32(0.044715)  # sqrt(2 / pi)
+    r2 = np.float32(0.7071067811865476)  # 1 / sqrt(2)
     for j in prange(n_tok * inter):
         t, i = j // inter, j % inter
         g = h[t, i]
         if activation == SILU:
             act = g / (one + np.exp(-g))
-        else:
+        elif activation == GELU_TANH:
             act = half * g * (one + np.tanh(c0 * (g + c1 * g * g * g)))
+        else:
+            act = half * g * (one + math.erf(g * r2))
         a[t, i] = act * h[t, inter + i]
 
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..store import quant
 
-SILU, GELU_TANH = 0, 1
+SILU, GELU_TANH, GELU = 0, 1, 2
 _BLOCK_FLOATS = 1 << 22  # dequantized rows per step: 16 MiB of float32
 
 
@@ -57,7 +57,8 @@ def matmul_int8(x: np.ndarray, qs: np.ndarray, scales: np.ndarray, out: np.ndarr
 
 
 def gated_activation(h: np.ndarray, activation: int) -> np.ndarray:
-    """act(h[:, :I]) * h[:, I:] for h [T, 2I]: activation 0 is SiLU, 1 GELU with the tanh approximation."""
+    """act(h[:, :I]) * h[:, I:] for h [T, 2I]: activation 0 is SiLU, 1 GELU with the tanh approximation, 2 exact
+    GELU (with the error function)."""
     inter = h.shape[1] // 2
     gate, up = h[:, :inter], h[:, inter:]
     if activation == SILU:
@@ -66,8 +67,13 @@ def gated_activation(h: np.ndarray, activation: int) -> np.ndarray:
     elif activation == GELU_TANH:
         c = np.float32(np.sqrt(2 / np.pi))
         act = np.float32(0.5) * gate * (np.float32(1) + np.tanh(c * (gate + np.float32(0.044715) * gate ** 3)))
+    elif activation == GELU:
+        import torch  # NumPy has no error function
+
+        erf = torch.special.erf(torch.from_numpy(np.ascontiguousarray(gate) * np.float32(0.5 ** 0.5))).numpy()
+        act = np.float32(0.5) * gate * (np.float32(1) + erf)
     else:
-        raise ValueError(f"unknown activation {activation}; expected 0 (SiLU) or 1 (GELU tanh)")
+        raise ValueError(f"unknown activation {activation}; expected 0 (SiLU), 1 (GELU tanh) or 2 (GELU)")
     return (act * up).astype(np.float32)
 
 

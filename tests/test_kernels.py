@@ -231,13 +231,13 @@ def torch_expert(x, gate_up, down, hidden, inter, activation):
     gu = torch.from_numpy(quant.dequantize(*gate_up, hidden))
     d = torch.from_numpy(quant.dequantize(*down, inter))
     h = torch.from_numpy(x) @ gu.T
-    act = torch.nn.functional.silu if activation == native.SILU else (
-        lambda v: torch.nn.functional.gelu(v, approximate="tanh"))
+    act = {native.SILU: torch.nn.functional.silu, native.GELU: torch.nn.functional.gelu,
+           native.GELU_TANH: lambda v: torch.nn.functional.gelu(v, approximate="tanh")}[activation]
     return ((act(h[:, :inter]) * h[:, inter:]) @ d.T).numpy()
 
 
 @pytest.mark.parametrize("fmt", quant.FORMATS)
-@pytest.mark.parametrize("activation", [native.SILU, native.GELU_TANH])
+@pytest.mark.parametrize("activation", [native.SILU, native.GELU_TANH, native.GELU])
 @pytest.mark.parametrize("tokens", [1, 5, 17])
 @pytest.mark.parametrize("hidden, inter", [(64, 96), (100, 48)])
 def test_expert_ffn(fmt, activation, tokens, hidden, inter):
@@ -271,12 +271,13 @@ def test_expert_ffn_float_path(float_path, hidden, inter):
 def test_expert_ffn_activations_differ():
     gate_up, down = matrix("q8", 64, 32, seed=1), matrix("q8", 32, 32, seed=2)
     x = gaussian((2, 32))
-    silu, gelu = np.empty((2, 32), np.float32), np.empty((2, 32), np.float32)
+    silu, tanh, gelu = (np.empty((2, 32), np.float32) for _ in range(3))
     native.expert_ffn(x, *gate_up, *down, native.SILU, silu)
-    native.expert_ffn(x, *gate_up, *down, native.GELU_TANH, gelu)
-    assert not np.allclose(silu, gelu)
+    native.expert_ffn(x, *gate_up, *down, native.GELU_TANH, tanh)
+    native.expert_ffn(x, *gate_up, *down, native.GELU, gelu)
+    assert not np.allclose(silu, gelu) and not np.allclose(tanh, gelu, rtol=0, atol=1e-5)
     with pytest.raises(ValueError):
-        native.expert_ffn(x, *gate_up, *down, 2, silu)
+        native.expert_ffn(x, *gate_up, *down, 3, silu)
     with pytest.raises(ValueError):  # formats must match
         native.expert_ffn(x, *gate_up, *matrix("q4", 32, 32), native.SILU, silu)
 

@@ -12,7 +12,7 @@ from ..store.quant import dequantize
 from ..store.store import ExpertStore
 from .experts import RoutedExperts, TorchExperts
 
-ACTIVATION_CODES = {"silu": native.SILU, "gelu_tanh": native.GELU_TANH}
+ACTIVATION_CODES = {"silu": native.SILU, "gelu_tanh": native.GELU_TANH, "gelu": native.GELU}
 
 
 class QuantizedMatrix:
