@@ -148,23 +148,23 @@ class Model:
         # The template writes the special tokens itself (BOS included), so none are added when encoding.
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         return self._stream_ids(ids, max_new_tokens, self._sampling(temperature, top_p, top_k, min_p,
-                                                                       repetition_penalty, seed), stop)
+                                                                       repetition_penalty, seed), stop,
+                                self.tokenizer.chat_stop_ids)
 
     def chat(self, messages: list[dict], max_new_tokens: int = 512, **kwargs) -> str:
         """The whole reply to messages. Takes the same arguments as `stream_chat`."""
         return "".join(self.stream_chat(messages, max_new_tokens, **kwargs))
 
     def _stream_ids(self, ids: list[int], max_new_tokens: int, params: SamplingParams,
-                    stop: str | Iterable[str] | None) -> Iterator[str]:
+                    stop: str | Iterable[str] | None, stop_ids: set[int] = frozenset()) -> Iterator[str]:
         stops = _stop_list(stop)
         sampler = Sampler(params)
         max_new_tokens = self._check_max(max_new_tokens)
         self._check_ids(ids)
-        return self._run_text(ids, max_new_tokens, sampler, stops)
+        return self._run_text(ids, max_new_tokens, sampler, stops, self.stop_token_ids() | stop_ids)
 
-    def _run_text(self, ids, max_new_tokens, sampler, stops) -> Iterator[str]:
+    def _run_text(self, ids, max_new_tokens, sampler, stops, stop_ids: set[int]) -> Iterator[str]:
         decoder = self.tokenizer.stream_decoder()
-        stop_ids = self.stop_token_ids()
         with self._lock:
             text, sent = "", 0
             tokens = self._engine.generate(ids, sampler, max_new_tokens, stop_ids)
@@ -386,7 +386,7 @@ def _load_hf(model_dir: Path, dtype: str, progress: bool | None, context_length:
     family, spec = spec_from_config(cfg, str(model_dir / "config.json"))
     ctx = placement.context_length(spec, context_length)
     generation_config = read_json(model_dir / "generation_config.json", required=False)
-    reader = SafetensorsReader(model_dir)
+    reader = SafetensorsReader(model_dir, split=getattr(family, "TP_SPLIT", ()))
     compute_dtype = _DTYPES[dtype] if dtype != "auto" else _auto_dtype(reader)
     total = sum(reader.nbytes(n) for n in reader.names())
     with ByteProgress(total, f"loading {model_dir.name}", enabled=progress) as bar:

@@ -28,10 +28,12 @@ from edgerun.store.convert import convert
 from edgerun.store.store import ExpertStore
 from hf_models import build, save
 from test_grok import make_weights, write
+from test_grok2 import make_weights as grok2_weights
+from test_grok2 import write_release
 
 PROMPT = [3, 17, 90, 5, 64, 12, 7, 81, 33, 2, 45, 88, 9, 71, 56, 23]
 HF_FAMILIES = ["mixtral", "qwen2_moe", "qwen2_moe_step", "qwen3_moe", "olmoe"]
-FAMILY_NAMES = HF_FAMILIES + ["grok-1"]
+FAMILY_NAMES = HF_FAMILIES + ["grok-1", "grok-2"]
 PROFILE = load_profile(Path(__file__).parent.parent / "profiles" / "cloud-vm-2core-epyc.json")
 
 
@@ -40,6 +42,9 @@ def checkpoint(name: str, path):
     if name == "grok-1":
         weights, cfg = make_weights("real")
         return write(path, weights, cfg)
+    if name == "grok-2":  # the release's layout: tensor-parallel shards, "model_type": "git"
+        weights, cfg = grok2_weights("exaggerated")
+        return write_release(path, weights, {**cfg, "num_hidden_layers": 2})
     overrides = {"num_hidden_layers": 4}
     if name.startswith("qwen2_moe"):
         overrides["layer_types"] = ["full_attention"] * 4
@@ -68,7 +73,7 @@ def test_declared_tensors_are_exactly_the_checkpoints(sources, name):
     declared = Decoder(spec).tensors()
     found = set()
     rules = [(re.compile(p + "$"), r) for p, r in family.RULES]
-    for src in SafetensorsReader(sources[name]).names():
+    for src in SafetensorsReader(sources[name], split=getattr(family, "TP_SPLIT", ())).names():
         canonical = next(rx.sub(r, src) for rx, r in rules if rx.match(src))
         found.add(re.sub(r"experts\.\d+\.(gate|up)$", "experts.gate_up", re.sub(r"experts\.\d+\.down$",
                                                                                 "experts.down", canonical)))

@@ -52,9 +52,8 @@ class CheckpointTensors:
         return src
 
     def _shape_error(self, src: str, got: tuple, want: tuple) -> CheckpointError:
-        return CheckpointError(
-            f"tensor {src} in {self.reader.file_of(src).name} has shape {list(got)}, expected {list(want)}"
-        )
+        return CheckpointError(f"tensor {src} ({self.reader.describe(src)}) has shape {list(got)}, expected "
+                               f"{list(want)}")
 
     def check(self) -> None:
         """Every tensor the model needs is in the checkpoint with its shape (from the files' headers alone);

@@ -1,11 +1,17 @@
-"""Lazy access to the tensors of a HF safetensors checkpoint: one file, several, or sharded with an index.
+"""Lazy access to the tensors of a HF safetensors checkpoint: one file, several, sharded with an index, or
+pre-sharded for tensor parallelism.
 
 Files are memory-mapped by `safetensors`; a tensor's bytes are read only when it is asked for, one at a time.
+A tensor-parallel release (`*-TP-common.safetensors` beside `*-TP-000.safetensors`, `*-TP-001...`) holds some
+tensors as one slice per rank file: the model family says along which dimension they join (`split` rules), and
+the reader hands out the joined tensor.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -16,6 +22,7 @@ from ..errors import CheckpointError
 INDEX_NAME = "model.safetensors.index.json"
 DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 _ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "BF16": 2, "F16": 2, "I16": 2, "U16": 2}
+_RANK_FILE = re.compile(r"^(?P<group>.*)-TP-(?P<rank>\d{3})\.safetensors$")
 
 
 class SafetensorsReader:
@@ -23,13 +30,16 @@ class SafetensorsReader:
 
     keep_open=False maps a file only while one tensor is read from it, so that streaming through a
     checkpoint (conversion) does not keep its pages mapped and counted in the process's memory.
+    split: (regex over tensor names, dim) rules for tensors sliced across tensor-parallel rank files.
     """
 
-    def __init__(self, model_dir: str | Path, keep_open: bool = True):
+    def __init__(self, model_dir: str | Path, keep_open: bool = True, split: Sequence[tuple[str, int]] = ()):
         self.dir = Path(model_dir)
         self.keep_open = keep_open
         self._handles: dict[Path, object] = {}
         self.location: dict[str, Path] = {}
+        self._slices: dict[str, list[Path]] = {}  # tensor -> its rank files, in rank order (split tensors only)
+        self._dim: dict[str, int] = {}  # split tensor -> the dimension its slices join along
         self._meta: dict[str, tuple[tuple[int, ...], str]] = {}  # name -> (shape, safetensors dtype)
         index = self.dir / INDEX_NAME
         if index.is_file():
@@ -45,14 +55,66 @@ class SafetensorsReader:
             files = sorted(self.dir.glob("*.safetensors"))
             if not files:
                 raise CheckpointError(f"no .safetensors files in {self.dir}")
+        found: dict[str, list[tuple[Path, tuple[int, ...], str]]] = {}
         for path in files:
             handle = self._open(path)
             for name in handle.keys():
                 info = handle.get_slice(name)
-                self.location[name] = path
-                self._meta[name] = (tuple(info.get_shape()), info.get_dtype())
+                found.setdefault(name, []).append((path, tuple(info.get_shape()), info.get_dtype()))
             if keep_open:
                 self._handles[path] = handle
+        ranks = self._check_rank_files(files)
+        rules = [(re.compile(pattern + "$"), dim) for pattern, dim in split]
+        for name, places in found.items():
+            if len(places) == 1 and not _RANK_FILE.match(places[0][0].name):
+                self.location[name], shape, dtype = places[0]
+                self._meta[name] = (shape, dtype)
+            else:
+                self._join(name, places, ranks, rules)
+
+    def _check_rank_files(self, files: list[Path]) -> int:
+        """The number of tensor-parallel ranks (0 without rank files); every group of rank files must have all."""
+        groups: dict[str, set[int]] = {}
+        for path in files:
+            m = _RANK_FILE.match(path.name)
+            if m:
+                groups.setdefault(m["group"], set()).add(int(m["rank"]))
+        if not groups:
+            return 0
+        n = max(max(r) for r in groups.values()) + 1
+        for group, have in sorted(groups.items()):
+            missing = sorted(set(range(n)) - have)
+            if missing:
+                raise CheckpointError(f"{self.dir} lacks the tensor-parallel shard {group}-TP-{missing[0]:03d}"
+                                      f".safetensors ({len(have)} of the {n} ranks of {group} are there)")
+        return n
+
+    def _join(self, name: str, places: list, ranks: int, rules: list) -> None:
+        files = ", ".join(p.name for p, _, _ in places)
+        by_rank = {}
+        for path, shape, dtype in places:
+            m = _RANK_FILE.match(path.name)
+            if m is None or int(m["rank"]) in by_rank:
+                raise CheckpointError(f"tensor {name} is in more than one file of {self.dir} ({files})")
+            by_rank[int(m["rank"])] = (path, shape, dtype)
+        dim = next((d for rx, d in rules if rx.match(name)), None)
+        if dim is None:
+            raise CheckpointError(f"tensor {name} is sliced across the tensor-parallel files {files}, and its model "
+                                  f"family does not say how the slices join")
+        if sorted(by_rank) != list(range(ranks)):
+            absent = sorted(set(range(ranks)) - set(by_rank))
+            raise CheckpointError(f"tensor {name} has no slice for rank {absent[0]} (found in {files})")
+        shapes = {shape for _, shape, _ in by_rank.values()}
+        dtypes = {dtype for _, _, dtype in by_rank.values()}
+        if len(shapes) > 1 or len(dtypes) > 1 or dim >= len(next(iter(shapes))):
+            raise CheckpointError(f"the slices of tensor {name} in {files} do not add up: shapes "
+                                  f"{sorted(list(s) for s in shapes)}, dtypes {sorted(dtypes)}, joined along dim {dim}")
+        shape = list(next(iter(shapes)))
+        shape[dim] *= ranks
+        self._slices[name] = [by_rank[r][0] for r in range(ranks)]
+        self._dim[name] = dim
+        self.location[name] = self._slices[name][0]
+        self._meta[name] = (tuple(shape), dtypes.pop())
 
     def _open(self, path: Path):
         handle = self._handles.get(path)
@@ -66,8 +128,11 @@ class SafetensorsReader:
     def names(self) -> list[str]:
         return list(self.location)
 
-    def file_of(self, name: str) -> Path:
-        return self.location[name]
+    def describe(self, name: str) -> str:
+        """Where a tensor is, for messages: its file, or how many rank files its slices are joined from."""
+        if name in self._slices:
+            return f"{len(self._slices[name])} tensor-parallel slices joined along dim {self._dim[name]}"
+        return self.location[name].name
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._meta[name][0]
@@ -96,12 +161,33 @@ class SafetensorsReader:
                 f"tensor {name} in {path.name} has dtype {dtype}; edgerun reads BF16, F16 and F32 checkpoints"
             )
         try:
+            if name in self._slices:
+                return self._joined(name, index)
             handle = self._open(path)
             if index is None:
                 return handle.get_tensor(name)
             return handle.get_slice(name)[index]
+        except CheckpointError:
+            raise
         except Exception as e:
             raise CheckpointError(f"cannot read tensor {name} from {path} ({e})") from None
+
+    def _joined(self, name: str, index: int | None) -> torch.Tensor:
+        """A split tensor, its slices copied one at a time into the whole (memory: the whole and one slice)."""
+        paths, dim = self._slices[name], self._dim[name]
+        if index is not None and dim == 0:  # one row of the first dimension lives in one rank's slice
+            rows = self._meta[name][0][0] // len(paths)
+            return self._open(paths[index // rows]).get_slice(name)[index % rows]
+        shape = list(self._meta[name][0])
+        if index is not None:
+            shape, dim = shape[1:], dim - 1
+        out = torch.empty(shape, dtype=DTYPES[self._meta[name][1]])
+        width = shape[dim] // len(paths)
+        for rank, path in enumerate(paths):
+            handle = self._open(path)
+            piece = handle.get_tensor(name) if index is None else handle.get_slice(name)[index]
+            out.narrow(dim, rank * width, width).copy_(piece)
+        return out
 
     def close(self) -> None:
         self._handles.clear()

@@ -1,9 +1,10 @@
 """Text <-> token ids for a checkpoint directory, chat templates, and streaming detokenization.
 
-Two kinds of tokenizer files exist in the wild: `tokenizer.json` (the HF `tokenizers` format, which
-carries its own normalizer, added tokens and post-processor) and `tokenizer.model` (a SentencePiece
+Three kinds of tokenizer files exist in the wild: `tokenizer.json` (the HF `tokenizers` format, which
+carries its own normalizer, added tokens and post-processor), `tokenizer.model` (a SentencePiece
 model, around which this module does what HF's slow tokenizers do: split out special tokens written
-in the text, add BOS/EOS, and render special tokens on decode). `tokenizer_config.json` supplies the
+in the text, add BOS/EOS, and render special tokens on decode) and `tokenizer.tok.json` (xAI's
+tiktoken-style table of Grok-2, read with the `tiktoken` library). `tokenizer_config.json` supplies the
 special tokens and the chat template.
 """
 
@@ -24,6 +25,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from ..errors import TokenizerError
 
 _CONFIG = "tokenizer_config.json"
+TOK_JSON = "tokenizer.tok.json"
 _TEMPLATE_FILE = "chat_template.jinja"
 _NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -183,6 +185,85 @@ class _SentencePieceBackend:
         return token_id
 
 
+# The pre-tokenizer patterns a tokenizer.tok.json names in "word_split".
+WORD_SPLITS = {
+    "V1": (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+           r"""\s*[\r\n]+|\s+(?!\S)|\s+"""),
+}
+# Grok-2's chat format as its release defines it: "System: ", "Human: " and "Assistant: " turns, each ended by
+# <|separator|> and a blank line (system and user text stripped of surrounding whitespace); the reply follows a
+# final "Assistant:".
+GROK2_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ 'System: ' ~ (m['content'] | trim) }}"
+    "{% elif m['role'] == 'user' %}{{ 'Human: ' ~ (m['content'] | trim) }}"
+    "{% elif m['role'] == 'assistant' %}{{ 'Assistant: ' ~ m['content'] }}"
+    "{% else %}{{ raise_exception('the Grok-2 chat format has no role ' ~ m['role']) }}{% endif %}"
+    "{{ '<|separator|>\n\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+class _TiktokenBackend:
+    """xAI's `tokenizer.tok.json`: byte-level BPE tokens as byte lists with their ranks, special tokens, and a
+    named pre-tokenizer pattern, encoded and decoded by `tiktoken`. No BOS is added (as in the reference
+    engine); `<|eos|>` ends a sequence and `<|separator|>` ends each chat turn."""
+
+    def __init__(self, path: Path, named: dict[str, str | None]) -> None:
+        import tiktoken
+
+        expected = f"a tiktoken-style table (regular_tokens, special_tokens, word_split {'/'.join(WORD_SPLITS)})"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            regular = {bytes(t["bytes"]): int(t["token"]) for t in data["regular_tokens"]}
+            special = {bytes(t["bytes"]).decode("utf-8"): int(t["token"]) for t in data["special_tokens"]}
+        except KeyError as e:
+            raise TokenizerError(f"{path} has no {e.args[0]!r}; expected {expected}") from None
+        except (OSError, ValueError, TypeError, AttributeError) as e:
+            raise TokenizerError(f"cannot read {path}: {_one_line(e)}") from None
+        pattern = data.get("pat_str")
+        if not isinstance(pattern, str):
+            split = data.get("word_split")
+            if split not in WORD_SPLITS:
+                what = "no word_split" if split is None else f"an unknown word_split {split!r}"
+                raise TokenizerError(f"{path} has {what}; expected {expected}")
+            pattern = WORD_SPLITS[split]
+        try:
+            self._enc = tiktoken.Encoding(name=path.name, pat_str=pattern, mergeable_ranks=regular,
+                                          special_tokens=special)
+        except Exception as e:  # tiktoken's own checks (a bad pattern, clashing ids)
+            raise TokenizerError(f"cannot load {path}: {_one_line(e)}") from None
+        self._special = special
+        self._special_ids = set(special.values())
+        self._known = set(regular.values()) | self._special_ids
+        self.vocab_size: int = max(int(data.get("vocab_size") or 0), self._enc.max_token_value + 1)
+        defaults = {"bos_token": None, "eos_token": "<|eos|>", "pad_token": "<|pad|>", "unk_token": None}
+        self.named: dict[str, str | None] = {}
+        for key in _NAMED_TOKENS:
+            token = named.get(key, defaults[key])
+            self.named[key] = token if token is None or self.token_to_id(token) is not None else None
+        self.chat_template = GROK2_CHAT_TEMPLATE if "<|separator|>" in special else None
+        self.chat_stop_tokens = ["<|separator|>"] if "<|separator|>" in special else []
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        bos = self.named["bos_token"]
+        ids = self._enc.encode(text, allowed_special="all")
+        return [self._special[bos], *ids] if add_special_tokens and bos in self._special else ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
+        keep = [i for i in ids if i in self._known and not (skip_special_tokens and i in self._special_ids)]
+        return self._enc.decode_bytes(keep).decode("utf-8", errors="replace")
+
+    def token_to_id(self, token: str) -> int | None:
+        if token in self._special:
+            return self._special[token]
+        try:
+            return self._enc.encode_single_token(token)
+        except KeyError:
+            return None
+
+
 def _read_config(path: Path) -> dict[str, Any]:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -252,9 +333,10 @@ class Tokenizer:
 
     def __init__(
         self,
-        backend: _HFBackend | _SentencePieceBackend,
+        backend: _HFBackend | _SentencePieceBackend | _TiktokenBackend,
         chat_template: str | None,
-        template_source: Path | None,
+        template_source: Path | str | None,
+        chat_stop_tokens: Sequence[str] = (),
     ) -> None:
         self._backend = backend
         self._chat_template = chat_template
@@ -265,24 +347,28 @@ class Tokenizer:
         self.eos_token: str | None = backend.named["eos_token"]
         self.bos_id: int | None = self.token_to_id(self.bos_token) if self.bos_token is not None else None
         self.eos_id: int | None = self.token_to_id(self.eos_token) if self.eos_token is not None else None
+        # tokens that end a reply in the chat format besides EOS (Grok-2's turn separator)
+        self.chat_stop_ids: set[int] = {i for i in map(self.token_to_id, chat_stop_tokens) if i is not None}
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> Tokenizer:
         """Load the tokenizer of a model directory.
 
-        Uses tokenizer.json when present, else tokenizer.model, and reads tokenizer_config.json
-        (special tokens, BOS/EOS insertion, added tokens, chat template) and chat_template.jinja
-        (which overrides the config's template) when they exist.
+        Uses tokenizer.json when present, else tokenizer.model, else tokenizer.tok.json, and reads
+        tokenizer_config.json (special tokens, BOS/EOS insertion, added tokens, chat template) and
+        chat_template.jinja (which overrides the config's template) when they exist. A tokenizer.tok.json
+        without either brings Grok-2's chat format.
         """
         root = Path(path)
         if not root.is_dir():
             raise TokenizerError(f"tokenizer directory {root} does not exist or is not a directory")
-        json_file, model_file = root / "tokenizer.json", root / "tokenizer.model"
+        json_file, model_file, tok_file = root / "tokenizer.json", root / "tokenizer.model", root / TOK_JSON
         config_file = root / _CONFIG
         config = _read_config(config_file) if config_file.is_file() else {}
         named = {key: _token_text(config[key], key, config_file) for key in _NAMED_TOKENS if key in config}
 
-        backend: _HFBackend | _SentencePieceBackend
+        backend: _HFBackend | _SentencePieceBackend | _TiktokenBackend
+        stop_tokens: list[str] = []
         if json_file.is_file():
             backend = _HFBackend(json_file, named)
         elif model_file.is_file():
@@ -293,8 +379,11 @@ class Tokenizer:
             backend = _SentencePieceBackend(
                 model_file, _added_tokens(config, config_file), named, add_bos, add_eos
             )
+        elif tok_file.is_file():
+            backend = _TiktokenBackend(tok_file, named)
+            stop_tokens = backend.chat_stop_tokens
         else:
-            raise TokenizerError(f"no tokenizer in {root}: expected tokenizer.json or tokenizer.model")
+            raise TokenizerError(f"no tokenizer in {root}: expected tokenizer.json, tokenizer.model or {TOK_JSON}")
 
         template_file = root / _TEMPLATE_FILE
         if template_file.is_file():
@@ -306,7 +395,9 @@ class Tokenizer:
         else:
             template = _config_template(config, config_file)
             source = config_file if template is not None else None
-        return cls(backend, template, source)
+        if template is None and isinstance(backend, _TiktokenBackend) and backend.chat_template is not None:
+            template, source = backend.chat_template, f"{tok_file} (Grok-2's chat format)"
+        return cls(backend, template, source, stop_tokens)
 
     @property
     def has_chat_template(self) -> bool:

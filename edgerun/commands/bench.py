@@ -111,7 +111,8 @@ def main(args: argparse.Namespace) -> int:
           f"median of {result['repeats']}, {result['threads']} threads)")
     if result["offload"]:
         print(f"memory     peak RSS {format_size(result['peak_rss_bytes'])} of a "
-              f"{format_size(result['ram_budget_bytes'])} budget; expert cache {result['expert_slots']} of {result['experts_total']} experts "
+              f"{format_size(result['ram_budget_bytes'])} budget; expert cache {result['expert_slots']} of "
+              f"{result['experts_total']} experts "
               f"({result['policy']} policy{', cold start' if result['cold'] else ''})")
         print(f"experts    {100 * result['hit_rate']:.1f}% cache hits, {100 * result['prefetch_hit_rate']:.1f}% "
               f"prefetched in time, {100 * result['late_prefetch_rate']:.1f}% late, "

@@ -1,7 +1,9 @@
 """Model families, one module each, named after the HF `model_type` they read.
 
 A family module provides ARCHITECTURES, RULES (checkpoint name -> canonical name), a ModelArgs dataclass
-with HF field names, and `to_spec(args, config) -> ModelSpec`.
+with HF field names, and `to_spec(args, config) -> ModelSpec`; optionally `claims(config) -> bool`, for
+families that share an architecture name and are told apart by what their config holds (Grok-1 and Grok-2),
+and TP_SPLIT, for checkpoints whose tensors are split across tensor-parallel rank files.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import dataclasses
 from types import ModuleType
 
 from ..errors import CheckpointError, UnsupportedModelError
-from . import grok, mixtral, olmoe, qwen2_moe, qwen3_moe
+from . import grok, grok2, mixtral, olmoe, qwen2_moe, qwen3_moe
 from .spec import ModelSpec
 
 FAMILIES: dict[str, ModuleType] = {
@@ -19,21 +21,29 @@ FAMILIES: dict[str, ModuleType] = {
     "qwen3_moe": qwen3_moe,
     "olmoe": olmoe,
     "grok-1": grok,
+    "grok-2": grok2,
 }
-_ALIASES = {"grok1": "grok-1", "grok": "grok-1"}
+_ALIASES = {"grok1": "grok-1", "grok": "grok-1", "grok2": "grok-2"}
+
+
+def _claims(family: ModuleType, cfg: dict) -> bool:
+    claims = getattr(family, "claims", None)
+    return claims is None or claims(cfg)
 
 
 def family_of(cfg: dict, source: str = "config.json") -> ModuleType:
-    """The family module for a config dict, by model_type, else by architectures."""
+    """The family module for a config dict: by model_type, else by architectures; where families share an
+    architecture name, the one whose `claims` recognises the config's keys."""
     model_type = cfg.get("model_type")
     model_type = _ALIASES.get(model_type, model_type)
-    if model_type in FAMILIES:
-        return FAMILIES[model_type]
-    for arch in cfg.get("architectures") or []:
-        for family in FAMILIES.values():
-            if arch in family.ARCHITECTURES:
-                return family
-    named = model_type or ", ".join(cfg.get("architectures") or []) or "no model_type"
+    family = FAMILIES.get(model_type)
+    if family is not None and _claims(family, cfg):
+        return family
+    archs = cfg.get("architectures") or []
+    matches = [f for f in FAMILIES.values() if any(a in f.ARCHITECTURES for a in archs) and _claims(f, cfg)]
+    if len(matches) == 1:
+        return matches[0]
+    named = model_type or ", ".join(archs) or "no model_type"
     raise UnsupportedModelError(
         f"{source}: architecture {named!r} is not supported (supported: {', '.join(FAMILIES)})"
     )
@@ -50,6 +60,8 @@ def spec_from_config(cfg: dict, source: str = "config.json") -> tuple[ModuleType
         raise CheckpointError(f"{source} lacks required field(s) {missing}") from None
     except (KeyError, ValueError, ZeroDivisionError) as e:
         raise CheckpointError(f"{source} has an invalid value ({type(e).__name__}: {e})") from None
+    except UnsupportedModelError as e:
+        raise UnsupportedModelError(f"{source}: {e}") from None
     _validate(spec, source)
     return family, spec
 

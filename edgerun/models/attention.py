@@ -6,6 +6,8 @@ heads, Dh = head dim.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -68,7 +70,8 @@ class Attention(Part):
     """Grouped-query attention with rotary embeddings and a KV cache.
 
     Options from the spec: biases on q/k/v and o, q/k RMSNorm per head or over the whole projection, clipping of
-    q/k/v, the logit scale, a soft cap on the logits (computed in float32) and a sliding window per layer."""
+    q/k/v, the logit scale, a soft cap on the logits (computed in float32), a logit temperature that grows with
+    the query's position (Grok-2) and a sliding window per layer."""
 
     def __init__(self, spec, layer: int):
         super().__init__(f"layers.{layer}.")
@@ -78,6 +81,7 @@ class Attention(Part):
         self.qkv_bias, self.o_bias, self.qk_norm, self.clip = spec.qkv_bias, spec.o_bias, spec.qk_norm, spec.clip_qkv
         self.scale = spec.attn_scale if spec.attn_scale is not None else spec.head_dim ** -0.5
         self.cap = spec.attn_softcap
+        self.temperature_len = spec.attn_temperature_len
         self.window = spec.sliding_windows[layer]
         self.eps = spec.rms_norm_eps
         self.rope = spec.rope
@@ -111,11 +115,10 @@ class Attention(Part):
         q, k, v = self.project(x)
         cos, sin = pos.rotary(self.rope)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q = self.adjust_queries(q, pos)
         cache.k[:, pos.start:pos.end] = k.transpose(0, 1)
         cache.v[:, pos.start:pos.end] = v.transpose(0, 1)
         keys, values = cache.k[:, :pos.end], cache.v[:, :pos.end]  # [KV, S, Dh]
-        out = self.attend(q, keys, values, causal_mask(pos.start, pos.length, self.window))  # [H, T, Dh]
+        out = self.attend(q, keys, values, causal_mask(pos.start, pos.length, self.window), pos)  # [H, T, Dh]
         return linear(out.transpose(0, 1).reshape(pos.length, -1), self.w["o"], self.w.get("o_bias"))
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -133,24 +136,30 @@ class Attention(Part):
             q, k = rms_norm(q, w["q_norm"], self.eps), rms_norm(k, w["k_norm"], self.eps)
         return q, k, v
 
-    def adjust_queries(self, q: torch.Tensor, pos: Positions) -> torch.Tensor:
-        """Hook for kinds that scale the rotated queries by position; the identity here."""
-        return q
-
-    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-               mask: torch.Tensor | None) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+               pos: Positions) -> torch.Tensor:
         """q [T, H, Dh] against the cache [KV, S, Dh] -> [H, T, Dh]."""
         H, KV = self.heads, self.kv_heads
-        if self.cap is None:
+        if self.cap is None and not self.temperature_len:
             return F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), keys.unsqueeze(0),
                                                   values.unsqueeze(0), attn_mask=mask, scale=self.scale,
                                                   enable_gqa=H != KV)[0]
-        # soft-capped logits: cap * tanh(scale * q.k / cap), in float32
+        # logits in float32: cap * tanh(scale * q.k / cap), then the position's temperature
         T, _, Dh = q.shape
         qg = q.view(T, KV, H // KV, Dh).permute(1, 2, 0, 3)  # [KV, G, T, Dh]
         scores = torch.matmul(qg, keys.unsqueeze(1).transpose(-1, -2)).float() * self.scale  # [KV, G, T, S]
         scores = softcap(scores, self.cap)
+        if self.temperature_len:
+            scores = scores * self.temperature(pos)[:, None]
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(values.dtype)
         return torch.matmul(probs, values.unsqueeze(1)).reshape(H, T, Dh)
+
+    def temperature(self, pos: Positions) -> torch.Tensor:
+        """[T] factors on the logits of each query: log2(p) / log2(n) for a query at position p > n =
+        attn_temperature_len (positions count from 0), else 1. Longer contexts sharpen attention (as SGLang's
+        kernels do for Grok-2)."""
+        n = self.temperature_len
+        p = torch.arange(pos.start, pos.end, dtype=torch.float32)
+        return torch.where(p > n, torch.log2(p) / math.log2(n), torch.ones_like(p))

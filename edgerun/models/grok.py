@@ -10,9 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .grok2 import GROK2_KEYS
 from .spec import ModelSpec, common_fields
 
 ARCHITECTURES = ("Grok1ModelForCausalLM", "Grok1ForCausalLM")
+
+
+def claims(cfg: dict) -> bool:
+    """Grok-2's release uses the same architecture name; its config has keys a Grok-1 one never has."""
+    return not any(key in cfg for key in GROK2_KEYS)
 
 L = r"model\.layers\.(\d+)\."
 RULES: list[tuple[str, str]] = [

@@ -23,20 +23,22 @@ class Routing:
 
 
 class SoftmaxTopK(Part):
-    """Softmax over all experts' logits (optionally soft-capped) in float32, top-k, then the k weights
-    renormalised to sum to 1 or not, as the spec says."""
+    """Softmax over all experts' logits (optionally soft-capped; computed in float32 when the spec says so) in
+    float32, top-k, then the k weights renormalised to sum to 1 or not, as the spec says."""
 
     def __init__(self, spec, layer: int):
         super().__init__(f"layers.{layer}.")
         self.layer = layer
         self.hidden, self.num_experts, self.top_k = spec.hidden_size, spec.num_experts, spec.top_k
-        self.renormalize, self.cap = spec.norm_topk_prob, spec.router_softcap
+        self.renormalize, self.cap, self.fp32 = spec.norm_topk_prob, spec.router_softcap, spec.router_fp32
 
     def declare(self) -> dict[str, TensorSpec]:
         return {"router": TensorSpec((self.num_experts, self.hidden), exact=True)}
 
     def __call__(self, x: torch.Tensor) -> Routing:
-        logits = softcap(linear(x, self.w["router"]).float(), self.cap)
+        w = self.w["router"]
+        logits = linear(x.float(), w.float()) if self.fp32 else linear(x, w).float()
+        logits = softcap(logits, self.cap)
         probs = torch.softmax(logits, dim=-1)
         weights, idx = torch.topk(probs, self.top_k, dim=-1)
         if self.renormalize:

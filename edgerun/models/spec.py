@@ -43,6 +43,7 @@ class ModelSpec:
     clip_qkv: float | None = None
     attn_scale: float | None = None  # None: head_dim ** -0.5
     attn_softcap: float | None = None
+    attn_temperature_len: int = 0  # > 0: logits of queries past this position are scaled up (Grok-2)
     sliding_windows: list[int | None] = field(default_factory=list)  # per layer
     # block layout
     sandwich_norm: bool = False  # extra norms on the attention and FFN outputs (Grok)
@@ -54,6 +55,7 @@ class ModelSpec:
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = True
     router_softcap: float | None = None
+    router_fp32: bool = False  # router logits from float32 weights and inputs whatever the compute dtype
     shared_expert_intermediate_size: int = 0
     shared_expert_gate: bool = False
     # embeddings and output

@@ -68,7 +68,7 @@ class _Conversion:
         self.src = src
         self.config = read_json(src / "config.json")
         self.family, self.spec = spec_from_config(self.config, str(src / "config.json"))
-        self.reader = SafetensorsReader(src, keep_open=False)
+        self.reader = SafetensorsReader(src, keep_open=False, split=getattr(self.family, "TP_SPLIT", ()))
         self.tensors = CheckpointTensors(self.reader, self.spec, self.family.RULES)
         self.tensors.check()
         self.source_format = TORCH_FORMAT.get(self.reader.common_dtype(), "f32")
