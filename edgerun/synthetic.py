@@ -1,7 +1,9 @@
-"""Random-weight Mixtral-architecture checkpoints of any size, for tests and benchmarks.
+"""Random-weight checkpoints of any size, for tests and benchmarks: the Mixtral architecture in the usual HF
+layout, or Grok-2 in the layout of xai-org's release (tensor-parallel shards, `tokenizer.tok.json`).
 
-Tensors are generated and written one layer per safetensors shard, so memory stays bounded by one layer
-however large the model. Run `python -m edgerun.synthetic DST --hidden 1024 --layers 8 ...`.
+Mixtral tensors are generated and written one layer per safetensors shard, so memory stays bounded by one layer
+however large the model; a Grok-2 release holds one tensor family of every layer per file, so memory is bounded
+by the largest family. Run `python -m edgerun.synthetic DST [--family grok-2] --hidden 1024 --layers 8 ...`.
 """
 
 from __future__ import annotations
@@ -88,21 +90,107 @@ def write_random_mixtral(path: str | Path, config: dict, seed: int = 0, with_tok
     return path
 
 
+def grok2_config(hidden: int, layers: int, experts: int, inter: int, dense_inter: int, vocab: int = 32768,
+                 heads: int = 8, kv_heads: int = 2, top_k: int = 2, context: int = 8192,
+                 dtype: str = "bfloat16") -> dict:
+    """A Grok-2 config.json as the release writes it, at other sizes (head dim 128 where the hidden size allows)."""
+    return {
+        "architectures": ["Grok1ForCausalLM"], "model_type": "git", "vocab_size": vocab, "hidden_size": hidden,
+        "intermediate_size": dense_inter, "moe_intermediate_size": inter, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": hidden // heads,
+        "num_local_experts": experts, "num_experts_per_tok": top_k, "residual_moe": True, "rms_norm_eps": 1e-5,
+        "max_position_embeddings": context, "embedding_multiplier_scale": hidden ** 0.5,
+        "output_multiplier_scale": 0.5, "attn_logit_softcapping": 30.0, "router_logit_softcapping": 30.0,
+        "final_logit_softcapping": 50.0, "attn_temperature_len": 1024, "rope_theta": 208533496,
+        "rope_type": "original", "original_max_position_embeddings": 8192, "scaling_factor": 16.0,
+        "sliding_window_size": -1, "global_attn_every_n": 1, "torch_dtype": dtype,
+    }
+
+
+# the release's files: one tensor family of every layer per "TP-common" file; rank files 6, 7, 8 hold the w1, w2,
+# w3 slices of every expert (w1, w3 split along dim 0, w2 along dim 1)
+_GROK2_FILES = ["embed", "lm_head", "norm", "mlp.gate_proj", "mlp.down_proj", "mlp.up_proj", "w1", "w2", "w3",
+                "self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj", "pre_attn_norm",
+                "post_attn_norm", "pre_moe_norm", "post_moe_norm", "block_sparse_moe.gate"]
+
+
+def write_random_grok2(path: str | Path, config: dict, seed: int = 0, ranks: int = 8) -> Path:
+    """Write config.json, the release's `pytorch_model-000NN-TP-*.safetensors` files and a byte-level
+    tokenizer.tok.json (the three named special tokens, then the 256 bytes)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    c = config
+    dtype = _DTYPES[c["torch_dtype"]]
+    g = torch.Generator().manual_seed(seed)
+    D, V, E, L = c["hidden_size"], c["vocab_size"], c["num_local_experts"], c["num_hidden_layers"]
+    I, Id, Dh = c["moe_intermediate_size"], c["intermediate_size"], c["head_dim"]
+    q, kv = c["num_attention_heads"] * Dh, c["num_key_value_heads"] * Dh
+    if I % ranks:
+        raise ValueError(f"the expert width {I} does not split into {ranks} ranks")
+    branch = (2 * L) ** -0.5
+
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * (scale * shape[-1] ** -0.5)).to(dtype)
+
+    def layer(i: int, name: str) -> torch.Tensor:
+        shapes = {"mlp.gate_proj": (Id, D), "mlp.up_proj": (Id, D), "mlp.down_proj": (D, Id),
+                  "self_attn.q_proj": (q, D), "self_attn.k_proj": (kv, D), "self_attn.v_proj": (kv, D),
+                  "self_attn.o_proj": (D, q), "block_sparse_moe.gate": (E, D)}
+        if name in shapes:
+            return rand(*shapes[name], scale=branch if name.endswith(("down_proj", "o_proj")) else 1.0)
+        return torch.ones(D, dtype=dtype)  # the four norms
+
+    for number, family in enumerate(_GROK2_FILES):
+        prefix = f"pytorch_model-{number:05d}-TP-"
+        if family in ("w1", "w2", "w3"):  # every expert of every layer, sliced by rank
+            dim = 1 if family == "w2" else 0
+            slices: list[dict] = [{} for _ in range(ranks)]
+            for i in range(L):
+                for e in range(E):
+                    full = rand(D, I, scale=branch) if family == "w2" else rand(I, D)
+                    for r, piece in enumerate(full.chunk(ranks, dim=dim)):
+                        slices[r][f"model.layers.{i}.block_sparse_moe.experts.{e}.{family}.weight"] = piece.contiguous()
+            for r, tensors in enumerate(slices):
+                save_file(tensors, str(path / f"{prefix}{r:03d}.safetensors"), metadata={"format": "pt"})
+            continue
+        if family in ("embed", "lm_head", "norm"):
+            name = {"embed": "model.embed_tokens.weight", "lm_head": "lm_head.weight", "norm": "model.norm.weight"}
+            tensors = {name[family]: torch.ones(D, dtype=dtype) if family == "norm" else rand(V, D)}
+        else:
+            tensors = {f"model.layers.{i}.{family}.weight": layer(i, family) for i in range(L)}
+        save_file(tensors, str(path / f"{prefix}common.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(c, indent=2))
+    specials = ["<|pad|>", "<|separator|>", "<|eos|>"]
+    table = {"special_tokens": [{"bytes": list(s.encode()), "token": i} for i, s in enumerate(specials)],
+             "regular_tokens": [{"bytes": [b], "token": len(specials) + b} for b in range(256)],
+             "word_split": "V1", "vocab_size": len(specials) + 256}
+    (path / "tokenizer.tok.json").write_text(json.dumps(table))
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m edgerun.synthetic", description=__doc__)
     p.add_argument("dst")
+    p.add_argument("--family", default="mixtral", choices=["mixtral", "grok-2"])
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--inter", type=int, default=2048, help="expert width")
+    p.add_argument("--dense-inter", type=int, default=None, help="Grok-2's residual MLP width (default 2 x --inter)")
+    p.add_argument("--ranks", type=int, default=8, help="Grok-2's tensor-parallel rank files (default 8)")
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--dtype", default="bfloat16", choices=list(_DTYPES))
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    cfg = mixtral_config(a.hidden, a.layers, a.experts, a.inter, a.vocab, a.heads, a.kv_heads, dtype=a.dtype)
-    path = write_random_mixtral(a.dst, cfg, a.seed)
+    if a.family == "grok-2":
+        cfg = grok2_config(a.hidden, a.layers, a.experts, a.inter, a.dense_inter or 2 * a.inter, a.vocab, a.heads,
+                           a.kv_heads, dtype=a.dtype)
+        path = write_random_grok2(a.dst, cfg, a.seed, a.ranks)
+    else:
+        cfg = mixtral_config(a.hidden, a.layers, a.experts, a.inter, a.vocab, a.heads, a.kv_heads, dtype=a.dtype)
+        path = write_random_mixtral(a.dst, cfg, a.seed)
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     print(f"{path}: {format_size(size)} of random weights")
 
