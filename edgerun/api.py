@@ -448,7 +448,7 @@ def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, pref
         if profile is None:
             profile, profile_source = local_profile(measure=True)
         settings = placement.runtime_settings(profile, layout)
-        experts = OffloadedExperts(store, spec.activation, spec.top_k, plan.slots, policy=policy, prefetch=prefetch,
+        experts = OffloadedExperts(store, spec.activation, plan.slots, policy=policy, prefetch=prefetch,
                                    workers=settings["readers"], depth=settings["prefetch_depth"])
         settings["direct_io"] = experts.reader.direct
     settings.update(threads=torch.get_num_threads(), profile=profile_source)
@@ -473,7 +473,8 @@ def _check_store_layout(store, layout: ModelLayout) -> None:
         if want != got:
             raise CheckpointError(f"store {store.path} holds {describe(got)} for tensor {name} where its model calls "
                                   f"for {describe(want)}; convert the model again")
-    if store.moe_layers != layout.spec.moe_layers or store.expert_layout != layout.expert_layout:
+    if (store.moe_layers, store.num_experts, store.expert_layout) != (layout.spec.moe_layers, layout.stored_experts,
+                                                                      layout.expert_layout):
         raise CheckpointError(f"store {store.path} holds experts of another shape than its config describes; "
                               f"convert the model again")
 

@@ -76,7 +76,7 @@ def served(model):
 
 def offload(model: edgerun.Model, slots: int) -> OffloadedExperts:
     """Put the model's experts behind a cache of `slots` expert slots over its store."""
-    experts = OffloadedExperts(ExpertStore(model.path), model.spec.activation, model.spec.top_k, slots)
+    experts = OffloadedExperts(ExpertStore(model.path), model.spec.activation, slots)
     model.use_experts(experts).close()
     return experts
 

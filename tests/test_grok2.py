@@ -220,7 +220,7 @@ def test_q8_store_and_an_offloaded_store(release, tmp_path):
         want = forward(weights, cfg, PROMPT).numpy()
         assert np.abs(got - want).max() <= Q8_LOGIT_TOLERANCE * want.std()
     offloaded = edgerun.load(store)
-    experts = OffloadedExperts(ExpertStore(store), offloaded.spec.activation, offloaded.spec.top_k, slots=4)
+    experts = OffloadedExperts(ExpertStore(store), offloaded.spec.activation, slots=4)
     offloaded.use_experts(experts)
     assert offloaded.generate_ids(PROMPT, STEPS, temperature=0, ignore_eos=True) == continuation
     stats = offloaded.stats()
@@ -311,34 +311,31 @@ def test_chat_uses_the_release_format(release, capsys):
     assert "tokens" in capsys.readouterr().err
 
 
-def test_plan_for_grok2_counts_the_residual_mlp():
+def test_plan_for_grok2_streams_the_residual_mlp_with_the_experts():
     from pathlib import Path
 
     from edgerun.hw.plan import model_sizes, predict
     from edgerun.hw.profile import load_profile
+    from edgerun.synthetic import grok2_config
 
-    config = {**RELEASE_KEYS, "model_type": "git", "vocab_size": 131072, "hidden_size": 8192,
-              "intermediate_size": 32768, "moe_intermediate_size": 16384, "num_hidden_layers": 64,
-              "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 131072,
-              "embedding_multiplier_scale": 90.50966799187809, "output_multiplier_scale": 0.5,
-              "attn_logit_softcapping": 30.0, "router_logit_softcapping": 30.0, "final_logit_softcapping": 50,
-              "attn_temperature_len": 1024, "rope_theta": 208533496}
-    config["torch_dtype"] = "bfloat16"
-    profile = load_profile(Path(__file__).resolve().parent.parent / "profiles" / "desktop-rtx4090-64gb.json")
+    config = {**grok2_config(8192, 64, 8, 16384, 32768, vocab=131072, heads=64, kv_heads=8, context=131072),
+              "beta_fast": 8, "beta_slow": 1, "extrapolation_factor": 1.0, "attn_factor": 1.0}
     D, layers = 8192, 64
     for dense, per_byte in (("q8", 17 / 16), ("q4", 9 / 16)):  # 8 or 4 bits and a float16 scale per 32 weights
         def matrix(rows, cols):
             return int(rows * cols * per_byte)
-        # attention, the residual MLP's three matrices, then the float32 norms and router
-        per_layer = matrix(D, D) * 2 + matrix(1024, D) * 2 + 3 * matrix(32768, D) + (4 * D + 8 * D) * 4
-        resident = 2 * matrix(131072, D) + D * 4 + layers * per_layer  # embedding, lm_head, final norm, layers
+        # resident: attention, then the float32 norms and router per layer; embedding, lm_head and final norm
+        per_layer = matrix(D, D) * 2 + matrix(1024, D) * 2 + (4 * D + 8 * D) * 4
+        resident = 2 * matrix(131072, D) + D * 4 + layers * per_layer
         sizes = model_sizes(config, "q4", dense)
         assert sizes.resident_bytes == resident
         assert sizes.kv_bytes(4096) == 2 * layers * 8 * 4096 * 128 * 4
-        assert sizes.chunk_bytes == 3 * D * 16384 * 9 // 16 and sizes.total_experts == 512
-    # the residual MLP alone is 51.5B weights: with q8 dense weights they outgrow a 64 GB machine
-    p = predict(config, profile, ctx=4096, gpu=0)
-    assert not p.possible and "--dense q4" in p.reason
-    p = predict(config, profile, dense_format="q4", ctx=4096, gpu=0)
+        # per layer 8 routed experts and the 32768-wide MLP as two more of the experts' 16384 width
+        assert sizes.chunk_bytes == 3 * D * 16384 * 9 // 16 and sizes.total_experts == 64 * 10
+        assert sizes.layout.experts_per_token == 4
+    profile = load_profile(Path(__file__).resolve().parent.parent / "profiles" / "minipc-cpu-32gb.json")
+    p = predict(config, profile, ctx=4096)
     assert p.possible and p.bottleneck == "disk reads" and 0 < p.decode_tokens_per_s < 1
-    assert p.memory_plan["resident_bytes"] == model_sizes(config, "q4", "q4").resident_bytes
+    # a token reads (or finds cached) four expert chunks per layer: two routed, two of the MLP
+    assert p.bytes_per_token["ram"] + p.bytes_per_token["disk"] / 1.1 == pytest.approx(64 * 4 * sizes.chunk_bytes,
+                                                                                      rel=1e-6)

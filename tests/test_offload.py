@@ -45,7 +45,7 @@ def stores(tmp_path_factory):
 
 def offload(model: edgerun.Model, slots: int, **kwargs) -> OffloadedExperts:
     """Swap the model's experts for an offloading container of `slots` slots over the same store."""
-    experts = OffloadedExperts(ExpertStore(model.path), model.spec.activation, model.spec.top_k, slots, **kwargs)
+    experts = OffloadedExperts(ExpertStore(model.path), model.spec.activation, slots, **kwargs)
     model.use_experts(experts).close()
     return experts
 

@@ -185,3 +185,14 @@ def test_cli_missing_profile(tmp_path, capsys, monkeypatch):
     assert main(["plan", str(cfg)]) == 2
     err = capsys.readouterr().err.strip()
     assert "edgerun profile" in err and "--profile" in err and "\n" not in err
+
+
+def test_experts_every_token_uses_are_cached_first():
+    from edgerun.hw.plan import cached_share
+
+    # 4 layers of 8 routed experts (top-2) and 2 always-used ones: 8 slots hold the always-used ones of every layer
+    assert cached_share(8, 4, 8, 2, 2) == pytest.approx(2 / 4)
+    assert cached_share(4, 4, 8, 2, 2) == pytest.approx(1 / 4)  # half of them
+    assert cached_share(24, 4, 8, 2, 2) == pytest.approx((2 + 2 * 16 / 32) / 4)  # and half the routed ones
+    assert cached_share(40, 4, 8, 2, 2) == 1.0
+    assert cached_share(16, 4, 8, 2, 0) == pytest.approx(16 / 32)  # without them: the cached share, uniform

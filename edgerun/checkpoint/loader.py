@@ -40,7 +40,10 @@ class CheckpointTensors:
         self.reader = reader
         self.spec = spec
         self.names = canonical_names(reader, rules)
-        self.declared = Decoder(spec).tensors()
+        decoder = Decoder(spec)
+        self.moe = decoder.moe  # layer -> its MoE part
+        self.stored_experts = decoder.stored_experts
+        self.declared = decoder.tensors()
         self.shapes = {name: t.shape for name, t in self.declared.items()}
         self.dense_names = [name for name, t in self.declared.items() if not t.expert]
         self.moe_layers = spec.moe_layers
@@ -58,8 +61,9 @@ class CheckpointTensors:
     def check(self) -> None:
         """Every tensor the model needs is in the checkpoint with its shape (from the files' headers alone);
         raises CheckpointError naming the first one that is not."""
-        for name in self.dense_names:
-            self._checked(name, self.shapes[name])
+        for name, shape in self.shapes.items():
+            if not re.search(r"\.experts\.(gate_up|down)$", name):  # the experts are checked below
+                self._checked(name, shape)
         for layer in self.moe_layers:
             p = f"layers.{layer}.experts."
             if p + "gate_up" in self.names:
@@ -86,14 +90,31 @@ class CheckpointTensors:
         return self.reader.get(self._checked(canonical, self.shapes[canonical]))
 
     def expert(self, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gate_up [2I, D] with gate rows first, down [D, I]) of one expert, in the checkpoint's dtype."""
+        """(gate_up [2I, D] with gate rows first, down [D, I]) of one expert, in the checkpoint's dtype. Experts
+        past the routed ones are slices of the layer's dense MLP (see ffn.ResidualMoE)."""
         p = f"layers.{layer}.experts."
         gu_shape, d_shape = self.shapes[p + "gate_up"], self.shapes[p + "down"]
+        if e >= gu_shape[0]:
+            return self._dense_slice(layer, e, gu_shape[1] // 2)
         if p + "gate_up" in self.names:
             return self._fused(p + "gate_up", gu_shape, e), self._fused(p + "down", d_shape, e)
         gate = self._per_expert(f"{p}{e}.gate", (gu_shape[1] // 2, gu_shape[2]))
         up = self._per_expert(f"{p}{e}.up", (gu_shape[1] // 2, gu_shape[2]))
         return torch.cat([gate, up]), self._per_expert(f"{p}{e}.down", d_shape[1:])
+
+    def _dense_slice(self, layer: int, e: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slice of the dense MLP `layers.N.mlp.*` that the MoE part holds as expert e, zero-padded to an
+        expert's width (zero gate and up rows and down columns add exactly nothing)."""
+        start, stop = self.moe[layer].dense_slice(e)
+        p = f"layers.{layer}.mlp."
+        gate, up = (self.reader.get_range(self._checked(p + n, self.shapes[p + n]), 0, start, stop)
+                    for n in ("gate", "up"))
+        down = self.reader.get_range(self._checked(p + "down", self.shapes[p + "down"]), 1, start, stop)
+        if stop - start < width:
+            pad = width - (stop - start)
+            gate, up = (torch.cat([t, t.new_zeros(pad, t.shape[1])]) for t in (gate, up))
+            down = torch.cat([down, down.new_zeros(down.shape[0], pad)], dim=1)
+        return torch.cat([gate, up]), down.contiguous()
 
     def _per_expert(self, canonical: str, want: tuple) -> torch.Tensor:
         return self.reader.get(self._checked(canonical, want))
@@ -132,7 +153,7 @@ def load_weights(
     gate_up: list = [None] * spec.num_layers
     down: list = [None] * spec.num_layers
     for i in tensors.moe_layers:
-        pairs = [tensors.expert(i, e) for e in range(spec.num_experts)]
+        pairs = [tensors.expert(i, e) for e in range(tensors.stored_experts)]
         gate_up[i] = torch.stack([converted(gu) for gu, _ in pairs])
         down[i] = torch.stack([converted(d) for _, d in pairs])
     return weights, gate_up, down

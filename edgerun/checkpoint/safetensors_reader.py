@@ -152,14 +152,16 @@ class SafetensorsReader:
             n *= d
         return n * _ITEMSIZE.get(dtype, 1)
 
+    def _check_dtype(self, name: str) -> None:
+        dtype = self._meta[name][1]
+        if dtype not in DTYPES:
+            raise CheckpointError(f"tensor {name} in {self.location[name].name} has dtype {dtype}; edgerun reads "
+                                  f"BF16, F16 and F32 checkpoints")
+
     def get(self, name: str, index: int | None = None) -> torch.Tensor:
         """The tensor, or only its slice [index] along the first dimension (one expert of a fused tensor)."""
         path = self.location[name]
-        dtype = self._meta[name][1]
-        if dtype not in DTYPES:
-            raise CheckpointError(
-                f"tensor {name} in {path.name} has dtype {dtype}; edgerun reads BF16, F16 and F32 checkpoints"
-            )
+        self._check_dtype(name)
         try:
             if name in self._slices:
                 return self._joined(name, index)
@@ -171,6 +173,17 @@ class SafetensorsReader:
             raise
         except Exception as e:
             raise CheckpointError(f"cannot read tensor {name} from {path} ({e})") from None
+
+    def get_range(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """tensor[start:stop] along dim 0 or 1, reading only those bytes from a whole tensor's file."""
+        self._check_dtype(name)
+        if name in self._slices:
+            return self.get(name).narrow(dim, start, stop - start).contiguous()
+        try:
+            part = self._open(self.location[name]).get_slice(name)
+            return (part[start:stop] if dim == 0 else part[:, start:stop]).contiguous()
+        except Exception as e:
+            raise CheckpointError(f"cannot read tensor {name} from {self.location[name]} ({e})") from None
 
     def _joined(self, name: str, index: int | None) -> torch.Tensor:
         """A split tensor, its slices copied one at a time into the whole (memory: the whole and one slice)."""

@@ -138,6 +138,15 @@ class Prediction:
         return {k: getattr(self, k) for k in keys} | {"ram_budget_bytes": self.ram_budget_bytes}
 
 
+def cached_share(slots: int, layers: int, experts: int, top_k: int, always: int) -> float:
+    """The share of a token's expert bytes found in `slots` cache slots: the experts every token uses (a dense
+    MLP held as experts) are cached first, as the policies learn that they always come back; the other slots
+    hold routed experts, which uniform routing finds in proportion."""
+    held_always = min(slots, layers * always)
+    routed = min(1.0, (slots - held_always) / (layers * experts))
+    return ((held_always / layers if always else 0) + top_k * routed) / (top_k + always)
+
+
 def _gpu_budget(profile: dict, gpu: int | None) -> int:
     if profile.get("gpu") is None:
         return 0
@@ -174,10 +183,11 @@ def predict(config: dict, profile: dict, *, expert_format: str = "q4", dense_for
     if on_gpu:
         rows.append({"part": f"expert slots GPU ({gpu_slots} of {total})", "where": "GPU", "bytes": gpu_slots * chunk})
 
-    h_ram, h_gpu = ram_slots / total, gpu_slots / total
-    hit = h_ram + h_gpu
-    k, E = s.top_k, s.num_experts
-    used = sizes.moe_layers * k * chunk  # expert bytes one token computes with
+    k, E, always = s.top_k, s.num_experts, sizes.layout.experts_per_token - s.top_k
+    used = sizes.moe_layers * (k + always) * chunk  # expert bytes one token computes with
+    hit = cached_share(ram_slots + gpu_slots, sizes.moe_layers, E, k, always)
+    h_gpu = cached_share(gpu_slots, sizes.moe_layers, E, k, always)  # the GPU holds the hottest
+    h_ram = hit - h_gpu
     settings = placement.runtime_settings(profile, sizes.layout)
     _, disk_gbps = reader_choice(profile, chunk)
     disk_rate = disk_gbps * 1e9
@@ -209,8 +219,9 @@ def predict(config: dict, profile: dict, *, expert_format: str = "q4", dense_for
     # rate; reads and compute overlap
     prompt = max(1, prompt)
     step = max(1, min(prompt, mem.prefill_chunk))
-    touched = E * (1 - (1 - k / E) ** step)  # distinct experts per MoE layer under uniform routing
-    expert_flops = 2 * 3 * s.hidden_size * s.moe_intermediate_size * step * k / touched  # per touched expert
+    # distinct experts per MoE layer under uniform routing, and those every token uses
+    touched = E * (1 - (1 - k / E) ** step) + always
+    expert_flops = 2 * 3 * s.hidden_size * s.moe_intermediate_size * step * (k + always) / touched  # per expert
     step_compute = sizes.moe_layers * touched * max(chunk / expert_rate, expert_flops / gemm) \
         + max(sizes.token_dense_bytes / dense_rate, 2 * sizes.dense_params * step / gemm)
     step_read = sizes.moe_layers * touched * chunk * (1 - hit) / disk_rate

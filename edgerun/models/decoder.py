@@ -91,6 +91,16 @@ class Decoder(Part):
     def moe_layers(self) -> list[int]:
         return list(self.moe)
 
+    @property
+    def stored_experts(self) -> int:
+        """Experts the container holds per MoE layer (the routed ones and any every token uses)."""
+        return max((part.stored_experts for part in self.moe.values()), default=0)
+
+    @property
+    def experts_per_token(self) -> int:
+        """Experts the container computes per MoE layer for one token."""
+        return max((part.experts_per_token for part in self.moe.values()), default=0)
+
     def declare(self) -> dict[str, TensorSpec]:
         V, D = self.spec.vocab_size, self.spec.hidden_size
         out = {"embed": TensorSpec((V, D))}
@@ -153,8 +163,8 @@ class Decoder(Part):
     def lookahead(self, from_layer: int, to_layer: int, x: torch.Tensor) -> Routing:
         """The routing of MoE layer `to_layer` for x, the FFN input of `from_layer`, as if the residual stream
         did not change in between: x is brought from one FFN norm to the other, then routed by that layer's own
-        router."""
+        router (with the experts every token of that layer uses)."""
         here = self.blocks[from_layer].ffn_norm.weight.float()
         there = self.blocks[to_layer].ffn_norm.weight.float()
         h = (x.float() * (there / torch.where(here == 0, 1.0, here))).to(x.dtype)
-        return self.moe[to_layer].router(h)
+        return self.moe[to_layer].route(h)

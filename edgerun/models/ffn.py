@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 
 from .parts import Part, TensorSpec, activation_fn, linear
+from .routers import Routing
 
 F32 = 4
 
@@ -58,9 +59,13 @@ class DenseFFN(DenseMLP):
 
 
 class MoE(Part):
-    """Routed experts: the layer's router picks K of E experts per token; the experts container computes them."""
+    """Routed experts: the layer's router picks K of E experts per token; the experts container computes them.
+
+    A kind may give the container `always` more experts per layer that every token uses besides the routed
+    ones (`extend` adds them to the routing): the container then holds and streams them like any expert."""
 
     routed = True
+    always = 0
 
     def __init__(self, spec, layer: int):
         super().__init__(f"layers.{layer}.")
@@ -79,13 +84,35 @@ class MoE(Part):
     def children(self) -> list[Part]:
         return [self.router]
 
+    @property
+    def stored_experts(self) -> int:
+        """Experts the container holds for this layer: the routed ones, then the `always` ones."""
+        return self.num_experts + self.always
+
+    @property
+    def experts_per_token(self) -> int:
+        return self.top_k + self.always
+
+    def dense_slice(self, e: int) -> tuple[int, int]:
+        """For an `always` expert e, the range of the dense MLP's intermediate dimension it holds."""
+        raise IndexError(f"layer {self.layer} has no expert {e}")
+
     def scratch_bytes(self, tokens: int, context: int) -> int:
-        return 3 * tokens * self.top_k * self.width * F32  # gate/up products of the routed tokens
+        return 3 * tokens * self.experts_per_token * self.width * F32  # gate/up products of the routed tokens
+
+    def extend(self, r: Routing) -> Routing:
+        """The routing the container computes: the router's, and the experts every token uses."""
+        return r
+
+    def route(self, x: torch.Tensor) -> Routing:
+        """What the container is handed for x (read-ahead forecasts with this)."""
+        return self.extend(self.router(x))
 
     def routed_experts(self, x: torch.Tensor) -> torch.Tensor:
         r = self.router(x)
-        for observe in self.observers:
+        for observe in self.observers:  # the router's own choices
             observe(self.layer, r.idx, r.weights)
+        r = self.extend(r)
         return self.experts(self.layer, x, r.idx, r.weights)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,17 +150,36 @@ class SharedExpertMoE(MoE):
 
 class ResidualMoE(MoE):
     """Routed experts beside a dense MLP of width `intermediate_size` (`layers.N.mlp.*`) on the same input:
-    (mlp(x) + experts(x)) / sqrt(2) (Grok-2's `residual_moe`)."""
+    (mlp(x) + experts(x)) / sqrt(2) (Grok-2's `residual_moe`).
+
+    The dense MLP is as large as a quarter of the experts (Grok-2: 51.5B weights), too large to stay resident on
+    the machines edgerun is for, so the experts container holds it too: as `always` experts of an expert's
+    width, consecutive slices of its intermediate dimension (the last one zero-padded, which adds exactly 0),
+    that every token uses with weight 1. An MLP is the sum of such slices, so one container call computes
+    mlp(x) + experts(x), and the MLP streams from a store and is cached like any expert."""
 
     def __init__(self, spec, layer: int):
         super().__init__(spec, layer)
-        self.mlp = DenseMLP(f"{self.prefix}mlp.", spec.hidden_size, spec.intermediate_size, spec.activation)
+        self.dense_width = spec.intermediate_size
+        self.always = -(-self.dense_width // self.width)
 
-    def children(self) -> list[Part]:
-        return [self.router, self.mlp]
+    def declare(self) -> dict[str, TensorSpec]:
+        D, I = self.hidden, self.dense_width
+        return {**super().declare(), "mlp.gate": TensorSpec((I, D), expert=True),
+                "mlp.up": TensorSpec((I, D), expert=True), "mlp.down": TensorSpec((D, I), expert=True)}
 
-    def scratch_bytes(self, tokens: int, context: int) -> int:
-        return super().scratch_bytes(tokens, context) + self.mlp.scratch_bytes(tokens, context)
+    def dense_slice(self, e: int) -> tuple[int, int]:
+        k = e - self.num_experts
+        if not 0 <= k < self.always:
+            raise IndexError(f"layer {self.layer} has no expert {e}")
+        return k * self.width, min((k + 1) * self.width, self.dense_width)
+
+    def extend(self, r: Routing) -> Routing:
+        T = r.idx.shape[0]
+        always = torch.arange(self.num_experts, self.stored_experts).expand(T, self.always)
+        return Routing(torch.cat([r.idx, always], dim=1),
+                       torch.cat([r.weights, torch.ones(T, self.always, dtype=r.weights.dtype)], dim=1),
+                       torch.cat([r.probs, torch.ones(T, self.always)], dim=1))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.mlp(x) + self.routed_experts(x)) / math.sqrt(2)
+        return self.routed_experts(x) / math.sqrt(2)

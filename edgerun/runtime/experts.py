@@ -33,6 +33,14 @@ class Lookahead(Protocol):
     @property
     def moe_layers(self) -> list[int]: ...
 
+    @property
+    def stored_experts(self) -> int:
+        """Experts per MoE layer the container holds (routed ones, and any every token uses)."""
+
+    @property
+    def experts_per_token(self) -> int:
+        """Experts per MoE layer one token uses."""
+
     def lookahead(self, from_layer: int, to_layer: int, x: torch.Tensor) -> Routing:
         """The routing `to_layer` would give x, the FFN input of `from_layer` (see Decoder.lookahead)."""
 

@@ -51,9 +51,10 @@ class SlotPool:
 
 class OffloadedExperts(RoutedExperts):
     """q8/q4 experts of a store, computed by the fused kernel on slots of a bounded expert cache. Read-ahead runs
-    the next layers' own routers (through the decoder's lookahead) on the current layer's input."""
+    the next layers' own routers (through the decoder's lookahead) on the current layer's input. The cache and
+    its slots are made when the container is attached to its decoder, which says how many experts a token uses."""
 
-    def __init__(self, store: ExpertStore, activation: str, top_k: int, slots: int, *, policy: str = "default",
+    def __init__(self, store: ExpertStore, activation: str, slots: int, *, policy: str = "default",
                  prefetch: bool = True, workers: int = 1, direct: bool | None = None, depth: int = 1):
         if activation not in ACTIVATION_CODES:
             raise ValueError(f"no expert kernel for activation {activation}")
@@ -61,11 +62,11 @@ class OffloadedExperts(RoutedExperts):
         self.activation = ACTIVATION_CODES[activation]
         self.layers = list(store.moe_layers)
         self.pos = {layer: i for i, layer in enumerate(self.layers)}
-        self.top_k = top_k
+        self.top_k = 0  # experts a token uses per layer, from the decoder
         self.capacity = slots
-        self.cache = ExpertCache(slots, make_policy(policy, len(self.layers), store.num_experts, top_k))
+        self.cache: ExpertCache | None = None
         self.policy_name = policy
-        self.pool = SlotPool(slots + top_k, store)  # the last top_k are scratch for experts the cache declines
+        self.pool: SlotPool | None = None
         self.reader = ExpertReader(store, workers, direct)
         weakref.finalize(self, self.reader.close)  # the reader's threads end with the model
         self.decoder: Lookahead | None = None  # set by attach
@@ -73,7 +74,7 @@ class OffloadedExperts(RoutedExperts):
         self.depth = max(1, min(MAX_PREFETCH_DEPTH, depth))
         self._pending: dict[tuple[int, int], ReadRequest] = {}  # reads into cache slots not yet consumed
         self._prefetched: set[tuple[int, int]] = set()  # reads issued as prefetches, not yet used
-        self._scratch_free = list(range(slots, slots + top_k))
+        self._scratch_free: list[int] = []
         self._scratch_queue: list[int] = []
         self._scratch: dict[int, tuple[int, ReadRequest]] = {}  # expert -> (scratch slot, read)
         self._predicted: dict[int, set[int]] = {}  # layer position -> experts predicted for the current token
@@ -85,9 +86,16 @@ class OffloadedExperts(RoutedExperts):
 
     # -- the contract with the engine -----------------------------------------------------------------------
     def attach(self, decoder: Lookahead) -> None:
-        if list(decoder.moe_layers) != self.layers:
-            raise ValueError(f"the decoder's MoE layers {decoder.moe_layers} are not the store's {self.layers}")
+        if list(decoder.moe_layers) != self.layers or decoder.stored_experts != self.store.num_experts:
+            raise ValueError(f"the decoder's {decoder.stored_experts} experts of layers {decoder.moe_layers} are not "
+                             f"the store's {self.store.num_experts} of layers {self.layers}")
         self.decoder = decoder
+        if self.cache is None:
+            k, slots = decoder.experts_per_token, self.capacity
+            self.top_k = k
+            self.cache = ExpertCache(slots, make_policy(self.policy_name, len(self.layers), self.store.num_experts, k))
+            self.pool = SlotPool(slots + k, self.store)  # the last k are scratch for experts the cache declines
+            self._scratch_free = list(range(slots, slots + k))
 
     def begin_step(self, phase: Phase, tokens: int) -> None:
         decode = phase == "decode"
@@ -149,6 +157,8 @@ class OffloadedExperts(RoutedExperts):
         }
 
     def residency(self) -> Residency:
+        if self.cache is None:
+            return Residency(set(), set())
         pending = [k for k, r in list(self._pending.items()) if not r.done.is_set()]
         cached = self.cache.resident()
         loading = {(self.layers[p], e) for p, e in pending}

@@ -94,8 +94,17 @@ class ModelLayout:
         return self.expert_layout.nbytes if self.spec.moe_layers else 0
 
     @property
+    def stored_experts(self) -> int:
+        """Expert chunks per MoE layer (the routed experts, and slices of a dense MLP every token uses)."""
+        return self.decoder.stored_experts
+
+    @property
+    def experts_per_token(self) -> int:
+        return self.decoder.experts_per_token
+
+    @property
     def total_experts(self) -> int:
-        return len(self.spec.moe_layers) * self.spec.num_experts
+        return len(self.spec.moe_layers) * self.stored_experts
 
     @property
     def resident_bytes(self) -> int:
@@ -115,7 +124,7 @@ class ModelLayout:
     def scratch_bytes(self, tokens: int, context: int) -> int:
         """One forward step's activations on `tokens` tokens, plus buffers for the experts of a token that the
         expert cache declines to hold."""
-        return self.decoder.scratch_bytes(tokens, context) + self.spec.top_k * self.chunk_bytes
+        return self.decoder.scratch_bytes(tokens, context) + self.experts_per_token * self.chunk_bytes
 
 
 # -- the split of a budget ---------------------------------------------------------------------------------------
@@ -173,7 +182,8 @@ def choose_prefill_chunk(budget: int | None, scratch_of, largest: int | None = N
 def split_budget(*, budget: int, given: bool, baseline: int, resident: int, kv_cache: int, scratch: int,
                  slot_bytes: int, total_experts: int, top_k: int, context_length: int,
                  prefill_chunk: int) -> MemoryPlan:
-    """Fixed parts first, the rest as expert slots. Refuses a budget below the minimum with one line giving it."""
+    """Fixed parts first, the rest as expert slots (top_k: the experts one token uses per layer). Refuses a budget
+    below the minimum with one line giving it."""
     safety = max(SAFETY_MIN, int(budget * SAFETY_FRACTION))
     fixed = baseline + resident + kv_cache + scratch + safety
     min_slots = min(total_experts, MIN_SLOTS_PER_K * top_k)
@@ -202,8 +212,8 @@ def place(layout: ModelLayout, *, budget: int | None, context: int, baseline: in
     chunk = choose_prefill_chunk(budget, lambda tokens: layout.scratch_bytes(tokens, context))
     return split_budget(budget=budget, given=given, baseline=baseline, resident=layout.resident_bytes,
                         kv_cache=layout.kv_bytes(context), scratch=layout.scratch_bytes(chunk, context),
-                        slot_bytes=layout.chunk_bytes, total_experts=layout.total_experts, top_k=layout.spec.top_k,
-                        context_length=context, prefill_chunk=chunk)
+                        slot_bytes=layout.chunk_bytes, total_experts=layout.total_experts,
+                        top_k=layout.experts_per_token, context_length=context, prefill_chunk=chunk)
 
 
 # -- what the offloading container takes from the machine's profile ----------------------------------------------
@@ -211,7 +221,7 @@ def runtime_settings(profile: dict | None, layout: ModelLayout) -> dict:
     """Reader threads and the first prefetch depth for this model's experts on a profiled machine."""
     if profile is None or not layout.chunk_bytes:
         return {"readers": 1, "prefetch_depth": 1}
-    return read_ahead(profile, chunk_bytes=layout.chunk_bytes, top_k=layout.spec.top_k,
+    return read_ahead(profile, chunk_bytes=layout.chunk_bytes, top_k=layout.experts_per_token,
                       layer_dense_bytes=layout.resident_bytes // layout.spec.num_layers,
                       expert_format=layout.expert_format)
 

@@ -85,7 +85,7 @@ class _Conversion:
 
     def items(self) -> list[str]:
         return [f"dense/{n}" for n in self.layouts] + [
-            f"expert/{layer}/{e}" for layer in self.tensors.moe_layers for e in range(self.spec.num_experts)]
+            f"expert/{layer}/{e}" for layer in self.tensors.moe_layers for e in range(self.layout.stored_experts)]
 
     def item_bytes(self, item: str) -> int:
         if _expert_of(item) is None:
@@ -177,8 +177,9 @@ def _prepare(partial: Path, job: _Conversion) -> dict[str, int]:
     root = zarr.open_group(str(partial), mode="w", zarr_format=3)
     spec = job.spec
     if job.tensors.moe_layers:
-        root.create_array(name="experts", shape=(spec.num_layers, spec.num_experts, job.expert_layout.nbytes),
-                          chunks=(1, 1, job.expert_layout.nbytes), dtype="uint8", compressors=None, fill_value=0)
+        nbytes = job.expert_layout.nbytes
+        root.create_array(name="experts", shape=(spec.num_layers, job.layout.stored_experts, nbytes),
+                          chunks=(1, 1, nbytes), dtype="uint8", compressors=None, fill_value=0)
     dense = root.create_group("dense")
     for name, layout in job.layouts.items():
         dense.create_array(name=name, shape=(layout.nbytes,), chunks=(layout.nbytes,), dtype="uint8",
@@ -250,8 +251,8 @@ def _finish(partial: Path, job: _Conversion, done: dict[str, int]) -> None:
                     for name, layout in job.layouts.items()},
         "experts": {
             "format": job.expert_format, "hidden": spec.hidden_size, "inter": spec.moe_intermediate_size,
-            "num_experts": spec.num_experts, "layers": job.tensors.moe_layers,
-            "crc32": {str(layer): [done[f"expert/{layer}/{e}"] for e in range(spec.num_experts)]
+            "num_experts": job.layout.stored_experts, "layers": job.tensors.moe_layers,
+            "crc32": {str(layer): [done[f"expert/{layer}/{e}"] for e in range(job.layout.stored_experts)]
                       for layer in job.tensors.moe_layers},
         },
     }
