@@ -34,19 +34,25 @@ def mixtral_config(hidden: int, layers: int, experts: int, inter: int, vocab: in
     }
 
 
+def _random_matrices(dtype: torch.dtype, seed: int):
+    """rand(*shape, scale=1): seeded Gaussian weights of RMS scale / sqrt(fan-in), in dtype."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * (scale * shape[-1] ** -0.5)).to(dtype)
+    return rand
+
+
 def write_random_mixtral(path: str | Path, config: dict, seed: int = 0, with_tokenizer: bool = True) -> Path:
     """Write config.json, sharded model-*.safetensors with an index, and the Mixtral tokenizer."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     c = config
     dtype = _DTYPES[c["torch_dtype"]]
-    g = torch.Generator().manual_seed(seed)
+    rand = _random_matrices(dtype, seed)
     D, I, V, E = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["num_local_experts"]
     Dh = D // c["num_attention_heads"]
     kv = c["num_key_value_heads"] * Dh
-
-    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*shape, generator=g) * (scale * shape[-1] ** -0.5)).to(dtype)
 
     # Token embeddings of unit RMS (what the first norm expects) and residual branches scaled down by depth,
     # as trained models have them: otherwise attention outputs, nearly the same for every token, outweigh the
@@ -121,16 +127,13 @@ def write_random_grok2(path: str | Path, config: dict, seed: int = 0, ranks: int
     path.mkdir(parents=True, exist_ok=True)
     c = config
     dtype = _DTYPES[c["torch_dtype"]]
-    g = torch.Generator().manual_seed(seed)
+    rand = _random_matrices(dtype, seed)
     D, V, E, L = c["hidden_size"], c["vocab_size"], c["num_local_experts"], c["num_hidden_layers"]
     I, Id, Dh = c["moe_intermediate_size"], c["intermediate_size"], c["head_dim"]
     q, kv = c["num_attention_heads"] * Dh, c["num_key_value_heads"] * Dh
     if I % ranks:
         raise ValueError(f"the expert width {I} does not split into {ranks} ranks")
     branch = (2 * L) ** -0.5
-
-    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*shape, generator=g) * (scale * shape[-1] ** -0.5)).to(dtype)
 
     def layer(i: int, name: str) -> torch.Tensor:
         shapes = {"mlp.gate_proj": (Id, D), "mlp.up_proj": (Id, D), "mlp.down_proj": (D, Id),

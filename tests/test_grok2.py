@@ -339,3 +339,18 @@ def test_plan_for_grok2_streams_the_residual_mlp_with_the_experts():
     # a token reads (or finds cached) four expert chunks per layer: two routed, two of the MLP
     assert p.bytes_per_token["ram"] + p.bytes_per_token["disk"] / 1.1 == pytest.approx(64 * 4 * sizes.chunk_bytes,
                                                                                       rel=1e-6)
+
+
+def test_synthetic_grok2_release_loads_converts_and_chats(tmp_path, capsys):
+    from edgerun.synthetic import grok2_config, write_random_grok2
+
+    cfg = grok2_config(64, 2, 4, 32, 80, vocab=300, heads=2, kv_heads=1, context=256)
+    path = write_random_grok2(tmp_path / "g", cfg, ranks=4)
+    assert len(list(path.glob("*-TP-00[0-3].safetensors"))) == 3 * 4
+    model = edgerun.load(path)
+    assert model.spec.model_type == "grok-2" and model.decoder.stored_experts == 4 + 3  # 80 wide = 3 slices of 32
+    assert model.tokenizer.decode(model.tokenizer.encode("grüß dich 👋")) == "grüß dich 👋"
+    store = convert(path, tmp_path / "q8", quant="q8", progress=False)
+    assert ExpertStore(store).num_experts == 7
+    assert main(["run", str(store), "--chat", "-p", "Hello", "-n", "4", "--temp", "0"]) == 0
+    assert re.search(r"\[\d+ tokens?, (length|stop)", capsys.readouterr().err)
