@@ -358,12 +358,9 @@ def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None
 
 def _check_load_arguments(quant, dense, dtype, threads, policy, context_length) -> None:
     """Bad arguments fail at once, before any file is read."""
-    from .store.convert import DENSE_CHOICES, QUANT_CHOICES
+    from .store.convert import check_choices
 
-    if quant is not None and quant not in QUANT_CHOICES:
-        raise ArgumentError(f"quant must be one of {', '.join(QUANT_CHOICES)}; got {quant!r}")
-    if dense is not None and dense not in DENSE_CHOICES:
-        raise ArgumentError(f"dense must be one of {', '.join(DENSE_CHOICES)}; got {dense!r}")
+    check_choices(quant, dense)
     if dtype != "auto" and dtype not in _DTYPES:
         raise ArgumentError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
     if threads is not None and (not isinstance(threads, int) or threads < 1):

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import EdgerunError
-from ..units import format_size
 from ..runtime.reader import supports_direct_io
+from ..units import format_size
 
 _WRITE_BLOCK = 16 << 20
 _SEQ_BLOCK = 16 << 20

@@ -11,10 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .parts import Part, TensorSpec, linear, rms_norm, softcap
+from .parts import F32, Part, TensorSpec, linear, rms_norm, softcap
 from .rope import Rope, RopeSpec, apply_rope
-
-F32 = 4  # bytes of the float32 scratch activations
 
 
 class Positions:

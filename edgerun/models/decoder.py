@@ -17,11 +17,10 @@ import torch.nn.functional as F
 
 from .attention import Positions
 from .ffn import ExpertsCall, MoE, RoutingObserver
-from .parts import Part, RMSNorm, TensorSpec, Weight, linear, softcap
+from .parts import F32, Part, RMSNorm, TensorSpec, Weight, linear, softcap
 from .routers import Routing
 from .spec import ModelSpec
 
-F32 = 4
 RESIDUAL_COPIES = 16  # hidden-sized float32 activations alive at once in a layer (residual, norms, q/k/v/o, ...)
 
 

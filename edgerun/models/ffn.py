@@ -15,10 +15,8 @@ from typing import Protocol
 
 import torch
 
-from .parts import Part, TensorSpec, activation_fn, linear
+from .parts import F32, Part, TensorSpec, activation_fn, linear
 from .routers import Routing
-
-F32 = 4
 
 
 class ExpertsCall(Protocol):

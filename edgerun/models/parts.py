@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+F32 = 4  # bytes of a float32 activation: parts report their scratch memory in these
 
 @dataclass(frozen=True)
 class TensorSpec:

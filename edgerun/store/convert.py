@@ -36,12 +36,17 @@ SETTINGS_FILE = "edgerun-conversion.json"
 LOG_FILE = "edgerun-progress.jsonl"
 
 
-def formats_for(quant: str, dense: str | None, source: str) -> tuple[str, str]:
-    """(expert format, dense-matrix format) for a --quant/--dense choice; source: the checkpoint's format."""
-    if quant not in QUANT_CHOICES:
+def check_choices(quant: str | None, dense: str | None) -> None:
+    """A --quant / --dense choice (None: not given) is one edgerun knows, or ArgumentError."""
+    if quant is not None and quant not in QUANT_CHOICES:
         raise ArgumentError(f"quant must be one of {', '.join(QUANT_CHOICES)}; got {quant!r}")
     if dense is not None and dense not in DENSE_CHOICES:
         raise ArgumentError(f"dense must be one of {', '.join(DENSE_CHOICES)}; got {dense!r}")
+
+
+def formats_for(quant: str, dense: str | None, source: str) -> tuple[str, str]:
+    """(expert format, dense-matrix format) for a --quant/--dense choice; source: the checkpoint's format."""
+    check_choices(quant, dense)
     experts = {"none": source, "bf16": "bf16"}.get(quant, quant)
     if dense is None:
         dense = {"none": "none", "bf16": "bf16"}.get(quant, "q8")
