@@ -13,9 +13,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .checkpoint.hf import read_json, resolve_model_dir
 from .checkpoint.loader import load_weights
-from .checkpoint.safetensors_reader import SafetensorsReader
+from .checkpoint.source import Checkpoint, locate
 from .errors import ArgumentError, CheckpointError, GenerationError, TokenizerError
 from .models import spec_from_config
 from .models.decoder import Decoder
@@ -58,7 +57,7 @@ class Model:
         if self._tokenizer is None:
             from .checkpoint.tokenizer import Tokenizer  # tokenizer libraries load only when text is used
 
-            self._tokenizer = Tokenizer.from_dir(self._info["tokenizer_dir"])
+            self._tokenizer = Tokenizer.from_dir(self._info["tokenizer_dir"], self._info.get("tokenizer_defaults"))
         return self._tokenizer
 
     @property
@@ -227,7 +226,8 @@ class Model:
             "dtype": str(self._engine.decoder.dtype).removeprefix("torch."),
             "threads": torch.get_num_threads(),
         })
-        out.update({k: str(v) if isinstance(v, Path) else v for k, v in self._info.items() if k != "tokenizer_dir"})
+        out.update({k: str(v) if isinstance(v, Path) else v for k, v in self._info.items()
+                    if not k.startswith("tokenizer_")})
         out.update(self._engine.experts.stats())
         out["peak_rss_bytes"] = peak_rss()
         return out
@@ -312,9 +312,10 @@ def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None
          progress: bool | None = None, ram: str | int | None = None, policy: str = "default",
          prefetch: bool = True) -> Model:
     """Open a model: a Hugging Face directory (config.json, *.safetensors, tokenizer), a repo id in the HF
-    cache, or an edgerun store made by `edgerun convert`.
+    cache, Grok-1 as xai-org released it (the folder holding ckpt-0/, or ckpt-0/ itself), or an edgerun store
+    made by `edgerun convert`.
 
-    quant: for a HF directory, "none" (default: run the checkpoint as it is), or "bf16", "q8", "q4" to
+    quant: for a checkpoint, "none" (default: run the checkpoint as it is), or "bf16", "q8", "q4" to
         convert it once into an expert store in the user cache dir and run from that (reused afterwards).
     dense: with quant, the format of the non-expert matrices (default q8 for q8/q4).
     context_length: tokens the KV cache holds (default: the model's, capped at 4096).
@@ -338,7 +339,7 @@ def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None
     offload = {"budget": budget, "policy": policy, "prefetch": prefetch, "context_length": context_length}
     if is_store(path):
         if quant not in (None, "none") or dense is not None:
-            raise ArgumentError(f"{path} is already a converted store; quant and dense apply to HF checkpoints")
+            raise ArgumentError(f"{path} is already a converted store; quant and dense apply to checkpoints")
         return _load_store(Path(path), dtype, threads=threads, t0=t0, **offload)
     if quant in (None, "none"):
         if dense is not None:
@@ -346,13 +347,13 @@ def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None
         if ram is not None:
             raise ArgumentError("a memory budget applies to converted models: add quant='q4' or 'q8' (--quant on the "
                                 "command line), or convert the model with `edgerun convert` and load the store")
-        return _load_hf(resolve_model_dir(path), dtype, progress, context_length, t0)
+        return _load_hf(locate(path), dtype, progress, context_length, t0)
     from .store.convert import cached_store_path, convert
 
-    src = resolve_model_dir(path)
+    src = locate(path)
     store = cached_store_path(src, quant, dense, 32)
     if not is_store(store):
-        convert(src, store, quant=quant, dense=dense, progress=progress)
+        convert(path, store, quant=quant, dense=dense, progress=progress)
     return _load_store(store, dtype, threads=threads, t0=t0, **offload)
 
 
@@ -378,23 +379,23 @@ def _model(spec: ModelSpec, decoder: Decoder, experts: ExpertsContainer, context
     return Model(spec, engine, generation_config, info)
 
 
-def _load_hf(model_dir: Path, dtype: str, progress: bool | None, context_length: int | None, t0: float) -> Model:
-    cfg = read_json(model_dir / "config.json")
-    family, spec = spec_from_config(cfg, str(model_dir / "config.json"))
+def _load_hf(source: Checkpoint, dtype: str, progress: bool | None, context_length: int | None,
+             t0: float) -> Model:
+    family, spec = source.family, source.spec
     ctx = placement.context_length(spec, context_length)
-    generation_config = read_json(model_dir / "generation_config.json", required=False)
-    reader = SafetensorsReader(model_dir, split=getattr(family, "TP_SPLIT", ()))
+    reader = source.reader()
     compute_dtype = _DTYPES[dtype] if dtype != "auto" else _auto_dtype(reader)
     total = sum(reader.nbytes(n) for n in reader.names())
-    with ByteProgress(total, f"loading {model_dir.name}", enabled=progress) as bar:
+    with ByteProgress(total, f"loading {source.dir.name}", enabled=progress) as bar:
         weights, gate_up, down = load_weights(reader, spec, family.RULES, compute_dtype, progress=bar.update)
     reader.close()
     decoder = Decoder(spec)
     decoder.bind(weights)
     experts = TorchExperts(gate_up, down, spec.activation)
     weights_bytes = sum(t.nbytes for t in weights.values()) + sum(t.nbytes for t in gate_up + down if t is not None)
-    info = {"path": model_dir, "tokenizer_dir": model_dir, "quant": "none", "weights_bytes": weights_bytes}
-    return _model(spec, decoder, experts, ctx, None, generation_config, info, t0)
+    info = {"path": source.dir, "tokenizer_dir": source.tokenizer_dir, "tokenizer_defaults": source.tokenizer_defaults,
+            "quant": "none", "weights_bytes": weights_bytes}
+    return _model(spec, decoder, experts, ctx, None, source.generation_config, info, t0)
 
 
 def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, prefetch: bool,
@@ -476,6 +477,6 @@ def _check_store_layout(store, layout: ModelLayout) -> None:
                               f"convert the model again")
 
 
-def _auto_dtype(reader: SafetensorsReader) -> torch.dtype:
+def _auto_dtype(reader) -> torch.dtype:
     # bf16 runs as it is; fp16 (slow and overflow-prone on CPUs) and mixed checkpoints run in fp32
     return torch.bfloat16 if reader.common_dtype() == torch.bfloat16 else torch.float32

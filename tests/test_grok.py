@@ -47,9 +47,11 @@ VARIANTS = {
 }
 
 
-def make_weights(variant: str, untied: bool = False) -> tuple[dict, dict]:
+def make_weights(variant: str, untied: bool = False, layers: int | None = None) -> tuple[dict, dict]:
     spec = VARIANTS[variant]
     cfg = {**BASE_CONFIG, **spec["config"]}
+    if layers is not None:
+        cfg["num_hidden_layers"] = layers
     if untied:
         cfg["tie_word_embeddings"] = False
     g = torch.Generator().manual_seed(spec["seed"])

@@ -257,11 +257,12 @@ def test_a_missing_tensor_is_a_checkpoint_error_on_every_path(sources, tmp_path,
     tensors = load_file(str(src / "model.safetensors"))
     del tensors["model.layers.2.self_attn.k_proj.weight"]
     save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    from edgerun.checkpoint.source import locate
     from edgerun.store.convert import cached_store_path
 
     for quant in (None, "q8", "q4"):
         with pytest.raises(edgerun.CheckpointError, match="layers.2.k"):
             edgerun.load(src, quant=quant)
         if quant:  # refused before anything was written
-            store = cached_store_path(src, quant, None, 32)
+            store = cached_store_path(locate(src), quant, None, 32)
             assert not store.exists() and not store.with_name(store.name + ".partial").exists()

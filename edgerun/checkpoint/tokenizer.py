@@ -351,20 +351,20 @@ class Tokenizer:
         self.chat_stop_ids: set[int] = {i for i in map(self.token_to_id, chat_stop_tokens) if i is not None}
 
     @classmethod
-    def from_dir(cls, path: str | os.PathLike) -> Tokenizer:
+    def from_dir(cls, path: str | os.PathLike, defaults: dict | None = None) -> Tokenizer:
         """Load the tokenizer of a model directory.
 
         Uses tokenizer.json when present, else tokenizer.model, else tokenizer.tok.json, and reads
         tokenizer_config.json (special tokens, BOS/EOS insertion, added tokens, chat template) and
         chat_template.jinja (which overrides the config's template) when they exist. A tokenizer.tok.json
-        without either brings Grok-2's chat format.
+        without either brings Grok-2's chat format. defaults: tokenizer_config.json values where the file has none.
         """
         root = Path(path)
         if not root.is_dir():
             raise TokenizerError(f"tokenizer directory {root} does not exist or is not a directory")
         json_file, model_file, tok_file = root / "tokenizer.json", root / "tokenizer.model", root / TOK_JSON
         config_file = root / _CONFIG
-        config = _read_config(config_file) if config_file.is_file() else {}
+        config = {**(defaults or {}), **(_read_config(config_file) if config_file.is_file() else {})}
         named = {key: _token_text(config[key], key, config_file) for key in _NAMED_TOKENS if key in config}
 
         backend: _HFBackend | _SentencePieceBackend | _TiktokenBackend

@@ -138,14 +138,15 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _drop_page_cache(model: str, quant: str | None) -> None:
-    from ..checkpoint.hf import resolve_model_dir
+    from ..checkpoint.source import locate
     from ..store.convert import cached_store_path
     from ..store.store import drop_page_cache, is_store
 
     if is_store(model):
         drop_page_cache(model)
         return
-    src = resolve_model_dir(model)
-    drop_page_cache(src)
+    src = locate(model)
+    for f in src.files:
+        drop_page_cache(f)
     if quant not in (None, "none"):
         drop_page_cache(cached_store_path(src, quant, None, 32))

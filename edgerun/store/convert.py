@@ -1,4 +1,5 @@
-"""`edgerun convert`: a Hugging Face checkpoint -> an expert store, streamed tensor by tensor.
+"""`edgerun convert`: a checkpoint (Hugging Face, or Grok-1 as xai-org released it) -> an expert store, streamed
+tensor by tensor.
 
 The store is written into DST.partial and renamed to DST only once every chunk has been written and read
 back against its checksum. A progress log in DST.partial lets an interrupted conversion resume without
@@ -17,21 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint.hf import read_json, resolve_model_dir
 from ..checkpoint.loader import CheckpointTensors
-from ..checkpoint.safetensors_reader import SafetensorsReader
+from ..checkpoint.source import Checkpoint, locate
 from ..errors import ArgumentError, CheckpointError, EdgerunError
-from ..models import spec_from_config
 from ..progress import ByteProgress
 from ..runtime.placement import ModelLayout
 from .layout import QUANTIZED, TORCH_FORMAT
-from .store import (FORMAT_NAME, FORMAT_VERSION, META_KEY, TOKENIZER_DIR, crc32, expert_chunk_path,
-                    tensor_chunk_path)
+from .store import FORMAT_NAME, FORMAT_VERSION, META_KEY, TOKENIZER_DIR, crc32, expert_chunk_path, tensor_chunk_path
 
 QUANT_CHOICES = ("none", "bf16", "q8", "q4")
 DENSE_CHOICES = ("q8", "q4", "bf16", "none")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "tokenizer.tok.json")
 SETTINGS_FILE = "edgerun-conversion.json"
 LOG_FILE = "edgerun-progress.jsonl"
 
@@ -53,27 +49,17 @@ def formats_for(quant: str, dense: str | None, source: str) -> tuple[str, str]:
     return experts, source if dense == "none" else dense
 
 
-def source_fingerprint(model_dir: Path) -> str:
-    """Identifies a checkpoint's contents cheaply: names, sizes and mtimes of its files."""
-    h = hashlib.sha256()
-    for f in sorted(model_dir.iterdir()):
-        if f.is_file() and (f.suffix in (".safetensors", ".json", ".model", ".jinja")):
-            st = f.stat()
-            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
-    return h.hexdigest()
-
-
 class _Conversion:
     """What to write: every tensor's layout and the expert chunk layout, from the checkpoint and options. Every
     tensor the model needs is checked (present, right shape) before anything is written."""
 
-    def __init__(self, src: Path, quant: str, dense: str | None, group: int):
+    def __init__(self, source: Checkpoint, quant: str, dense: str | None, group: int):
         if group % 32 or group <= 0:
             raise ArgumentError(f"group must be a positive multiple of 32; got {group}")
-        self.src = src
-        self.config = read_json(src / "config.json")
-        self.family, self.spec = spec_from_config(self.config, str(src / "config.json"))
-        self.reader = SafetensorsReader(src, keep_open=False, split=getattr(self.family, "TP_SPLIT", ()))
+        check_choices(quant, dense)
+        self.source, self.src = source, source.dir
+        self.config, self.family, self.spec = source.config, source.family, source.spec
+        self.reader = source.reader(keep_open=False)
         self.tensors = CheckpointTensors(self.reader, self.spec, self.family.RULES)
         self.tensors.check()
         self.source_format = TORCH_FORMAT.get(self.reader.common_dtype(), "f32")
@@ -82,7 +68,7 @@ class _Conversion:
         self.layout = ModelLayout.for_formats(self.spec, self.expert_format, self.dense_format, group)
         self.expert_layout = self.layout.expert_layout
         self.layouts = self.layout.tensors
-        self.fingerprint = source_fingerprint(src)
+        self.fingerprint = source.fingerprint()
 
     def describe(self) -> dict:
         return {"source_fingerprint": self.fingerprint, "quant": self.quant, "experts": self.expert_format,
@@ -108,7 +94,8 @@ class _Conversion:
 def convert(src: str | os.PathLike, dst: str | os.PathLike, quant: str = "q4", dense: str | None = None,
             group: int = 32, progress: bool | None = None,
             on_item: Callable[[str], None] | None = None) -> Path:
-    """Convert a HF checkpoint directory (or cached repo id) into an expert store at dst; returns dst.
+    """Convert a checkpoint into an expert store at dst; returns dst. src: a HF checkpoint directory, a repo id
+    in the HF cache, or Grok-1 as xai-org released it (the folder holding ckpt-0/, or ckpt-0/ itself).
 
     quant: none (the checkpoint's own precision), bf16, q8 or q4 (experts q4, other matrices q8);
     dense: override the format of the non-expert matrices (q8, q4, bf16, none).
@@ -117,8 +104,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, quant: str = "q4", d
     dst = Path(dst)
     if dst.exists():
         raise EdgerunError(f"{dst} already exists; remove it or choose another destination")
-    src_dir = resolve_model_dir(src)
-    job = _Conversion(src_dir, quant, dense, group)
+    source = locate(src)
+    job = _Conversion(source, quant, dense, group)
     partial = dst.with_name(dst.name + ".partial")
     done = _prepare(partial, job)
     quantize = None
@@ -131,7 +118,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, quant: str = "q4", d
     items = [i for i in job.items() if i not in done]
     total = sum(job.item_bytes(i) for i in job.items())
     try:
-        with ByteProgress(total, f"converting {src_dir.name}", enabled=progress) as bar, \
+        with ByteProgress(total, f"converting {source.dir.name}", enabled=progress) as bar, \
                 open(partial / LOG_FILE, "a") as log, ThreadPoolExecutor(1) as reader:
             bar.update(sum(job.item_bytes(i) for i in done))
             # read the next item's tensors while the current one is quantized and written
@@ -191,9 +178,10 @@ def _prepare(partial: Path, job: _Conversion) -> dict[str, int]:
                            compressors=None, fill_value=0)
     tok = partial / TOKENIZER_DIR
     tok.mkdir()
-    for f in TOKENIZER_FILES:
-        if (job.src / f).is_file():
-            shutil.copyfile(job.src / f, tok / f)
+    for f in job.source.tokenizer_files:
+        shutil.copyfile(f, tok / f.name)
+    if job.source.tokenizer_defaults and not (tok / "tokenizer_config.json").exists():
+        (tok / "tokenizer_config.json").write_text(json.dumps(job.source.tokenizer_defaults, indent=1))
     settings_file.write_text(json.dumps(job.describe(), indent=1))
     return {}
 
@@ -247,7 +235,7 @@ def _finish(partial: Path, job: _Conversion, done: dict[str, int]) -> None:
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "config": job.config,
-        "generation_config": read_json(job.src / "generation_config.json", required=False),
+        "generation_config": job.source.generation_config,
         "quant": {"name": job.quant, "experts": job.expert_format, "dense": job.dense_format,
                   "group": job.group},
         "compute_dtype": job.compute_dtype(),
@@ -266,10 +254,10 @@ def _finish(partial: Path, job: _Conversion, done: dict[str, int]) -> None:
     (partial / LOG_FILE).unlink()
 
 
-def cached_store_path(src_dir: Path, quant: str, dense: str | None, group: int) -> Path:
-    """Where edgerun.load(hf_dir, quant=...) keeps its automatic conversion."""
+def cached_store_path(source: Checkpoint, quant: str, dense: str | None, group: int) -> Path:
+    """Where edgerun.load(checkpoint, quant=...) keeps its automatic conversion."""
     from ..paths import cache_dir
 
-    key = hashlib.sha256(f"{src_dir.resolve()}|{source_fingerprint(src_dir)}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{source.dir.resolve()}|{source.fingerprint()}".encode()).hexdigest()[:12]
     suffix = f"{quant}" + (f"-dense-{dense}" if dense else "") + (f"-g{group}" if group != 32 else "")
-    return cache_dir() / "stores" / f"{src_dir.name}-{key}-{suffix}"
+    return cache_dir() / "stores" / f"{source.dir.name}-{key}-{suffix}"

@@ -48,10 +48,11 @@ def tensor_chunk_path(root: Path, name: str) -> Path:
 
 
 def drop_page_cache(directory: str | os.PathLike) -> int:
-    """Ask the kernel to drop the files under directory from the page cache (a cold start); returns their
-    bytes. Pages mapped by a running process stay."""
+    """Ask the kernel to drop the files under directory (or that file) from the page cache (a cold start);
+    returns their bytes. Pages mapped by a running process stay."""
     total = 0
-    for path in Path(directory).rglob("*"):
+    top = Path(directory)
+    for path in [top] if top.is_file() else top.rglob("*"):
         if path.is_file():
             fd = os.open(path, os.O_RDONLY)
             try:
