@@ -389,7 +389,8 @@ class ChatApp:
             with gr.Sidebar(label="Settings", open=True, width=330, elem_id="er-sidebar"):
                 gr.Markdown("### Model")
                 path = gr.Textbox(model_path, label="Path", elem_id="er-path",
-                                  placeholder="HF model directory, edgerun store, or repo id; empty: demo model")
+                                  placeholder="HF model directory, Grok-1 release, edgerun store, or repo id; "
+                                              "empty: demo model")
                 with gr.Row():
                     quant = gr.Dropdown(QUANTS, value=model_quant or "none", label="Quantization", min_width=90,
                                         info="q8/q4: convert once (cached)")

@@ -1,9 +1,11 @@
 """Random-weight checkpoints of any size, for tests and benchmarks: the Mixtral architecture in the usual HF
-layout, or Grok-2 in the layout of xai-org's release (tensor-parallel shards, `tokenizer.tok.json`).
+layout, Grok-2 in the layout of xai-org's release (tensor-parallel shards, `tokenizer.tok.json`), or Grok-1 in
+the layout of xai-org's JAX release (`ckpt-0/` of pickled 8-bit weights; needs ml_dtypes).
 
 Mixtral tensors are generated and written one layer per safetensors shard, so memory stays bounded by one layer
 however large the model; a Grok-2 release holds one tensor family of every layer per file, so memory is bounded
-by the largest family. Run `python -m edgerun.synthetic DST [--family grok-2] --hidden 1024 --layers 8 ...`.
+by the largest family; a Grok-1 release, by one parameter (the largest: a layer's stack of expert matrices).
+Run `python -m edgerun.synthetic DST [--family grok-2|grok-1] --hidden 1024 --layers 8 ...`.
 """
 
 from __future__ import annotations
@@ -171,10 +173,66 @@ def write_random_grok2(path: str | Path, config: dict, seed: int = 0, ranks: int
     return path
 
 
+def write_random_grok1_release(path: str | Path, config, seed: int = 0, blocks: int = 8) -> Path:
+    """Write ckpt-0/ as xai-org's release holds it for a Grok1Config (grok1_config.json beside it unless the sizes
+    are the released ones), with random int8 weights and bfloat16 scales (blocks of input rows for the attention
+    output and the experts' down matrices, as released), and the packaged Mixtral tokenizer.model standing in for
+    Grok-1's."""
+    import pickle
+    import sys
+    from dataclasses import asdict
+
+    import ml_dtypes
+    import numpy as np
+
+    from .checkpoint.grok1_release import CKPT, CONFIG_FILE, RELEASED, parameters
+
+    path = Path(path)
+    (path / CKPT).mkdir(parents=True)
+    sys.modules["__main__"].QuantizedWeight8bit = _QuantizedWeight8bit  # as the release's checkpoint.py does
+    rng = np.random.default_rng(seed)
+    for i, param in enumerate(parameters(config)):
+        if param.quantized:
+            *lead, rows, cols = param.shape
+            b = blocks if param.path.endswith(("linear_1/w", "attention/linear/w")) else 1
+            weight = rng.integers(-127, 128, size=param.shape, dtype=np.int8)
+            # uniform int8 has an RMS of 73: scales give the matrix an RMS of 1 / sqrt(fan-in)
+            scales = np.full((*lead, b, cols), 1 / (73 * rows ** 0.5), dtype=np.float32).astype(ml_dtypes.bfloat16)
+            leaf = _QuantizedWeight8bit(weight, scales)
+        elif len(param.shape) == 1:
+            leaf = np.ones(param.shape, dtype=np.float32)  # norm scales
+        else:
+            leaf = rng.standard_normal(param.shape, dtype=np.float32) * param.shape[0] ** -0.5
+        with open(path / CKPT / f"tensor{i:05d}_000", "wb") as f:
+            pickle.dump(leaf, f, protocol=4)
+        del leaf
+    if config != RELEASED:
+        model = {k: v for k, v in asdict(config).items() if k not in _LM_FIELDS}
+        top = {k: v for k, v in asdict(config).items() if k in _LM_FIELDS}
+        (path / CONFIG_FILE).write_text(json.dumps({**top, "model": model}, indent=1))
+    with resources.as_file(resources.files("edgerun") / "data" / "mixtral-tokenizer.model") as tok:
+        shutil.copyfile(tok, path / "tokenizer.model")
+    return path
+
+
+_LM_FIELDS = ("vocab_size", "pad_token", "eos_token", "sequence_len", "embedding_multiplier_scale",
+              "output_multiplier_scale")
+
+
+class _QuantizedWeight8bit:
+    """Pickles as the release's `__main__.QuantizedWeight8bit` (its state: weight and scales)."""
+
+    __module__ = "__main__"
+    __qualname__ = "QuantizedWeight8bit"
+
+    def __init__(self, weight, scales):
+        self.weight, self.scales = weight, scales
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m edgerun.synthetic", description=__doc__)
     p.add_argument("dst")
-    p.add_argument("--family", default="mixtral", choices=["mixtral", "grok-2"])
+    p.add_argument("--family", default="mixtral", choices=["mixtral", "grok-2", "grok-1"])
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--experts", type=int, default=8)
@@ -187,6 +245,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=list(_DTYPES))
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    if a.family == "grok-1":
+        from .checkpoint.grok1_release import Grok1Config
+
+        widening = a.inter * 3 / 2 / a.hidden  # model.py's ffn_size gives back --inter (a multiple of 8)
+        cfg1 = Grok1Config(vocab_size=a.vocab, emb_size=a.hidden, key_size=a.hidden // a.heads, num_q_heads=a.heads,
+                           num_kv_heads=a.kv_heads, num_layers=a.layers, widening_factor=widening,
+                           num_experts=a.experts)
+        path = write_random_grok1_release(a.dst, cfg1, a.seed)
+        size = sum(f.stat().st_size for f in (path / "ckpt-0").iterdir())
+        print(f"{path}: {format_size(size)} of random weights")
+        return
     if a.family == "grok-2":
         cfg = grok2_config(a.hidden, a.layers, a.experts, a.inter, a.dense_inter or 2 * a.inter, a.vocab, a.heads,
                            a.kv_heads, dtype=a.dtype)

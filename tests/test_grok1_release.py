@@ -261,3 +261,15 @@ def test_one_expert_is_read_without_the_rest(release):
     whole = stored.weight.read()
     assert torch.equal(stored.weight.read(5, 6)[0], whole[5])
     assert stored.weight.data.nbytes == whole.numel()  # located, not held in memory
+
+
+def test_plan_reads_the_release_sizes(release, tmp_path):
+    from edgerun.commands.plan import read_model
+
+    root, *_ = release
+    config, experts, dense, _ = read_model(root / "ckpt-0", "q4", "q8")
+    assert (config["num_hidden_layers"], config["intermediate_size"], experts) == (LAYERS, 96, "q4")
+    src = _copy(root, tmp_path / "r")
+    (src / "grok1_config.json").unlink()  # the released sizes, from run.py
+    config, *_ = read_model(src, "q4", "q8")
+    assert (config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"]) == (64, 6144, 32768)

@@ -38,7 +38,7 @@ CKPT = "ckpt-0"
 CONFIG_FILE = "grok1_config.json"
 TOKENIZER_FILE = "tokenizer.model"
 _FILE = re.compile(r"^tensor(\d{5})_(\d{3})$")
-DEQUANT_ROWS = 1024  # rows dequantized at a time: bounds the float32 scratch of one matrix
+BLOCK_COLUMNS = 512  # output columns dequantized at a time: bounds the float32 scratch of one matrix
 TOKENIZER_CONFIG = {"add_bos_token": False, "add_eos_token": False}  # runners.py encodes without BOS
 
 
@@ -255,13 +255,9 @@ class Grok1Release:
         i, e = self._names[name]
         stored, param = self._stored[i], self.params[i]
         if isinstance(stored, StoredQuantized):
-            t = _dequantize(stored, e)
+            t = _dequantize(stored, e, param.transpose)
         else:
-            t = stored.read() if e is None else stored.read(e, e + 1)[0]
-            if _in_bf16(param):
-                t = t.to(torch.bfloat16)
-        if param.transpose:
-            t = t.T.contiguous()
+            t = _plain(stored, e, self.dtype(name), param.transpose)
         return t if index is None else t[index]
 
     def get_range(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
@@ -292,22 +288,38 @@ def _mismatch(stored: StoredArray | StoredQuantized, param: Param) -> str | None
     return f"{want}; the files do not match the model's sizes"
 
 
-def _dequantize(stored: StoredQuantized, expert: int | None) -> torch.Tensor:
-    """weight * scales in bfloat16, as model.py computes it: each of the scales' B blocks of input rows takes its
-    row of scales. The product of an int8 and a bfloat16 is exact in float32, so rounding it to bfloat16 gives
-    what a bfloat16 multiply gives."""
+def _dequantize(stored: StoredQuantized, expert: int | None, transpose: bool) -> torch.Tensor:
+    """weight * scales in bfloat16, as model.py computes it (transposed to [out, in] when asked): each of the
+    scales' B blocks of input rows takes its row of scales. The product of an int8 and a bfloat16 is exact in
+    float32, so rounding it to bfloat16 gives what a bfloat16 multiply gives. Done BLOCK_COLUMNS output columns at
+    a time, so the float32 scratch stays small."""
     w, s = stored.weight, stored.scales
-    if expert is not None:
-        weight, scales = w.read(expert, expert + 1)[0], s.read(expert, expert + 1)[0]
-    else:
-        weight, scales = w.read(), s.read()
-    scales = scales.float()
-    rows = weight.shape[0]
-    block = rows // scales.shape[0]
-    out = torch.empty(weight.shape, dtype=torch.bfloat16)
-    for start in range(0, rows, DEQUANT_ROWS):
-        stop = min(rows, start + DEQUANT_ROWS)
-        for b in range(start // block, (stop - 1) // block + 1):  # the scale blocks these rows touch
-            lo, hi = max(start, b * block), min(stop, (b + 1) * block)
-            out[lo:hi] = weight[lo:hi].float() * scales[b]
+    weight, scales = (w.read(), s.read()) if expert is None else (w.read(expert, expert + 1)[0],
+                                                                  s.read(expert, expert + 1)[0])
+    rows, cols = weight.shape
+    blocks = scales.shape[0]
+    out = torch.empty((cols, rows) if transpose else (rows, cols), dtype=torch.bfloat16)
+    grouped = weight.view(blocks, rows // blocks, cols)
+    for start in range(0, cols, BLOCK_COLUMNS):
+        stop = min(cols, start + BLOCK_COLUMNS)
+        part = (grouped[:, :, start:stop].float() * scales[:, None, start:stop].float()).reshape(rows, stop - start)
+        if transpose:
+            out[start:stop] = part.T
+        else:
+            out[:, start:stop] = part
     return out
+
+
+def _plain(stored: StoredArray, expert: int | None, dtype: torch.dtype, transpose: bool) -> torch.Tensor:
+    """A float array (or one expert of it) in dtype, read and converted a block of rows at a time."""
+    shape = stored.shape if expert is None else stored.shape[1:]
+    if expert is not None or len(shape) < 2:
+        t = stored.read() if expert is None else stored.read(expert, expert + 1)[0]
+        t = t.to(dtype)
+    else:
+        t = torch.empty(shape, dtype=dtype)
+        step = max(1, (64 << 20) // (stored.itemsize * math.prod(shape[1:])))
+        for start in range(0, shape[0], step):
+            stop = min(shape[0], start + step)
+            t[start:stop] = stored.read(start, stop)
+    return t.T.contiguous() if transpose else t

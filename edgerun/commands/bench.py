@@ -15,9 +15,10 @@ from ..units import format_size
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="measure tokens/s and kernel throughput", description=__doc__)
-    p.add_argument("model", metavar="MODEL", help="HF model directory, repo id in the HF cache, or store")
+    p.add_argument("model", metavar="MODEL",
+                   help="HF model directory, repo id in the HF cache, Grok-1's release (ckpt-0/), or store")
     p.add_argument("--quant", default=None, choices=["none", "bf16", "q8", "q4"],
-                   help="convert a HF directory first (cached), as edgerun.load(..., quant=) does")
+                   help="convert a checkpoint first (cached), as edgerun.load(..., quant=) does")
     p.add_argument("--prompt-tokens", type=int, default=128, metavar="N", help="prefill length (default 128)")
     p.add_argument("--tokens", type=int, default=64, metavar="N", help="tokens to decode (default 64)")
     p.add_argument("--temp", type=float, default=1.0, metavar="T",

@@ -15,9 +15,10 @@ from ..errors import EdgerunError
 def add_parser(sub) -> None:
     p = sub.add_parser("chat", help="chat with a model in a local web page", description=__doc__)
     p.add_argument("model", metavar="MODEL", nargs="?", default=None,
-                   help="HF model directory, repo id in the local HF cache, or store (default: the demo model)")
+                   help="HF model directory, repo id in the local HF cache, Grok-1's release (ckpt-0/), or store "
+                        "(default: the demo model)")
     p.add_argument("--quant", default=None, choices=["none", "q8", "q4"],
-                   help="convert a HF directory first (cached), as edgerun.load(..., quant=) does")
+                   help="convert a checkpoint first (cached), as edgerun.load(..., quant=) does")
     p.add_argument("--ram", default=None, metavar="SIZE",
                    help="memory budget of the whole process, e.g. 12GiB (default: what the machine has)")
     p.add_argument("--port", type=int, default=None, metavar="N",

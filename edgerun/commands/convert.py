@@ -15,7 +15,8 @@ def add_parser(sub) -> None:
     from ..store.convert import DENSE_CHOICES, QUANT_CHOICES
 
     p = sub.add_parser("convert", help="convert a checkpoint into an expert store", description=__doc__)
-    p.add_argument("src", metavar="SRC", help="HF model directory, repo id in the local HF cache, or Grok-1's release folder (ckpt-0/)")
+    p.add_argument("src", metavar="SRC",
+                   help="HF model directory, repo id in the local HF cache, or Grok-1's release folder (ckpt-0/)")
     p.add_argument("dst", metavar="DST", help="the store directory to create")
     p.add_argument("--quant", default="q4", choices=QUANT_CHOICES,
                    help="expert format: q4 (default), q8, bf16, or none (the checkpoint's own precision)")

@@ -1,6 +1,6 @@
 """`edgerun plan MODEL`: predict where a model's parts would live (RAM, GPU, disk) and how fast it would
 prefill and decode on a profiled machine, from its config alone: nothing is downloaded, converted or loaded.
-MODEL: an edgerun store, a model directory with config.json, or a config.json file."""
+MODEL: an edgerun store, a model directory with config.json, Grok-1's release (ckpt-0/), or a config.json file."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from ..errors import EdgerunError
 def add_parser(sub) -> None:
     p = sub.add_parser("plan", help="predict memory placement and speed of a model on a hardware profile",
                        description=__doc__)
-    p.add_argument("model", metavar="MODEL", help="edgerun store, model directory or config.json")
+    p.add_argument("model", metavar="MODEL", help="edgerun store, model directory, Grok-1's release or config.json")
     p.add_argument("--profile", default=None, metavar="FILE",
                    help="hardware profile (default: this machine's, saved by `edgerun profile`)")
     p.add_argument("--ram", default=None, metavar="SIZE",
@@ -33,6 +33,7 @@ def add_parser(sub) -> None:
 
 def read_model(path: Path, quant: str, dense: str) -> tuple[dict, str, str, int]:
     """(config, expert format, dense format, group): a store's own formats, else the ones asked for."""
+    from ..checkpoint.grok1_release import find_release, read_config
     from ..checkpoint.hf import read_json
     from ..store.store import ExpertStore, is_store
 
@@ -42,6 +43,9 @@ def read_model(path: Path, quant: str, dense: str) -> tuple[dict, str, str, int]
             raise EdgerunError(f"{path} keeps its experts in {store.quant['experts']}, which run only fully "
                                f"resident; plan its checkpoint with --quant q4 or q8 instead")
         return store.config, store.quant["experts"], store.quant["dense"], store.quant["group"]
+    release = find_release(path)
+    if release is not None:
+        return read_config(release[0]).hf_config(), quant, dense, 32
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():

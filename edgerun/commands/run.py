@@ -11,10 +11,11 @@ from ..units import format_size
 
 def add_parser(sub) -> None:
     p = sub.add_parser("run", help="generate text from a prompt", description=__doc__)
-    p.add_argument("model", metavar="MODEL", help="HF model directory, repo id in the local HF cache, or store")
+    p.add_argument("model", metavar="MODEL",
+                   help="HF model directory, repo id in the local HF cache, Grok-1's release (ckpt-0/), or store")
     add_generation_args(p)
     p.add_argument("--quant", default=None, choices=["none", "bf16", "q8", "q4"],
-                   help="convert a HF directory first (cached), as edgerun.load(..., quant=) does")
+                   help="convert a checkpoint first (cached), as edgerun.load(..., quant=) does")
     p.add_argument("--ram", default=None, metavar="SIZE",
                    help="memory budget of the whole process, e.g. 12GiB (default: what the machine has)")
     p.add_argument("--policy", default="default", choices=["default", "lru", "lfu"], help="expert cache policy")

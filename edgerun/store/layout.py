@@ -18,6 +18,7 @@ from . import quant
 
 SECTION_ALIGN = 64
 CHUNK_ALIGN = 4096
+PACK_ROWS = 4096  # rows of a matrix quantized at a time
 QUANTIZED = quant.FORMATS  # ("q8", "q4")
 # passthrough formats: numpy storage dtype and the torch dtype it is viewed as
 PASSTHROUGH = {"bf16": (np.uint16, torch.bfloat16), "f16": (np.float16, torch.float16),
@@ -59,16 +60,20 @@ class TensorLayout:
 
     def pack(self, t: torch.Tensor, out: np.ndarray, quantize=None) -> None:
         """Write tensor t (any float dtype) into out (uint8, at least nbytes long). quantize: fast quantizer
-        with the signature of quant.quantize (defaults to the NumPy reference)."""
+        with the signature of quant.quantize (defaults to the NumPy reference). Quantized formats are packed
+        PACK_ROWS rows at a time, so the float32 copy they quantize from stays small."""
         if tuple(t.shape) != self.shape:
             raise ValueError(f"tensor of shape {tuple(t.shape)} does not fit layout {self.shape}")
         if self.fmt in QUANTIZED:
-            w = t.detach().to(torch.float32).numpy()
-            arrays = (quantize or quant.quantize)(w, self.fmt, self.group)
-        else:
-            np_dtype, torch_dtype = PASSTHROUGH[self.fmt]
-            arrays = (t.detach().to(torch_dtype).contiguous().view(_same_size_int(torch_dtype)).numpy()
-                      .view(np_dtype),)
+            sections = self.views(out[:self.nbytes])
+            for start in range(0, self.shape[0], PACK_ROWS):
+                stop = min(self.shape[0], start + PACK_ROWS)
+                w = t[start:stop].detach().to(torch.float32).numpy()
+                for section, a in zip(sections, (quantize or quant.quantize)(w, self.fmt, self.group)):
+                    section[start:stop] = a
+            return
+        np_dtype, torch_dtype = PASSTHROUGH[self.fmt]
+        arrays = (t.detach().to(torch_dtype).contiguous().view(_same_size_int(torch_dtype)).numpy().view(np_dtype),)
         for (offset, dtype, shape), a in zip(self._offsets(), arrays):
             raw = np.ascontiguousarray(a, dtype=dtype).reshape(-1).view(np.uint8)
             out[offset:offset + raw.size] = raw
