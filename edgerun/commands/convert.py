@@ -27,10 +27,9 @@ def add_parser(sub) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from ..checkpoint.source import locate
     from ..store.convert import convert
     from ..store.store import ExpertStore
-
-    from ..checkpoint.source import locate
 
     t0 = time.perf_counter()
     dst = convert(args.src, args.dst, quant=args.quant, dense=args.dense, group=args.group, progress=None)
