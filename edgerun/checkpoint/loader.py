@@ -98,9 +98,15 @@ class CheckpointTensors:
             return self._dense_slice(layer, e, gu_shape[1] // 2)
         if p + "gate_up" in self.names:
             return self._fused(p + "gate_up", gu_shape, e), self._fused(p + "down", d_shape, e)
-        gate = self._per_expert(f"{p}{e}.gate", (gu_shape[1] // 2, gu_shape[2]))
-        up = self._per_expert(f"{p}{e}.up", (gu_shape[1] // 2, gu_shape[2]))
-        return torch.cat([gate, up]), self._per_expert(f"{p}{e}.down", d_shape[1:])
+        half = gu_shape[1] // 2
+        gate_up = None
+        for rows, part in ((slice(0, half), "gate"), (slice(half, None), "up")):
+            t = self._per_expert(f"{p}{e}.{part}", (half, gu_shape[2]))
+            if gate_up is None:  # one buffer for both halves: no third copy to concatenate them
+                gate_up = t.new_empty(gu_shape[1:])
+            gate_up[rows] = t
+            del t
+        return gate_up, self._per_expert(f"{p}{e}.down", d_shape[1:])
 
     def _dense_slice(self, layer: int, e: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The slice of the dense MLP `layers.N.mlp.*` that the MoE part holds as expert e, zero-padded to an
