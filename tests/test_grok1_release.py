@@ -273,3 +273,18 @@ def test_plan_reads_the_release_sizes(release, tmp_path):
     (src / "grok1_config.json").unlink()  # the released sizes, from run.py
     config, *_ = read_model(src, "q4", "q8")
     assert (config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"]) == (64, 6144, 32768)
+
+
+def test_the_release_by_repo_id_from_the_local_hf_cache(release, tmp_path, monkeypatch):
+    """`huggingface-cli download xai-org/grok-1` keeps ckpt-0/ and tokenizer.model in the HF cache's snapshot."""
+    root, *_ = release
+    repo = tmp_path / "hub" / "models--xai-org--grok-1"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    _copy(root, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    model = edgerun.load("xai-org/grok-1", dtype="float32")
+    assert model.path == repo / "snapshots" / commit
+    assert np.array_equal(model.logits(PROMPT), edgerun.load(root, dtype="float32").logits(PROMPT))
