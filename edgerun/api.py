@@ -353,7 +353,7 @@ def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None
     src = locate(path)
     store = cached_store_path(src, quant, dense, 32)
     if not is_store(store):
-        convert(path, store, quant=quant, dense=dense, progress=progress)
+        convert(src, store, quant=quant, dense=dense, progress=progress)
     return _load_store(store, dtype, threads=threads, t0=t0, **offload)
 
 

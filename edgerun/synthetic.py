@@ -93,9 +93,14 @@ def write_random_mixtral(path: str | Path, config: dict, seed: int = 0, with_tok
     (path / "config.json").write_text(json.dumps(c, indent=2))
     (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     if with_tokenizer:
-        with resources.as_file(resources.files("edgerun") / "data" / "mixtral-tokenizer.model") as src:
-            shutil.copyfile(src, path / "tokenizer.model")
+        _copy_mixtral_tokenizer(path)
     return path
+
+
+def _copy_mixtral_tokenizer(path: Path) -> None:
+    """The packaged Mixtral tokenizer.model, into path."""
+    with resources.as_file(resources.files("edgerun") / "data" / "mixtral-tokenizer.model") as src:
+        shutil.copyfile(src, path / "tokenizer.model")
 
 
 def grok2_config(hidden: int, layers: int, experts: int, inter: int, dense_inter: int, vocab: int = 32768,
@@ -180,7 +185,6 @@ def write_random_grok1_release(path: str | Path, config, seed: int = 0, blocks: 
     Grok-1's."""
     import pickle
     import sys
-    from dataclasses import asdict
 
     import ml_dtypes
     import numpy as np
@@ -207,16 +211,9 @@ def write_random_grok1_release(path: str | Path, config, seed: int = 0, blocks: 
             pickle.dump(leaf, f, protocol=4)
         del leaf
     if config != RELEASED:
-        model = {k: v for k, v in asdict(config).items() if k not in _LM_FIELDS}
-        top = {k: v for k, v in asdict(config).items() if k in _LM_FIELDS}
-        (path / CONFIG_FILE).write_text(json.dumps({**top, "model": model}, indent=1))
-    with resources.as_file(resources.files("edgerun") / "data" / "mixtral-tokenizer.model") as tok:
-        shutil.copyfile(tok, path / "tokenizer.model")
+        (path / CONFIG_FILE).write_text(json.dumps(config.official_config(), indent=1))
+    _copy_mixtral_tokenizer(path)
     return path
-
-
-_LM_FIELDS = ("vocab_size", "pad_token", "eos_token", "sequence_len", "embedding_multiplier_scale",
-              "output_multiplier_scale")
 
 
 class _QuantizedWeight8bit:

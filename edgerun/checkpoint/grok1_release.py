@@ -23,6 +23,7 @@ The release (the torrent, or xai-org/grok-1 on Hugging Face) is a folder `ckpt-0
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -68,6 +69,13 @@ class Grok1Config:
         size = int(self.widening_factor * self.emb_size) * 2 // 3
         return size + (8 - size) % 8
 
+    def official_config(self) -> dict:
+        """These sizes as a grok1_config.json holds them: LanguageModelConfig fields, TransformerConfig ones
+        under "model"."""
+        fields = dataclasses.asdict(self)
+        return {**{k: v for k, v in fields.items() if k in _LANGUAGE_MODEL_FIELDS},
+                "model": {k: v for k, v in fields.items() if k not in _LANGUAGE_MODEL_FIELDS}}
+
     def hf_config(self) -> dict:
         """The config.json of the grok-1 family for these sizes."""
         return {
@@ -86,6 +94,8 @@ class Grok1Config:
 
 
 RELEASED = Grok1Config()  # run.py's values
+_LANGUAGE_MODEL_FIELDS = ("vocab_size", "pad_token", "eos_token", "sequence_len", "embedding_multiplier_scale",
+                          "output_multiplier_scale")
 
 
 def find_release(path: str | Path) -> tuple[Path, Path] | None:
@@ -188,13 +198,11 @@ class Grok1Release:
 
     def __init__(self, root: Path, ckpt: Path, config: Grok1Config):
         self.dir = ckpt
-        self.config = config
         self.params = parameters(config)
         self._check_files(ckpt, root)
-        self._stored: dict[int, StoredArray | StoredQuantized] = {}
+        self._stored = [self._checked(i, param) for i, param in enumerate(self.params)]
         self._names: dict[str, tuple[int, int | None]] = {}  # community name -> (file index, expert)
         for i, param in enumerate(self.params):
-            self._stored[i] = self._checked(i, param)
             if param.experts:
                 for e in range(param.shape[0]):
                     self._names[param.name.format(e=e)] = (i, e)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import CheckpointError, ModelNotFoundError
 
-REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
 
 
@@ -22,7 +22,7 @@ def resolve_model_dir(name: str | Path) -> Path:
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"{path} has no config.json; is it a Hugging Face model directory?")
         return path
-    if REPO_ID.match(str(name)):
+    if _REPO_ID.match(str(name)):
         return _from_hub(str(name))
     raise ModelNotFoundError(f"no such model directory: {path}")
 

@@ -99,13 +99,11 @@ class CheckpointTensors:
         if p + "gate_up" in self.names:
             return self._fused(p + "gate_up", gu_shape, e), self._fused(p + "down", d_shape, e)
         half = gu_shape[1] // 2
-        gate_up = None
-        for rows, part in ((slice(0, half), "gate"), (slice(half, None), "up")):
-            t = self._per_expert(f"{p}{e}.{part}", (half, gu_shape[2]))
-            if gate_up is None:  # one buffer for both halves: no third copy to concatenate them
-                gate_up = t.new_empty(gu_shape[1:])
-            gate_up[rows] = t
-            del t
+        gate = self._per_expert(f"{p}{e}.gate", (half, gu_shape[2]))
+        gate_up = gate.new_empty(gu_shape[1:])  # one buffer for both halves: no third copy to concatenate them
+        gate_up[:half] = gate
+        del gate
+        gate_up[half:] = self._per_expert(f"{p}{e}.up", (half, gu_shape[2]))
         return gate_up, self._per_expert(f"{p}{e}.down", d_shape[1:])
 
     def _dense_slice(self, layer: int, e: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,7 @@ from types import ModuleType
 from ..models import spec_from_config
 from ..models.spec import ModelSpec
 from . import grok1_release
-from .hf import REPO_ID, read_json, resolve_model_dir
+from .hf import read_json, resolve_model_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "tokenizer.tok.json")
@@ -63,30 +63,19 @@ class Checkpoint:
 def locate(path: str | os.PathLike) -> Checkpoint:
     """The checkpoint at path: a Hugging Face model directory or repo id, or Grok-1's release folder (the one
     holding ckpt-0/, or ckpt-0/ itself). Raises ModelNotFoundError when path is neither."""
-    release = grok1_release.find_release(path) or _cached_release(path)
+    release = grok1_release.find_release(path)
     if release is not None:
         return _release(*release)
     model_dir = resolve_model_dir(path)
+    release = grok1_release.find_release(model_dir)  # a repo id whose snapshot in the HF cache is the release
+    if release is not None:
+        return _release(*release)
     files = sorted(f for f in model_dir.iterdir() if f.is_file() and f.suffix in _HF_SUFFIXES)
     return Checkpoint(
         dir=model_dir, config=read_json(model_dir / "config.json"), config_source=str(model_dir / "config.json"),
         files=files, tokenizer_dir=model_dir,
         tokenizer_files=[model_dir / f for f in TOKENIZER_FILES if (model_dir / f).is_file()],
         generation_config=read_json(model_dir / "generation_config.json", required=False))
-
-
-def _cached_release(name: str | os.PathLike) -> tuple[Path, Path] | None:
-    """Grok-1's release in the local Hugging Face cache under a repo id (`huggingface-cli download
-    xai-org/grok-1`), or None."""
-    if Path(name).expanduser().exists() or not REPO_ID.match(str(name)):
-        return None
-    from huggingface_hub import snapshot_download
-
-    try:
-        snapshot = Path(snapshot_download(str(name), local_files_only=True))
-    except Exception:  # not in the cache: resolve_model_dir says so, or downloads a safetensors checkpoint
-        return None
-    return grok1_release.find_release(snapshot)
 
 
 def _release(root: Path, ckpt: Path) -> Checkpoint:

@@ -56,8 +56,7 @@ class _Conversion:
     def __init__(self, source: Checkpoint, quant: str, dense: str | None, group: int):
         if group % 32 or group <= 0:
             raise ArgumentError(f"group must be a positive multiple of 32; got {group}")
-        check_choices(quant, dense)
-        self.source, self.src = source, source.dir
+        self.source = source
         self.config, self.family, self.spec = source.config, source.family, source.spec
         self.reader = source.reader(keep_open=False)
         self.tensors = CheckpointTensors(self.reader, self.spec, self.family.RULES)
@@ -91,11 +90,12 @@ class _Conversion:
         return str(self.layout.compute_dtype).removeprefix("torch.")
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, quant: str = "q4", dense: str | None = None,
+def convert(src: str | os.PathLike | Checkpoint, dst: str | os.PathLike, quant: str = "q4", dense: str | None = None,
             group: int = 32, progress: bool | None = None,
             on_item: Callable[[str], None] | None = None) -> Path:
     """Convert a checkpoint into an expert store at dst; returns dst. src: a HF checkpoint directory, a repo id
-    in the HF cache, or Grok-1 as xai-org released it (the folder holding ckpt-0/, or ckpt-0/ itself).
+    in the HF cache, Grok-1 as xai-org released it (the folder holding ckpt-0/, or ckpt-0/ itself), or a
+    Checkpoint already located.
 
     quant: none (the checkpoint's own precision), bf16, q8 or q4 (experts q4, other matrices q8);
     dense: override the format of the non-expert matrices (q8, q4, bf16, none).
@@ -104,7 +104,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, quant: str = "q4", d
     dst = Path(dst)
     if dst.exists():
         raise EdgerunError(f"{dst} already exists; remove it or choose another destination")
-    source = locate(src)
+    source = src if isinstance(src, Checkpoint) else locate(src)
     job = _Conversion(source, quant, dense, group)
     partial = dst.with_name(dst.name + ".partial")
     done = _prepare(partial, job)
@@ -239,7 +239,7 @@ def _finish(partial: Path, job: _Conversion, done: dict[str, int]) -> None:
         "quant": {"name": job.quant, "experts": job.expert_format, "dense": job.dense_format,
                   "group": job.group},
         "compute_dtype": job.compute_dtype(),
-        "source": {"name": job.src.name, "fingerprint": job.fingerprint, "format": job.source_format},
+        "source": {"name": job.source.dir.name, "fingerprint": job.fingerprint, "format": job.source_format},
         "tensors": {name: {"format": layout.fmt, "shape": list(layout.shape), "crc32": done[f"dense/{name}"]}
                     for name, layout in job.layouts.items()},
         "experts": {
