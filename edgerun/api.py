@@ -26,6 +26,7 @@ from .runtime.experts import ExpertsContainer, TorchExperts
 from .runtime.placement import BudgetError, ModelLayout, available_ram, current_rss, peak_rss
 from .runtime.policy import POLICIES
 from .runtime.sampling import Sampler, SamplingParams
+from .runtime.tier import MISSES
 from .runtime.trace import RecentRouting
 from .store.store import is_store
 from .units import parse_size
@@ -310,7 +311,7 @@ def _find_stop(text: str, sent: int, stops: list[str]) -> tuple[int | None, int]
 def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None = None,
          context_length: int | None = None, dtype: str = "auto", threads: int | None = None,
          progress: bool | None = None, ram: str | int | None = None, policy: str = "default",
-         prefetch: bool = True) -> Model:
+         prefetch: bool = True, gpu: str | int | None = None, device: str = "auto", misses: str = "auto") -> Model:
     """Open a model: a Hugging Face directory (config.json, *.safetensors, tokenizer), a repo id in the HF
     cache, Grok-1 as xai-org released it (the folder holding ckpt-0/, or ckpt-0/ itself), or an edgerun store
     made by `edgerun convert`.
@@ -328,15 +329,25 @@ def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None
     ram: memory budget of the whole process for a q8/q4 store ("12GiB", "1.5GB" or bytes; default: what the
         machine has available, less a safety margin). Experts that do not fit stay on disk and are read into
         a cache of expert slots as they are needed; a budget below the minimum raises BudgetError.
-    policy: eviction policy of the expert cache: "default" (forecasts each expert's next use), "lru", "lfu".
-    prefetch: predict the experts of the next layers and read them ahead.
+    policy: eviction policy of the expert caches: "default" (forecasts each expert's next use), "lru", "lfu".
+    prefetch: predict the experts of the next layers and read them ahead (and copy them to the GPU).
+    gpu: GPU memory a q8/q4 store may use ("6GB" or bytes; default: the device's free memory less a margin;
+        0: none). The dense weights and the KV cache go there when they fit, then a cache of expert slots in
+        front of the RAM's; experts missing from it run where they cost least (see `misses`).
+    device: the GPU: "auto" (the first CUDA GPU, if any), "cuda:N", "mps" (Apple; shares the RAM, so used only
+        when asked for), or "cpu" (the CPU standing in for a GPU, which needs `gpu`: for tests and comparisons).
+    misses: where an expert missing from the GPU runs: "auto" (copied over or computed on the CPU, whichever the
+        machine's profile says costs less for the tokens routed to it), "copy", or "cpu".
     """
     t0 = time.perf_counter()
-    _check_load_arguments(quant, dense, dtype, threads, policy, context_length)
+    _check_load_arguments(quant, dense, dtype, threads, policy, context_length, misses)
     if threads:
         torch.set_num_threads(int(threads))
     budget = None if ram is None else parse_size(ram)
-    offload = {"budget": budget, "policy": policy, "prefetch": prefetch, "context_length": context_length}
+    gpu_budget = None if gpu is None else 0 if gpu in (0, "0") else parse_size(gpu)
+    tier = _gpu_device(device, gpu_budget)
+    offload = {"budget": budget, "policy": policy, "prefetch": prefetch, "context_length": context_length,
+               "gpu": (tier, gpu_budget), "misses": misses}
     if is_store(path):
         if quant not in (None, "none") or dense is not None:
             raise ArgumentError(f"{path} is already a converted store; quant and dense apply to checkpoints")
@@ -344,9 +355,9 @@ def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None
     if quant in (None, "none"):
         if dense is not None:
             raise ArgumentError("dense applies only together with quant (bf16, q8 or q4)")
-        if ram is not None:
-            raise ArgumentError("a memory budget applies to converted models: add quant='q4' or 'q8' (--quant on the "
-                                "command line), or convert the model with `edgerun convert` and load the store")
+        if ram is not None or gpu_budget:
+            raise ArgumentError("memory budgets (RAM, GPU) apply to converted models: add quant='q4' or 'q8' (--quant "
+                                "on the command line), or convert the model with `edgerun convert` and load the store")
         return _load_hf(locate(path), dtype, progress, context_length, t0)
     from .store.convert import cached_store_path, convert
 
@@ -357,7 +368,34 @@ def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None
     return _load_store(store, dtype, threads=threads, t0=t0, **offload)
 
 
-def _check_load_arguments(quant, dense, dtype, threads, policy, context_length) -> None:
+def _gpu_device(device: str, budget: int | None) -> torch.device | None:
+    """The device of the GPU tier, or None for none."""
+    if budget == 0:
+        return None
+    if device == "auto":
+        from .hw.profile import gpu_device
+
+        found = gpu_device()
+        if found is None and budget is not None:
+            raise ArgumentError("a GPU budget was given but torch sees no CUDA GPU; pass device='mps' on a Mac, "
+                                "or leave the GPU budget out")
+        return None if found is None else torch.device(found)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ArgumentError(f"device must be auto, cuda, cuda:N, mps or cpu; got {device!r}") from None
+    if dev.type == "cpu" and budget is None:
+        raise ArgumentError("device='cpu' stands in for a GPU only with a GPU budget (gpu='1GB', --gpu 1GB)")
+    missing = dev.type == "cuda" and not torch.cuda.is_available() or dev.type == "mps" and \
+        not torch.backends.mps.is_available()
+    if missing:
+        raise ArgumentError(f"torch sees no {dev.type.upper()} device here; leave device at auto")
+    if dev.type not in ("cuda", "mps", "cpu"):
+        raise ArgumentError(f"device must be auto, cuda, cuda:N, mps or cpu; got {device!r}")
+    return dev
+
+
+def _check_load_arguments(quant, dense, dtype, threads, policy, context_length, misses) -> None:
     """Bad arguments fail at once, before any file is read."""
     from .store.convert import check_choices
 
@@ -370,11 +408,13 @@ def _check_load_arguments(quant, dense, dtype, threads, policy, context_length) 
         raise ArgumentError(f"policy must be one of {', '.join(POLICIES)}; got {policy!r}")
     if context_length is not None and (not isinstance(context_length, int) or context_length < 2):
         raise ArgumentError(f"context_length must be an integer of at least 2, got {context_length!r}")
+    if misses not in MISSES:
+        raise ArgumentError(f"misses must be one of {', '.join(MISSES)}; got {misses!r}")
 
 
 def _model(spec: ModelSpec, decoder: Decoder, experts: ExpertsContainer, context: int, prefill_chunk: int | None,
-           generation_config: dict, info: dict, t0: float) -> Model:
-    engine = Engine(decoder, experts, context, prefill_chunk)
+           generation_config: dict, info: dict, t0: float, device: torch.device | None = None) -> Model:
+    engine = Engine(decoder, experts, context, prefill_chunk, device)
     info["load_seconds"] = time.perf_counter() - t0
     return Model(spec, engine, generation_config, info)
 
@@ -399,7 +439,7 @@ def _load_hf(source: Checkpoint, dtype: str, progress: bool | None, context_leng
 
 
 def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, prefetch: bool,
-                context_length: int | None, threads: int | None, t0: float) -> Model:
+                context_length: int | None, threads: int | None, t0: float, gpu: tuple, misses: str) -> Model:
     from . import native
     from .hw.settings import best_threads, local_profile
     from .runtime.quantized import QuantizedExperts, QuantizedMatrix, StoreTensorExperts, as_tensor
@@ -416,6 +456,13 @@ def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, pref
                                      compute_dtype)
     _check_store_layout(store, layout)
     ctx = placement.context_length(spec, context_length)
+    device, gpu_budget = gpu
+    if device is not None and (layout.expert_format not in QUANTIZED or not layout.chunk_bytes):
+        if gpu_budget is not None:
+            raise ArgumentError(f"{path} keeps its experts in {layout.expert_format}; the GPU tier computes q8/q4 "
+                                f"experts: convert with --quant q4 or q8, or leave the GPU budget out")
+        device = None
+    request = _gpu_request(device, gpu_budget) if device is not None else None
 
     profile, profile_source = local_profile(measure=False)
     if quantized and not threads and profile is not None:
@@ -424,15 +471,21 @@ def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, pref
         native.set_threads(torch.get_num_threads())
         native.warmup()  # compile (or load the compiled kernels) now, not inside the first token
     baseline = current_rss()  # the process before the model's weights: interpreter, torch, kernels
+    plan = placement.place(layout, budget=budget, context=ctx, baseline=baseline,
+                           available=available_ram() + current_rss(),  # the process's own pages count as available
+                           gpu=request)
+    on_device = plan.gpu is not None and plan.gpu.dense
     weights = {}
     for name, tensor in layout.tensors.items():
         views = store.tensor_views(name)
-        if tensor.fmt in QUANTIZED:
+        if on_device:
+            from .runtime.device import to_device
+
+            weights[name] = to_device(tensor, views, device, request.compute_dtype, compute_dtype)
+        elif tensor.fmt in QUANTIZED:
             weights[name] = QuantizedMatrix(views[0], views[1], tensor.shape[1])
         else:
             weights[name] = as_tensor(views[0], PASSTHROUGH[tensor.fmt][1]).to(compute_dtype)
-    plan = placement.place(layout, budget=budget, context=ctx, baseline=baseline,
-                           available=available_ram() + current_rss())  # the process's own pages count as available
     if plan.all_resident:
         experts = (QuantizedExperts if layout.expert_format in QUANTIZED else StoreTensorExperts)(
             store, spec.activation)
@@ -449,6 +502,15 @@ def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, pref
         experts = OffloadedExperts(store, spec.activation, plan.slots, policy=policy, prefetch=prefetch,
                                    workers=settings["readers"], depth=settings["prefetch_depth"])
         settings["direct_io"] = experts.reader.direct
+    if plan.gpu is not None:
+        from .hw.settings import miss_costs
+        from .runtime.tier import DeviceTier
+
+        costs = miss_costs(profile, layout, device) if misses == "auto" else None
+        experts = DeviceTier(experts, layout.expert_layout, spec.activation, device, plan.gpu.slots, costs,
+                             policy=policy, compute=request.compute_dtype, batch=plan.gpu.batch, prefetch=prefetch,
+                             misses=misses)
+        settings.update(device=str(device), misses=misses)
     settings.update(threads=torch.get_num_threads(), profile=profile_source)
     decoder = layout.decoder
     decoder.bind(weights)
@@ -456,8 +518,29 @@ def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, pref
     info = {"path": path, "tokenizer_dir": store.tokenizer_dir, "quant": store.quant["name"],
             "expert_format": layout.expert_format, "dense_format": layout.dense_format,
             "weights_bytes": weights_bytes, "memory_plan": plan.as_dict(), "ram_budget_bytes": plan.budget_bytes,
-            "runtime_settings": settings}
-    return _model(spec, decoder, experts, ctx, plan.prefill_chunk, store.generation_config, info, t0)
+            "tier_bytes": _tier_bytes(plan, layout), "runtime_settings": settings}
+    return _model(spec, decoder, experts, ctx, plan.prefill_chunk, store.generation_config, info, t0,
+                  device if on_device else None)
+
+
+def _gpu_request(device: torch.device, budget: int | None) -> placement.GpuRequest:
+    from .hw.profile import device_memory
+    from .runtime.device import default_dtype
+
+    if budget is None:
+        free, total = device_memory(device)
+        budget = placement.auto_gpu_budget(free, total)
+    return placement.GpuRequest(str(device), budget, default_dtype(device))
+
+
+def _tier_bytes(plan, layout: ModelLayout) -> dict:
+    """Bytes the plan puts on each tier: the GPU's (dense weights, KV cache, expert slots), the RAM's, the store's."""
+    chunk, gpu = layout.chunk_bytes, plan.gpu
+    out = {"ram": plan.resident_bytes + plan.kv_cache_bytes + min(plan.slots, plan.total_experts) * chunk,
+           "disk": plan.total_experts * chunk}
+    if gpu is not None:
+        out["gpu"] = gpu.dense_bytes + gpu.kv_cache_bytes + gpu.slots * chunk
+    return out
 
 
 def _check_store_layout(store, layout: ModelLayout) -> None:

@@ -145,12 +145,15 @@ def test_grok1_on_the_desktop_is_disk_bound():
     kv = 2 * 64 * 8 * 4096 * 128 * 4
     T = 512  # its scratch is well below 5% of the budget
     scratch_ = 16 * T * 6144 * 4 + 3 * T * 2 * 32768 * 4 + 48 * T * 4096 * 4 + T * 131072 * 4 + 2 * chunk
-    slots = (budget - 340 * MiB - resident - kv - scratch_ - int(budget * 0.02)) // chunk
-    assert p.expert_slots == slots and 100 < slots < 120  # of 512: 174 GB of experts
-    gpu_room = int((24 << 30) * 0.9) - 500 * MiB
-    assert p.gpu_expert_slots == (gpu_room - resident - kv) // chunk
+    # the dense weights and the KV cache go on the GPU, so RAM holds experts besides the scratch
+    slots = (budget - 340 * MiB - scratch_ - int(budget * 0.02)) // chunk
+    assert p.expert_slots == slots and 120 < slots < 140  # of 512: 174 GB of experts
+    gpu = (24 << 30) - 500 * MiB - int((24 << 30) * 0.10)  # the card less the CUDA context and a margin
+    D, I = 6144, 32768
+    gpu_scratch = 2 * max(2 * I * D, D * I) * 2 + 2 * T * (D + 3 * I) * 2 \
+        + scratch_ - 2 * chunk + 64 * MiB  # two experts dequantized to float16, activations, a dense block
+    assert p.memory_plan["gpu"]["dense"] and p.gpu_expert_slots == (gpu - 256 * MiB - gpu_scratch - resident - kv) // chunk
     assert p.bottleneck == "disk reads" and p.decode_tokens_per_s < 1
-    assert any("not yet implemented" in n for n in p.notes)
 
 
 def test_mixtral_fits_the_desktop_and_is_compute_bound():
@@ -158,7 +161,11 @@ def test_mixtral_fits_the_desktop_and_is_compute_bound():
     p = predict(MIXTRAL, profile, ctx=4096)
     assert p.experts_total == 256 and p.expert_slots == 256 and p.hit_rate == 1
     chunk = 3 * 4096 * 14336 * 9 // 16
-    assert p.times["experts"] == pytest.approx(32 * 2 * chunk / 63.8e9)
+    # GPU hits at the GPU kernel's rate (124 GB/s), the rest on the CPU (63.8 GB/s): one token's copy over PCIe
+    # (25 GB/s) and GPU compute cost more than the CPU kernel
+    g = p.gpu_expert_slots / 256
+    assert 0.6 < g < 0.8 and any("on the CPU in decode" in n for n in p.notes)
+    assert p.times["experts"] == pytest.approx(32 * 2 * chunk * (g / 124e9 + (1 - g) / 63.8e9))
     assert p.bottleneck == "expert kernels"
     small = predict(MIXTRAL, load_profile(PROFILES / "laptop-rtx4060-16gb.json"), ctx=4096, gpu=0)
     assert small.possible and small.expert_slots < 256 and small.bottleneck == "disk reads"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 
@@ -84,12 +85,26 @@ def test_validate_rejects(measured, edit, message):
 
 def test_validate_accepts_a_gpu_section(measured):
     p = copy.deepcopy(measured)
-    p["gpu"] = {"name": "X", "memory_bytes": 1 << 34, "h2d_gbps_pinned": 25.0, "h2d_gbps_pageable": 10.0,
-                "dequant_matmul_tflops": 100.0}
+    p["gpu"] = {"name": "X", "device": "cuda:0", "memory_bytes": 1 << 34, "h2d_gbps_pinned": 25.0,
+                "h2d_gbps_pageable": 10.0, "kernels": {fmt: {"gemv_gbps": 100.0, "gemm_gflops": 5e4}
+                                                        for fmt in ("q4", "q8")}}
     hw.validate_profile(p)
+    del p["gpu"]["kernels"]["q8"]["gemm_gflops"]
+    with pytest.raises(EdgerunError, match="gpu.kernels.q8.gemm_gflops"):
+        hw.validate_profile(p)
     del p["gpu"]["name"]
     with pytest.raises(EdgerunError, match="gpu.name"):
         hw.validate_profile(p)
+
+
+def test_the_gpu_section_is_measured_on_a_device():
+    """The tier's figures on a torch device: the CPU stands in for a GPU here (no pinned memory, no streams)."""
+    section = hw.measure_gpu("cpu", quick=True, log=lambda line: None)
+    assert section["device"] == "cpu" and section["memory_bytes"] > 0
+    assert section["h2d_gbps_pinned"] > 0 and section["h2d_gbps_pageable"] > 0
+    assert all(section["kernels"][fmt][k] > 0 for fmt in ("q4", "q8") for k in ("gemv_gbps", "gemm_gflops"))
+    profile = hw.load_profile(Path(__file__).parent.parent / "profiles" / "laptop-rtx4060-16gb.json")
+    hw.validate_profile(profile | {"gpu": section})
 
 
 def test_cli_writes_valid_profile_and_cleans_up(tmp_path, monkeypatch, capsys):

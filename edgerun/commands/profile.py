@@ -65,7 +65,9 @@ def summary(p: dict) -> str:
         "gpu        none" if gpu is None else
         f"gpu        {gpu['name']}, {format_size(gpu['memory_bytes'])}, "
         f"H2D {gpu['h2d_gbps_pinned']:.1f} GB/s pinned "
-        f"/ {gpu['h2d_gbps_pageable']:.1f} pageable, dequant matmul {gpu['dequant_matmul_tflops']:.1f} TFLOP/s",
+        f"/ {gpu['h2d_gbps_pageable']:.1f} pageable; expert kernel "
+        + ", ".join(f"{fmt} {gpu['kernels'][fmt]['gemv_gbps']:.0f} GB/s one token, "
+                    f"{gpu['kernels'][fmt]['gemm_gflops']:.0f} GFLOP/s many" for fmt in ("q4", "q8")),
         f"took       {p['duration_s']:.1f} s{' (--quick)' if p['quick'] else ''}",
     ]
     return "\n".join(lines)

@@ -14,15 +14,15 @@ from ..errors import BudgetError
 from ..models import spec_from_config
 from ..runtime import placement
 from ..runtime.placement import MemoryPlan, ModelLayout
+from ..runtime.tier import MissCosts
 from ..units import format_size
 from .settings import reader_choice, top_threads
 
 BASELINE_BYTES = 340 << 20  # Python, torch and the compiled kernels, measured before the weights are mapped
 PREFILL_TOKENS = 512  # default prompt length of the prefill prediction
-GPU_MARGIN = 0.10
-GPU_CONTEXT_BYTES = 500 << 20  # CUDA context and allocator reserve
+GPU_CONTEXT_BYTES = 500 << 20  # the CUDA context, which a profile's total memory includes
 # No profile figure gives the GPU's own memory bandwidth; consumer GPUs read VRAM roughly 20x faster than
-# a desktop CPU reads DDR, so weights on the GPU are costed at 20x the profile's RAM read rate.
+# a desktop CPU reads DDR, so the KV cache on the GPU is costed at 20x the profile's RAM read rate.
 GPU_SPEEDUP = 20.0
 OVERLAP_SLACK = 0.02  # reads and compute overlap, but not perfectly
 # Share of read-ahead bytes that go unused: the next layers' routers applied early pick ~90% of the experts the
@@ -76,9 +76,9 @@ def model_sizes(config: dict, expert_format: str, dense_format: str, group: int 
     return ModelSizes(layout, token, params)
 
 
-def memory_plan(sizes: ModelSizes, budget: int, ctx: int) -> MemoryPlan:
-    """load's split of a RAM budget (raises BudgetError as load does)."""
-    return placement.place(sizes.layout, budget=budget, context=ctx, baseline=BASELINE_BYTES)
+def memory_plan(sizes: ModelSizes, budget: int, ctx: int, gpu: placement.GpuRequest | None = None) -> MemoryPlan:
+    """load's split of a RAM budget, and of a GPU's (raises BudgetError as load does)."""
+    return placement.place(sizes.layout, budget=budget, context=ctx, baseline=BASELINE_BYTES, gpu=gpu)
 
 
 def _fits(sizes: ModelSizes, budget: int, ctx: int) -> bool:
@@ -147,11 +147,30 @@ def cached_share(slots: int, layers: int, experts: int, top_k: int, always: int)
     return ((held_always / layers if always else 0) + top_k * routed) / (top_k + always)
 
 
-def _gpu_budget(profile: dict, gpu: int | None) -> int:
-    if profile.get("gpu") is None:
-        return 0
-    total = gpu if gpu is not None else profile["gpu"]["memory_bytes"]
-    return max(int(total * (1 - GPU_MARGIN)) - GPU_CONTEXT_BYTES, 0)
+def gpu_request(profile: dict, gpu: int | None) -> placement.GpuRequest | None:
+    """The GPU tier load would make on the profiled machine: its GPU, `gpu` bytes of it or its memory less the
+    CUDA context and a margin; None without a GPU or with a budget of 0."""
+    import torch
+
+    from ..runtime.device import default_dtype
+
+    if profile.get("gpu") is None or gpu == 0:
+        return None
+    total = profile["gpu"]["memory_bytes"]
+    budget = gpu if gpu is not None else placement.auto_gpu_budget(total - GPU_CONTEXT_BYTES, total)
+    return placement.GpuRequest(profile["gpu"]["device"], budget, default_dtype(torch.device(profile["gpu"]["device"])))
+
+
+def miss_costs(profile: dict, layout: ModelLayout) -> MissCosts | None:
+    """Both ways of running an expert missing from the GPU, from the profile's figures (None without a GPU)."""
+    gpu = profile.get("gpu")
+    if gpu is None or not layout.chunk_bytes:
+        return None
+    fmt, s = layout.expert_format, layout.spec
+    cpu = profile["cpu"]["kernels"][fmt]
+    return MissCosts(layout.chunk_bytes, 2 * 3 * s.hidden_size * s.moe_intermediate_size, gpu["h2d_gbps_pinned"] * 1e9,
+                     top_threads(cpu["gemv_gbps"]) * 1e9, top_threads(cpu["gemm_gflops"]) * 1e9,
+                     gpu["kernels"][fmt]["gemv_gbps"] * 1e9, gpu["kernels"][fmt]["gemm_gflops"] * 1e9)
 
 
 def predict(config: dict, profile: dict, *, expert_format: str = "q4", dense_format: str = "q8",
@@ -163,31 +182,36 @@ def predict(config: dict, profile: dict, *, expert_format: str = "q4", dense_for
     s = sizes.spec
     ctx = placement.context_length(s, ctx)
     budget = ram if ram is not None else placement.auto_budget(profile["ram"]["available_bytes"])
+    request = gpu_request(profile, gpu)
     try:
-        mem = memory_plan(sizes, budget, ctx)
+        mem = memory_plan(sizes, budget, ctx, request)
     except BudgetError:
         return Prediction(False, impossible_reason(config, sizes, budget, ctx, group), budget)
     total, chunk, kv = sizes.total_experts, sizes.chunk_bytes, sizes.kv_bytes(ctx)
     ram_slots = mem.slots
-    gpu_room = _gpu_budget(profile, gpu)
-    on_gpu = gpu_room > 0 and sizes.resident_bytes + kv <= gpu_room
-    gpu_slots = min(total - ram_slots, (gpu_room - sizes.resident_bytes - kv) // chunk) if on_gpu else 0
+    tier = mem.gpu
+    on_gpu = tier is not None and tier.dense
+    gpu_slots = tier.slots if tier is not None else 0
     where = "GPU" if on_gpu else "RAM"
     rows = [
         {"part": "baseline (Python, torch, kernels)", "where": "RAM", "bytes": BASELINE_BYTES},
-        {"part": "weights resident (non-expert)", "where": where, "bytes": sizes.resident_bytes},
+        {"part": "weights resident (non-expert)", "where": where,
+         "bytes": tier.dense_bytes if on_gpu else sizes.resident_bytes},
         {"part": "KV cache", "where": where, "bytes": kv},
         {"part": "scratch", "where": "RAM", "bytes": mem.scratch_bytes + mem.safety_bytes},
         {"part": f"expert slots RAM ({ram_slots} of {total})", "where": "RAM", "bytes": ram_slots * chunk},
     ]
-    if on_gpu:
-        rows.append({"part": f"expert slots GPU ({gpu_slots} of {total})", "where": "GPU", "bytes": gpu_slots * chunk})
+    if tier is not None:
+        rows += [{"part": "GPU scratch and allocator reserve", "where": "GPU",
+                  "bytes": tier.scratch_bytes + tier.reserve_bytes},
+                 {"part": f"expert slots GPU ({gpu_slots} of {total})", "where": "GPU", "bytes": gpu_slots * chunk}]
 
     k, E, always = s.top_k, s.num_experts, sizes.layout.experts_per_token - s.top_k
     used = sizes.moe_layers * (k + always) * chunk  # expert bytes one token computes with
-    hit = cached_share(ram_slots + gpu_slots, sizes.moe_layers, E, k, always)
-    h_gpu = cached_share(gpu_slots, sizes.moe_layers, E, k, always)  # the GPU holds the hottest
-    h_ram = hit - h_gpu
+    # the tiers cache independently: what the GPU misses, the RAM holds in its own proportion
+    h_gpu = cached_share(gpu_slots, sizes.moe_layers, E, k, always)
+    h_ram = (1 - h_gpu) * cached_share(ram_slots, sizes.moe_layers, E, k, always)
+    hit = h_gpu + h_ram
     settings = placement.runtime_settings(profile, sizes.layout)
     _, disk_gbps = reader_choice(profile, chunk)
     disk_rate = disk_gbps * 1e9
@@ -196,15 +220,22 @@ def predict(config: dict, profile: dict, *, expert_format: str = "q4", dense_for
     expert_rate = top_threads(kernels[expert_format]["gemv_gbps"]) * 1e9
     dense_rate = (top_threads(kernels[dense_format]["gemv_gbps"]) if dense_format in kernels else ram_gbps) * 1e9
     gemm = top_threads(kernels[expert_format]["gemm_gflops"]) * 1e9
-    gpu_rate = GPU_SPEEDUP * ram_gbps * 1e9
+    costs = miss_costs(profile, sizes.layout) if tier is not None else None
+    copy_one = costs is not None and gpu_slots > 0 and costs.copy_wins(1)  # where a decode step's misses run
+    if tier is not None:
+        gpu_kernels = profile["gpu"]["kernels"]
+        gpu_rate = gpu_kernels[expert_format]["gemv_gbps"] * 1e9
+        gpu_dense_rate = gpu_kernels[dense_format if dense_format in gpu_kernels else "q8"]["gemv_gbps"] * 1e9
     # read-ahead also fetches the experts it mispredicts: ~10% of what it reads goes unused
     waste = 1 + PREFETCH_WASTE
+    missed = used * (1 - h_gpu)  # bytes a decode step runs from RAM, or copies over
     times = {
         "read": used * (1 - hit) * waste / disk_rate,
-        # misses and RAM hits run on the CPU (no PCIe copy); GPU-slot hits on the GPU
-        "experts": used * (1 - h_gpu) / expert_rate + used * h_gpu / gpu_rate,
-        "dense": sizes.token_dense_bytes / (gpu_rate if on_gpu else dense_rate),
-        "kv": kv / 2 / (gpu_rate if on_gpu else ram_gbps * 1e9),  # attention reads half the cache on average
+        "experts": (used * h_gpu / gpu_rate if tier is not None else 0.0)
+        + (missed / costs.h2d + missed / gpu_rate if copy_one else missed / expert_rate),
+        "dense": sizes.token_dense_bytes / (gpu_dense_rate if on_gpu else dense_rate),
+        # attention reads half the cache on average; VRAM is taken as GPU_SPEEDUP times as fast as RAM
+        "kv": kv / 2 / ((GPU_SPEEDUP if on_gpu else 1) * ram_gbps * 1e9),
     }
     compute = times["experts"] + times["dense"] + times["kv"]
     per_token = max(times["read"], compute) * (1 + OVERLAP_SLACK)
@@ -222,20 +253,30 @@ def predict(config: dict, profile: dict, *, expert_format: str = "q4", dense_for
     # distinct experts per MoE layer under uniform routing, and those every token uses
     touched = E * (1 - (1 - k / E) ** step) + always
     expert_flops = 2 * 3 * s.hidden_size * s.moe_intermediate_size * step * (k + always) / touched  # per expert
-    step_compute = sizes.moe_layers * touched * max(chunk / expert_rate, expert_flops / gemm) \
-        + max(sizes.token_dense_bytes / dense_rate, 2 * sizes.dense_params * step / gemm)
+    tokens_each = step * (k + always) / touched  # tokens per expert
+    if costs is not None:  # on the GPU tier: GPU hits, and misses where they cost least for that many tokens
+        missing = costs.copy(tokens_each) if gpu_slots and costs.copy_wins(tokens_each) else costs.cpu(tokens_each)
+        per_expert = h_gpu * max(chunk / costs.gpu_gemv, expert_flops / costs.gpu_gemm) + (1 - h_gpu) * missing
+        dense_step = max(sizes.token_dense_bytes / gpu_dense_rate, 2 * sizes.dense_params * step / costs.gpu_gemm) \
+            if on_gpu else max(sizes.token_dense_bytes / dense_rate, 2 * sizes.dense_params * step / gemm)
+    else:
+        per_expert = max(chunk / expert_rate, expert_flops / gemm)
+        dense_step = max(sizes.token_dense_bytes / dense_rate, 2 * sizes.dense_params * step / gemm)
+    step_compute = sizes.moe_layers * touched * per_expert + dense_step
     step_read = sizes.moe_layers * touched * chunk * (1 - hit) / disk_rate
     prefill = math.ceil(prompt / step) * max(step_compute, step_read) * (1 + OVERLAP_SLACK)
 
     notes = [("hit rate assumes uniform routing (the cached share of the experts); the expert cache's policies "
              "and read-ahead do better on real routing")]
-    if on_gpu:
-        notes.append("the GPU tier is planned here but not yet implemented by the runtime")
-    elif gpu_room > 0:
-        notes.append("the resident weights and KV cache do not fit in the GPU budget: CPU only")
+    if tier is not None and not on_gpu:
+        notes.append("the resident weights and KV cache do not fit in the GPU budget: they stay in RAM")
+    if tier is not None:
+        notes.append(f"experts missing from the GPU run {'copied over' if copy_one else 'on the CPU'} in decode "
+                     f"({costs.copy(1) * 1e3:.2f} ms copied, {costs.cpu(1) * 1e3:.2f} ms on the CPU each)")
     bpt = {"ram": int(used * h_ram), "disk": int(used * (1 - hit) * waste)}
-    if on_gpu:
+    if tier is not None:
         bpt["gpu"] = int(used * h_gpu)
+        bpt["pcie"] = int(missed) if copy_one else 0
     return Prediction(True, None, budget, rows, ram_slots, int(gpu_slots), total, hit, bpt, times,
                       1 / per_token, prompt / prefill, bottleneck, notes, settings["readers"],
                       settings["prefetch_depth"], mem.as_dict())

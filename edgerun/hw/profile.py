@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import psutil
 from platformdirs import user_config_dir
 
@@ -71,7 +72,7 @@ def measure_profile(store_path: str | os.PathLike | None = None, quick: bool = F
     profile["disk"] = measure_disk(store_path, disk_bytes or (256 << 20 if quick else 1 << 30),
                                    list(chunk_sizes or (QUICK_CHUNK_SIZES if quick else CHUNK_SIZES)),
                                    read_budget or (64 << 20 if quick else 1 << 30), log)
-    profile["gpu"] = _measure_gpu(log)
+    profile["gpu"] = measure_gpu(quick=quick, log=log)
     profile["duration_s"] = round(time.perf_counter() - t0, 2)
     return profile
 
@@ -126,38 +127,101 @@ def _measure_ram(cores: int, nbytes: int, log: Log) -> dict:
             "read_gbps": {str(n): bench.ram_read_bandwidth(n, nbytes) for n in sorted({1, cores})}}
 
 
-def _measure_gpu(log: Log) -> dict | None:
-    """Host-to-device copy speed and a dequantize + matmul, or None without a CUDA GPU."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    if not torch.cuda.is_available():
-        return None
-    log("gpu: transfers and dequantized matmul")
-    dev = torch.device("cuda")
+def gpu_device() -> str | None:
+    """The device the GPU tier uses by default: the first CUDA GPU, or None (Apple's MPS shares the RAM, so it is
+    used only when asked for)."""
+    import torch
 
-    def seconds(fn: Callable[[], object], repeats: int = 5) -> float:
+    return "cuda" if torch.cuda.is_available() else None
+
+
+def _synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def device_memory(device) -> tuple[int, int]:
+    """(free, total) bytes of a device's memory (the CPU standing in for one: the RAM's)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)
+    if device.type == "mps":
+        total = torch.mps.recommended_max_memory()
+        return total - torch.mps.driver_allocated_memory(), total
+    mem = psutil.virtual_memory()
+    return mem.available, mem.total
+
+
+def _device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return f"Apple GPU (MPS) of {platform.machine()}"
+    return f"CPU standing in for a GPU ({_cpu_model()})"
+
+
+def measure_gpu(device: str | None = None, quick: bool = False, log: Log = _stderr) -> dict | None:
+    """A device's figures for the GPU tier: host-to-device copies (pinned where the device has it, and pageable),
+    and the tier's own expert kernel on q4/q8 chunks, one token (GB/s of chunk bytes) and many (GFLOP/s). None
+    without a device (default: gpu_device())."""
+    import torch
+
+    from ..runtime.device import ExpertKernel, default_dtype
+    from ..store.layout import ExpertLayout
+
+    device = device or gpu_device()
+    if device is None:
+        return None
+    dev = torch.device(device)
+    log(f"gpu: {dev} transfers and the expert kernel")
+
+    def seconds(fn: Callable[[], object], repeats: int = 3 if quick else 5) -> float:
         fn()
-        torch.cuda.synchronize()
+        _synchronize(dev)
         t0 = time.perf_counter()
         for _ in range(repeats):
             fn()
-        torch.cuda.synchronize()
+        _synchronize(dev)
         return (time.perf_counter() - t0) / repeats
 
-    nbytes = 256 << 20
+    nbytes = (64 if quick else 256) << 20
     pageable = torch.empty(nbytes, dtype=torch.uint8)
-    pinned = pageable.pin_memory()
-    n = 4096
-    q = torch.randint(-127, 128, (n, n), dtype=torch.int8, device=dev)
-    scale = torch.rand(n, 1, dtype=torch.float16, device=dev)
-    x = torch.randn(n, n, dtype=torch.float16, device=dev)
-    matmul_s = seconds(lambda: x @ (q.to(torch.float16) * scale).T)
-    return {"name": torch.cuda.get_device_name(dev), "memory_bytes": torch.cuda.get_device_properties(dev).total_memory,
-            "h2d_gbps_pinned": nbytes / seconds(lambda: pinned.to(dev, non_blocking=True)) / 1e9,
-            "h2d_gbps_pageable": nbytes / seconds(lambda: pageable.to(dev)) / 1e9,
-            "dequant_matmul_tflops": 2 * n**3 / matmul_s / 1e12}
+    pinned = pageable.pin_memory() if dev.type == "cuda" else pageable
+    target = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    copies = {"h2d_gbps_pinned": nbytes / seconds(lambda: target.copy_(pinned, non_blocking=True)) / 1e9,
+              "h2d_gbps_pageable": nbytes / seconds(lambda: target.copy_(pageable)) / 1e9}
+    size = 1024 if quick or dev.type == "cpu" else 4096  # the CPU stands in for small tests only
+    kernels = {}
+    compute = default_dtype(dev)
+    for fmt in ("q4", "q8"):
+        layout = ExpertLayout(fmt, size, size)
+        experts = 4
+        pool = torch.randint(0, 256, (experts, layout.nbytes), dtype=torch.uint8)
+        scales = layout.gate_up.offsets()[1], layout.down.offsets()[1]
+        for (offset, _, shape), base in zip(scales, (0, layout.down_offset)):  # small finite float16 scales
+            n = 2 * int(np.prod(shape))
+            pool[:, base + offset:base + offset + n] = torch.full((n // 2,), 1e-3, dtype=torch.float16).view(
+                torch.uint8)
+        pool = pool.to(dev)
+        kernel = ExpertKernel(layout, "silu", dev, compute, batch=2)
+        slots = [0, 1]
+        one = torch.randn(1, size, device=dev)
+        gemv = seconds(lambda: kernel(pool, slots, one, [torch.tensor([0]), torch.tensor([0])]))
+        tokens = 128 if quick else 512
+        many = torch.randn(tokens, size, device=dev)
+        group = torch.arange(tokens)
+        gemm = seconds(lambda: kernel(pool, slots, many, [group, group]))
+        kernels[fmt] = {"gemv_gbps": 2 * layout.nbytes / gemv / 1e9,
+                        "gemm_gflops": 2 * 2 * 3 * size * size * tokens / gemm / 1e9}
+    free, total = device_memory(dev)
+    return {"name": _device_name(dev), "device": str(dev), "memory_bytes": total, **copies, "kernels": kernels}
 
 
 # -- schema ----------------------------------------------------------------------------------------------------
@@ -171,8 +235,9 @@ _SCHEMA: dict = {
     "ram": {"total_bytes": int, "available_bytes": int, "read_gbps": _BY_THREADS},
     "disk": {"path": str, "direct_io": bool, "file_bytes": int, "seq_read_gbps": _NUM,
              "random_read": ("by_count", {"qd1_gbps": _NUM, "parallel_gbps": _NUM, "parallel_readers": int})},
-    "gpu": ("optional", {"name": str, "memory_bytes": int, "h2d_gbps_pinned": _NUM, "h2d_gbps_pageable": _NUM,
-                         "dequant_matmul_tflops": _NUM}),
+    "gpu": ("optional", {"name": str, "device": str, "memory_bytes": int, "h2d_gbps_pinned": _NUM,
+                         "h2d_gbps_pageable": _NUM,
+                         "kernels": {fmt: {"gemv_gbps": _NUM, "gemm_gflops": _NUM} for fmt in ("q4", "q8")}}),
     "duration_s": _NUM,
 }
 

@@ -3,12 +3,14 @@ chunk size, and kernel threads. (Prefetch depth and the memory split are in runt
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 
 from ..errors import EdgerunError
 from ..runtime.reader import PIECE
-from .profile import default_profile_path, load_profile, measure_profile, save_profile
+from ..runtime.tier import MissCosts
+from .profile import default_profile_path, load_profile, measure_gpu, measure_profile, save_profile
 
 PARALLEL_GAIN = 1.5  # a second reader pays off only when parallel reads are half again as fast as one
 MAX_READERS = 4  # more readers than this only split the same bandwidth on consumer SSDs
@@ -61,3 +63,24 @@ def best_threads(profile: dict, fmt: str) -> int:
         best = max(figures.values())
         picks.append(min(int(n) for n, v in figures.items() if v >= THREADS_WITHIN * best))
     return max(picks)
+
+
+@functools.cache
+def _measured_gpu(device: str) -> dict:
+    return measure_gpu(device, quick=True, log=lambda line: None)
+
+
+def miss_costs(profile: dict | None, layout, device) -> MissCosts:
+    """What running an expert missing from the GPU costs either way: the profile's figures for its GPU when they
+    are of this device, else a quick measurement of the device (once per process); the CPU's from the profile."""
+    from .plan import miss_costs as costs_from
+
+    import torch
+
+    gpu = (profile or {}).get("gpu")
+    mine, theirs = torch.device(device), torch.device(gpu["device"]) if gpu else None
+    if theirs is None or (mine.type, mine.index or 0) != (theirs.type, theirs.index or 0):
+        gpu = _measured_gpu(str(device))
+    if profile is None:
+        profile, _ = local_profile(measure=True)
+    return costs_from(profile | {"gpu": gpu}, layout)

@@ -16,12 +16,13 @@ from .rope import Rope, RopeSpec, apply_rope
 
 
 class Positions:
-    """Where the tokens of one forward call sit (start .. start + length - 1), with their rotary tables, made
-    once per call and rotary schedule and shared by every layer."""
+    """Where the tokens of one forward call sit (start .. start + length - 1) and on which device, with their
+    rotary tables, made once per call and rotary schedule and shared by every layer."""
 
-    def __init__(self, start: int, length: int, dtype: torch.dtype, ropes: dict):
-        self.start, self.length, self.dtype = start, length, dtype
-        self._ropes = ropes  # the decoder's tables, by schedule
+    def __init__(self, start: int, length: int, dtype: torch.dtype, ropes: dict,
+                 device: torch.device | str = "cpu"):
+        self.start, self.length, self.dtype, self.device = start, length, dtype, torch.device(device)
+        self._ropes = ropes  # the decoder's tables, by schedule and device
         self._cos_sin: dict = {}
 
     @property
@@ -30,11 +31,11 @@ class Positions:
 
     def rotary(self, spec: RopeSpec) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [length, rotary dim / 2] of these positions."""
-        key = spec.key()
+        key = (spec.key(), self.device)
         if key not in self._cos_sin:
             rope = self._ropes.get(key)
             if rope is None:
-                rope = self._ropes[key] = Rope(spec, self.end)
+                rope = self._ropes[key] = Rope(spec, self.end, self.device)
             self._cos_sin[key] = rope.cos_sin(self.start, self.length, self.dtype)
         return self._cos_sin[key]
 
@@ -42,22 +43,24 @@ class Positions:
 class KVCache:
     """Keys and values of one layer, preallocated: [KV, context, Dh] each."""
 
-    def __init__(self, kv_heads: int, head_dim: int, context_length: int, dtype: torch.dtype):
-        self.k = torch.zeros((kv_heads, context_length, head_dim), dtype=dtype)
-        self.v = torch.zeros((kv_heads, context_length, head_dim), dtype=dtype)
+    def __init__(self, kv_heads: int, head_dim: int, context_length: int, dtype: torch.dtype,
+                 device: torch.device | str | None = None):
+        self.k = torch.zeros((kv_heads, context_length, head_dim), dtype=dtype, device=device)
+        self.v = torch.zeros((kv_heads, context_length, head_dim), dtype=dtype, device=device)
 
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
 
-def causal_mask(start: int, T: int, window: int | None) -> torch.Tensor | None:
-    """[T, S] True where a query may attend to a key; None when every query sees the whole cache."""
+def causal_mask(start: int, T: int, window: int | None, device: torch.device | str | None = None
+                ) -> torch.Tensor | None:
+    """[T, S] True where a query may attend to a key, on `device`; None when every query sees the whole cache."""
     end = start + T
     if T == 1 and (window is None or end <= window):
         return None
-    q_pos = torch.arange(start, end)[:, None]
-    k_pos = torch.arange(end)[None, :]
+    q_pos = torch.arange(start, end, device=device)[:, None]
+    k_pos = torch.arange(end, device=device)[None, :]
     mask = k_pos <= q_pos
     if window is not None:
         mask &= k_pos > q_pos - window
@@ -99,8 +102,9 @@ class Attention(Part):
         return out
 
     # -- the cache ----------------------------------------------------------------------------------------------
-    def new_cache(self, context_length: int, dtype: torch.dtype) -> KVCache:
-        return KVCache(self.kv_heads, self.head_dim, context_length, dtype)
+    def new_cache(self, context_length: int, dtype: torch.dtype,
+                  device: torch.device | str | None = None) -> KVCache:
+        return KVCache(self.kv_heads, self.head_dim, context_length, dtype, device)
 
     def cache_bytes(self, context_length: int, dtype: torch.dtype) -> int:
         return 2 * self.kv_heads * context_length * self.head_dim * torch.empty((), dtype=dtype).element_size()
@@ -116,7 +120,8 @@ class Attention(Part):
         cache.k[:, pos.start:pos.end] = k.transpose(0, 1)
         cache.v[:, pos.start:pos.end] = v.transpose(0, 1)
         keys, values = cache.k[:, :pos.end], cache.v[:, :pos.end]  # [KV, S, Dh]
-        out = self.attend(q, keys, values, causal_mask(pos.start, pos.length, self.window), pos)  # [H, T, Dh]
+        mask = causal_mask(pos.start, pos.length, self.window, pos.device)
+        out = self.attend(q, keys, values, mask, pos)  # [H, T, Dh]
         return linear(out.transpose(0, 1).reshape(pos.length, -1), self.w["o"], self.w.get("o_bias"))
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -159,5 +164,5 @@ class Attention(Part):
         attn_temperature_len (positions count from 0), else 1. Longer contexts sharpen attention (as SGLang's
         kernels do for Grok-2)."""
         n = self.temperature_len
-        p = torch.arange(pos.start, pos.end, dtype=torch.float32)
+        p = torch.arange(pos.start, pos.end, dtype=torch.float32, device=pos.device)
         return torch.where(p > n, torch.log2(p) / math.log2(n), torch.ones_like(p))

@@ -83,7 +83,7 @@ class Decoder(Part):
         self.moe: dict[int, MoE] = {i: b.ffn for i, b in enumerate(self.blocks) if b.ffn.routed}
         for part in self.moe.values():
             part.observers = self.observers
-        self._ropes: dict = {}  # rotary tables, shared by every forward call
+        self._ropes: dict = {}  # rotary tables by schedule and device, shared by every forward call
         self.dtype = torch.float32  # of activations and the cache: the embedding's, once bound
 
     @property
@@ -121,9 +121,12 @@ class Decoder(Part):
             part.experts = experts
 
     # -- memory ---------------------------------------------------------------------------------------------
-    def new_cache(self, context_length: int, dtype: torch.dtype | None = None) -> DecoderCache:
+    def new_cache(self, context_length: int, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> DecoderCache:
+        """Empty caches for context_length tokens, on `device` (default: the CPU)."""
         dtype = dtype or self.dtype
-        return DecoderCache([b.attention.new_cache(context_length, dtype) for b in self.blocks], context_length)
+        return DecoderCache([b.attention.new_cache(context_length, dtype, device) for b in self.blocks],
+                            context_length)
 
     def cache_bytes(self, context_length: int, dtype: torch.dtype) -> int:
         """What new_cache(context_length, dtype) allocates."""
@@ -147,7 +150,7 @@ class Decoder(Part):
         h = F.embedding(tokens, embed) if isinstance(embed, torch.Tensor) else embed.rows(tokens)  # [T, D]
         if spec.embedding_multiplier != 1.0:
             h = h * spec.embedding_multiplier
-        pos = Positions(cache.length, tokens.shape[0], self.dtype, self._ropes)
+        pos = Positions(cache.length, tokens.shape[0], self.dtype, self._ropes, tokens.device)
         for block, layer_cache in zip(self.blocks, cache.layers):
             h = block(h, pos, layer_cache)
         cache.length = pos.end

@@ -173,11 +173,11 @@ class ResidualMoE(MoE):
         return k * self.width, min((k + 1) * self.width, self.dense_width)
 
     def extend(self, r: Routing) -> Routing:
-        T = r.idx.shape[0]
-        always = torch.arange(self.num_experts, self.stored_experts).expand(T, self.always)
+        T, device = r.idx.shape[0], r.idx.device
+        always = torch.arange(self.num_experts, self.stored_experts, device=device).expand(T, self.always)
         return Routing(torch.cat([r.idx, always], dim=1),
-                       torch.cat([r.weights, torch.ones(T, self.always, dtype=r.weights.dtype)], dim=1),
-                       torch.cat([r.probs, torch.ones(T, self.always)], dim=1))
+                       torch.cat([r.weights, torch.ones(T, self.always, dtype=r.weights.dtype, device=device)], dim=1),
+                       torch.cat([r.probs, torch.ones(T, self.always, device=device)], dim=1))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.routed_experts(x) / math.sqrt(2)

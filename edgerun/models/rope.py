@@ -46,10 +46,11 @@ class RopeSpec:
 
 
 class Rope:
-    """Cos/sin tables for positions, computed for a whole context once (dynamic NTK: per call)."""
+    """Cos/sin tables for positions, computed for a whole context once (dynamic NTK: per call), in float32 on the
+    CPU, then kept on `device`."""
 
-    def __init__(self, spec: RopeSpec, context_length: int):
-        self.spec = spec
+    def __init__(self, spec: RopeSpec, context_length: int, device: torch.device | str = "cpu"):
+        self.spec, self.device = spec, torch.device(device)
         self.inv_freq, self.scale = self._frequencies(spec, seq_len=None)
         self._table_len = 0
         self._cos = self._sin = None
@@ -86,7 +87,7 @@ class Rope:
     def _build_table(self, n: int) -> None:
         pos = torch.arange(n, dtype=torch.float32)
         freqs = torch.outer(pos, self.inv_freq)
-        self._cos, self._sin = freqs.cos() * self.scale, freqs.sin() * self.scale
+        self._cos, self._sin = (freqs.cos() * self.scale).to(self.device), (freqs.sin() * self.scale).to(self.device)
         self._table_len = n
 
     def cos_sin(self, start: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,7 +96,7 @@ class Rope:
         if self.spec.rope_type == "dynamic":
             inv_freq, _ = self._frequencies(self.spec, seq_len=end)
             freqs = torch.outer(torch.arange(start, end, dtype=torch.float32), inv_freq)
-            return freqs.cos().to(dtype), freqs.sin().to(dtype)
+            return freqs.cos().to(self.device, dtype), freqs.sin().to(self.device, dtype)
         if end > self._table_len:
             self._build_table(max(end, 2 * self._table_len))
         return self._cos[start:end].to(dtype), self._sin[start:end].to(dtype)

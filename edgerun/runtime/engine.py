@@ -48,11 +48,12 @@ class RunStats:
 
 class Engine:
     def __init__(self, decoder: Decoder, experts: ExpertsContainer, context_length: int,
-                 prefill_chunk: int | None = None):
+                 prefill_chunk: int | None = None, device: torch.device | None = None):
         self.decoder = decoder
         self.context_length = context_length
         self.prefill_chunk = prefill_chunk or placement.PREFILL_CHUNK
-        self.cache = decoder.new_cache(context_length)
+        self.device = device or torch.device("cpu")  # of the decoder's weights, its activations and the KV cache
+        self.cache = decoder.new_cache(context_length, device=self.device)
         self.tokens: list[int] = []  # what the cache holds
         self.stats = RunStats()
         self.experts: ExpertsContainer | None = None
@@ -84,9 +85,9 @@ class Engine:
 
     def _forward(self, ids: list[int], phase: Phase, all_logits: bool = False) -> torch.Tensor:
         self.experts.begin_step(phase, len(ids))
-        logits = self.decoder.forward(torch.tensor(ids, dtype=torch.long), self.cache, all_logits)
+        logits = self.decoder.forward(torch.tensor(ids, dtype=torch.long, device=self.device), self.cache, all_logits)
         self.tokens.extend(ids)
-        return logits
+        return logits.cpu()
 
     def prefill(self, ids: list[int]) -> torch.Tensor:
         """Bring the cache to hold ids, reusing the longest prefix it already has; logits [V] of the last one."""

@@ -8,9 +8,10 @@ between a container and the decoder, the engine and the API.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal, NamedTuple, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -25,6 +26,19 @@ class Residency(NamedTuple):
 
     resident: set[tuple[int, int]]  # in a cache slot
     loading: set[tuple[int, int]]  # being read into one
+
+
+class HeldChunk(NamedTuple):
+    """An expert's chunk in RAM, held for a copy out of it: `release()` lets its memory be reused. `scarce`: the RAM
+    tier needs it back before it can read its next expert, so it is released as soon as the copy has read it."""
+
+    data: np.ndarray
+    release: Callable[[], None]
+    scarce: bool = False
+
+
+def no_release() -> None:
+    pass
 
 
 class Lookahead(Protocol):
@@ -118,6 +132,28 @@ class RoutedExperts:
     def schedule(self, layer: int, experts: list[int]) -> list[int]:
         """The order to compute this layer's experts in."""
         return experts
+
+    # -- what a device tier in front asks of this one (runtime/tier.py) ------------------------------------
+    def prepare(self, layer: int, x: torch.Tensor, experts: list[int]) -> list[int]:
+        """This layer needs `experts` (computed here or copied out): start the reads they need (reading ahead
+        from x, the layer's input); the order to take them in."""
+        return self.schedule(layer, experts)
+
+    def chunk(self, layer: int, e: int) -> HeldChunk:
+        """Expert e's chunk in RAM once it is there (an expert `prepare` was given), held for a copy."""
+        raise NotImplementedError
+
+    def resident_chunk(self, layer: int, e: int) -> HeldChunk | None:
+        """Expert e's chunk if it is in RAM now (held), else None."""
+        return None
+
+    def observe(self, layer: int, experts: list[int]) -> None:
+        """A decoded token used `experts` at this layer, which was computed by a tier in front."""
+
+    def elsewhere(self, key: tuple[int, int]) -> bool:
+        """Whether a tier in front holds `key` ((MoE position, expert)), so that reading it ahead is needless; the
+        tier in front replaces this."""
+        return False
 
     def expert(self, layer: int, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e of layer on x [n, D] -> [n, D]."""

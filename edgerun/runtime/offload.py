@@ -18,7 +18,7 @@ import torch
 
 from .. import native
 from ..store.store import ExpertStore
-from .experts import Lookahead, Phase, Residency, RoutedExperts
+from .experts import HeldChunk, Lookahead, Phase, Residency, RoutedExperts
 from .placement import MAX_PREFETCH_DEPTH
 from .policy import ExpertCache, make_policy
 from .quantized import ACTIVATION_CODES
@@ -78,6 +78,7 @@ class OffloadedExperts(RoutedExperts):
         self._scratch_queue: list[int] = []
         self._scratch: dict[int, tuple[int, ReadRequest]] = {}  # expert -> (scratch slot, read)
         self._predicted: dict[int, set[int]] = {}  # layer position -> experts predicted for the current token
+        self._held: dict[tuple[int, int], int] = {}  # chunks a device tier is copying out of their slots
         self._decode = False  # the phase of the current step
         self._steps = 0  # steps begun
         self._x: torch.Tensor | None = None
@@ -222,30 +223,70 @@ class OffloadedExperts(RoutedExperts):
             self._prefetch(pos, needed)
         return ready + loading + [e for e in experts if e not in ready and e not in loading]
 
-    def expert(self, layer: int, e: int, x: torch.Tensor) -> torch.Tensor:
+    def _acquire(self, layer: int, e: int) -> tuple[int, bool]:
+        """(slot, whether it is a scratch slot) of an expert `schedule` was given, once its read is done."""
         key = (self.pos[layer], e)
         scratch = self._scratch.pop(e, None)
         if scratch is not None:
             slot, req = scratch
             self._wait(req)
-        else:
-            req = self._pending.pop(key, None)
-            if req is not None:
-                try:
-                    self._wait(req)
-                except BaseException:
-                    self.cache.remove(key)
-                    raise
-            slot = self.cache.slot_of(key)
+            return slot, True
+        req = self._pending.pop(key, None)
+        if req is not None:
+            try:
+                self._wait(req)
+            except BaseException:
+                self.cache.remove(key)
+                raise
+        return self.cache.slot_of(key), False
+
+    def _free_scratch(self, layer: int, slot: int) -> None:
+        self._scratch_free.append(slot)
+        if self._scratch_queue:
+            self._start_scratch(layer)
+
+    def expert(self, layer: int, e: int, x: torch.Tensor) -> torch.Tensor:
+        slot, scratch = self._acquire(layer, e)
         (gu_qs, gu_scales), (d_qs, d_scales) = self.pool.views(slot)
         xs = x.to(torch.float32).contiguous()
         out = np.empty(xs.shape, dtype=np.float32)
         native.expert_ffn(xs.numpy(), gu_qs, gu_scales, d_qs, d_scales, self.activation, out)
-        if scratch is not None:
-            self._scratch_free.append(slot)
-            if self._scratch_queue:
-                self._start_scratch(layer)
+        if scratch:
+            self._free_scratch(layer, slot)
         return torch.from_numpy(out)
+
+    # -- a device tier in front -----------------------------------------------------------------------------
+    def prepare(self, layer: int, x: torch.Tensor, experts: list[int]) -> list[int]:
+        self._x = x
+        return self.schedule(layer, experts)
+
+    def chunk(self, layer: int, e: int) -> HeldChunk:
+        slot, scratch = self._acquire(layer, e)
+        if scratch:
+            return HeldChunk(self.pool.buffer(slot), lambda: self._free_scratch(layer, slot), scarce=True)
+        return self._hold((self.pos[layer], e), slot)
+
+    def resident_chunk(self, layer: int, e: int) -> HeldChunk | None:
+        key = (self.pos[layer], e)
+        slot = self.cache.slot_of(key)
+        req = self._pending.get(key)
+        if slot is None or req is not None and not (req.done.is_set() and req.error is None
+                                                    and req.offset == self.store.chunk_bytes):
+            return None
+        return self._hold(key, slot)
+
+    def _hold(self, key: tuple[int, int], slot: int) -> HeldChunk:
+        """The slot's chunk, which no admission evicts until it is released."""
+        self._held[key] = self._held.get(key, 0) + 1
+
+        def release() -> None:
+            left = self._held.pop(key) - 1
+            if left:
+                self._held[key] = left
+        return HeldChunk(self.pool.buffer(slot), release)
+
+    def observe(self, layer: int, experts: list[int]) -> None:
+        self.cache.policy.observe(self.pos[layer], experts)
 
     # -- helpers --------------------------------------------------------------------------------------------
     def _wait(self, req: ReadRequest) -> None:
@@ -264,7 +305,7 @@ class OffloadedExperts(RoutedExperts):
 
     def _pinned(self, needed: set) -> set:
         """Keys no admission may evict: this layer's, reads under way, and prefetches not yet used."""
-        return needed | self._prefetched | self._running()
+        return needed | self._prefetched | self._running() | self._held.keys()
 
     def _running(self) -> set:
         return {k for k, r in self._pending.items() if r.state != QUEUED}
@@ -307,7 +348,7 @@ class OffloadedExperts(RoutedExperts):
             self._predicted.setdefault(j, set()).update(top)
             for e in top:
                 key = (j, e)
-                if self.cache.contains(key):
+                if self.cache.contains(key) or self.elsewhere(key):
                     continue
                 admitted = self.cache.admit(key, pinned=pinned)
                 if admitted is None:

@@ -5,7 +5,11 @@ the plan predicts is what loading does.
              + KV cache (the attention parts' caches for the context) + scratch (activations of one prefill
              step, buffers for experts the cache declines to hold) + safety + slots x chunk size (expert cache)
 
-The budget is a ceiling on peak RSS: every term is counted at its largest. A model's bytes come from the
+    GPU budget (with a device) = reserve (allocator slack) + dense weights and KV cache (when both fit, else they
+             stay in RAM) + scratch (activations, dequantized experts of one batch, a dense block) + slots x chunk
+
+The budget is a ceiling on peak RSS: every term is counted at its largest. With the dense weights and the KV cache
+on the device, RAM holds neither. A model's bytes come from the
 tensors its decoder's parts declare and the formats of a store (`ModelLayout`), for a store on disk or for one
 a conversion would write.
 """
@@ -21,7 +25,7 @@ import torch
 
 from ..errors import ArgumentError, BudgetError
 from ..models.decoder import Decoder
-from ..models.parts import TensorSpec
+from ..models.parts import F32, TensorSpec
 from ..models.spec import ModelSpec
 from ..store.layout import PASSTHROUGH, QUANTIZED, ExpertLayout, TensorLayout
 from ..units import format_size
@@ -36,6 +40,9 @@ SAFETY_MIN = 32 << 20
 AUTO_MARGIN = 0.15  # with no budget given, leave this share of the available RAM to the rest of the machine
 AUTO_MARGIN_MIN = 1 << 30
 MAX_PREFETCH_DEPTH = 4  # layers read ahead at most: further out the router of the current state guesses poorly
+GPU_MARGIN = 0.10  # with no GPU budget given, leave this share of the device's free memory to the rest
+GPU_MARGIN_MIN = 256 << 20
+GPU_RESERVE = 256 << 20  # the caching allocator's slack inside a GPU budget (at most 1/16 of it)
 
 
 # -- the model's bytes -------------------------------------------------------------------------------------------
@@ -118,6 +125,12 @@ class ModelLayout:
                 total += math.prod(layout.shape) * elem
         return total
 
+    @property
+    def device_resident_bytes(self) -> int:
+        """The non-expert weights in device memory: q8/q4 as stored, the others in the compute dtype."""
+        elem = torch.empty((), dtype=self.compute_dtype).element_size()
+        return sum(t.nbytes if t.fmt in QUANTIZED else math.prod(t.shape) * elem for t in self.tensors.values())
+
     def kv_bytes(self, context: int) -> int:
         return self.decoder.cache_bytes(context, self.compute_dtype)
 
@@ -128,6 +141,68 @@ class ModelLayout:
 
 
 # -- the split of a budget ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GpuRequest:
+    """A device for the GPU tier and what of its memory to use (None: its free memory less a margin)."""
+
+    device: str
+    budget: int
+    compute_dtype: torch.dtype  # what weights are dequantized to there
+
+
+@dataclass
+class GpuPlan:
+    device: str
+    budget_bytes: int
+    dense: bool  # the dense weights and the KV cache are on the device (else in RAM)
+    dense_bytes: int
+    kv_cache_bytes: int
+    scratch_bytes: int
+    reserve_bytes: int
+    slot_bytes: int
+    slots: int  # expert slots on the device
+    batch: int  # experts dequantized at once
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"expert_cache_bytes": self.slots * self.slot_bytes}
+
+    def describe(self) -> str:
+        where = (f"weights {format_size(self.dense_bytes)}, KV cache {format_size(self.kv_cache_bytes)}, "
+                 if self.dense else "weights and KV cache in RAM, ")
+        return (f"{self.device} {format_size(self.budget_bytes)}: {where}scratch "
+                f"{format_size(self.scratch_bytes + self.reserve_bytes)}, expert cache {self.slots} experts "
+                f"({format_size(self.slots * self.slot_bytes)})")
+
+
+def auto_gpu_budget(free: int, total: int) -> int:
+    """The GPU budget taken when none is given: the device's free memory less a margin."""
+    return max(free - max(GPU_MARGIN_MIN, int(total * GPU_MARGIN)), 0)
+
+
+def plan_gpu(layout: ModelLayout, request: GpuRequest, context: int, prefill_chunk: int) -> GpuPlan:
+    """The dense weights and the KV cache go on the device if they fit with the scratch and at least one batch of
+    expert slots; the rest of the budget holds expert slots."""
+    from .device import DENSE_BLOCK_BYTES, ExpertKernel
+
+    budget, dtype = request.budget, request.compute_dtype
+    chunk = layout.chunk_bytes
+    batch = max(1, layout.experts_per_token)
+    spec = layout.spec
+    elem = torch.empty((), dtype=dtype).element_size()
+    experts = (ExpertKernel.scratch_bytes(layout.expert_layout, batch, dtype)
+               + batch * prefill_chunk * (spec.hidden_size + 3 * spec.moe_intermediate_size) * elem) if chunk else 0
+    largest = max((math.prod(t.shape) for t in layout.tensors.values() if t.fmt in QUANTIZED), default=0)
+    activations = layout.decoder.scratch_bytes(prefill_chunk, context) + min(DENSE_BLOCK_BYTES, largest * elem)
+    dense, kv = layout.device_resident_bytes, layout.kv_bytes(context)
+    reserve = min(GPU_RESERVE, budget // 16)
+    on_device = reserve + dense + kv + activations + experts + batch * chunk <= budget
+    scratch = experts + (activations if on_device else spec.hidden_size * prefill_chunk * F32 * 4)
+    room = budget - reserve - scratch - (dense + kv if on_device else 0)
+    slots = min(layout.total_experts, max(0, room) // chunk) if chunk else 0
+    return GpuPlan(request.device, budget, on_device, dense if on_device else 0, kv if on_device else 0, scratch,
+                   reserve, chunk, int(slots), batch)
+
+
 @dataclass
 class MemoryPlan:
     budget_bytes: int
@@ -143,6 +218,7 @@ class MemoryPlan:
     budget_given: bool
     prefill_chunk: int  # tokens per prefill step, shorter under a tight budget
     context_length: int
+    gpu: GpuPlan | None = None  # the device tier, if any
 
     @property
     def fixed_bytes(self) -> int:
@@ -156,9 +232,14 @@ class MemoryPlan:
         d = asdict(self)
         d["expert_cache_bytes"] = self.slots * self.slot_bytes
         d["fixed_bytes"] = self.fixed_bytes
+        d["gpu"] = self.gpu.as_dict() if self.gpu else None
         return d
 
     def describe(self) -> str:
+        gpu = f"; GPU {self.gpu.describe()}" if self.gpu else ""
+        return self._describe_ram() + gpu
+
+    def _describe_ram(self) -> str:
         return (f"budget {format_size(self.budget_bytes)}: baseline {format_size(self.baseline_bytes)}, weights "
                 f"{format_size(self.resident_bytes)}, KV cache {format_size(self.kv_cache_bytes)}, scratch "
                 f"{format_size(self.scratch_bytes + self.safety_bytes)}, expert cache {self.slots} of "
@@ -203,17 +284,23 @@ def split_budget(*, budget: int, given: bool, baseline: int, resident: int, kv_c
 
 
 def place(layout: ModelLayout, *, budget: int | None, context: int, baseline: int,
-          available: int | None = None) -> MemoryPlan:
-    """Split a RAM budget for a model of `layout` with a `context`-token cache. budget None: `available` (default:
-    this machine's available RAM) less a margin. Raises BudgetError below the minimum."""
+          available: int | None = None, gpu: GpuRequest | None = None) -> MemoryPlan:
+    """Split a RAM budget (and a GPU's, with `gpu`) for a model of `layout` with a `context`-token cache. budget
+    None: `available` (default: this machine's available RAM) less a margin. Raises BudgetError below the
+    minimum. `load` and `edgerun plan` both place a model with this."""
     given = budget is not None
     if budget is None:
         budget = auto_budget(available if available is not None else available_ram())
     chunk = choose_prefill_chunk(budget, lambda tokens: layout.scratch_bytes(tokens, context))
-    return split_budget(budget=budget, given=given, baseline=baseline, resident=layout.resident_bytes,
-                        kv_cache=layout.kv_bytes(context), scratch=layout.scratch_bytes(chunk, context),
+    device = plan_gpu(layout, gpu, context, chunk) if gpu is not None else None
+    in_ram = device is None or not device.dense
+    plan = split_budget(budget=budget, given=given, baseline=baseline,
+                        resident=layout.resident_bytes if in_ram else 0,
+                        kv_cache=layout.kv_bytes(context) if in_ram else 0, scratch=layout.scratch_bytes(chunk, context),
                         slot_bytes=layout.chunk_bytes, total_experts=layout.total_experts,
                         top_k=layout.experts_per_token, context_length=context, prefill_chunk=chunk)
+    plan.gpu = device
+    return plan
 
 
 # -- what the offloading container takes from the machine's profile ----------------------------------------------

@@ -10,7 +10,7 @@ from .. import native
 from ..store.layout import PASSTHROUGH
 from ..store.quant import dequantize
 from ..store.store import ExpertStore
-from .experts import RoutedExperts, TorchExperts
+from .experts import HeldChunk, RoutedExperts, TorchExperts, no_release
 
 ACTIVATION_CODES = {"silu": native.SILU, "gelu_tanh": native.GELU_TANH, "gelu": native.GELU}
 
@@ -51,6 +51,12 @@ class QuantizedExperts(RoutedExperts):
         out = np.empty(xs.shape, dtype=np.float32)
         native.expert_ffn(xs.numpy(), gu_qs, gu_scales, d_qs, d_scales, self.activation, out)
         return torch.from_numpy(out)
+
+    def chunk(self, layer: int, e: int) -> HeldChunk:
+        return HeldChunk(self.store.map_expert(layer, e), no_release)
+
+    def resident_chunk(self, layer: int, e: int) -> HeldChunk:
+        return self.chunk(layer, e)  # memory-mapped: the page cache brings it in when it is copied
 
 
 class StoreTensorExperts(TorchExperts):

@@ -46,7 +46,7 @@ class TensorLayout:
             return [("qs", np.dtype(qs_dtype), qs_shape), ("scales", np.dtype(np.float16), scales_shape)]
         return [("w", np.dtype(PASSTHROUGH[self.fmt][0]), self.shape)]
 
-    def _offsets(self) -> list[tuple[int, np.dtype, tuple[int, ...]]]:
+    def offsets(self) -> list[tuple[int, np.dtype, tuple[int, ...]]]:
         out, offset = [], 0
         for _, dtype, shape in self.sections():
             out.append((offset, dtype, shape))
@@ -55,7 +55,7 @@ class TensorLayout:
 
     @property
     def nbytes(self) -> int:
-        offset, dtype, shape = self._offsets()[-1]
+        offset, dtype, shape = self.offsets()[-1]
         return offset + int(np.prod(shape)) * dtype.itemsize
 
     def pack(self, t: torch.Tensor, out: np.ndarray, quantize=None) -> None:
@@ -74,13 +74,13 @@ class TensorLayout:
             return
         np_dtype, torch_dtype = PASSTHROUGH[self.fmt]
         arrays = (t.detach().to(torch_dtype).contiguous().view(_same_size_int(torch_dtype)).numpy().view(np_dtype),)
-        for (offset, dtype, shape), a in zip(self._offsets(), arrays):
+        for (offset, dtype, shape), a in zip(self.offsets(), arrays):
             raw = np.ascontiguousarray(a, dtype=dtype).reshape(-1).view(np.uint8)
             out[offset:offset + raw.size] = raw
 
     def views(self, buf: np.ndarray) -> list[np.ndarray]:
         """The sections of a packed buffer as arrays (no copy)."""
-        return [buf[o:o + int(np.prod(s)) * d.itemsize].view(d).reshape(s) for o, d, s in self._offsets()]
+        return [buf[o:o + int(np.prod(s)) * d.itemsize].view(d).reshape(s) for o, d, s in self.offsets()]
 
 
 def _same_size_int(dtype: torch.dtype) -> torch.dtype:
