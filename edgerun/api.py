@@ -337,7 +337,8 @@ def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None
     device: the GPU: "auto" (the first CUDA GPU, if any), "cuda:N", "mps" (Apple; shares the RAM, so used only
         when asked for), or "cpu" (the CPU standing in for a GPU, which needs `gpu`: for tests and comparisons).
     misses: where an expert missing from the GPU runs: "auto" (copied over or computed on the CPU, whichever the
-        machine's profile says costs less for the tokens routed to it), "copy", or "cpu".
+        machine's profile says costs less for the tokens routed to it), "copy" (whenever the GPU cache gives it a
+        slot), or "cpu" (copied later in the background, where the cache finds it worth a slot).
     """
     t0 = time.perf_counter()
     _check_load_arguments(quant, dense, dtype, threads, policy, context_length, misses)
@@ -377,19 +378,20 @@ def _gpu_device(device: str, budget: int | None) -> torch.device | None:
 
         found = gpu_device()
         if found is None and budget is not None:
-            raise ArgumentError("a GPU budget was given but torch sees no CUDA GPU; pass device='mps' on a Mac, "
-                                "or leave the GPU budget out")
+            raise ArgumentError("a GPU budget was given but torch sees no CUDA GPU; on a Mac choose Apple's GPU "
+                                "(device='mps', --device mps), or leave the GPU budget out")
         return None if found is None else torch.device(found)
     try:
         dev = torch.device(device)
     except RuntimeError:
         raise ArgumentError(f"device must be auto, cuda, cuda:N, mps or cpu; got {device!r}") from None
     if dev.type == "cpu" and budget is None:
-        raise ArgumentError("device='cpu' stands in for a GPU only with a GPU budget (gpu='1GB', --gpu 1GB)")
+        raise ArgumentError("the CPU stands in for a GPU (device='cpu', --device cpu) only with a GPU budget "
+                            "(gpu='1GB', --gpu 1GB)")
     missing = dev.type == "cuda" and not torch.cuda.is_available() or dev.type == "mps" and \
         not torch.backends.mps.is_available()
     if missing:
-        raise ArgumentError(f"torch sees no {dev.type.upper()} device here; leave device at auto")
+        raise ArgumentError(f"torch sees no {dev.type.upper()} device here; leave the device at auto")
     if dev.type not in ("cuda", "mps", "cpu"):
         raise ArgumentError(f"device must be auto, cuda, cuda:N, mps or cpu; got {device!r}")
     return dev

@@ -11,6 +11,7 @@ import statistics
 import sys
 
 from ..units import format_size
+from .run import add_gpu_args, gpu_kwargs
 
 
 def add_parser(sub) -> None:
@@ -28,6 +29,7 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: edgerun.load's pick)")
     p.add_argument("--ram", default=None, metavar="SIZE",
                    help="memory budget of the whole process, e.g. 4GiB (default: what the machine has)")
+    add_gpu_args(p)
     p.add_argument("--cold", action="store_true", help="drop the store's files from the page cache first")
     p.add_argument("--policy", default="default", choices=["default", "lru", "lfu"], help="expert cache policy")
     p.add_argument("--no-prefetch", action="store_true", help="load experts only when a layer asks for them")
@@ -70,6 +72,14 @@ def measure_model(model, prompt_tokens: int, tokens: int, repeats: int, temperat
             out[key] = last[key]
     else:
         out.update(hit_rate=1.0, bytes_read=0, prefetch_recall=None)
+    if "gpu_hit_rate" in last:  # the GPU tier
+        for key in ("gpu_hit_rate", "gpu_prefetch_hit_rate", "ram_hit_rate", "h2d_bytes_per_token", "h2d_bytes",
+                    "gpu_expert_share", "cpu_expert_share", "decode_gpu_expert_share", "decode_cpu_expert_share",
+                    "copy_wait_seconds"):
+            out[key] = med(key)
+        out.update({key: last[key] for key in ("device", "gpu_expert_slots", "experts_total", "misses", "gpu_copies",
+                                               "tier_bytes")})
+        out["gpu_plan"] = last["memory_plan"]["gpu"]
     return out
 
 
@@ -97,7 +107,7 @@ def main(args: argparse.Namespace) -> int:
         _drop_page_cache(args.model, args.quant)
     ctx = args.ctx or max(512, args.prompt_tokens + args.tokens + 16)
     model = edgerun.load(args.model, quant=args.quant, threads=args.threads, ram=args.ram, policy=args.policy,
-                         prefetch=not args.no_prefetch, context_length=ctx)
+                         prefetch=not args.no_prefetch, context_length=ctx, **gpu_kwargs(args))
     result = measure_model(model, args.prompt_tokens, args.tokens, max(1, args.repeats), args.temp)
     result["cold"] = args.cold
     if not args.no_kernels:
@@ -125,6 +135,17 @@ def main(args: argparse.Namespace) -> int:
               f"{'direct' if result['direct_io'] else 'buffered'} reads")
     else:
         print(f"memory     peak RSS {format_size(result['peak_rss_bytes'])}, all experts resident")
+    if "gpu_hit_rate" in result:
+        plan = result["gpu_plan"]
+        print(f"gpu        {result['device']}: {format_size(plan['budget_bytes'])} budget, "
+              f"{'dense weights and KV cache' if plan['dense'] else 'no dense weights'} on it, "
+              f"{result['gpu_expert_slots']} of {result['experts_total']} experts; "
+              f"{100 * result['gpu_hit_rate']:.1f}% hits in decode ({100 * result['gpu_prefetch_hit_rate']:.1f}% "
+              f"copied ahead), RAM {100 * result['ram_hit_rate']:.1f}% of the rest")
+        print(f"misses     {result['misses']}: expert calls {100 * result['gpu_expert_share']:.0f}% GPU / "
+              f"{100 * result['cpu_expert_share']:.0f}% CPU (decode {100 * result['decode_gpu_expert_share']:.0f}% / "
+              f"{100 * result['decode_cpu_expert_share']:.0f}%), {format_size(result['h2d_bytes_per_token'])} "
+              f"host-to-device per token")
     k = result.get("kernels")
     if k:
         ram = ", ".join(f"{v:.1f} GB/s with {n} thread{'s' if n != '1' else ''}" for n, v in k["ram_read_gbps"].items())

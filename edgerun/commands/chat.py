@@ -10,6 +10,7 @@ import sys
 import time
 
 from ..errors import EdgerunError
+from .run import add_gpu_args, gpu_kwargs
 
 
 def add_parser(sub) -> None:
@@ -21,6 +22,7 @@ def add_parser(sub) -> None:
                    help="convert a checkpoint first (cached), as edgerun.load(..., quant=) does")
     p.add_argument("--ram", default=None, metavar="SIZE",
                    help="memory budget of the whole process, e.g. 12GiB (default: what the machine has)")
+    add_gpu_args(p)
     p.add_argument("--port", type=int, default=None, metavar="N",
                    help="port to serve on (default: the first free one from 7860)")
     p.add_argument("--host", default="127.0.0.1", metavar="ADDR",
@@ -59,7 +61,8 @@ def main(args: argparse.Namespace) -> int:
     try:  # the server runs first, so that a RAM budget, planned when the model loads, counts its memory too
         print(f"edgerun chat: loading {source}", file=sys.stderr)
         app.model = chat.model_thread().call(functools.partial(
-            edgerun.load, source, quant=quant, ram=args.ram, context_length=args.ctx, threads=args.threads))
+            edgerun.load, source, quant=quant, ram=args.ram, context_length=args.ctx, threads=args.threads,
+            **gpu_kwargs(args)))
     except BaseException:
         _close(page)
         raise

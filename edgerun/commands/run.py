@@ -18,6 +18,7 @@ def add_parser(sub) -> None:
                    help="convert a checkpoint first (cached), as edgerun.load(..., quant=) does")
     p.add_argument("--ram", default=None, metavar="SIZE",
                    help="memory budget of the whole process, e.g. 12GiB (default: what the machine has)")
+    add_gpu_args(p)
     p.add_argument("--policy", default="default", choices=["default", "lru", "lfu"], help="expert cache policy")
     p.add_argument("--trace-out", default=None, metavar="FILE.jsonl",
                    help="record the experts every token used, for `edgerun trace replay`")
@@ -25,6 +26,22 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="compute dtype")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: edgerun.load's pick)")
     p.set_defaults(main=main)
+
+
+def add_gpu_args(p: argparse.ArgumentParser) -> None:
+    """--gpu, --device and --misses: the GPU tier of a q8/q4 store, as edgerun.load(gpu=, device=, misses=)."""
+    p.add_argument("--gpu", default=None, metavar="SIZE",
+                   help="GPU memory to use, e.g. 6GB (default: the CUDA GPU's free memory less a margin; 0: none)")
+    p.add_argument("--device", default="auto", metavar="DEV",
+                   help="auto (the first CUDA GPU), cuda:N, mps, or cpu (the CPU standing in for a GPU, for "
+                        "comparisons; needs --gpu)")
+    p.add_argument("--misses", default="auto", choices=["auto", "copy", "cpu"],
+                   help="where experts missing from the GPU run: auto (where the profile says they cost least), "
+                        "copy (over to the GPU), cpu")
+
+
+def gpu_kwargs(args: argparse.Namespace) -> dict:
+    return {"gpu": args.gpu, "device": args.device, "misses": args.misses}
 
 
 def add_generation_args(p: argparse.ArgumentParser, default_n: int = 256) -> None:
@@ -87,7 +104,7 @@ def main(args: argparse.Namespace) -> int:
 
     prompt = read_prompt(args)
     model = edgerun.load(args.model, quant=args.quant, context_length=args.ctx, dtype=args.dtype,
-                         threads=args.threads, ram=args.ram, policy=args.policy)
+                         threads=args.threads, ram=args.ram, policy=args.policy, **gpu_kwargs(args))
     if args.trace_out:
         with model.record_routing(args.trace_out):
             stream_answer(model, prompt, args)

@@ -73,9 +73,9 @@ def _measured_gpu(device: str) -> dict:
 def miss_costs(profile: dict | None, layout, device) -> MissCosts:
     """What running an expert missing from the GPU costs either way: the profile's figures for its GPU when they
     are of this device, else a quick measurement of the device (once per process); the CPU's from the profile."""
-    from .plan import miss_costs as costs_from
-
     import torch
+
+    from .plan import miss_costs as costs_from
 
     gpu = (profile or {}).get("gpu")
     mine, theirs = torch.device(device), torch.device(gpu["device"]) if gpu else None

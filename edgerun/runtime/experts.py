@@ -29,12 +29,10 @@ class Residency(NamedTuple):
 
 
 class HeldChunk(NamedTuple):
-    """An expert's chunk in RAM, held for a copy out of it: `release()` lets its memory be reused. `scarce`: the RAM
-    tier needs it back before it can read its next expert, so it is released as soon as the copy has read it."""
+    """An expert's chunk in RAM, held for a copy out of it: `release()` lets its memory be reused."""
 
     data: np.ndarray
     release: Callable[[], None]
-    scarce: bool = False
 
 
 def no_release() -> None:
@@ -139,8 +137,12 @@ class RoutedExperts:
         from x, the layer's input); the order to take them in."""
         return self.schedule(layer, experts)
 
+    def in_slot(self, layer: int, e: int) -> bool:
+        """Whether `prepare` gave expert e a place in RAM that `chunk` can hold (not a buffer it reuses at once)."""
+        return True
+
     def chunk(self, layer: int, e: int) -> HeldChunk:
-        """Expert e's chunk in RAM once it is there (an expert `prepare` was given), held for a copy."""
+        """Expert e's chunk in RAM once it is there (an expert `prepare` gave a slot), held for a copy."""
         raise NotImplementedError
 
     def resident_chunk(self, layer: int, e: int) -> HeldChunk | None:

@@ -260,10 +260,11 @@ class OffloadedExperts(RoutedExperts):
         self._x = x
         return self.schedule(layer, experts)
 
+    def in_slot(self, layer: int, e: int) -> bool:
+        return self.cache.contains((self.pos[layer], e))
+
     def chunk(self, layer: int, e: int) -> HeldChunk:
-        slot, scratch = self._acquire(layer, e)
-        if scratch:
-            return HeldChunk(self.pool.buffer(slot), lambda: self._free_scratch(layer, slot), scarce=True)
+        slot, _ = self._acquire(layer, e)
         return self._hold((self.pos[layer], e), slot)
 
     def resident_chunk(self, layer: int, e: int) -> HeldChunk | None:

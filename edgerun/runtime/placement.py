@@ -296,8 +296,8 @@ def place(layout: ModelLayout, *, budget: int | None, context: int, baseline: in
     in_ram = device is None or not device.dense
     plan = split_budget(budget=budget, given=given, baseline=baseline,
                         resident=layout.resident_bytes if in_ram else 0,
-                        kv_cache=layout.kv_bytes(context) if in_ram else 0, scratch=layout.scratch_bytes(chunk, context),
-                        slot_bytes=layout.chunk_bytes, total_experts=layout.total_experts,
+                        kv_cache=layout.kv_bytes(context) if in_ram else 0,
+                        scratch=layout.scratch_bytes(chunk, context), slot_bytes=layout.chunk_bytes, total_experts=layout.total_experts,
                         top_k=layout.experts_per_token, context_length=context, prefill_chunk=chunk)
     plan.gpu = device
     return plan

@@ -51,8 +51,11 @@ class HostExperts(Protocol):
     def expert(self, layer: int, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e computed on the CPU on x [n, D] (float32, CPU) -> [n, D]."""
 
+    def in_slot(self, layer: int, e: int) -> bool:
+        """Whether `prepare` gave expert e a place in RAM that `chunk` can hold."""
+
     def chunk(self, layer: int, e: int) -> HeldChunk:
-        """The expert's chunk in RAM once it is there (an expert `prepare` was given), held for a copy."""
+        """The expert's chunk in RAM once it is there (an expert `prepare` gave a slot), held for a copy."""
 
     def resident_chunk(self, layer: int, e: int) -> HeldChunk | None:
         """The chunk if it is in RAM now (held), else None."""
@@ -228,11 +231,10 @@ class DeviceTier:
         ram = {k: host[k] for k in ("hit_rate", "prefetch_hit_rate", "late_prefetch_rate", "demand_read_rate",
                                     "expert_slots") if k in host}
         out = dict(host)
-        out.update({
-            "offload": True,
-            "ram_offload": host_offload,
+        out.update({  # "offload" stays the RAM tier's: whether experts stream from the store
             "device": str(self.device),
             "gpu_expert_slots": self.capacity,
+            "experts_total": len(self.layers) * self.decoder.stored_experts,
             "gpu_hit_rate": self.hits / self.accesses if self.accesses else 0.0,
             "gpu_prefetch_hit_rate": self.prefetch_hits / self.accesses if self.accesses else 0.0,
             "gpu_prefetch_precision": self.prefetches_used / self.prefetch_copies if self.prefetch_copies else 0.0,
@@ -303,12 +305,14 @@ class DeviceTier:
                 on_cpu.append(e)
         order_ram = self.host.prepare(layer, x, on_cpu + copy)
         for e in [e for e in order_ram if e in copy]:
-            held, key = self.host.chunk(layer, e), (pos, e)
-            pending = self.copier.submit(held.data, self.pool[self.cache.slot_of(key)])
-            if held.scarce:  # the RAM tier reads its next expert into this memory
-                pending.queued.wait()
-                held.release()
-            self._copies[key] = (pending, None if held.scarce else held.release)
+            key = (pos, e)
+            if not self.host.in_slot(layer, e):  # read into a buffer the RAM tier reuses at once: compute it there
+                self.cache.remove(key)
+                copy.remove(e)
+                on_cpu.append(e)
+                continue
+            held = self.host.chunk(layer, e)
+            self._copies[key] = (self.copier.submit(held.data, self.pool[self.cache.slot_of(key)]), held.release)
             self.demand_copies += 1
         if self.prefetch and self._decode and self.cache is not None and pos + 1 < len(self.layers):
             self._prefetch(pos, x, needed)
