@@ -343,7 +343,7 @@ def run_edgerun(store: Path, device: torch.device, budget: int, share: float, mi
         out["gpu_peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
         out["gpu_within_budget"] = out["gpu_peak_reserved_bytes"] <= budget
     log(f"{name}: decode {out['decode_tokens_per_s']} tok/s, prefill {out['prefill_tokens_per_s']} tok/s, "
-        f"GPU hits {out['gpu_hit_rate']}, h2d {gb(out['h2d_bytes_per_token'])}/token")
+        f"GPU hits {out['gpu_hit_rate']}, h2d {mb(out['h2d_bytes_per_token'])}/token")
     model.experts.close()
     del model, rec
     _free(device)
@@ -560,6 +560,10 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu":
         d["notes"].append("dry run: the CPU stands in for the GPU; copies are RAM to RAM, so the roofline figures "
                           "mean nothing")
+    if d["machine"]["workdir_fs"] in ("tmpfs", "ramfs"):
+        d["notes"].append(f"the workdir is on {d['machine']['workdir_fs']}: the store stays in memory, so the cold "
+                          f"loads are not cold; pass --workdir on a disk")
+        print(f"warning: {d['notes'][-1]}", file=sys.stderr)
     report.save(log)
     log(f"device {d['machine']['gpu_name']}, torch {torch.__version__}, {os.cpu_count()} CPUs; workdir {workdir} "
         f"({d['machine']['workdir_fs']})")

@@ -345,7 +345,7 @@ def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None
     if threads:
         torch.set_num_threads(int(threads))
     budget = None if ram is None else parse_size(ram)
-    gpu_budget = None if gpu is None else 0 if gpu in (0, "0") else parse_size(gpu)
+    gpu_budget = None if gpu is None else parse_size(gpu, zero=True)
     tier = _gpu_device(device, gpu_budget)
     offload = {"budget": budget, "policy": policy, "prefetch": prefetch, "context_length": context_length,
                "gpu": (tier, gpu_budget), "misses": misses}

@@ -10,8 +10,11 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 
           "t": 10**12, "tb": 10**12, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
 
 
-def parse_size(text: str | int | float) -> int:
-    """Bytes from a human size: 12GiB, 1.5GB, 800MiB, 4096 (bytes). Decimal units are powers of 10."""
+def parse_size(text: str | int | float, zero: bool = False) -> int:
+    """Bytes from a human size: 12GiB, 1.5GB, 800MiB, 4096 (bytes). Decimal units are powers of 10. zero: 0 is
+    allowed (it turns something off)."""
+    if zero and str(text).strip() in ("0", "0.0"):
+        return 0
     if isinstance(text, (int, float)):
         if text <= 0:
             raise ArgumentError(f"a size must be positive, got {text}")

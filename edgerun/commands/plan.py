@@ -19,7 +19,8 @@ def add_parser(sub) -> None:
                    help="hardware profile (default: this machine's, saved by `edgerun profile`)")
     p.add_argument("--ram", default=None, metavar="SIZE",
                    help="RAM budget, e.g. 12GiB (default: the profile's available RAM less 15%%)")
-    p.add_argument("--gpu", default=None, metavar="SIZE", help="GPU memory to use (default: the profile's GPU)")
+    p.add_argument("--gpu", default=None, metavar="SIZE",
+                   help="GPU memory to use (default: the profile's GPU less the CUDA context and a margin; 0: none)")
     p.add_argument("--quant", choices=("q4", "q8"), default="q4", help="expert format (default q4; a store's own)")
     p.add_argument("--dense", choices=("q8", "q4", "bf16"), default="q8",
                    help="format of the other matrices (default q8; a store's own)")
@@ -68,7 +69,8 @@ def main(args: argparse.Namespace) -> int:
     profile = load_profile(profile_path)
     config, experts, dense, group = read_model(Path(args.model), args.quant, args.dense)
     pred = predict(config, profile, expert_format=experts, dense_format=dense,
-                   ram=parse_size(args.ram) if args.ram else None, gpu=parse_size(args.gpu) if args.gpu else None,
+                   ram=parse_size(args.ram) if args.ram else None,
+                   gpu=parse_size(args.gpu, zero=True) if args.gpu else None,
                    ctx=args.ctx, group=group, prompt=args.prompt)
     if args.json:
         print(json.dumps(pred.as_dict() | {"prompt_tokens": args.prompt}, indent=2))

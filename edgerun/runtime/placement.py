@@ -42,6 +42,7 @@ AUTO_MARGIN_MIN = 1 << 30
 MAX_PREFETCH_DEPTH = 4  # layers read ahead at most: further out the router of the current state guesses poorly
 GPU_MARGIN = 0.10  # with no GPU budget given, leave this share of the device's free memory to the rest
 GPU_MARGIN_MIN = 256 << 20
+STAGING_CHUNKS = 2  # pinned buffers in RAM that copies to the GPU go through
 GPU_RESERVE = 256 << 20  # the caching allocator's slack inside a GPU budget (at most 1/16 of it)
 
 
@@ -297,7 +298,8 @@ def place(layout: ModelLayout, *, budget: int | None, context: int, baseline: in
     plan = split_budget(budget=budget, given=given, baseline=baseline,
                         resident=layout.resident_bytes if in_ram else 0,
                         kv_cache=layout.kv_bytes(context) if in_ram else 0,
-                        scratch=layout.scratch_bytes(chunk, context), slot_bytes=layout.chunk_bytes, total_experts=layout.total_experts,
+                        scratch=layout.scratch_bytes(chunk, context) + (STAGING_CHUNKS * layout.chunk_bytes if device
+                                                                        else 0), slot_bytes=layout.chunk_bytes, total_experts=layout.total_experts,
                         top_k=layout.experts_per_token, context_length=context, prefill_chunk=chunk)
     plan.gpu = device
     return plan

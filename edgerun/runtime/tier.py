@@ -28,10 +28,11 @@ import torch
 from ..store.layout import ExpertLayout
 from .device import ExpertKernel
 from .experts import HeldChunk, Lookahead, Phase, Residency
+from .placement import STAGING_CHUNKS
 from .policy import ExpertCache, make_policy
 
 MISSES = ("auto", "copy", "cpu")
-STAGING_BUFFERS = 2  # pinned chunks: one filling from RAM while the other goes over PCIe
+STAGING_BUFFERS = STAGING_CHUNKS  # pinned chunks: one filling from RAM while the other goes over PCIe
 
 
 class HostExperts(Protocol):
