@@ -295,12 +295,13 @@ def place(layout: ModelLayout, *, budget: int | None, context: int, baseline: in
     chunk = choose_prefill_chunk(budget, lambda tokens: layout.scratch_bytes(tokens, context))
     device = plan_gpu(layout, gpu, context, chunk) if gpu is not None else None
     in_ram = device is None or not device.dense
+    staging = STAGING_CHUNKS * layout.chunk_bytes if device is not None else 0
     plan = split_budget(budget=budget, given=given, baseline=baseline,
                         resident=layout.resident_bytes if in_ram else 0,
                         kv_cache=layout.kv_bytes(context) if in_ram else 0,
-                        scratch=layout.scratch_bytes(chunk, context) + (STAGING_CHUNKS * layout.chunk_bytes if device
-                                                                        else 0), slot_bytes=layout.chunk_bytes, total_experts=layout.total_experts,
-                        top_k=layout.experts_per_token, context_length=context, prefill_chunk=chunk)
+                        scratch=layout.scratch_bytes(chunk, context) + staging, slot_bytes=layout.chunk_bytes,
+                        total_experts=layout.total_experts, top_k=layout.experts_per_token, context_length=context,
+                        prefill_chunk=chunk)
     plan.gpu = device
     return plan
 
