@@ -577,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
             "expert_chunk_bytes": chunk, "total_experts": layout.total_experts,
             "q4_expert_bytes": layout.total_experts * chunk, "dense_device_bytes": layout.device_resident_bytes,
             "store_bytes": _dir_bytes(store), "hf_float16_bytes": hf_bytes,  # the bf16 checkpoint's, 2 bytes each
+            "hf_float16_over_store": round(hf_bytes / _dir_bytes(store), 2),
             "expert_bytes_per_token": layout.experts_per_token * n_moe * chunk, "context_length": args.context}
         report.save(log)
 

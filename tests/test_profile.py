@@ -105,6 +105,10 @@ def test_the_gpu_section_is_measured_on_a_device():
     assert all(section["kernels"][fmt][k] > 0 for fmt in ("q4", "q8") for k in ("gemv_gbps", "gemm_gflops"))
     profile = hw.load_profile(Path(__file__).parent.parent / "profiles" / "laptop-rtx4060-16gb.json")
     hw.validate_profile(profile | {"gpu": section})
+    from edgerun.commands.profile import summary
+
+    line = next(x for x in summary(profile | {"gpu": section}).splitlines() if x.startswith("gpu"))
+    assert "CPU standing in for a GPU" in line and "GB/s pinned" in line and "q4" in line and "GFLOP/s" in line
 
 
 def test_cli_writes_valid_profile_and_cleans_up(tmp_path, monkeypatch, capsys):
