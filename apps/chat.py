@@ -129,7 +129,7 @@ def render_memory(stats: dict) -> str:
 
 def render_heatmap(activity: dict) -> str:
     """A layers x experts grid: the fill shows how many recent tokens chose the expert, the outline whether
-    it is in RAM (solid), being read (pulsing) or on disk (dashed)."""
+    it is in a GPU slot (thick), in RAM (solid), being read (pulsing) or on disk (dashed)."""
     E, layers, tokens = activity["num_experts"], activity["layers"], activity["tokens"]
     if not layers:
         return '<div class="er-heat-empty">this model has no MoE layers</div>'
@@ -141,24 +141,28 @@ def render_heatmap(activity: dict) -> str:
         for e in range(E):
             n = activity["used"][i][e]
             share = n / tokens if tokens else 0.0
-            state = ("er-loading" if activity["loading"][i][e] else
+            state = ("er-loading" if activity["loading"][i][e] else "er-gpu" if activity["on_gpu"][i][e] else
                      "er-ram" if activity["resident"][i][e] else "er-disk")
-            where = {"er-loading": "being read", "er-ram": "in RAM", "er-disk": "on disk"}[state]
+            where = {"er-loading": "being read", "er-gpu": "on the GPU", "er-ram": "in RAM",
+                     "er-disk": "on disk"}[state]
             style = f"--u:{share:.3f}" if n else ""
             cells.append(f'<div class="er-c {state}{" er-used" if n else ""}" style="{style}" '
                          f'title="layer {layer}, expert {e}: chosen by {n} of the last {tokens} tokens, {where}">'
                          f'</div>')
         rows.append("".join(cells))
     size = "er-small" if len(layers) > 24 or E > 32 else ""
-    resident = sum(map(sum, activity["resident"]))
+    resident, on_gpu = sum(map(sum, activity["resident"])), sum(map(sum, activity["on_gpu"]))
     where = ("every expert is in memory" if activity["all_resident"] else
              f"{resident} of {len(layers) * E} experts in RAM, {sum(map(sum, activity['loading']))} being read")
+    if on_gpu:
+        where += f", {on_gpu} on the GPU"
+    gpu_key = '<span class="er-key"><i class="er-sw er-gpu"></i>on the GPU</span>' if on_gpu else ""
     return (f'<div class="er-heatwrap"><div class="er-heat-title">experts: layers x experts, last {tokens} '
             f'tokens; {where}</div><div class="er-heat {size}" style="grid-template-columns:2.2em repeat({E},'
             f'minmax(0,1fr))">{head}{"".join(rows)}</div><div class="er-legend">'
             '<span class="er-key"><i class="er-sw er-used" style="--u:1"></i>chosen often</span>'
             '<span class="er-key"><i class="er-sw er-used" style="--u:0.25"></i>chosen rarely</span>'
-            '<span class="er-key"><i class="er-sw er-ram"></i>in RAM</span>'
+            f'{gpu_key}<span class="er-key"><i class="er-sw er-ram"></i>in RAM</span>'
             '<span class="er-key"><i class="er-sw er-loading"></i>being read</span>'
             '<span class="er-key"><i class="er-sw er-disk"></i>on disk</span></div></div>')
 
@@ -174,6 +178,8 @@ def describe_model(model: edgerun.Model | None) -> str:
     weights = f"weights {quant}" if quant not in (None, "none") else f"weights {s.get('dtype')}, unconverted"
     where = ("all experts in memory" if not s.get("offload") else
              f"{s['expert_slots']} of {s['experts_total']} experts in RAM, the rest on disk")
+    if "gpu_expert_slots" in s:
+        where += f"; {s['gpu_expert_slots']} of {s['experts_total']} in GPU slots on {s['device']}"
     budget = f", budget {format_size(s['ram_budget_bytes'])}" if s.get("ram_budget_bytes") else ""
     name = html.escape(Path(str(s.get("path", "model"))).name)
     return (f'<div class="er-model"><b>{name}</b><span>{html.escape(str(s.get("model_type")))}</span>'
@@ -613,6 +619,7 @@ CSS = """
 .er-heat.er-small { gap: 2px; } .er-heat.er-small .er-c { height: 9px; border-radius: 2px; }
 .er-used { background: rgba(249, 115, 22, calc(0.18 + 0.82 * var(--u))); }
 .er-ram { border: 2px solid #14b8a6; }
+.er-gpu { border: 3px solid #a855f7; }
 .er-disk { border: 1px dashed #94a3b8; }
 .er-loading { border: 2px solid #3b82f6; animation: er-blink 0.8s infinite alternate; }
 @keyframes er-blink { from { border-color: #3b82f6; } to { border-color: transparent; } }

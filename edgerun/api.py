@@ -240,7 +240,8 @@ class Model:
         Returns {"layers": the MoE layers' indices, "num_experts": E, "tokens": tokens counted (fewer
         before any have run), "used": [layer][expert] how many of those tokens chose the expert,
         "resident": [layer][expert] whether its weights are in RAM, "loading": [layer][expert] whether
-        they are being read from disk now, "all_resident": True when every expert is always in memory}.
+        they are being read from disk now, "on_gpu": [layer][expert] whether they are in a GPU slot,
+        "all_resident": True when every expert is always in memory}.
         """
         layers = self.spec.moe_layers
         E = self.spec.num_experts
@@ -252,13 +253,12 @@ class Model:
         where = self._engine.experts.residency()
         if where is None:
             resident = [[True] * E for _ in layers]
-            loading = [[False] * E for _ in layers]
+            loading = on_gpu = [[False] * E for _ in layers]
         else:
-            cached, reading = where
-            resident = [[(layer, e) in cached for e in range(E)] for layer in layers]
-            loading = [[(layer, e) in reading for e in range(E)] for layer in layers]
+            resident, loading, on_gpu = ([[(layer, e) in keys for e in range(E)] for layer in layers]
+                                         for keys in where)
         return {"layers": layers, "num_experts": E, "tokens": counted, "used": used, "resident": resident,
-                "loading": loading, "all_resident": where is None}
+                "loading": loading, "on_gpu": on_gpu, "all_resident": where is None}
 
     # -- the decoder and its experts container -------------------------------------------------------------
     @property

@@ -227,6 +227,18 @@ def test_live_panel_of_an_offloaded_model(paths):
     experts.close()
 
 
+def test_the_heatmap_shows_the_experts_in_gpu_slots(paths):
+    model = edgerun.load(paths["q4"], gpu="256MB", device="cpu", misses="copy")  # the CPU stands in for a GPU
+    model.generate_ids(model.tokenizer.encode("Hello"), 6, temperature=0.8, seed=4, ignore_eos=True)
+    activity = model.expert_activity()
+    on_gpu = {(layer, e) for i, layer in enumerate(activity["layers"]) for e in range(8) if activity["on_gpu"][i][e]}
+    tier = model.experts
+    assert on_gpu and on_gpu == {(tier.layers[p], e) for p, e in tier.cache.resident()}
+    header, _, heat_html = chat.ChatApp(model).live()
+    assert "32 of 32 in GPU slots on cpu" in header
+    assert f"{len(on_gpu)} on the GPU" in heat_html and heat_html.count("er-c er-gpu") == len(on_gpu)
+
+
 def test_a_long_conversation_keeps_to_the_context(paths, capsys):
     short = edgerun.load(paths["hf"], context_length=96)
     app = chat.ChatApp(short)

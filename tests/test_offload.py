@@ -119,7 +119,7 @@ def test_tight_budget_gives_identical_tokens_and_logits(stores, name, policy):
 def budget_for(store: Path, slots: int, monkeypatch) -> int:
     """A budget leaving room for `slots` experts, with this process's baseline RSS pinned so the plan is exact."""
     monkeypatch.setattr(edgerun.api, "current_rss", lambda: 300 << 20)
-    monkeypatch.setattr(placement, "choose_prefill_chunk", lambda budget, scratch_of: 64)
+    monkeypatch.setattr(placement, "choose_prefill_chunk", lambda budget, scratch_of, largest: 64)
     plan = edgerun.load(store, context_length=64).stats()["memory_plan"]
     assert plan["slots"] == plan["total_experts"]  # no budget: all of a tiny model fits
     # at these sizes the safety margin is its minimum; the no-budget plan's margin is a share of the machine's RAM

@@ -24,8 +24,9 @@ Phase = Literal["prefill", "decode"]
 class Residency(NamedTuple):
     """Where experts are now, as (layer, expert) pairs."""
 
-    resident: set[tuple[int, int]]  # in a cache slot
+    resident: set[tuple[int, int]]  # in RAM: a cache slot, or memory-mapped
     loading: set[tuple[int, int]]  # being read into one
+    on_device: frozenset[tuple[int, int]] = frozenset()  # in a GPU slot
 
 
 class HeldChunk(NamedTuple):

@@ -292,7 +292,9 @@ def place(layout: ModelLayout, *, budget: int | None, context: int, baseline: in
     given = budget is not None
     if budget is None:
         budget = auto_budget(available if available is not None else available_ram())
-    chunk = choose_prefill_chunk(budget, lambda tokens: layout.scratch_bytes(tokens, context))
+    # a step never holds more tokens than the context
+    chunk = choose_prefill_chunk(budget, lambda tokens: layout.scratch_bytes(tokens, context),
+                                 min(PREFILL_CHUNK, max(MIN_PREFILL_CHUNK, context)))
     device = plan_gpu(layout, gpu, context, chunk) if gpu is not None else None
     in_ram = device is None or not device.dense
     staging = STAGING_CHUNKS * layout.chunk_bytes if device is not None else 0

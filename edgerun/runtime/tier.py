@@ -254,8 +254,12 @@ class DeviceTier:
             out.update(hit_rate=1.0, bytes_read=0, bytes_read_per_token=0.0)
         return out
 
-    def residency(self) -> Residency | None:
-        return self.host.residency()
+    def residency(self) -> Residency:
+        host = self.host.residency()
+        if host is None:  # every expert in RAM
+            host = Residency({(layer, e) for layer in self.layers for e in range(self.decoder.stored_experts)}, set())
+        keys = self.cache.resident() if self.cache is not None else []
+        return host._replace(on_device=frozenset((self.layers[p], e) for p, e in keys))
 
     def close(self) -> None:
         self.copier.close()
