@@ -123,7 +123,10 @@ class Copier:
     def submit(self, src: np.ndarray, dst: torch.Tensor) -> Copy:
         after = torch.cuda.current_stream(self.device).record_event() if self.cuda else None
         copy = Copy(src, dst, after)
-        self._queue.put(copy)
+        if self.device.type == "mps":  # MPS is not driven from a second thread; its memory is the RAM anyway
+            self._run(copy)
+        else:
+            self._queue.put(copy)
         return copy
 
     def wait(self, copy: Copy) -> None:
@@ -139,12 +142,15 @@ class Copier:
             copy = self._queue.get()
             if copy is None:
                 return
-            try:
-                self._copy(copy)
-                self.bytes += copy.src.nbytes
-            except BaseException as e:  # handed to the thread that waits for it
-                copy.error = e
-            copy.queued.set()
+            self._run(copy)
+
+    def _run(self, copy: Copy) -> None:
+        try:
+            self._copy(copy)
+            self.bytes += copy.src.nbytes
+        except BaseException as e:  # handed to the thread that waits for it
+            copy.error = e
+        copy.queued.set()
 
     def _copy(self, copy: Copy) -> None:
         src = torch.from_numpy(copy.src)
@@ -229,8 +235,6 @@ class DeviceTier:
         calls, decode = sum(self.calls.values()), sum(self.decode_calls.values())
         decode_bytes = 0 if self._decode_bytes0 is None else self.copier.bytes - self._decode_bytes0
         host_offload = host.get("offload", False)
-        ram = {k: host[k] for k in ("hit_rate", "prefetch_hit_rate", "late_prefetch_rate", "demand_read_rate",
-                                    "expert_slots") if k in host}
         out = dict(host)
         out.update({  # "offload" stays the RAM tier's: whether experts stream from the store
             "device": str(self.device),
@@ -239,7 +243,7 @@ class DeviceTier:
             "gpu_hit_rate": self.hits / self.accesses if self.accesses else 0.0,
             "gpu_prefetch_hit_rate": self.prefetch_hits / self.accesses if self.accesses else 0.0,
             "gpu_prefetch_precision": self.prefetches_used / self.prefetch_copies if self.prefetch_copies else 0.0,
-            "ram_hit_rate": ram.get("hit_rate", 1.0) if host_offload else 1.0,
+            "ram_hit_rate": host["hit_rate"] if host_offload else 1.0,
             "gpu_expert_share": self.calls["gpu"] / calls if calls else 0.0,
             "cpu_expert_share": self.calls["cpu"] / calls if calls else 0.0,
             "decode_gpu_expert_share": self.decode_calls["gpu"] / decode if decode else 0.0,
