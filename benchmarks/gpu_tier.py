@@ -52,8 +52,9 @@ import torch
 
 # figures taken from model.stats() after every repeat: medians of the numbers, the last run's structures
 MEDIAN_KEYS = ("decode_tokens_per_s", "prefill_tokens_per_s", "time_to_first_token_s", "gpu_hit_rate",
-               "ram_hit_rate", "hit_rate", "h2d_bytes_per_token", "gpu_expert_share", "cpu_expert_share",
-               "decode_gpu_expert_share", "decode_cpu_expert_share", "copy_wait_seconds")
+               "gpu_prefetch_hit_rate", "gpu_prefetch_precision", "ram_hit_rate", "hit_rate", "h2d_bytes_per_token",
+               "gpu_expert_share", "cpu_expert_share", "decode_gpu_expert_share", "decode_cpu_expert_share",
+               "copy_wait_seconds")
 LAST_KEYS = ("gpu_copies", "memory_plan", "tier_bytes", "gpu_expert_slots", "threads", "runtime_settings",
              "load_seconds", "peak_rss_bytes", "weights_bytes", "offload", "ram_budget_bytes")
 DEFAULTS = {"hidden": 2048, "inter": 5632, "layers": 16, "experts": 8, "top_k": 2, "heads": 16, "kv_heads": 4,
@@ -465,6 +466,7 @@ def print_table(report: dict) -> None:
     print(f"device: {report.get('machine', {}).get('gpu_name')}; pinned h2d {h.get('chunk_pinned_gbps')} GB/s "
           f"a chunk, {h.get('bulk_pinned_gbps')} GB/s bulk")
     head = (f"{'run':28s} {'GPU budget':>10s} {'slots':>9s} {'decode':>8s} {'prefill':>8s} {'GPU hit':>7s} "
+            f"{'ahead':>6s} {'on GPU':>6s} "
             f"{'RAM hit':>7s} {'h2d/tok':>9s} {'roofline':>8s} {'share':>6s} {'all-miss':>8s}")
     print(head)
     print("-" * len(head))
@@ -481,12 +483,15 @@ def print_table(report: dict) -> None:
         rl = r.get("roofline", {})
         print(f"{r['name']:28s} {gb(r.get('gpu_budget_bytes')):>10s} {slots:>9s} "
               f"{num(r.get('decode_tokens_per_s'), '.2f'):>8s} {num(r.get('prefill_tokens_per_s'), '.1f'):>8s} "
-              f"{num(r.get('gpu_hit_rate'), '.1%'):>7s} {num(r.get('ram_hit_rate'), '.1%'):>7s} "
+              f"{num(r.get('gpu_hit_rate'), '.1%'):>7s} {num(r.get('gpu_prefetch_hit_rate'), '.0%'):>6s} "
+              f"{num(r.get('decode_gpu_expert_share'), '.0%'):>6s} {num(r.get('ram_hit_rate'), '.1%'):>7s} "
               f"{mb(r.get('h2d_bytes_per_token')) if r.get('kind') == 'edgerun' else '-':>9s} "
               f"{num(rl.get('roofline_tokens_per_s'), '.1f'):>8s} {num(rl.get('decode_share_of_roofline'), '.0%'):>6s} "
               f"{num(rl.get('all_misses_copied_tokens_per_s'), '.1f'):>8s}")
     for s in report.get("skipped", []):
         print(f"skipped: {s}")
+    print("GPU hit: decode experts in a GPU slot before the token; ahead: copied there during the token, before it "
+          "was asked for; on GPU: share of decode expert calls run on the GPU.")
     print("decode/prefill in tokens/s; roofline = pinned h2d GB/s / h2d bytes per token, share = decode / roofline; "
           "all-miss = the bound if every GPU miss were copied over PCIe. The hf-accelerate runs hold float16 "
           "weights (about 3.5x the q4 bytes) in the same GPU budget in bytes.")

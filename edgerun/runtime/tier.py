@@ -401,7 +401,10 @@ class DeviceTier:
 
     def _fill(self, pos: int, layer: int, on_cpu: list[int], needed: set) -> None:
         """Copy the experts just computed on the CPU into device slots in the background, where the policy finds
-        them worth a slot: the copy costs the compute nothing, and the next use is a device hit."""
+        them worth a slot, so that their next use is a device hit. Only while no other copy is under way: copies
+        ahead, which the next layer waits for, come first."""
+        if self._in_flight():
+            return
         for e in on_cpu:
             key = (pos, e)
             if self.cache.contains(key):
