@@ -231,6 +231,13 @@ def test_bench_reports_the_tiers(stores, capsys):
     assert "gpu        cpu:" in out and "expert calls" in out and "host-to-device per token" in out
 
 
+def test_run_reports_the_gpu_share(stores, capsys):
+    assert main(["run", str(stores["mixtral-q4"]), "--gpu", "256MB", "--device", "cpu", "-p", "12 7 3", "-n", "4",
+                 "--temp", "0"]) == 0
+    figures = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "cpu: " in figures and "% of decoded experts" in figures and "copied per token" in figures
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a CUDA GPU")
 def test_gpu_arguments_are_checked_in_one_line(stores):
     store = stores["mixtral-q4"]

@@ -96,6 +96,8 @@ def format_stats(s: dict) -> str:
             f"first token {s['time_to_first_token_s'] * 1000:.0f} ms"
             + (f" | expert hits {100 * s['hit_rate']:.0f}%, read {format_size(s['bytes_read'])}"
                if s["offload"] else "")
+            + (f" | {s['device']}: {100 * s['decode_gpu_expert_share']:.0f}% of decoded experts, "
+               f"{format_size(s['h2d_bytes_per_token'])} copied per token" if "gpu_hit_rate" in s else "")
             + "]")
 
 
