@@ -124,7 +124,28 @@ def render_memory(stats: dict) -> str:
                      for label, n, cls in parts)
     return (f'<div class="er-mem"><div class="er-mem-title">{title}</div>'
             f'<div class="er-bar">{bar}{marker}</div><div class="er-legend">{legend}</div>'
-            f'<div class="er-note">{note}</div></div>')
+            f'<div class="er-note">{note}</div></div>') + render_gpu(stats)
+
+
+def render_gpu(stats: dict) -> str:
+    """The GPU tier's memory against its budget and where the last reply's experts ran; empty without one."""
+    gpu = (stats.get("memory_plan") or {}).get("gpu")
+    if not gpu:
+        return ""
+    parts = [("dense weights", gpu["dense_bytes"], "er-t1"), ("KV cache", gpu["kv_cache_bytes"], "er-t2"),
+             ("scratch", gpu["scratch_bytes"] + gpu["reserve_bytes"], "er-t3"),
+             ("expert slots", gpu["expert_cache_bytes"], "er-t4")]
+    total = max(gpu["budget_bytes"], sum(n for _, n, _ in parts), 1)
+    bar = "".join(f'<div class="er-seg {cls}" style="width:{100 * n / total:.2f}%" title="{label}: '
+                  f'{format_size(n)}"></div>' for label, n, cls in parts if n > 0)
+    legend = "".join(f'<span class="er-key"><i class="{cls}"></i>{label} {format_size(n)}</span>'
+                     for label, n, cls in parts)
+    note = (f"{gpu['slots']} expert slots; last reply: {100 * stats.get('gpu_hit_rate', 0):.0f}% of decoded experts "
+            f"found there, {100 * stats.get('decode_gpu_expert_share', 0):.0f}% run there, "
+            f"{format_size(stats.get('h2d_bytes_per_token', 0))} copied per token (misses: {stats.get('misses')})")
+    return (f'<div class="er-mem"><div class="er-mem-title">GPU ({html.escape(gpu["device"])}): '
+            f'{format_size(gpu["budget_bytes"])} budget</div><div class="er-bar">{bar}</div>'
+            f'<div class="er-legend">{legend}</div><div class="er-note">{note}</div></div>')
 
 
 def render_heatmap(activity: dict) -> str:

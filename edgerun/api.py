@@ -356,10 +356,11 @@ def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None
     if quant in (None, "none"):
         if dense is not None:
             raise ArgumentError("dense applies only together with quant (bf16, q8 or q4)")
+        source = locate(path)  # a path that is no model says so first
         if ram is not None or gpu_budget:
             raise ArgumentError("memory budgets (RAM, GPU) apply to converted models: add quant='q4' or 'q8' (--quant "
                                 "on the command line), or convert the model with `edgerun convert` and load the store")
-        return _load_hf(locate(path), dtype, progress, context_length, t0)
+        return _load_hf(source, dtype, progress, context_length, t0)
     from .store.convert import cached_store_path, convert
 
     src = locate(path)

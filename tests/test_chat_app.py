@@ -234,8 +234,9 @@ def test_the_heatmap_shows_the_experts_in_gpu_slots(paths):
     on_gpu = {(layer, e) for i, layer in enumerate(activity["layers"]) for e in range(8) if activity["on_gpu"][i][e]}
     tier = model.experts
     assert on_gpu and on_gpu == {(tier.layers[p], e) for p, e in tier.cache.resident()}
-    header, _, heat_html = chat.ChatApp(model).live()
+    header, stats_html, heat_html = chat.ChatApp(model).live()
     assert "32 of 32 in GPU slots on cpu" in header
+    assert "GPU (cpu)" in stats_html and "expert slots" in stats_html and "run there" in stats_html
     assert f"{len(on_gpu)} on the GPU" in heat_html and heat_html.count("er-c er-gpu") == len(on_gpu)
 
 
