@@ -42,7 +42,7 @@ AUTO_MARGIN_MIN = 1 << 30
 MAX_PREFETCH_DEPTH = 4  # layers read ahead at most: further out the router of the current state guesses poorly
 GPU_MARGIN = 0.10  # with no GPU budget given, leave this share of the device's free memory to the rest
 GPU_MARGIN_MIN = 256 << 20
-STAGING_CHUNKS = 2  # pinned buffers in RAM that copies to the GPU go through
+STAGING_CHUNKS = 2  # pinned buffers that copies to the GPU go through: one fills from RAM, one crosses PCIe
 GPU_RESERVE = 256 << 20  # the caching allocator's slack inside a GPU budget (at most 1/16 of it)
 
 

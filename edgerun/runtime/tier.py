@@ -2,12 +2,12 @@
 
 Each MoE layer call sorts the experts it needs three ways: those in a device slot run there (batched); for each
 of the others, `MissCosts` decides from the machine's rates and the tokens routed to it whether copying it over
-(then computing it on the device) beats computing it on the CPU from RAM, where the RAM tier (`HostExperts`: the
-memory-mapped store, or the offloading cache that reads from it) has it or reads it. Copies go through pinned
-staging buffers on a copy stream (`Copier`), ordered against compute with events. In decode, the next layer's
-router, applied to this layer's input, names the experts to copy ahead from RAM (the RAM tier reads further
-ahead from the disk). With a CPU device standing in for the GPU (no pinned memory, no streams), the same code
-runs in tests.
+(then computing it on the device) beats computing it on the CPU from RAM, where the RAM tier (a `RoutedExperts`:
+the memory-mapped store, or the offloading cache that reads from it; see its "tier in front" methods) has it or
+reads it. Copies go through pinned staging buffers on a copy stream (`Copier`), ordered against compute with
+events. In decode, the next layer's router, applied to this layer's input, names the experts to copy ahead from
+RAM (the RAM tier reads further ahead from the disk). With a CPU device standing in for the GPU (no pinned memory,
+no streams), the same code runs in tests.
 
 Shapes: T = tokens in the call, D = hidden, K = experts per token.
 """
@@ -20,51 +20,17 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 import torch
 
 from ..store.layout import ExpertLayout
 from .device import ExpertKernel
-from .experts import HeldChunk, Lookahead, Phase, Residency
+from .experts import Lookahead, Phase, Residency, RoutedExperts
 from .placement import STAGING_CHUNKS
 from .policy import ExpertCache, make_policy
 
 MISSES = ("auto", "copy", "cpu")
-STAGING_BUFFERS = STAGING_CHUNKS  # pinned chunks: one filling from RAM while the other goes over PCIe
-
-
-class HostExperts(Protocol):
-    """What the device tier asks of the RAM tier behind it (QuantizedExperts, OffloadedExperts)."""
-
-    def attach(self, decoder: Lookahead) -> None: ...
-    def begin_step(self, phase: Phase, tokens: int) -> None: ...
-    def stats(self) -> dict: ...
-    def reset_stats(self) -> None: ...
-    def residency(self) -> Residency | None: ...
-    def close(self) -> None: ...
-
-    def prepare(self, layer: int, x: torch.Tensor, experts: list[int]) -> list[int]:
-        """This layer needs `experts` from RAM: start what reads they need (and read ahead from x, the layer's
-        input); the order to take them in."""
-
-    def expert(self, layer: int, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert e computed on the CPU on x [n, D] (float32, CPU) -> [n, D]."""
-
-    def in_slot(self, layer: int, e: int) -> bool:
-        """Whether `prepare` gave expert e a place in RAM that `chunk` can hold."""
-
-    def chunk(self, layer: int, e: int) -> HeldChunk:
-        """The expert's chunk in RAM once it is there (an expert `prepare` gave a slot), held for a copy."""
-
-    def resident_chunk(self, layer: int, e: int) -> HeldChunk | None:
-        """The chunk if it is in RAM now (held), else None."""
-
-    def observe(self, layer: int, experts: list[int]) -> None:
-        """A decoded token used `experts` at this layer (the RAM tier's policy learns from it)."""
-
-    elsewhere: Callable[[tuple[int, int]], bool]  # set by the device tier: keys it holds, not worth reading ahead
 
 
 @dataclass(frozen=True)
@@ -112,7 +78,7 @@ class Copier:
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.staging = [torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=True)
-                        for _ in range(STAGING_BUFFERS)] if self.cuda else []
+                        for _ in range(STAGING_CHUNKS)] if self.cuda else []
         self._staging_done: list = [None] * len(self.staging)  # event of the last transfer out of each
         self._next = 0
         self.bytes = 0
@@ -175,7 +141,7 @@ class Copier:
 class DeviceTier:
     """A device tier of `slots` expert slots in front of `host`; implements runtime.experts.ExpertsContainer."""
 
-    def __init__(self, host: HostExperts, layout: ExpertLayout, activation: str, device: torch.device | str,
+    def __init__(self, host: RoutedExperts, layout: ExpertLayout, activation: str, device: torch.device | str,
                  slots: int, costs: MissCosts, *, policy: str = "default", compute: torch.dtype | None = None,
                  batch: int = 2, prefetch: bool = True, misses: str = "auto"):
         from .device import default_dtype
