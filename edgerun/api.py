@@ -457,6 +457,7 @@ def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, pref
     compute_dtype = _DTYPES[dtype if dtype != "auto" else store.meta["compute_dtype"]]
     layout = ModelLayout.for_formats(spec, store.quant["experts"], store.quant["dense"], store.quant["group"],
                                      compute_dtype)
+    _accept_q4_output(store, layout)
     _check_store_layout(store, layout)
     ctx = placement.context_length(spec, context_length)
     device, gpu_budget = gpu
@@ -544,6 +545,18 @@ def _tier_bytes(plan, layout: ModelLayout) -> dict:
     if gpu is not None:
         out["gpu"] = gpu.dense_bytes + gpu.kv_cache_bytes + gpu.slots * chunk
     return out
+
+
+def _accept_q4_output(store, layout: ModelLayout) -> None:
+    """Stores converted with q4 dense weights before the output head was kept at q8 hold it at q4: they load as
+    they are."""
+    from .store.layout import TensorLayout
+
+    for name, tensor in layout.decoder.tensors().items():
+        old = TensorLayout(layout.dense_format, tensor.shape, layout.group)
+        if tensor.output and name in layout.tensors and name in store.tensor_names() and \
+                store.tensor_layout(name) == old:
+            layout.tensors[name] = old
 
 
 def _check_store_layout(store, layout: ModelLayout) -> None:

@@ -101,6 +101,27 @@ def test_q4_store_tracks_float32(hf_dirs, tmp_path):
     assert q4_bytes < q8_bytes
 
 
+def test_q4_dense_weights_keep_the_output_head_at_q8(hf_dirs, tmp_path, monkeypatch):
+    from edgerun.demo_model import demo_model_dir
+    from edgerun.runtime import placement
+
+    hf, src = hf_dirs["mixtral"]  # untied: the input embedding is one more q4 matrix, the output head stays q8
+    store = ExpertStore(convert(src, tmp_path / "untied", quant="q4", dense="q4"))
+    formats = {name: store.tensor_layout(name).fmt for name in store.tensor_names()}
+    assert formats["lm_head"] == "q8" and formats["embed"] == formats["layers.0.q"] == "q4"
+    tied = ExpertStore(convert(demo_model_dir(), tmp_path / "tied", quant="q4", dense="q4"))
+    assert tied.tensor_layout("embed").fmt == "q8" and "lm_head" not in tied.tensor_names()
+    # a store converted before the head was kept at q8 holds it at q4, and loads as it is
+    new_logits = edgerun.load(store.path).logits(PROMPT)
+    monkeypatch.setattr(placement, "stored_format", lambda t, dense: "f32" if t.exact else dense)
+    old = ExpertStore(convert(src, tmp_path / "old", quant="q4", dense="q4"))
+    monkeypatch.undo()
+    assert old.tensor_layout("lm_head").fmt == "q4"
+    old_logits = edgerun.load(old.path).logits(PROMPT)
+    want = hf_logits(hf, PROMPT).numpy()
+    assert np.abs(old_logits - want).max() > np.abs(new_logits - want).max()  # the 4-bit head costs accuracy
+
+
 def test_store_layout_on_disk(hf_dirs, tmp_path):
     _, src = hf_dirs["olmoe"]
     dst = convert(src, tmp_path / "s", quant="q4")

@@ -321,7 +321,9 @@ def evaluate(a: argparse.Namespace) -> dict:
     for quant in a.quants:
         t0 = time.perf_counter()
         # one position more than the windows use: edgerun keeps room for a generated token
-        model = edgerun.load(out_dir, quant=None if quant == "float" else quant, context_length=context + 1)
+        experts, _, dense = quant.partition("-dense-")  # e.g. q4-dense-q4: q4 experts, q4 dense matrices
+        model = edgerun.load(out_dir, quant=None if quant == "float" else experts, dense=dense or None,
+                             context_length=context + 1)
         ids, _ = encode(lambda t: model.tokenizer.encode(t, add_special_tokens=False), held_text)
         ppl, scored = perplexity(model.logits, ids, context, a.stride, a.eval_tokens)
         results[f"edgerun_{quant}" + _limited(a.eval_tokens)] = round(ppl, 3)
@@ -336,7 +338,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default=str(DEFAULT_DATA), help="the play text (default: tinyshakespeare.txt here)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="where the model goes (default: edgerun/data/demo-model)")
     p.add_argument("--eval", action="store_true", help="only evaluate the model in --out through edgerun")
-    p.add_argument("--quants", nargs="+", default=["float", "q8", "q4"], choices=["float", "q8", "q4"])
+    p.add_argument("--quants", nargs="+", default=["float", "q8", "q4"],
+                   choices=["float", "q8", "q4", "q4-dense-q4"])
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--hidden", type=int, default=160)
     p.add_argument("--layers", type=int, default=4)

@@ -102,9 +102,9 @@ class Decoder(Part):
 
     def declare(self) -> dict[str, TensorSpec]:
         V, D = self.spec.vocab_size, self.spec.hidden_size
-        out = {"embed": TensorSpec((V, D))}
+        out = {"embed": TensorSpec((V, D), output=self.spec.tie_word_embeddings)}
         if not self.spec.tie_word_embeddings:
-            out["lm_head"] = TensorSpec((V, D))
+            out["lm_head"] = TensorSpec((V, D), output=True)
         return out
 
     def children(self) -> list[Part]:

@@ -24,6 +24,7 @@ class TensorSpec:
     shape: tuple[int, ...]
     exact: bool = False  # kept unquantized in a store: small, and the output is sensitive to it (norms, routers)
     expert: bool = False  # held by the experts container, not by the decoder
+    output: bool = False  # the output head: every logit comes from it, so a store keeps it at 8 bits at least
 
     def __post_init__(self) -> None:
         if len(self.shape) < 2:

@@ -49,9 +49,13 @@ GPU_RESERVE = 256 << 20  # the caching allocator's slack inside a GPU budget (at
 # -- the model's bytes -------------------------------------------------------------------------------------------
 def stored_format(tensor: TensorSpec, dense_format: str) -> str:
     """The format a store keeps a non-expert tensor in: the dense format, except that exact tensors (norms,
-    biases, routers) stay unquantized (float32 beside quantized matrices)."""
+    biases, routers) stay unquantized (float32 beside quantized matrices) and that the output head (a tied
+    embedding too) stays at q8 beside q4 matrices: every logit comes from it (llama.cpp's Q4_0 likewise keeps
+    its output at 6 bits)."""
     if tensor.exact:
         return dense_format if dense_format in PASSTHROUGH else "f32"
+    if tensor.output and dense_format == "q4":
+        return "q8"
     return dense_format
 
 
