@@ -10,7 +10,14 @@ import pytest
 
 from edgerun.cli import main
 from edgerun.errors import EdgerunError, TraceError
-from edgerun.runtime.trace import TraceWriter, belady, capacity_from_fraction, read_trace, replay
+from edgerun.runtime.trace import (
+    TracedRouting,
+    TraceWriter,
+    belady,
+    capacity_from_fraction,
+    read_trace,
+    replay,
+)
 
 MIXTRAL = Path(__file__).parent / "data" / "mixtral_gsm8k_routing.jsonl"
 
@@ -184,3 +191,63 @@ def test_cli_bad_file(tmp_path, capsys):
         assert err.startswith("edgerun: error: ") and str(target) in err and len(err.splitlines()) == 1
     assert main(["trace", "replay", str(path), "--capacity", "2"]) == 2
     assert "line 2: not valid JSON" in capsys.readouterr().err
+
+
+# -- running a model with a trace's routing -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def store32(tmp_path_factory):
+    """A tiny q4 Mixtral with the trace's shape: 32 MoE layers of 8 experts, top-2."""
+    from edgerun.store.convert import convert
+    from edgerun.synthetic import mixtral_config, write_random_mixtral
+
+    base = tmp_path_factory.mktemp("traced")
+    src = write_random_mixtral(base / "hf", mixtral_config(64, 32, 8, 96, heads=4, kv_heads=2))
+    return convert(src, base / "q4", quant="q4", progress=False)
+
+
+def test_a_trace_routes_every_layer_and_the_read_ahead_foresees_it(store32):
+    import torch
+
+    import edgerun
+
+    trace = read_trace(MIXTRAL)
+    given = {where: (list(experts), probs) for where, experts, probs in trace.records}
+    model = edgerun.load(store32)
+    TracedRouting(trace).install(model.decoder)
+    seen: dict[int, list] = {}
+    model.decoder.observers.append(lambda layer, idx, w: seen.setdefault(layer, []).extend(zip(idx.tolist(),
+                                                                                              w.tolist())))
+    model.generate_ids([5, 9, 2, 7, 1], 3, temperature=0, ignore_eos=True)  # a 5-token prefill, 2 decode steps
+    for layer in range(32):  # trace tokens 0..6 of problem 0, with their gating weights
+        assert [experts for experts, _ in seen[layer]] == [given[(0, t, layer)][0] for t in range(7)]
+        assert [w for _, ws in seen[layer] for w in ws] == pytest.approx(
+            [w for t in range(7) for w in given[(0, t, layer)][1]])
+    # a forecast from layer 3 for the next token gives layer 9's experts of trace token 7, and moves nothing on
+    x = torch.randn(1, 64)
+    assert model.decoder.lookahead(3, 9, x).idx.tolist() == [given[(0, 7, 9)][0]]
+    assert model.decoder.lookahead(3, 9, x).idx.tolist() == [given[(0, 7, 9)][0]]
+
+
+def test_a_trace_needs_a_model_of_its_shape_and_complete_tokens(store32, tmp_path):
+    import edgerun
+
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(json.dumps({"problem_id": 0, "token_idx": t, "layer": layer, "experts": [1, 0],
+                                         "gating_probs": [0.7, 0.3]}) + "\n"
+                             for t, layer in ((0, 0), (0, 1), (1, 0))))
+    routing = TracedRouting(read_trace(small))  # token 1 lacks layer 1: only token 0 is replayed
+    assert routing.idx.shape == (1, 2, 2)
+    with pytest.raises(TraceError, match="the trace routes 2 MoE layers to 2 of at least 2 experts; this model has "
+                                         "32 MoE layers") as e:
+        routing.install(edgerun.load(store32).decoder)
+    assert "\n" not in str(e.value)
+
+
+def test_bench_runs_a_budget_with_a_trace_routing(store32, capsys):
+    assert main(["bench", str(store32), "--routing-trace", str(MIXTRAL), "--tokens", "8", "--prompt-tokens", "8",
+                 "--repeats", "1", "--no-kernels", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["routing_trace"] == str(MIXTRAL) and d["decode_tokens_per_s"] > 0
+    assert main(["bench", str(store32), "--routing-trace", str(MIXTRAL), "--tokens", "4", "--prompt-tokens", "4",
+                 "--repeats", "1", "--no-kernels"]) == 0
+    assert f"routing    as recorded in {MIXTRAL}" in capsys.readouterr().out

@@ -30,6 +30,10 @@ def add_parser(sub) -> None:
     p.add_argument("--ram", default=None, metavar="SIZE",
                    help="memory budget of the whole process, e.g. 4GiB (default: what the machine has)")
     add_gpu_args(p)
+    p.add_argument("--routing-trace", default=None, metavar="FILE.jsonl",
+                   help="route every token as this recorded trace does (edgerun trace's format), so that the "
+                        "cache and read-ahead meet a real model's routing; the model needs the trace's MoE layers, "
+                        "experts and experts per token")
     p.add_argument("--cold", action="store_true", help="drop the store's files from the page cache first")
     p.add_argument("--policy", default="default", choices=["default", "lru", "lfu"], help="expert cache policy")
     p.add_argument("--no-prefetch", action="store_true", help="load experts only when a layer asks for them")
@@ -103,13 +107,21 @@ def main(args: argparse.Namespace) -> int:
 
     import edgerun
 
+    routing = None
+    if args.routing_trace:  # a bad trace fails before the model loads
+        from ..runtime.trace import TracedRouting, read_trace
+
+        routing = TracedRouting(read_trace(args.routing_trace))
     if args.cold:
         _drop_page_cache(args.model, args.quant)
     ctx = args.ctx or max(512, args.prompt_tokens + args.tokens + 16)
     model = edgerun.load(args.model, quant=args.quant, threads=args.threads, ram=args.ram, policy=args.policy,
                          prefetch=not args.no_prefetch, context_length=ctx, **gpu_kwargs(args))
+    if routing is not None:
+        routing.install(model.decoder)
     result = measure_model(model, args.prompt_tokens, args.tokens, max(1, args.repeats), args.temp)
     result["cold"] = args.cold
+    result["routing_trace"] = args.routing_trace
     if not args.no_kernels:
         result["kernels"] = measure_kernels(torch.get_num_threads())
     if args.json:
@@ -117,6 +129,8 @@ def main(args: argparse.Namespace) -> int:
         return 0
     print(f"model      {result['model']} ({result['model_type']}, experts {result['expert_format']}, "
           f"{format_size(result['weights_bytes'])})")
+    if result["routing_trace"]:
+        print(f"routing    as recorded in {result['routing_trace']}")
     print(f"prefill    {result['prefill_tokens_per_s']:.1f} tok/s ({result['prompt_tokens']} tokens)")
     print(f"decode     {result['decode_tokens_per_s']:.1f} tok/s ({result['decode_tokens']} tokens, "
           f"median of {result['repeats']}, {result['threads']} threads)")

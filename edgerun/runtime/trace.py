@@ -27,13 +27,16 @@ Step = tuple[int, tuple[int, ...]]  # (layer, experts it used), in replay order
 
 
 class Trace(list[Step]):
-    """The steps of a trace in replay order (problem, token, layer), with the model's shape."""
+    """The steps of a trace in replay order (problem, token, layer), with the model's shape; `records` are the
+    same steps with where they come from and their routing weights: ((problem, token, layer), experts, probs)."""
 
-    def __init__(self, steps: Sequence[Step] = (), num_layers: int = 0, num_experts: int = 0, top_k: int = 0):
+    def __init__(self, steps: Sequence[Step] = (), num_layers: int = 0, num_experts: int = 0, top_k: int = 0,
+                 records: Sequence[tuple[tuple[int, int, int], tuple[int, ...], tuple[float, ...]]] = ()):
         super().__init__(steps)
         self.num_layers = num_layers
         self.num_experts = num_experts
         self.top_k = top_k
+        self.records = list(records)
 
     @property
     def accesses(self) -> int:
@@ -47,7 +50,7 @@ def _int_field(rec: dict, name: str) -> int:
     return value
 
 
-def _parse(line: str) -> tuple[tuple[int, int, int], tuple[int, ...]]:
+def _parse(line: str) -> tuple[tuple[int, int, int], tuple[int, ...], tuple[float, ...]]:
     try:
         rec = json.loads(line)
     except json.JSONDecodeError as e:
@@ -65,14 +68,14 @@ def _parse(line: str) -> tuple[tuple[int, int, int], tuple[int, ...]]:
     if not isinstance(probs, list) or len(probs) != len(experts) or \
             any(not isinstance(p, (int, float)) or isinstance(p, bool) for p in probs):
         raise ValueError('"gating_probs" must be a list of numbers, one per expert')
-    return (problem, token, layer), tuple(experts)
+    return (problem, token, layer), tuple(experts), tuple(float(p) for p in probs)
 
 
 def read_trace(path: str | Path) -> Trace:
     """Read a JSON-lines routing trace; records may come in any order. Raises TraceError naming the
     file and line of the first bad record."""
     path = Path(path)
-    records: dict[tuple[int, int, int], tuple[int, ...]] = {}
+    records: dict[tuple[int, int, int], tuple[tuple[int, ...], tuple[float, ...]]] = {}
     first_line: dict[tuple[int, int, int], int] = {}
     try:
         with path.open(encoding="utf-8") as f:
@@ -80,13 +83,13 @@ def read_trace(path: str | Path) -> Trace:
                 if not line.strip():
                     continue
                 try:
-                    where, experts = _parse(line)
+                    where, experts, probs = _parse(line)
                 except ValueError as e:
                     raise TraceError(f"{path} line {n}: {e}") from None
                 if where in records:
                     raise TraceError(f"{path} line {n}: a second record for problem {where[0]} token {where[1]} "
                                      f"layer {where[2]} (first on line {first_line[where]})")
-                records[where] = experts
+                records[where] = experts, probs
                 first_line[where] = n
     except OSError as e:
         raise TraceError(f"cannot read trace {path}: {e.strerror or e}") from None
@@ -94,10 +97,11 @@ def read_trace(path: str | Path) -> Trace:
         raise TraceError(f"{path} is not a UTF-8 text file") from None
     if not records:
         raise TraceError(f"{path} holds no routing records")
-    steps = [(where[2], records[where]) for where in sorted(records)]
+    ordered = [(where, *records[where]) for where in sorted(records)]
+    steps = [(where[2], experts) for where, experts, _ in ordered]
     return Trace(steps, num_layers=max(layer for layer, _ in steps) + 1,
                  num_experts=max(max(experts) for _, experts in steps) + 1,
-                 top_k=max(len(experts) for _, experts in steps))
+                 top_k=max(len(experts) for _, experts in steps), records=ordered)
 
 
 class RecentRouting:
@@ -247,3 +251,57 @@ def _evict_farthest(due: dict, heap: list, pinned: list) -> bool:
     for entry in kept:
         heapq.heappush(heap, entry)
     return evicted
+
+
+class TracedRouting:
+    """Routing taken from a trace instead of the model's routers, so that a benchmark runs with the routing of a
+    real model. Every MoE layer's router is replaced by one that gives the tokens of each call the experts and
+    weights the trace gives its next tokens (token by token, problem by problem, wrapping around at the end). The
+    read-ahead asks the same routers, so it foresees a later layer's experts for the current token exactly: a
+    perfect forecast, where a model's own next-layer routers guess most but not all of them."""
+
+    def __init__(self, trace: Trace):
+        tokens: dict[tuple[int, int], dict[int, tuple]] = {}
+        for (problem, token, layer), experts, probs in trace.records:
+            tokens.setdefault((problem, token), {})[layer] = experts, probs
+        L, K = trace.num_layers, trace.top_k
+        # tokens the trace gives K experts at every layer (a trace cut short leaves its last token incomplete)
+        rows = [layers for _, layers in sorted(tokens.items())
+                if len(layers) == L and all(len(experts) == K for experts, _ in layers.values())]
+        if not rows:
+            raise TraceError(f"no token of the trace has {K} experts at each of its {L} layers")
+        self.idx = torch.tensor([[layers[layer][0] for layer in range(L)] for layers in rows])  # [N, L, K]
+        self.weights = torch.tensor([[layers[layer][1] for layer in range(L)] for layers in rows])  # [N, L, K]
+        self.num_experts = trace.num_experts
+        self.cursor = [0] * L  # per MoE layer, the trace token its next call starts at
+
+    def install(self, decoder) -> None:
+        """Route `decoder`'s MoE layers by the trace from now on. The decoder must have the trace's MoE layers,
+        experts per layer and experts per token."""
+        N, L, K = self.idx.shape
+        spec = decoder.spec
+        if (len(decoder.moe_layers), spec.top_k) != (L, K) or spec.num_experts < self.num_experts:
+            raise TraceError(f"the trace routes {L} MoE layers to {K} of at least {self.num_experts} experts; this "
+                             f"model has {len(decoder.moe_layers)} MoE layers routing to {spec.top_k} of "
+                             f"{spec.num_experts}")
+        pos = {layer: i for i, layer in enumerate(decoder.moe_layers)}
+        for layer, part in decoder.moe.items():
+            part.router = _TracedRouter(self, pos[layer], spec.num_experts)
+
+        def advance(layer: int, idx: torch.Tensor, weights: torch.Tensor) -> None:
+            self.cursor[pos[layer]] += idx.shape[0]
+        decoder.observers.append(advance)  # called once for every call the decoder makes (not for forecasts)
+
+
+class _TracedRouter:
+    def __init__(self, routing: TracedRouting, pos: int, num_experts: int):
+        self.routing, self.pos, self.num_experts = routing, pos, num_experts
+
+    def __call__(self, x: torch.Tensor):
+        from ..models.routers import Routing
+
+        r = self.routing
+        rows = (r.cursor[self.pos] + torch.arange(x.shape[0])) % r.idx.shape[0]
+        idx, weights = r.idx[rows, self.pos], r.weights[rows, self.pos]
+        probs = torch.zeros(x.shape[0], self.num_experts).scatter_(1, idx, weights)
+        return Routing(idx.to(x.device), weights.to(x.device, x.dtype), probs.to(x.device))
