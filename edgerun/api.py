@@ -50,6 +50,7 @@ class Model:
         self._info = info
         self._recent = RecentRouting()  # the experts every MoE layer chose lately, for expert_activity()
         engine.decoder.observers.append(self._recent)
+        self._warmer = None  # reads a mapped store into the page cache after loading
 
     # -- tokenizer -------------------------------------------------------------------------------------
     @property
@@ -230,6 +231,8 @@ class Model:
         out.update({k: str(v) if isinstance(v, Path) else v for k, v in self._info.items()
                     if not k.startswith("tokenizer_")})
         out.update(self._engine.experts.stats())
+        if self._warmer is not None:
+            out["warmup"] = self._warmer.stats()
         out["peak_rss_bytes"] = peak_rss()
         return out
 
@@ -330,7 +333,8 @@ def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None
         machine has available, less a safety margin). Experts that do not fit stay on disk and are read into
         a cache of expert slots as they are needed; a budget below the minimum raises BudgetError.
     policy: eviction policy of the expert caches: "default" (forecasts each expert's next use), "lru", "lfu".
-    prefetch: predict the experts of the next layers and read them ahead (and copy them to the GPU).
+    prefetch: predict the experts of the next layers and read them ahead (and copy them to the GPU); when every
+        expert fits the budget, read the whole store into the page cache in the background after loading.
     gpu: GPU memory a q8/q4 store may use ("6GB" or bytes; default: the device's free memory less a margin;
         0: none). The dense weights and the KV cache go there when they fit, then a cache of expert slots in
         front of the RAM's; experts missing from it run where they cost least (see `misses`).
@@ -523,8 +527,13 @@ def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, pref
             "expert_format": layout.expert_format, "dense_format": layout.dense_format,
             "weights_bytes": weights_bytes, "memory_plan": plan.as_dict(), "ram_budget_bytes": plan.budget_bytes,
             "tier_bytes": _tier_bytes(plan, layout), "runtime_settings": settings}
-    return _model(spec, decoder, experts, ctx, plan.prefill_chunk, store.generation_config, info, t0,
-                  device if on_device else None)
+    model = _model(spec, decoder, experts, ctx, plan.prefill_chunk, store.generation_config, info, t0,
+                   device if on_device else None)
+    if plan.all_resident and prefetch:  # the store stays mapped: into the page cache before tokens fault it in
+        from .runtime.warmup import PageCacheWarmer, store_files
+
+        model._warmer = PageCacheWarmer(store_files(store, dense=not on_device))
+    return model
 
 
 def _gpu_request(device: torch.device, budget: int | None) -> placement.GpuRequest:

@@ -294,6 +294,25 @@ def test_bench_with_a_budget_reports_the_offload_figures(stores, capsys, monkeyp
     assert result["ram_budget_bytes"] == budget
 
 
+def test_a_store_that_fits_is_read_into_the_page_cache_after_loading(stores, monkeypatch, capsys):
+    store = ExpertStore(stores["mixtral"])
+    model = edgerun.load(store.path)
+    files = [p for part in ("dense", "experts") for p in (store.path / part).rglob("0") if p.is_file()]  # chunks
+    deadline = time.monotonic() + 30
+    while not model.stats()["warmup"]["done"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    warm = model.stats()["warmup"]
+    assert warm["done"] and warm["error"] is None and warm["bytes"] == sum(p.stat().st_size for p in files)
+    assert "warmup" not in edgerun.load(store.path, prefetch=False).stats()  # read-ahead off
+    budget = budget_for(store.path, 8, monkeypatch)
+    assert "warmup" not in edgerun.load(store.path, context_length=64, ram=budget).stats()  # streaming instead
+    # bench --cold reports the first generation after loading on its own
+    assert main(["bench", str(store.path), "--cold", "--json", "--prompt-tokens", "8", "--tokens", "4",
+                 "--repeats", "1", "--no-kernels"]) == 0
+    cold = json.loads(capsys.readouterr().out)["cold_run"]
+    assert cold["time_to_first_token_s"] > 0 and cold["decode_tokens_per_s"] > 0 and "warmup" in cold
+
+
 def test_reader_threads_end_with_the_model(stores):
     import gc
 

@@ -44,11 +44,24 @@ def add_parser(sub) -> None:
     p.set_defaults(main=main)
 
 
-def measure_model(model, prompt_tokens: int, tokens: int, repeats: int, temperature: float = 1.0) -> dict:
+def measure_model(model, prompt_tokens: int, tokens: int, repeats: int, temperature: float = 1.0,
+                  cold: bool = False) -> dict:
+    """Medians of `repeats` generations after a warm-up; with `cold`, the first generation after loading (the
+    model just loaded from a store out of the page cache) is reported on its own as "cold_run"."""
     rng = random.Random(0)
     vocab = model.spec.vocab_size
     prompt_tokens = min(prompt_tokens, model.context_length - tokens - 1)
-    model.generate_ids([rng.randrange(vocab) for _ in range(8)], 4, temperature=0, ignore_eos=True)  # warm-up
+    first = None
+    if cold:
+        prompt = [rng.randrange(vocab) for _ in range(prompt_tokens)]
+        model.generate_ids(prompt, tokens, temperature=temperature, seed=repeats, ignore_eos=True)
+        s = model.stats()
+        first = {k: s[k] for k in ("time_to_first_token_s", "prefill_tokens_per_s", "decode_tokens_per_s")}
+        first["seconds_after_load"] = s["prefill_seconds"] + s["decode_seconds"]
+        if "warmup" in s:
+            first["warmup"] = s["warmup"]
+    else:
+        model.generate_ids([rng.randrange(vocab) for _ in range(8)], 4, temperature=0, ignore_eos=True)  # warm-up
     runs = []
     for i in range(repeats):
         prompt = [rng.randrange(vocab) for _ in range(prompt_tokens)]  # a fresh prompt: no prefix reuse
@@ -66,6 +79,8 @@ def measure_model(model, prompt_tokens: int, tokens: int, repeats: int, temperat
         "load_seconds": last["load_seconds"], "peak_rss_bytes": last["peak_rss_bytes"],
         "ram_budget_bytes": last.get("ram_budget_bytes"), "offload": last["offload"],
     }
+    if first is not None:
+        out["cold_run"] = first
     if last["offload"]:
         for key in ("hit_rate", "prefetch_hit_rate", "late_prefetch_rate", "demand_read_rate", "prefetch_recall",
                     "prefetch_precision", "bytes_read",
@@ -119,7 +134,7 @@ def main(args: argparse.Namespace) -> int:
                          prefetch=not args.no_prefetch, context_length=ctx, **gpu_kwargs(args))
     if routing is not None:
         routing.install(model.decoder)
-    result = measure_model(model, args.prompt_tokens, args.tokens, max(1, args.repeats), args.temp)
+    result = measure_model(model, args.prompt_tokens, args.tokens, max(1, args.repeats), args.temp, args.cold)
     result["cold"] = args.cold
     result["routing_trace"] = args.routing_trace
     if not args.no_kernels:
@@ -131,6 +146,11 @@ def main(args: argparse.Namespace) -> int:
           f"{format_size(result['weights_bytes'])})")
     if result["routing_trace"]:
         print(f"routing    as recorded in {result['routing_trace']}")
+    cold = result.get("cold_run")
+    if cold:
+        print(f"cold       first token {cold['time_to_first_token_s'] * 1e3:.0f} ms, then decode "
+              f"{cold['decode_tokens_per_s']:.1f} tok/s ({result['decode_tokens']} tokens, the first run after "
+              f"loading{'; the store read ahead' if 'warmup' in cold else ''})")
     print(f"prefill    {result['prefill_tokens_per_s']:.1f} tok/s ({result['prompt_tokens']} tokens)")
     print(f"decode     {result['decode_tokens_per_s']:.1f} tok/s ({result['decode_tokens']} tokens, "
           f"median of {result['repeats']}, {result['threads']} threads)")
