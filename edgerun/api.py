@@ -96,11 +96,13 @@ class Model:
         return params
 
     # -- token level ---------------------------------------------------------------------------------------
-    def logits(self, token_ids: Iterable[int]) -> np.ndarray:
-        """float32 [len(token_ids), vocab]: one full forward over token_ids from an empty cache."""
+    def logits(self, token_ids: Iterable[int], decode: bool = False) -> np.ndarray:
+        """float32 [len(token_ids), vocab]: one full forward over token_ids from an empty cache. decode=True
+        computes them as generation would have: the first token as a prompt, then one decode step per token (so
+        that what applies to decoding, such as skip_below, applies here too)."""
         ids = self._check_ids(token_ids)
         with self._lock:
-            return self._engine.logits(ids).numpy()
+            return self._engine.logits(ids, decode).numpy()
 
     def generate_ids(self, prompt_ids: Iterable[int], max_new_tokens: int = 256, *, temperature: float | None = None,
                      top_p: float | None = None, top_k: int | None = None, min_p: float | None = None,
@@ -314,7 +316,8 @@ def _find_stop(text: str, sent: int, stops: list[str]) -> tuple[int | None, int]
 def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None = None,
          context_length: int | None = None, dtype: str = "auto", threads: int | None = None,
          progress: bool | None = None, ram: str | int | None = None, policy: str = "default",
-         prefetch: bool = True, gpu: str | int | None = None, device: str = "auto", misses: str = "auto") -> Model:
+         prefetch: bool = True, gpu: str | int | None = None, device: str = "auto", misses: str = "auto",
+         skip_below: float = 0.0) -> Model:
     """Open a model: a Hugging Face directory (config.json, *.safetensors, tokenizer), a repo id in the HF
     cache, Grok-1 as xai-org released it (the folder holding ckpt-0/, or ckpt-0/ itself), or an edgerun store
     made by `edgerun convert`.
@@ -340,6 +343,9 @@ def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None
         front of the RAM's; experts missing from it run where they cost least (see `misses`).
     device: the GPU: "auto" (the first CUDA GPU, if any), "cuda:N", "mps" (Apple; shares the RAM, so used only
         when asked for), or "cpu" (the CPU standing in for a GPU, which needs `gpu`: for tests and comparisons).
+    skip_below: approximate decoding under a RAM budget: a decoded token's expert that is neither in RAM nor being
+        read, and whose routing weight is below this, is left out (the others' weights scaled back to the
+        routing's sum) instead of read from disk. 0 (default): exact.
     misses: where an expert missing from the GPU runs: "auto" (copied over or computed on the CPU, whichever the
         machine's profile says costs less for the tokens routed to it), "copy" (whenever the GPU cache gives it a
         slot), or "cpu" (copied later in the background, where the cache finds it worth a slot).
@@ -351,8 +357,10 @@ def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None
     budget = None if ram is None else parse_size(ram)
     gpu_budget = None if gpu is None else parse_size(gpu, zero=True)
     tier = _gpu_device(device, gpu_budget)
+    if not isinstance(skip_below, (int, float)) or isinstance(skip_below, bool) or not 0 <= skip_below < 1:
+        raise ArgumentError(f"skip_below must be a routing weight from 0 up to 1 (0: exact), got {skip_below!r}")
     offload = {"budget": budget, "policy": policy, "prefetch": prefetch, "context_length": context_length,
-               "gpu": (tier, gpu_budget), "misses": misses}
+               "gpu": (tier, gpu_budget), "misses": misses, "skip_below": float(skip_below)}
     if is_store(path):
         if quant not in (None, "none") or dense is not None:
             raise ArgumentError(f"{path} is already a converted store; quant and dense apply to checkpoints")
@@ -446,7 +454,8 @@ def _load_hf(source: Checkpoint, dtype: str, progress: bool | None, context_leng
 
 
 def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, prefetch: bool,
-                context_length: int | None, threads: int | None, t0: float, gpu: tuple, misses: str) -> Model:
+                context_length: int | None, threads: int | None, t0: float, gpu: tuple, misses: str,
+                skip_below: float) -> Model:
     from . import native
     from .hw.settings import best_threads, local_profile
     from .runtime.quantized import QuantizedExperts, QuantizedMatrix, StoreTensorExperts, as_tensor
@@ -508,7 +517,8 @@ def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, pref
             profile, profile_source = local_profile(measure=True)
         settings = placement.runtime_settings(profile, layout)
         experts = OffloadedExperts(store, spec.activation, plan.slots, policy=policy, prefetch=prefetch,
-                                   workers=settings["readers"], depth=settings["prefetch_depth"])
+                                   workers=settings["readers"], depth=settings["prefetch_depth"],
+                                   skip_below=skip_below)
         settings["direct_io"] = experts.reader.direct
     if plan.gpu is not None:
         from .hw.settings import miss_costs

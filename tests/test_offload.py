@@ -313,6 +313,31 @@ def test_a_store_that_fits_is_read_into_the_page_cache_after_loading(stores, mon
     assert cold["time_to_first_token_s"] > 0 and cold["decode_tokens_per_s"] > 0 and "warmup" in cold
 
 
+def test_light_experts_missing_from_ram_are_left_out_when_asked(stores, monkeypatch):
+    from edgerun import native
+
+    monkeypatch.setattr(native, "INT_DOT", False)  # one token at a time computes as a prefill does
+    exact = edgerun.load(stores["mixtral"])
+    ids = exact.generate_ids(PROMPT, 10, temperature=0, ignore_eos=True)
+    want = exact.logits(PROMPT + ids)
+    model = edgerun.load(stores["mixtral"])
+    experts = offload(model, slots=4, prefetch=False, skip_below=0.999)  # every miss but a lone expert's
+    got = model.logits(PROMPT + ids, decode=True)
+    stats = model.stats()
+    # decode steps read nothing: what is missing is left out, never read
+    assert stats["skipped_experts"] > 0 and stats["decode_bytes_read"] == 0 and 0 < stats["skipped_rate"] < 1
+    assert np.allclose(got[0], want[0], atol=1e-4)  # the first token is a prompt: computed exactly
+    assert not np.allclose(got, want, atol=1e-3)  # and decoding without those experts changes the logits
+    # exact modes stay exact: with skip_below 0 token-by-token decoding gives the prefill's logits
+    experts.close()
+    experts = offload(model, slots=4, prefetch=False)
+    assert np.allclose(model.logits(PROMPT + ids, decode=True), want, atol=1e-4)
+    assert model.stats()["skipped_experts"] == 0
+    experts.close()
+    with pytest.raises(EdgerunError, match="skip_below must be"):
+        edgerun.load(stores["mixtral"], skip_below=1.5)
+
+
 def test_reader_threads_end_with_the_model(stores):
     import gc
 

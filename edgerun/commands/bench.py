@@ -11,7 +11,7 @@ import statistics
 import sys
 
 from ..units import format_size
-from .run import add_gpu_args, gpu_kwargs
+from .run import add_gpu_args, add_skip_arg, gpu_kwargs
 
 
 def add_parser(sub) -> None:
@@ -30,6 +30,7 @@ def add_parser(sub) -> None:
     p.add_argument("--ram", default=None, metavar="SIZE",
                    help="memory budget of the whole process, e.g. 4GiB (default: what the machine has)")
     add_gpu_args(p)
+    add_skip_arg(p)
     p.add_argument("--routing-trace", default=None, metavar="FILE.jsonl",
                    help="route every token as this recorded trace does (edgerun trace's format), so that the "
                         "cache and read-ahead meet a real model's routing; the model needs the trace's MoE layers, "
@@ -83,11 +84,11 @@ def measure_model(model, prompt_tokens: int, tokens: int, repeats: int, temperat
         out["cold_run"] = first
     if last["offload"]:
         for key in ("hit_rate", "prefetch_hit_rate", "late_prefetch_rate", "demand_read_rate", "prefetch_recall",
-                    "prefetch_precision", "bytes_read",
+                    "prefetch_precision", "bytes_read", "skipped_rate",
                     "decode_bytes_read", "bytes_read_per_token", "read_stall_seconds"):
             out[key] = med(key)
         for key in ("policy", "expert_slots", "experts_total", "prefetch_depth", "expert_bytes_per_token",
-                    "ideal_bytes_per_token", "direct_io"):
+                    "ideal_bytes_per_token", "direct_io", "skip_below"):
             out[key] = last[key]
     else:
         out.update(hit_rate=1.0, bytes_read=0, prefetch_recall=None)
@@ -131,7 +132,8 @@ def main(args: argparse.Namespace) -> int:
         _drop_page_cache(args.model, args.quant)
     ctx = args.ctx or max(512, args.prompt_tokens + args.tokens + 16)
     model = edgerun.load(args.model, quant=args.quant, threads=args.threads, ram=args.ram, policy=args.policy,
-                         prefetch=not args.no_prefetch, context_length=ctx, **gpu_kwargs(args))
+                         prefetch=not args.no_prefetch, context_length=ctx, skip_below=args.skip_below,
+                         **gpu_kwargs(args))
     if routing is not None:
         routing.install(model.decoder)
     result = measure_model(model, args.prompt_tokens, args.tokens, max(1, args.repeats), args.temp, args.cold)
@@ -161,7 +163,9 @@ def main(args: argparse.Namespace) -> int:
               f"({result['policy']} policy{', cold start' if result['cold'] else ''})")
         print(f"experts    {100 * result['hit_rate']:.1f}% cache hits, {100 * result['prefetch_hit_rate']:.1f}% "
               f"prefetched in time, {100 * result['late_prefetch_rate']:.1f}% late, "
-              f"{100 * result['demand_read_rate']:.1f}% read on demand")
+              f"{100 * result['demand_read_rate']:.1f}% read on demand"
+              + (f"; {100 * result['skipped_rate']:.1f}% of the decoded experts left out (weight below "
+                 f"{result['skip_below']})" if result["skip_below"] else ""))
         print(f"prefetch   recall "
               f"{100 * result['prefetch_recall']:.1f}% (precision {100 * result['prefetch_precision']:.1f}%, depth "
               f"{result['prefetch_depth']}), read {format_size(result['bytes_read_per_token'])} per token (ideal "

@@ -19,6 +19,7 @@ def add_parser(sub) -> None:
     p.add_argument("--ram", default=None, metavar="SIZE",
                    help="memory budget of the whole process, e.g. 12GiB (default: what the machine has)")
     add_gpu_args(p)
+    add_skip_arg(p)
     p.add_argument("--policy", default="default", choices=["default", "lru", "lfu"], help="expert cache policy")
     p.add_argument("--trace-out", default=None, metavar="FILE.jsonl",
                    help="record the experts every token used, for `edgerun trace replay`")
@@ -38,6 +39,12 @@ def add_gpu_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--misses", default="auto", choices=["auto", "copy", "cpu"],
                    help="where experts missing from the GPU run: auto (where the profile says they cost least), "
                         "copy (over to the GPU), cpu")
+
+
+def add_skip_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--skip-below", type=float, default=0.0, metavar="W",
+                   help="approximate decoding under --ram: leave out a token's expert that is not in RAM and whose "
+                        "routing weight is below W, instead of reading it (default 0: exact)")
 
 
 def gpu_kwargs(args: argparse.Namespace) -> dict:
@@ -106,7 +113,8 @@ def main(args: argparse.Namespace) -> int:
 
     prompt = read_prompt(args)
     model = edgerun.load(args.model, quant=args.quant, context_length=args.ctx, dtype=args.dtype,
-                         threads=args.threads, ram=args.ram, policy=args.policy, **gpu_kwargs(args))
+                         threads=args.threads, ram=args.ram, policy=args.policy, skip_below=args.skip_below,
+                         **gpu_kwargs(args))
     if args.trace_out:
         with model.record_routing(args.trace_out):
             stream_answer(model, prompt, args)

@@ -75,10 +75,15 @@ class Engine:
                 f"shorten it or load the model with a larger context_length"
             )
 
-    def logits(self, ids: list[int]) -> torch.Tensor:
-        """float32 [T, V] for every position of ids, from an empty cache."""
+    def logits(self, ids: list[int], decode: bool = False) -> torch.Tensor:
+        """float32 [T, V] for every position of ids, from an empty cache: in prefill steps, or with `decode` the
+        first token as a prompt and each other one as a decode step."""
         self._check_fits(ids)
         self.cache.length, self.tokens = 0, []
+        if decode:
+            self.experts.reset_stats()
+            out = [self._forward(ids[:1], "prefill")] + [self._forward([t], "decode") for t in ids[1:]]
+            return torch.cat(out)
         n = self.prefill_chunk
         out = [self._forward(ids[i:i + n], "prefill", all_logits=True) for i in range(0, len(ids), n)]
         return torch.cat(out)

@@ -55,7 +55,8 @@ class OffloadedExperts(RoutedExperts):
     its slots are made when the container is attached to its decoder, which says how many experts a token uses."""
 
     def __init__(self, store: ExpertStore, activation: str, slots: int, *, policy: str = "default",
-                 prefetch: bool = True, workers: int = 1, direct: bool | None = None, depth: int = 1):
+                 prefetch: bool = True, workers: int = 1, direct: bool | None = None, depth: int = 1,
+                 skip_below: float = 0.0, renormalize: bool = True):
         if activation not in ACTIVATION_CODES:
             raise ValueError(f"no expert kernel for activation {activation}")
         self.store = store
@@ -72,6 +73,9 @@ class OffloadedExperts(RoutedExperts):
         self.decoder: Lookahead | None = None  # set by attach
         self.prefetch = prefetch
         self.depth = max(1, min(MAX_PREFETCH_DEPTH, depth))
+        # approximate decoding: a decoded token's expert that is not in memory and weighs less than skip_below is
+        # left out, the other experts' weights scaled back to the routing's sum when renormalize
+        self.skip_below, self.renormalize = skip_below, renormalize
         self._pending: dict[tuple[int, int], ReadRequest] = {}  # reads into cache slots not yet consumed
         self._prefetched: set[tuple[int, int]] = set()  # reads issued as prefetches, not yet used
         self._scratch_free: list[int] = []
@@ -124,6 +128,7 @@ class OffloadedExperts(RoutedExperts):
         self.prefetches = self.prefetches_used = 0
         self.stall_seconds = 0.0
         self.decode_tokens = 0
+        self.skipped = 0  # decoded tokens' experts left out (skip_below)
         self._bytes0 = self.reader.bytes_read
         self._decode_bytes0: int | None = None  # bytes read when the first decode step began
 
@@ -154,6 +159,9 @@ class OffloadedExperts(RoutedExperts):
             "expert_bytes_per_token": used_per_token,
             "ideal_bytes_per_token": used_per_token * max(0.0, 1 - self.capacity / total),
             "read_stall_seconds": self.stall_seconds,
+            "skip_below": self.skip_below,
+            "skipped_experts": self.skipped,
+            "skipped_rate": self.skipped / (self.skipped + self.accesses) if self.skipped + self.accesses else 0.0,
             "direct_io": self.reader.direct,
         }
 
@@ -168,10 +176,27 @@ class OffloadedExperts(RoutedExperts):
     # -- the layer call -------------------------------------------------------------------------------------
     def __call__(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         self._x = x
-        out = super().__call__(layer, x, idx, weights)
+        chosen = idx[0].tolist() if self._decode else None
+        if self._decode and self.skip_below > 0:
+            idx, weights = self._skip_light_misses(layer, idx, weights)
+        out = super().__call__(layer, x, idx, weights) if idx.shape[1] else torch.zeros_like(x)
         if self._decode:
-            self.cache.policy.observe(self.pos[layer], idx[0].tolist())
+            self.cache.policy.observe(self.pos[layer], chosen)
         return out
+
+    def _skip_light_misses(self, layer: int, idx: torch.Tensor, weights: torch.Tensor):
+        """idx, weights [1, K] without the experts that are neither cached nor being read and weigh less than
+        skip_below."""
+        pos = self.pos[layer]
+        keep = [k for k, (e, w) in enumerate(zip(idx[0].tolist(), weights[0].tolist()))
+                if w >= self.skip_below or self.cache.contains((pos, e))]
+        if len(keep) == idx.shape[1]:
+            return idx, weights
+        self.skipped += idx.shape[1] - len(keep)
+        kept = weights[:, keep]
+        if self.renormalize and keep:
+            kept = kept * (weights.sum() / kept.sum())
+        return idx[:, keep], kept
 
     def schedule(self, layer: int, experts: list[int]) -> list[int]:
         """Find each expert in the cache or start its read, start the prefetches of the next layers, and
