@@ -345,7 +345,8 @@ def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None
         when asked for), or "cpu" (the CPU standing in for a GPU, which needs `gpu`: for tests and comparisons).
     skip_below: approximate decoding under a RAM budget: a decoded token's expert that is neither in RAM nor being
         read, and whose routing weight is below this, is left out (the others' weights scaled back to the
-        routing's sum) instead of read from disk. 0 (default): exact.
+        routing's sum) instead of read from disk. 0 (default): exact. It applies to the RAM tier's own decoding,
+        not (yet) behind a GPU tier.
     misses: where an expert missing from the GPU runs: "auto" (copied over or computed on the CPU, whichever the
         machine's profile says costs less for the tokens routed to it), "copy" (whenever the GPU cache gives it a
         slot), or "cpu" (copied later in the background, where the cache finds it worth a slot).
