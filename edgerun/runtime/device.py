@@ -64,7 +64,7 @@ class DeviceMatrix:
     def __init__(self, qs: torch.Tensor, scales: torch.Tensor, in_features: int, compute: torch.dtype):
         self.qs, self.scales, self.in_features, self.compute = qs, scales, in_features, compute
         self.out_features = qs.shape[0]
-        self.padded = scales.shape[1] * (qs.shape[1] * (1 if qs.dtype == torch.int8 else 2) // scales.shape[1])
+        self.padded = qs.shape[1] * (1 if qs.dtype == torch.int8 else 2)  # q4 packs two values a byte
         elem = torch.empty((), dtype=compute).element_size()
         self.block = max(1, DENSE_BLOCK_BYTES // (self.padded * elem))
 
@@ -115,7 +115,7 @@ class ExpertKernel:
             raise ValueError(f"the device expert kernel computes q8/q4 chunks, not {layout.fmt}")
         self.layout, self.device, self.compute, self.batch = layout, device, compute, max(1, batch)
         self.act = activation_fn(activation)
-        self.gate_up = [(offset, dtype, shape) for offset, dtype, shape in layout.gate_up.offsets()]
+        self.gate_up = layout.gate_up.offsets()
         self.down = [(layout.down_offset + offset, dtype, shape) for offset, dtype, shape in layout.down.offsets()]
         self._scratch = torch.empty(0, dtype=compute, device=device)
 
@@ -132,12 +132,12 @@ class ExpertKernel:
     def _dequantized(self, rows: torch.Tensor, sections: list) -> torch.Tensor:
         """[n, O, K] weights of one matrix of each chunk in rows [n, chunk bytes], in the scratch."""
         (q_off, q_dtype, q_shape), (s_off, s_dtype, s_shape) = sections
-        n, (O, groups) = rows.shape[0], s_shape
+        n, (out_rows, groups) = rows.shape[0], s_shape
         padded = groups * self.layout.group
-        size = n * O * padded
+        size = n * out_rows * padded
         if self._scratch.numel() < size:
             self._scratch = torch.empty(size, dtype=self.compute, device=self.device)
-        out = self._scratch[:size].view(n, O, padded)
+        out = self._scratch[:size].view(n, out_rows, padded)
         dequantize(section(rows, q_off, q_dtype, q_shape), section(rows, s_off, s_dtype, s_shape), out)
         return out
 

@@ -349,21 +349,9 @@ class DeviceTier:
         if routing.probs.shape[0] == 1:
             self.cache.policy.predict(j, routing.probs[0].tolist())
         for e in routing.idx.unique().tolist():
-            key = (j, e)
-            if self.cache.contains(key):
-                continue
-            held = self.host.resident_chunk(self.layers[j], e)
-            if held is None:
-                continue  # not in RAM yet: the RAM tier reads it ahead, and a miss decides then
-            admitted = self.cache.admit(key, pinned=needed | self._in_flight())
-            if admitted is None:
-                held.release()
-                continue
-            slot, evicted = admitted
-            self._forget(evicted)
-            self._copies[key] = (self.copier.submit(held.data, self.pool[slot]), held.release)
-            self._prefetched.add(key)
-            self.prefetch_copies += 1
+            if self._copy_from_ram((j, e), self.layers[j], needed):
+                self._prefetched.add((j, e))
+                self.prefetch_copies += 1
 
     def _fill(self, pos: int, layer: int, on_cpu: list[int], needed: set) -> None:
         """Copy the experts just computed on the CPU into device slots in the background, where the policy finds
@@ -372,20 +360,24 @@ class DeviceTier:
         if self._in_flight():
             return
         for e in on_cpu:
-            key = (pos, e)
-            if self.cache.contains(key):
-                continue
-            held = self.host.resident_chunk(layer, e)
-            if held is None:
-                continue
-            admitted = self.cache.admit(key, pinned=needed | self._in_flight())
-            if admitted is None:
-                held.release()
-                continue
-            slot, evicted = admitted
-            self._forget(evicted)
-            self._copies[key] = (self.copier.submit(held.data, self.pool[slot]), held.release)
-            self.fill_copies += 1
+            self.fill_copies += self._copy_from_ram((pos, e), layer, needed)
+
+    def _copy_from_ram(self, key: tuple[int, int], layer: int, needed: set) -> bool:
+        """Start copying key's chunk into a device slot if it is in RAM now, not on the device yet, and the cache
+        admits it; whether a copy started."""
+        if self.cache.contains(key):
+            return False
+        held = self.host.resident_chunk(layer, key[1])
+        if held is None:
+            return False  # not in RAM yet: the RAM tier reads it ahead, and a miss decides then
+        admitted = self.cache.admit(key, pinned=needed | self._in_flight())
+        if admitted is None:
+            held.release()
+            return False
+        slot, evicted = admitted
+        self._forget(evicted)
+        self._copies[key] = (self.copier.submit(held.data, self.pool[slot]), held.release)
+        return True
 
     def _in_flight(self) -> set:
         """Keys whose copies have not left RAM yet: no admission may evict them."""
