@@ -21,6 +21,14 @@ def _quiet_transformers():
 
 
 @pytest.fixture(autouse=True)
+def _no_gpu_unless_marked(request, monkeypatch):
+    """Tests see the machine CI has, without a GPU, so a default load stays on the CPU in float32 (the references
+    they compare with are built that way); a test marked `cuda` sees the GPU."""
+    if "cuda" not in request.keywords:
+        monkeypatch.setattr("edgerun.hw.profile.gpu_device", lambda: None)
+
+
+@pytest.fixture(autouse=True)
 def _private_cache(tmp_path_factory, monkeypatch):
     # edgerun's own cache (demo model, ...) goes to a temporary dir, never the user's
     monkeypatch.setenv("EDGERUN_CACHE", str(tmp_path_factory.getbasetemp() / "edgerun-cache"))
