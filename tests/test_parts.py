@@ -118,7 +118,7 @@ def forecast_matches_decoder(model: edgerun.Model, seeds=range(6)) -> int:
         h = torch.randn(1, model.spec.hidden_size, generator=torch.Generator().manual_seed(seed)) * 3
         for pos, layer in enumerate(layers[:-1]):
             ahead = experts.forecast(pos, decoder.blocks[layer].ffn_norm(h))
-            for j, (picked, _) in ahead.items():
+            for j, (picked, _, _) in ahead.items():
                 target = layers[j]
                 recording.calls.clear()
                 decoder.blocks[target].ffn(decoder.blocks[target].ffn_norm(h))

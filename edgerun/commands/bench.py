@@ -84,11 +84,11 @@ def measure_model(model, prompt_tokens: int, tokens: int, repeats: int, temperat
         out["cold_run"] = first
     if last["offload"]:
         for key in ("hit_rate", "prefetch_hit_rate", "late_prefetch_rate", "demand_read_rate", "prefetch_recall",
-                    "prefetch_precision", "bytes_read", "skipped_rate",
+                    "prefetch_precision", "bytes_read", "skipped_rate", "low_served_rate",
                     "decode_bytes_read", "bytes_read_per_token", "read_stall_seconds"):
             out[key] = med(key)
         for key in ("policy", "expert_slots", "experts_total", "prefetch_depth", "expert_bytes_per_token",
-                    "ideal_bytes_per_token", "direct_io", "skip_below"):
+                    "ideal_bytes_per_token", "direct_io", "skip_below", "low_below", "low_format"):
             out[key] = last[key]
     else:
         out.update(hit_rate=1.0, bytes_read=0, prefetch_recall=None)
@@ -133,7 +133,7 @@ def main(args: argparse.Namespace) -> int:
     ctx = args.ctx or max(512, args.prompt_tokens + args.tokens + 16)
     model = edgerun.load(args.model, quant=args.quant, threads=args.threads, ram=args.ram, policy=args.policy,
                          prefetch=not args.no_prefetch, context_length=ctx, skip_below=args.skip_below,
-                         **gpu_kwargs(args))
+                         low_below=args.low_below, **gpu_kwargs(args))
     if routing is not None:
         routing.install(model.decoder)
     result = measure_model(model, args.prompt_tokens, args.tokens, max(1, args.repeats), args.temp, args.cold)
@@ -165,7 +165,9 @@ def main(args: argparse.Namespace) -> int:
               f"prefetched in time, {100 * result['late_prefetch_rate']:.1f}% late, "
               f"{100 * result['demand_read_rate']:.1f}% read on demand"
               + (f"; {100 * result['skipped_rate']:.1f}% of the decoded experts left out (weight below "
-                 f"{result['skip_below']})" if result["skip_below"] else ""))
+                 f"{result['skip_below']})" if result["skip_below"] else "")
+              + (f"; {100 * result['low_served_rate']:.1f}% served by {result['low_format']} copies (weight below "
+                 f"{result['low_below']})" if result["low_below"] else ""))
         print(f"prefetch   recall "
               f"{100 * result['prefetch_recall']:.1f}% (precision {100 * result['prefetch_precision']:.1f}%, depth "
               f"{result['prefetch_depth']}), read {format_size(result['bytes_read_per_token'])} per token (ideal "

@@ -45,6 +45,10 @@ def add_skip_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-below", type=float, default=0.0, metavar="W",
                    help="approximate decoding under --ram: leave out a token's expert that is not in RAM and whose "
                         "routing weight is below W, instead of reading it (default 0: exact)")
+    p.add_argument("--low-below", type=float, default=0.0, metavar="W",
+                   help="approximate decoding under --ram: read a token's expert that is not in RAM and whose "
+                        "routing weight is below W from its low-bit copy (`edgerun convert STORE --low-bits q2`) "
+                        "(default 0: exact)")
 
 
 def gpu_kwargs(args: argparse.Namespace) -> dict:
@@ -114,7 +118,7 @@ def main(args: argparse.Namespace) -> int:
     prompt = read_prompt(args)
     model = edgerun.load(args.model, quant=args.quant, context_length=args.ctx, dtype=args.dtype,
                          threads=args.threads, ram=args.ram, policy=args.policy, skip_below=args.skip_below,
-                         **gpu_kwargs(args))
+                         low_below=args.low_below, **gpu_kwargs(args))
     if args.trace_out:
         with model.record_routing(args.trace_out):
             stream_answer(model, prompt, args)

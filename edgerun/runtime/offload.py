@@ -25,6 +25,7 @@ from .quantized import ACTIVATION_CODES
 from .reader import QUEUED, ExpertReader, ReadRequest
 
 WASTE_LIMIT = 0.3  # share of a token's prefetches left unused above which the depth shrinks
+UPGRADE_AFTER = 3  # tokens a low-bit copy serves before its chunk is read over it when the disk is idle
 
 
 class SlotPool:
@@ -56,9 +57,11 @@ class OffloadedExperts(RoutedExperts):
 
     def __init__(self, store: ExpertStore, activation: str, slots: int, *, policy: str = "default",
                  prefetch: bool = True, workers: int = 1, direct: bool | None = None, depth: int = 1,
-                 skip_below: float = 0.0, renormalize: bool = True):
+                 skip_below: float = 0.0, renormalize: bool = True, low_below: float = 0.0):
         if activation not in ACTIVATION_CODES:
             raise ValueError(f"no expert kernel for activation {activation}")
+        if low_below > 0 and store.low_layout is None:
+            raise ValueError(f"the store {store.path} has no low-bit copies of its experts")
         self.store = store
         self.activation = ACTIVATION_CODES[activation]
         self.layers = list(store.moe_layers)
@@ -76,6 +79,13 @@ class OffloadedExperts(RoutedExperts):
         # approximate decoding: a decoded token's expert that is not in memory and weighs less than skip_below is
         # left out, the other experts' weights scaled back to the routing's sum when renormalize
         self.skip_below, self.renormalize = skip_below, renormalize
+        # a decoded token's expert that is not in memory and weighs less than low_below is read from its low-bit
+        # copy; a low copy serves only such tokens (a heavier one, or prefill, reads the chunk over it), and one
+        # that keeps being used (UPGRADE_AFTER tokens) is upgraded to the chunk when the reader is idle
+        self.low_below = low_below
+        self._low: dict[tuple[int, int], int] = {}  # keys whose slot holds a low-bit copy: tokens it served
+        self._upgrade: set[tuple[int, int]] = set()  # low copies in steady use: read the chunk when the disk is free
+        self._weight: dict[int, float] = {}  # the decoded token's routing weights at the current layer
         self._pending: dict[tuple[int, int], ReadRequest] = {}  # reads into cache slots not yet consumed
         self._prefetched: set[tuple[int, int]] = set()  # reads issued as prefetches, not yet used
         self._scratch_free: list[int] = []
@@ -129,6 +139,7 @@ class OffloadedExperts(RoutedExperts):
         self.stall_seconds = 0.0
         self.decode_tokens = 0
         self.skipped = 0  # decoded tokens' experts left out (skip_below)
+        self.low_reads = self.low_served = self.upgrades = 0  # low_below
         self._bytes0 = self.reader.bytes_read
         self._decode_bytes0: int | None = None  # bytes read when the first decode step began
 
@@ -162,6 +173,12 @@ class OffloadedExperts(RoutedExperts):
             "skip_below": self.skip_below,
             "skipped_experts": self.skipped,
             "skipped_rate": self.skipped / (self.skipped + self.accesses) if self.skipped + self.accesses else 0.0,
+            "low_below": self.low_below,
+            "low_format": self.store.low_layout.fmt if self.store.low_layout else None,
+            "low_reads": self.low_reads,
+            "low_served": self.low_served,
+            "low_served_rate": rate(self.low_served),
+            "low_upgrades": self.upgrades,
             "direct_io": self.reader.direct,
         }
 
@@ -177,6 +194,8 @@ class OffloadedExperts(RoutedExperts):
     def __call__(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         self._x = x
         chosen = idx[0].tolist() if self._decode else None
+        if self._decode and self.low_below > 0:
+            self._weight = dict(zip(chosen, weights[0].tolist()))
         if self._decode and self.skip_below > 0:
             idx, weights = self._skip_light_misses(layer, idx, weights)
         out = super().__call__(layer, x, idx, weights) if idx.shape[1] else torch.zeros_like(x)
@@ -218,6 +237,17 @@ class OffloadedExperts(RoutedExperts):
                 if pos > 0:
                     self.recall_used += 1
                     self.recall_predicted += e in self._predicted.get(pos, ())
+            if slot is not None and key in self._low:
+                if decode and self._weight.get(e, 1.0) < self.low_below:
+                    self.low_served += 1
+                    self._low[key] += 1
+                    if self._low[key] >= UPGRADE_AFTER:
+                        self._upgrade.add(key)
+                else:  # the copy is not good enough for this token: the chunk is read over it
+                    self._read_over_low(key, layer, e, slot)
+                    self.upgrades += 1
+                    loading.append(e)  # a demand read in the statistics
+                    continue
             if slot is not None:
                 req = self._pending.get(key)
                 if decode:
@@ -240,12 +270,18 @@ class OffloadedExperts(RoutedExperts):
             slot, evicted = admitted
             if evicted is not None:
                 self._forget(evicted)
-            self._pending[key] = self.reader.submit(key, layer, e, self.pool.buffer(slot), demand=True)
+            low = decode and self._weight.get(e, 1.0) < self.low_below
+            self._submit(key, layer, e, slot, demand=True, low=low)
+            if low:
+                self.low_served += 1
+                self._low[key] = 1
             loading.append(e)
         for _ in range(min(len(self._scratch_free), len(self._scratch_queue))):
             self._start_scratch(layer)
         if self.prefetch and self.decoder is not None:
             self._prefetch(pos, needed)
+        if self._upgrade:
+            self._start_upgrades(pos)
         return ready + loading + [e for e in experts if e not in ready and e not in loading]
 
     def _acquire(self, layer: int, e: int) -> tuple[int, bool]:
@@ -326,8 +362,45 @@ class OffloadedExperts(RoutedExperts):
     def _start_scratch(self, layer: int) -> None:
         e = self._scratch_queue.pop(0)
         slot = self._scratch_free.pop()
-        req = self.reader.submit(None, layer, e, self.pool.buffer(slot), demand=True)
+        low = self._decode and self._weight.get(e, 1.0) < self.low_below
+        self.low_reads += low
+        self.low_served += low
+        req = self.reader.submit(None, layer, e, self.pool.buffer(slot), demand=True, low=low)
         self._scratch[e] = (slot, req)
+
+    def _submit(self, key, layer: int, e: int, slot: int, demand: bool, low: bool = False) -> None:
+        """Start the read of an expert (its chunk, or its low-bit copy) into its cache slot."""
+        self._pending[key] = self.reader.submit(key, layer, e, self.pool.buffer(slot), demand=demand, low=low)
+        if low:
+            self._low[key] = 0
+            self.low_reads += 1
+        else:
+            self._low.pop(key, None)
+            self._upgrade.discard(key)
+
+    def _read_over_low(self, key, layer: int, e: int, slot: int, demand: bool = True) -> None:
+        """Replace the low-bit copy in the slot by the chunk."""
+        req = self._pending.pop(key, None)
+        if req is not None:
+            self.reader.cancel(req)  # returns once nothing writes into the slot
+        self._submit(key, layer, e, slot, demand=demand)
+
+    def _start_upgrades(self, pos: int) -> None:
+        """Read the chunks of low copies used again, while the reader has nothing else to do; not those of the
+        current layer (computed next) nor one a device tier holds."""
+        if self.reader.queued() or any(not r.done.is_set() for r in self._pending.values()):
+            return
+        for key in sorted(self._upgrade):
+            self._upgrade.discard(key)
+            slot = self.cache.slot_of(key)
+            if slot is None or key[0] == pos or key in self._held or key not in self._low:
+                continue
+            req = self._pending.get(key)
+            if req is not None and not req.done.is_set():
+                continue
+            self._read_over_low(key, self.layers[key[0]], key[1], slot, demand=False)
+            self.upgrades += 1
+            return  # one at a time: the disk stays free for what the next layers need
 
     def _pinned(self, needed: set) -> set:
         """Keys no admission may evict: this layer's, reads under way, and prefetches not yet used."""
@@ -342,6 +415,8 @@ class OffloadedExperts(RoutedExperts):
         if req is not None:
             self.reader.cancel(req)
         self._prefetched.discard(key)
+        self._low.pop(key, None)
+        self._upgrade.discard(key)
 
     def _cancel_stale(self, pos: int, needed: set) -> None:
         """Prefetches for this layer that routing did not choose, or for layers already passed."""
@@ -353,22 +428,26 @@ class OffloadedExperts(RoutedExperts):
                 continue  # it arrived complete: keep it cached
             self.cache.remove(key)
             self._prefetched.discard(key)
+            self._low.pop(key, None)
             self._token_wasted += 1
 
-    def forecast(self, pos: int, x: torch.Tensor) -> dict[int, tuple[list[int], list[float] | None]]:
+    def forecast(self, pos: int, x: torch.Tensor) -> dict[int, tuple[list[int], list[float] | None, dict]]:
         """For the MoE layers after position pos (up to the prefetch depth): the experts their routers pick for x,
-        the input of layer pos, and, for one token, every expert's probability (the cache policy's hint)."""
+        the input of layer pos, and, for one token, every expert's probability (the cache policy's hint) and the
+        routing weight of each expert picked ({} for several tokens)."""
         out = {}
         for j in range(pos + 1, min(len(self.layers), pos + 1 + self.depth)):
             routing = self.decoder.lookahead(self.layers[pos], self.layers[j], x)
-            probs = routing.probs[0].tolist() if routing.probs.shape[0] == 1 else None
-            out[j] = (routing.idx.unique().tolist(), probs)
+            one = routing.probs.shape[0] == 1
+            probs = routing.probs[0].tolist() if one else None
+            weights = dict(zip(routing.idx[0].tolist(), routing.weights[0].float().tolist())) if one else {}
+            out[j] = (routing.idx.unique().tolist(), probs, weights)
         return out
 
     def _prefetch(self, pos: int, needed: set) -> None:
         """Read the experts the next layers' routers pick for this layer's input."""
         pinned = self._pinned(needed)
-        for j, (top, probs) in self.forecast(pos, self._x).items():
+        for j, (top, probs, weights) in self.forecast(pos, self._x).items():
             if probs is not None:
                 self.cache.policy.predict(j, probs)
             self._predicted.setdefault(j, set()).update(top)
@@ -382,7 +461,8 @@ class OffloadedExperts(RoutedExperts):
                 slot, evicted = admitted
                 if evicted is not None:
                     self._forget(evicted)
-                self._pending[key] = self.reader.submit(key, self.layers[j], e, self.pool.buffer(slot), demand=False)
+                self._submit(key, self.layers[j], e, slot, demand=False,
+                             low=self._decode and weights.get(e, 1.0) < self.low_below)
                 self._prefetched.add(key)
                 pinned.add(key)
                 self.prefetches += 1

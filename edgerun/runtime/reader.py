@@ -6,11 +6,16 @@ queue when a demand read is waiting. A queued or running prefetch can be cancell
 at the next piece. Chunks are read with O_DIRECT where the filesystem allows (no second copy in the page
 cache), else buffered, dropping the pages from the page cache after each chunk. Nothing is allocated per
 read besides the request object: the buffers are the cache's slots.
+
+A low read takes an expert's low-bit copy (store/lowbit.py) instead: the worker reads it into its own staging
+buffer, in one go (it is smaller than a chunk, so it never makes way for a demand read), and expands it into the
+slot as an ordinary q4 chunk.
 """
 
 from __future__ import annotations
 
 import heapq
+import mmap
 import os
 import threading
 
@@ -26,11 +31,11 @@ _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
 class ReadRequest:
-    __slots__ = ("key", "layer", "expert", "buf", "priority", "seq", "state", "offset", "error", "done")
+    __slots__ = ("key", "layer", "expert", "buf", "priority", "seq", "state", "offset", "error", "done", "low")
 
-    def __init__(self, key, layer: int, expert: int, buf: np.ndarray, priority: int, seq: int):
+    def __init__(self, key, layer: int, expert: int, buf: np.ndarray, priority: int, seq: int, low: bool = False):
         self.key, self.layer, self.expert, self.buf = key, layer, expert, buf
-        self.priority, self.seq = priority, seq
+        self.priority, self.seq, self.low = priority, seq, low
         self.state, self.offset, self.error = QUEUED, 0, None
         self.done = threading.Event()
 
@@ -47,8 +52,6 @@ def supports_direct_io(path: str | os.PathLike) -> bool:
     except OSError:
         return False
     try:
-        import mmap
-
         with mmap.mmap(-1, 4096) as page:  # page-aligned, as O_DIRECT needs
             return os.preadv(fd, [page], 0) >= 0
     except OSError:
@@ -72,18 +75,20 @@ class ExpertReader:
         self._closed = False
         self.bytes_read = 0
         self.reads = 0
+        self._staging = threading.local()  # each worker's buffer for low reads
         self._threads = [threading.Thread(target=self._work, name=f"edgerun-reader-{i}", daemon=True)
                          for i in range(max(1, workers))]
         for t in self._threads:
             t.start()
 
     # -- client side ------------------------------------------------------------------------------------------
-    def submit(self, key, layer: int, expert: int, buf: np.ndarray, demand: bool) -> ReadRequest:
+    def submit(self, key, layer: int, expert: int, buf: np.ndarray, demand: bool, low: bool = False) -> ReadRequest:
+        """Read the chunk of layer's expert (or its low-bit copy, expanded) into buf."""
         with self._cv:
             if self._closed:
                 raise RuntimeError("the reader is closed")
             self._seq += 1
-            req = ReadRequest(key, layer, expert, buf, DEMAND if demand else PREFETCH, self._seq)
+            req = ReadRequest(key, layer, expert, buf, DEMAND if demand else PREFETCH, self._seq, low)
             heapq.heappush(self._heap, req)
             self._cv.notify()
         return req
@@ -167,18 +172,21 @@ class ExpertReader:
 
     def _read(self, req: ReadRequest) -> bool:
         """Read pieces until the chunk is complete (True), or the request is cancelled or yields to a demand
-        read (False)."""
-        size = self.store.chunk_bytes
-        path = self.store.expert_path(req.layer, req.expert)
+        read (False). req.offset counts the bytes of the file read; a complete request's slot holds a whole chunk
+        (offset = chunk bytes), a low read's once expanded."""
+        low = req.low
+        size = self.store.low_layout.nbytes if low else self.store.chunk_bytes
+        path = (self.store.low_path if low else self.store.expert_path)(req.layer, req.expert)
+        buf = self._staging_buffer(size) if low else req.buf
         fd = os.open(path, os.O_RDONLY | (_O_DIRECT if self.direct else 0))
         try:
-            view = memoryview(req.buf)[:size]
+            view = memoryview(buf)[:size]
             while req.offset < size:
                 with self._cv:
                     if req.state == CANCELLED:
                         req.done.set()
                         return False
-                    if req.priority == PREFETCH and self._heap and self._heap[0].priority == DEMAND:
+                    if not low and req.priority == PREFETCH and self._heap and self._heap[0].priority == DEMAND:
                         req.state = QUEUED  # make way; resumes at req.offset
                         heapq.heappush(self._heap, req)
                         return False
@@ -194,8 +202,18 @@ class ExpertReader:
         finally:
             os.close(fd)
         self.reads += 1
-        key = (req.layer, req.expert)
+        key = (req.layer, req.expert, low)
         if self.verify and key not in self._verified:
-            self.store.verify_expert(req.layer, req.expert, req.buf[:size])
+            self.store.verify_expert(req.layer, req.expert, buf[:size], low=low)
             self._verified.add(key)
+        if low:
+            self.store.low_layout.expand(buf[:size], req.buf[:self.store.chunk_bytes])
+            req.offset = self.store.chunk_bytes
         return True
+
+    def _staging_buffer(self, size: int) -> np.ndarray:
+        buf = getattr(self._staging, "buf", None)
+        if buf is None:
+            self._staging.mem = mmap.mmap(-1, size)  # page-aligned, as O_DIRECT needs
+            buf = self._staging.buf = np.frombuffer(self._staging.mem, dtype=np.uint8)
+        return buf

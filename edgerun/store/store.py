@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import CheckpointError
 from .layout import ExpertLayout, TensorLayout
+from .lowbit import LowLayout, low_chunk_path
 
 FORMAT_NAME = "edgerun-store"
 FORMAT_VERSION = 1
@@ -86,6 +87,12 @@ class ExpertStore:
         self.num_experts: int = ex["num_experts"]
         self.expert_layout = ExpertLayout(ex["format"], ex["hidden"], ex["inter"], self.quant["group"])
         self._expert_crc = {int(k): v for k, v in ex["crc32"].items()}
+        # low-bit copies of the experts (store/lowbit.py), when made
+        low = ex.get("low")
+        self.low_layout = None
+        if low is not None:
+            self.low_layout = LowLayout(low["format"], self.expert_layout)
+            self._low_crc = {int(k): v for k, v in low["crc32"].items()}
         self._maps: dict[tuple[int, int], np.ndarray] = {}
         self._views: dict[tuple[int, int], tuple] = {}
         self._lock = threading.Lock()
@@ -107,6 +114,9 @@ class ExpertStore:
             for e in range(self.num_experts):
                 self._check_size(expert_chunk_path(self.path, layer, e), self.chunk_bytes,
                                  f"layer {layer} expert {e}")
+                if self.low_layout is not None:
+                    self._check_size(self.low_path(layer, e), self.low_layout.nbytes,
+                                     f"layer {layer} expert {e}'s low-bit copy")
 
     def _check_size(self, path: Path, want: int, what: str) -> None:
         try:
@@ -123,11 +133,15 @@ class ExpertStore:
     def expert_path(self, layer: int, expert: int) -> Path:
         return expert_chunk_path(self.path, layer, expert)
 
-    def verify_expert(self, layer: int, expert: int, data: np.ndarray) -> None:
-        if crc32(data) != self._expert_crc[layer][expert]:
+    def low_path(self, layer: int, expert: int) -> Path:
+        return low_chunk_path(self.path, layer, expert)
+
+    def verify_expert(self, layer: int, expert: int, data: np.ndarray, low: bool = False) -> None:
+        if crc32(data) != (self._low_crc if low else self._expert_crc)[layer][expert]:
+            path = self.low_path(layer, expert) if low else self.expert_path(layer, expert)
             raise CheckpointError(
-                f"store {self.path}: checksum mismatch in layer {layer} expert {expert} "
-                f"({self.expert_path(layer, expert)}); the file is damaged, convert the model again"
+                f"store {self.path}: checksum mismatch in layer {layer} expert {expert} ({path}); the file is "
+                f"damaged, convert the model again" + (" or make the low-bit copies again" if low else "")
             )
 
     def map_expert(self, layer: int, expert: int) -> np.ndarray:

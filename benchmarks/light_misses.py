@@ -1,0 +1,159 @@
+"""Light experts that miss, left out (`skip_below`) or read from their low-bit copies (`low_below`, copies made by
+`edgerun convert STORE --low-bits q2|q3`): what each costs in quality and what it buys in speed, setting by setting.
+
+Quality: the demo model (trained on Tiny Shakespeare) converted to a q4 store in --workdir, its experts in a RAM
+cache of 25% and 50% of them, scores the first --tokens held-out tokens one decode step at a time
+(`Model.logits(ids, decode=True)`, in windows of its 256-token context, each token once), against exact decoding:
+perplexity, the shares of decoded experts left out and served by copies, and the bytes read per token.
+
+Speed: the store of `routing_trace.py` (generated in --workdir if missing, q2 copies added) with the Mixtral trace's
+routing and weights, `edgerun bench --ram BUDGET --cold --routing-trace TRACE` with each setting's options in fresh
+processes, budgets of 25% and 50% of its experts; --rounds interleaved rounds, medians.
+
+    python benchmarks/light_misses.py --workdir ../trace-model --out light-misses.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import routing_trace  # noqa: E402 (the trace store and its budgets)
+
+ROOT = Path(__file__).resolve().parent.parent
+# (name, skip_below, low_below, copy format); the speed runs take those with no copy format or q2
+SETTINGS = [("exact", 0.0, 0.0, None), ("skip 0.2", 0.2, 0.0, None), ("skip 0.3", 0.3, 0.0, None),
+            ("q3 below 0.5", 0.0, 0.5, "q3"), ("q3 all misses", 0.0, 0.999, "q3"),
+            ("q2 below 0.3", 0.0, 0.3, "q2"), ("q2 below 0.5", 0.0, 0.5, "q2"),
+            ("q2 all misses", 0.0, 0.999, "q2"), ("q2 below 0.5, skip 0.2", 0.2, 0.5, "q2")]
+
+
+def quality(a: argparse.Namespace, report: dict) -> None:
+    sys.path.insert(0, str(ROOT / "training"))
+    import numpy as np
+    import train_demo
+
+    import edgerun
+    from edgerun.demo_model import demo_model_dir
+    from edgerun.runtime.offload import OffloadedExperts
+    from edgerun.store.convert import convert
+    from edgerun.store.lowbit import add_low_copies
+    from edgerun.store.store import ExpertStore, is_store
+
+    path = Path(a.workdir) / "demo-q4"
+    if not is_store(path):
+        convert(demo_model_dir(), path, quant="q4", progress=False)
+    model = edgerun.load(path, context_length=257)
+    _, held = train_demo.split_text((ROOT / "training" / "tinyshakespeare.txt").read_text(encoding="utf-8"))
+    ids = train_demo.encode(lambda t: model.tokenizer.encode(t, add_special_tokens=False), held)[0][:a.tokens]
+    for fmt in (None, "q3", "q2"):
+        if fmt:
+            add_low_copies(path, fmt, progress=False)
+        store = ExpertStore(path)
+        total = len(store.moe_layers) * store.num_experts
+        for share in a.shares:
+            for name, skip, low, f in SETTINGS:
+                if f != fmt:
+                    continue
+                slots = max(4, round(share * total))
+                experts = OffloadedExperts(store, model.spec.activation, slots, skip_below=skip, low_below=low)
+                model.use_experts(experts).close()
+                nll, count, skipped, served, accesses, read = 0.0, 0, 0, 0, 0, 0
+                for start in range(0, len(ids), 255):  # BOS and 255 tokens fill the 256-token context
+                    window = [train_demo.BOS] + ids[start:start + 255].tolist()
+                    logits = model.logits(window, decode=True)[:-1].astype(np.float64)
+                    top = logits.max(-1, keepdims=True)
+                    logp = logits - np.log(np.exp(logits - top).sum(-1, keepdims=True)) - top
+                    target = np.asarray(window[1:])
+                    nll -= logp[np.arange(len(target)), target].sum()
+                    count += len(target)
+                    s = model.stats()  # of this window's decode steps, one per target
+                    skipped += s["skipped_experts"]
+                    served += s["low_served"]
+                    accesses += len(target) * len(store.moe_layers) * model.spec.top_k
+                    read += s["decode_bytes_read"]
+                row = {"share": share, "slots": slots, "setting": name, "skip_below": skip, "low_below": low,
+                       "perplexity": math.exp(nll / count), "tokens": count, "skipped_rate": skipped / accesses,
+                       "low_served_rate": served / accesses, "bytes_read_per_token": read / count}
+                report["quality"].append(row)
+                print(f"quality {share:.0%} ({slots} slots) {name}: perplexity {row['perplexity']:.3f}, "
+                      f"{row['skipped_rate']:.1%} left out, {row['low_served_rate']:.1%} from copies, "
+                      f"{row['bytes_read_per_token'] / 1e3:.0f} KB/token", file=sys.stderr, flush=True)
+                experts.close()
+
+
+def speed(a: argparse.Namespace, report: dict, t0: float) -> None:
+    from edgerun.store.lowbit import add_low_copies
+    from edgerun.store.store import ExpertStore
+
+    a.hidden, a.inter, a.heads, a.kv_heads, a.prompt_tokens = 1024, 2816, 16, 4, 32
+    store = routing_trace.make_store(Path(a.workdir), a, t0)
+    low = ExpertStore(store).low_layout
+    if low is None or low.fmt != "q2":
+        routing_trace.log(t0, f"adding q2 copies to {store}")
+        add_low_copies(store, "q2", progress=False)
+    budgets = {share: routing_trace.budget_for(store, share, a) for share in a.shares}
+    for rnd in range(a.rounds):
+        for share in a.shares:
+            budget, slots = budgets[share]
+            for name, skip, low, fmt in SETTINGS:
+                if fmt == "q3":
+                    continue
+                r = routing_trace.bench(store, ["--ram", str(budget), "--cold", "--routing-trace",
+                                                str(routing_trace.TRACE), "--skip-below", str(skip),
+                                                "--low-below", str(low)], a)
+                report["speed"].append({"round": rnd, "share": share, "slots": r["expert_slots"], "setting": name,
+                                        **{k: r[k] for k in ("decode_tokens_per_s", "bytes_read_per_token",
+                                                             "skipped_rate", "low_served_rate", "hit_rate")}})
+                routing_trace.log(t0, f"speed round {rnd + 1} {share:.0%} {name}: "
+                                      f"{r['decode_tokens_per_s']:.2f} tok/s, {r['skipped_rate']:.1%} left out, "
+                                      f"{r['low_served_rate']:.1%} from copies, "
+                                      f"{r['bytes_read_per_token'] / 1e6:.0f} MB/token")
+                Path(a.out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True, help="where routing_trace.py's store is (made if missing)")
+    p.add_argument("--out", required=True, help="write the results here as JSON")
+    p.add_argument("--shares", type=float, nargs="+", default=[0.25, 0.5])
+    p.add_argument("--tokens", type=int, default=4096, help="held-out tokens scored (default 4096)")
+    p.add_argument("--rounds", type=int, default=3, help="speed: rounds over every setting (default 3)")
+    p.add_argument("--repeats", type=int, default=1, help="speed: generations per run (default 1)")
+    p.add_argument("--skip-speed", action="store_true", help="quality only")
+    a = p.parse_args(argv)
+    t0 = time.perf_counter()
+    report: dict = {"args": vars(a), "quality": [], "speed": []}
+    quality(a, report)
+    Path(a.out).write_text(json.dumps(report, indent=2) + "\n")
+    if not a.skip_speed:
+        scored = a.tokens
+        a.tokens = 64  # decoded per speed run
+        speed(a, report, t0)
+        a.tokens = scored
+    print(f"{'share':>6s} {'setting':>24s} {'perplexity':>10s} {'vs exact':>8s} {'left out':>8s} {'copies':>7s} "
+          f"{'KB/token':>8s} {'decode tok/s':>12s} {'vs exact':>8s} {'MB/token':>8s}")
+    for share in a.shares:
+        exact = next(r["perplexity"] for r in report["quality"] if r["share"] == share and r["setting"] == "exact")
+        base = [r["decode_tokens_per_s"] for r in report["speed"] if r["share"] == share and r["setting"] == "exact"]
+        for name, *_ in SETTINGS:
+            q = next(r for r in report["quality"] if r["share"] == share and r["setting"] == name)
+            sp = [r for r in report["speed"] if r["share"] == share and r["setting"] == name]
+            tok = statistics.median(r["decode_tokens_per_s"] for r in sp) if sp else None
+            speed_cols = (f"{tok:12.2f} {tok / statistics.median(base):8.2f}x "
+                          f"{statistics.median(r['bytes_read_per_token'] for r in sp) / 1e6:8.0f}"
+                          if sp and base else f"{'-':>12s} {'-':>9s} {'-':>8s}")
+            print(f"{share:6.0%} {name:>24s} {q['perplexity']:10.3f} {q['perplexity'] / exact - 1:+8.2%} "
+                  f"{q['skipped_rate']:8.1%} {q['low_served_rate']:7.1%} {q['bytes_read_per_token'] / 1e3:8.0f} "
+                  f"{speed_cols}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Low-bit copies of a q4 store's experts: the format, the copies in a store, and decoding that reads them for light
+experts missing from RAM."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import edgerun
+from edgerun import native
+from edgerun.cli import main
+from edgerun.errors import CheckpointError, EdgerunError
+from edgerun.runtime.offload import OffloadedExperts
+from edgerun.store import lowbit, quant
+from edgerun.store.convert import convert
+from edgerun.store.store import ExpertStore
+from edgerun.synthetic import mixtral_config, write_random_mixtral
+
+PROMPT = [3, 17, 99, 5, 64, 12, 7, 120, 33, 2, 45, 88, 9, 101, 56, 23]
+
+
+def decode_codes(sections: list[np.ndarray], fmt: str, group: int = 32) -> np.ndarray:
+    """The values a copy stands for, read straight from its bit planes as the format's description lays them out
+    (not through its q4 form)."""
+    lo, scales = sections[0], sections[-1]
+    o, ng = scales.shape
+    codes = np.zeros((o, ng, group), dtype=np.int32)
+    plane = lo.reshape(o, ng, group // 4).astype(np.int32)
+    for pair in range(4):
+        codes[:, :, pair * group // 4:(pair + 1) * group // 4] = (plane >> (2 * pair)) & 3
+    if fmt == "q3":
+        hi = sections[1].reshape(o, ng, group // 8).astype(np.int32)
+        for bit in range(8):
+            codes[:, :, bit * group // 8:(bit + 1) * group // 8] |= ((hi >> bit) & 1) << 2
+    values = codes + lowbit.LEVELS[fmt][0]
+    return (values * scales.astype(np.float32)[..., None]).reshape(o, -1)
+
+
+# -- the format --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt, bound", [("q3", 0.18), ("q2", 0.35)])
+def test_a_copy_round_trips_within_its_bound_and_its_q4_form_is_exact(fmt, bound):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((96, 200)).astype(np.float32)
+    w[3, :32] = 0  # a group of zeros
+    sections = lowbit.quantize(w, fmt)
+    assert [s.shape for s in sections] == lowbit.packed_shapes(fmt, 96, 200)
+    bits = sum(s.nbytes for s in sections) * 8 / (96 * quant.padded_in_features(200))
+    assert bits == lowbit.BITS[fmt] + 0.5  # and a float16 scale per 32 values
+    direct = decode_codes(sections, fmt)[:, :200]
+    assert np.linalg.norm(direct - w) / np.linalg.norm(w) < bound
+    assert not direct[3, :32].any()
+    assert np.array_equal(lowbit.dequantize_low(sections, fmt, 200), direct)  # the q4 form holds the same values
+    # a coarser grid is coarser: q2 loses more than q3, which loses more than q4
+    q4 = quant.dequantize(*quant.quantize(w, "q4"), 200)
+    assert np.linalg.norm(q4 - w) < np.linalg.norm(direct - w)
+
+
+def test_the_scale_search_beats_the_plain_scale():
+    w = np.random.default_rng(1).standard_normal((64, 256)).astype(np.float32)
+    searched = decode_codes(lowbit.quantize(w, "q2"), "q2")
+    plain = quant.dequantize(*quant.quantize(w, "q4"), 256)  # q4's scale rule, kept to the 4 levels of q2
+    g = w.reshape(64, 8, 32)
+    top = np.take_along_axis(g, np.argmax(np.abs(g), axis=2)[..., None], axis=2) / -2
+    s = top.astype(np.float16).astype(np.float32)
+    plain = (np.clip(np.rint(g / s), -2, 1) * s).reshape(64, 256)
+    assert np.linalg.norm(searched - w) < 0.95 * np.linalg.norm(plain - w)
+
+
+# -- copies in a store -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    base = tmp_path_factory.mktemp("lowbit")
+    hf = write_random_mixtral(base / "hf", mixtral_config(128, 4, 8, 256, heads=4, kv_heads=2))
+    convert(hf, base / "q4", quant="q4", progress=False)
+    convert(hf, base / "plain", quant="q4", progress=False)
+    convert(hf, base / "q8", quant="q8", progress=False)
+    assert main(["convert", str(base / "q4"), "--low-bits", "q2"]) == 0
+    return base
+
+
+@pytest.mark.parametrize("fmt", ["q2", "q3"])
+def test_copies_are_written_and_expand_to_the_experts_they_copy(stores, tmp_path, fmt):
+    import shutil
+
+    path = tmp_path / "store"
+    shutil.copytree(stores / "plain", path)
+    meta = lowbit.add_low_copies(path, fmt, progress=False)
+    store = ExpertStore(path)
+    layout = store.low_layout
+    assert meta["format"] == fmt and layout.fmt == fmt and layout.nbytes < store.chunk_bytes
+    ex = store.expert_layout
+    for layer in store.moe_layers[:2]:
+        for e in (0, 5):
+            raw = np.fromfile(store.low_path(layer, e), dtype=np.uint8)
+            store.verify_expert(layer, e, raw, low=True)
+            chunk = np.zeros(store.chunk_bytes, dtype=np.uint8)
+            layout.expand(raw, chunk)
+            # the q4 chunk made from the copy holds the copy's values, which are near the expert's own
+            for (qs, scales), sections, (q_ref, s_ref), cols in zip(ex.views(chunk), layout.views(raw),
+                                                                   store.expert_views(layer, e),
+                                                                   (ex.hidden, ex.inter)):
+                got = quant.dequantize(qs, scales, cols)
+                assert np.array_equal(got, decode_codes(sections, fmt)[:, :cols])
+                exact = quant.dequantize(q_ref, s_ref, cols)
+                assert 0 < np.linalg.norm(got - exact) / np.linalg.norm(exact) < (0.2 if fmt == "q3" else 0.4)
+
+
+def test_damaged_or_missing_copies_are_caught(stores, tmp_path):
+    import shutil
+
+    path = tmp_path / "store"
+    shutil.copytree(stores / "q4", path)
+    store = ExpertStore(path)
+    raw = np.fromfile(store.low_path(1, 2), dtype=np.uint8)
+    raw[100] ^= 0xFF
+    with pytest.raises(CheckpointError, match="checksum mismatch in layer 1 expert 2.*low-bit copies"):
+        store.verify_expert(1, 2, raw, low=True)
+    with open(store.low_path(1, 2), "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(CheckpointError, match="low-bit copy"):
+        ExpertStore(path)
+
+
+def test_copies_need_a_q4_store_and_the_command_line_says_what_to_do(stores, capsys):
+    with pytest.raises(EdgerunError, match="made for q4 experts"):
+        lowbit.add_low_copies(stores / "q8", "q2", progress=False)
+    with pytest.raises(EdgerunError, match="unknown low-bit format"):
+        lowbit.add_low_copies(stores / "plain", "q1", progress=False)
+    assert main(["convert", str(stores / "plain")]) == 2
+    assert "already a store" in capsys.readouterr().err
+    with pytest.raises(EdgerunError, match="no low-bit copies"):
+        edgerun.load(stores / "plain", low_below=0.3)
+    with pytest.raises(EdgerunError, match="low_below must be"):
+        edgerun.load(stores / "q4", low_below=1.0)
+
+
+# -- decoding with them ------------------------------------------------------------------------------------------
+def offload(model: edgerun.Model, slots: int, **kwargs) -> OffloadedExperts:
+    experts = OffloadedExperts(ExpertStore(model.path), model.spec.activation, slots, **kwargs)
+    model.use_experts(experts).close()
+    return experts
+
+
+def test_a_light_miss_is_computed_from_its_copy_and_a_heavy_one_from_its_chunk(stores, monkeypatch):
+    monkeypatch.setattr(native, "INT_DOT", False)
+    model = edgerun.load(stores / "q4")
+    experts = offload(model, slots=4, prefetch=False, low_below=0.3)
+    store = experts.store
+    layer = store.moe_layers[0]
+    x = torch.randn(1, 128)
+    idx, weights = torch.tensor([[6, 1]]), torch.tensor([[0.8, 0.2]])
+    experts.begin_step("decode", 1)
+    got = experts(layer, x, idx, weights)
+
+    def ffn(chunk: np.ndarray) -> np.ndarray:
+        (gq, gs), (dq, ds) = store.expert_layout.views(chunk)
+        out = np.empty((1, 128), dtype=np.float32)
+        native.expert_ffn(x.numpy(), gq, gs, dq, ds, experts.activation, out)
+        return out
+
+    heavy = ffn(store.map_expert(layer, 6))
+    light = np.zeros(store.chunk_bytes, dtype=np.uint8)
+    store.low_layout.expand(np.fromfile(store.low_path(layer, 1), dtype=np.uint8), light)
+    want = 0.8 * heavy + 0.2 * ffn(light)
+    assert np.allclose(got.numpy(), want, atol=1e-5)
+    assert not np.allclose(got.numpy(), 0.8 * heavy + 0.2 * ffn(store.map_expert(layer, 1)), atol=1e-4)
+    stats = experts.stats()
+    assert stats["low_reads"] == 1 and stats["low_served"] == 1 and stats["bytes_read"] == (
+        store.chunk_bytes + store.low_layout.nbytes)
+    # the same copy, now needed with a heavy weight, is read over by the chunk first
+    experts.begin_step("decode", 1)
+    got = experts(layer, x, torch.tensor([[1, 6]]), torch.tensor([[0.7, 0.3]]))
+    assert np.allclose(got.numpy(), 0.7 * ffn(store.map_expert(layer, 1)) + 0.3 * heavy, atol=1e-5)
+    assert experts.stats()["low_upgrades"] == 1 and experts.stats()["low_served"] == 1
+    experts.close()
+
+
+def test_decoding_with_copies_reads_fewer_bytes_and_exact_stays_exact(stores, monkeypatch):
+    monkeypatch.setattr(native, "INT_DOT", False)  # one token at a time computes as a prefill does
+    exact = edgerun.load(stores / "plain")
+    ids = exact.generate_ids(PROMPT, 10, temperature=0, ignore_eos=True)
+    want = exact.logits(PROMPT + ids)
+    model = edgerun.load(stores / "q4")
+    runs = {}
+    for low in (0.0, 0.999):
+        experts = offload(model, slots=4, prefetch=False, low_below=low)
+        runs[low] = (model.logits(PROMPT + ids, decode=True), model.stats())
+        experts.close()
+    got, stats = runs[0.999]
+    assert stats["low_reads"] > 0 and stats["low_served"] >= stats["low_reads"] and stats["low_format"] == "q2"
+    assert stats["decode_bytes_read"] < 0.8 * runs[0.0][1]["decode_bytes_read"]
+    assert np.allclose(got[0], want[0], atol=1e-4)  # the prompt's first token: a prefill, computed exactly
+    assert not np.allclose(got, want, atol=1e-3)
+    # off, the copies change nothing
+    assert np.allclose(runs[0.0][0], want, atol=1e-4) and runs[0.0][1]["low_reads"] == 0
+
+
+def test_a_copy_used_again_is_upgraded_when_the_disk_is_idle(stores):
+    model = edgerun.load(stores / "q4")
+    experts = offload(model, slots=16, prefetch=False, low_below=0.999)
+    model.generate_ids(PROMPT, 24, temperature=0, ignore_eos=True)
+    stats = experts.stats()
+    assert stats["low_served"] > stats["low_reads"] > 0 and stats["low_upgrades"] > 0
+    upgraded = [k for k in experts.cache.resident() if k not in experts._low]
+    assert upgraded
+    # an upgraded slot holds the expert's exact chunk
+    for pos, e in upgraded[:3]:
+        slot = experts.cache.slot_of((pos, e))
+        req = experts._pending.get((pos, e))
+        if req is not None:
+            experts.reader.wait(req)
+        assert np.array_equal(experts.pool.buffer(slot), experts.store.map_expert(experts.layers[pos], e))
+    experts.close()
+
+
+def test_load_and_bench_take_the_threshold(stores, capsys, monkeypatch):
+    from test_offload import budget_for
+
+    budget = budget_for(stores / "q4", 6, monkeypatch)
+    model = edgerun.load(stores / "q4", context_length=64, ram=budget, low_below=0.999)
+    model.generate_ids(PROMPT, 8, temperature=0, ignore_eos=True)
+    stats = model.stats()
+    assert stats["offload"] and stats["low_below"] == 0.999 and stats["low_reads"] > 0
+    assert main(["bench", str(stores / "q4"), "--ram", str(budget), "--low-below", "0.999", "--tokens", "8",
+                 "--prompt-tokens", "8", "--repeats", "1", "--no-kernels", "--ctx", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "served by q2 copies (weight below 0.999)" in out
