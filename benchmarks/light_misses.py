@@ -127,10 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="speed: rounds over every setting (default 3)")
     p.add_argument("--repeats", type=int, default=1, help="speed: generations per run (default 1)")
     p.add_argument("--skip-speed", action="store_true", help="quality only")
+    p.add_argument("--reuse-quality", action="store_true",
+                   help="take the quality rows from --out, written by an earlier run, and measure speed only")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     report: dict = {"args": vars(a), "quality": [], "speed": []}
-    quality(a, report)
+    if a.reuse_quality:
+        report["quality"] = json.loads(Path(a.out).read_text())["quality"]
+    else:
+        quality(a, report)
     Path(a.out).write_text(json.dumps(report, indent=2) + "\n")
     if not a.skip_speed:
         scored = a.tokens

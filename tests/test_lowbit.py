@@ -172,7 +172,7 @@ def test_a_light_miss_is_computed_from_its_copy_and_a_heavy_one_from_its_chunk(s
     experts.begin_step("decode", 1)
     got = experts(layer, x, torch.tensor([[1, 6]]), torch.tensor([[0.7, 0.3]]))
     assert np.allclose(got.numpy(), 0.7 * ffn(store.map_expert(layer, 1)) + 0.3 * heavy, atol=1e-5)
-    assert experts.stats()["low_upgrades"] == 1 and experts.stats()["low_served"] == 1
+    assert experts.stats()["low_read_overs"] == 1 and experts.stats()["low_served"] == 1
     experts.close()
 
 

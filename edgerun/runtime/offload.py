@@ -139,7 +139,7 @@ class OffloadedExperts(RoutedExperts):
         self.stall_seconds = 0.0
         self.decode_tokens = 0
         self.skipped = 0  # decoded tokens' experts left out (skip_below)
-        self.low_reads = self.low_served = self.upgrades = 0  # low_below
+        self.low_reads = self.low_served = self.upgrades = self.read_overs = 0  # low_below
         self._bytes0 = self.reader.bytes_read
         self._decode_bytes0: int | None = None  # bytes read when the first decode step began
 
@@ -178,7 +178,8 @@ class OffloadedExperts(RoutedExperts):
             "low_reads": self.low_reads,
             "low_served": self.low_served,
             "low_served_rate": rate(self.low_served),
-            "low_upgrades": self.upgrades,
+            "low_upgrades": self.upgrades,  # in the background, of copies in steady use
+            "low_read_overs": self.read_overs,  # copies a heavier token or a prefill needed the chunk of
             "direct_io": self.reader.direct,
         }
 
@@ -245,7 +246,7 @@ class OffloadedExperts(RoutedExperts):
                         self._upgrade.add(key)
                 else:  # the copy is not good enough for this token: the chunk is read over it
                     self._read_over_low(key, layer, e, slot)
-                    self.upgrades += 1
+                    self.read_overs += 1
                     loading.append(e)  # a demand read in the statistics
                     continue
             if slot is not None:
