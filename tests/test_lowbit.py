@@ -56,6 +56,15 @@ def test_a_copy_round_trips_within_its_bound_and_its_q4_form_is_exact(fmt, bound
     assert np.linalg.norm(q4 - w) < np.linalg.norm(direct - w)
 
 
+@pytest.mark.parametrize("fmt", lowbit.FORMATS)
+def test_scales_are_divided_as_float16_divides_them(fmt):
+    every = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    finite = every[np.isfinite(every)].reshape(-1, 8)
+    got = np.empty_like(finite)
+    lowbit.divided_scales(finite, fmt, got)
+    assert np.array_equal(got.view(np.uint16), np.divide(finite, np.float16(lowbit.TO_Q4[fmt])).view(np.uint16))
+
+
 def test_the_scale_search_beats_the_plain_scale():
     w = np.random.default_rng(1).standard_normal((64, 256)).astype(np.float32)
     searched = decode_codes(lowbit.quantize(w, "q2"), "q2")

@@ -94,23 +94,36 @@ def quantize(w: np.ndarray, fmt: str, group: int = 32) -> list[np.ndarray]:
 
 
 def to_q4(sections: list[np.ndarray], fmt: str, qs: np.ndarray, scales: np.ndarray) -> None:
-    """Write the q4 (qs uint8 [O, Kp / 2], scales float16 [O, Kp / G]) equal to a copy's sections."""
+    """Write the q4 (qs uint8 [O, Kp / 2], scales float16 [O, Kp / G]) equal to a copy's sections. The bytes are
+    worked on as 64-bit (q2) or 32-bit (q3) words: every operation keeps to the bits of its own byte."""
     lo, s = sections[0], sections[-1]
     o, ng = s.shape
-    quarter = lo.shape[1] // ng
-    lo = lo.reshape(o, ng, quarter)
-    out = qs.reshape(o, ng, 2, quarter)
+    quarter = lo.shape[1] // ng  # G/4 bytes a group, a multiple of 8
     if fmt == "q2":  # nibble = 4 c: pairs 0 and 2 of byte j make q4 byte j, pairs 1 and 3 make byte j + G/4
-        np.left_shift(lo & 0x33, 2, out=out[:, :, 0])
-        np.bitwise_and(lo, 0xCC, out=out[:, :, 1])
+        words = lo.reshape(o, ng, quarter).view(np.uint64)
+        out = qs.reshape(o, ng, 2, quarter).view(np.uint64)
+        np.left_shift(words & np.uint64(0x3333333333333333), np.uint64(2), out=out[:, :, 0])
+        np.bitwise_and(words, np.uint64(0xCCCCCCCCCCCCCCCC), out=out[:, :, 1])
     else:  # nibble = 2 c: the low bits as for q2 shifted one less, bit 2 from the 1-bit plane
-        np.left_shift(lo & 0x33, 1, out=out[:, :, 0])
-        np.right_shift(lo & 0xCC, 1, out=out[:, :, 1])
         eighth = quarter // 2
-        hi = sections[1].reshape(o, ng, 1, eighth)
-        high = ((hi >> np.arange(4, dtype=np.uint8).reshape(1, 1, 4, 1)) & 0x11) << 3  # [o, ng, 4, G/8]
-        out.reshape(o, ng, 4, eighth)[...] |= high
-    np.divide(s, np.float16(TO_Q4[fmt]), out=scales)
+        words = lo.reshape(o, ng, 2, eighth).view(np.uint32)
+        out = qs.reshape(o, ng, 4, eighth).view(np.uint32)  # block b: q4 bytes b G/8 .. (b + 1) G/8
+        np.left_shift(words & np.uint32(0x33333333), np.uint32(1), out=out[:, :, 0:2])
+        np.right_shift(words & np.uint32(0xCCCCCCCC), np.uint32(1), out=out[:, :, 2:4])
+        hi = sections[1].reshape(o, ng, 1, eighth).view(np.uint32)
+        out |= ((hi >> np.arange(4, dtype=np.uint32).reshape(1, 1, 4, 1)) & np.uint32(0x11111111)) << np.uint32(3)
+    divided_scales(s, fmt, scales)
+
+
+def divided_scales(s: np.ndarray, fmt: str, out: np.ndarray) -> None:
+    """out = s / TO_Q4[fmt] in float16, exactly as float16 division rounds it: a normal scale whose exponent stays
+    normal loses 1 (q3) or 2 (q2) from its exponent bits; the others (tiny or zero) are divided in float32."""
+    shift = TO_Q4[fmt].bit_length() - 1
+    bits, o = s.view(np.uint16), out.view(np.uint16)
+    np.subtract(bits, np.uint16(shift << 10), out=o)
+    small = (bits & 0x7C00) <= (shift << 10)
+    if small.any():
+        out[small] = s[small].astype(np.float32) / np.float32(TO_Q4[fmt])
 
 
 def dequantize_low(sections: list[np.ndarray], fmt: str, in_features: int) -> np.ndarray:
