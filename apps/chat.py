@@ -10,6 +10,7 @@ in the order they were asked for, and a reply stops when its tab is closed or it
 from __future__ import annotations
 
 import contextvars
+import functools
 import gc
 import html
 import os
@@ -256,9 +257,13 @@ def fit_context(model: edgerun.Model, messages: list[dict], max_tokens: int) -> 
 class ChatApp:
     """The page and its handlers over one model, shared by every tab."""
 
-    def __init__(self, model: edgerun.Model | None, source: tuple[str, str, str] = ("", "none", "")):
+    def __init__(self, model: edgerun.Model | None, source: tuple[str, str, str] = ("", "none", ""),
+                 options: dict | None = None):
         self.model = model
         self.source = source  # (path as typed, quant, ram) of the loaded model, to reload it after a failed load
+        # what the command line gave edgerun.load besides the page's fields (context, threads, the GPU tier), for
+        # every model loaded from the page too
+        self.options = dict(options or {})
         self._active = 0  # generations running now
         self._count_lock = threading.Lock()
         self._turn = threading.Lock()
@@ -385,7 +390,7 @@ class ChatApp:
         progress(0.05, desc=f"loading {path or 'the demo model'}")
         try:
             with self._turn:
-                self.model = model_thread().call(open_model, path, quant, ram)
+                self.model = model_thread().call(functools.partial(open_model, path, quant, ram, **self.options))
             self.source = (path, quant, ram)
             s = self.model.stats()
             msg = _status(f"loaded **{html.escape(path or 'the demo model')}** in {s.get('load_seconds', 0):.1f} s")
@@ -399,7 +404,7 @@ class ChatApp:
         gr.Warning(error)
         try:
             with self._turn:
-                self.model = model_thread().call(open_model, *previous)
+                self.model = model_thread().call(functools.partial(open_model, *previous, **self.options))
             kept = f"; kept {previous[0] or 'the demo model'}"
         except Exception:  # noqa: BLE001
             self.model = None
@@ -536,8 +541,9 @@ def on_model_thread(pieces: Iterator[str]) -> Iterator[str]:
         thread.call(pieces.close)
 
 
-def open_model(path: str, quant: str, ram: str) -> edgerun.Model:
-    """edgerun.load with the page's fields: an empty path is the demo model, "none" runs the model as it is."""
+def open_model(path: str, quant: str, ram: str, **options) -> edgerun.Model:
+    """edgerun.load with the page's fields and `options`: an empty path is the demo model, "none" runs the model as
+    it is."""
     if path:
         target = Path(path).expanduser()
         source = str(target) if target.exists() else path  # else a repo id in the HF cache
@@ -546,7 +552,7 @@ def open_model(path: str, quant: str, ram: str) -> edgerun.Model:
 
         source = demo_model_dir()
     return edgerun.load(source, quant=None if quant in ("", "none", None) else quant, ram=ram or None,
-                        progress=True)
+                        progress=True, **options)
 
 
 def free_port(host: str = "127.0.0.1", start: int = DEFAULT_PORT, tries: int = 100) -> int:

@@ -352,6 +352,20 @@ def test_loading_a_model_from_the_page_reports_errors_in_it(paths, tmp_path):
     assert reply_text(history)
 
 
+def test_a_model_loaded_from_the_page_keeps_the_command_lines_options(paths):
+    """The page has fields for the path, quant and RAM; the context, threads and GPU tier the command was started
+    with apply to every model loaded from it, a failed load's restored one too."""
+    options = {"context_length": 96, "gpu": "4MB", "device": "cpu", "misses": "cpu"}
+    app = chat.ChatApp(None, (str(paths["q4"]), "none", ""), options)
+    status, _ = app.load_model(str(paths["q4"]), "none", "")
+    stats = app.model.stats()
+    assert "loaded" in status and app.model.context_length == 96
+    assert stats["device"] == "cpu" and stats["misses"] == "cpu" and stats["memory_plan"]["gpu"]["budget_bytes"] == 4e6
+    with pytest.warns(UserWarning):
+        status, _ = app.load_model(str(paths["q4"]), "none", "1MiB")
+    assert "kept" in status and app.model.context_length == 96 and app.model.stats()["device"] == "cpu"
+
+
 # -- the command -------------------------------------------------------------------------------------------------
 def test_chat_command_rejects_bad_arguments(paths, tmp_path, capsys):
     cases = [

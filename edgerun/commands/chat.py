@@ -53,16 +53,16 @@ def main(args: argparse.Namespace) -> int:
 
         source = demo_model_dir()
     quant = None if args.quant in (None, "none") else args.quant
-    app = chat.ChatApp(None, (args.model or "", args.quant or "none", args.ram or ""))
+    options = {"context_length": args.ctx, "threads": args.threads, **gpu_kwargs(args)}
+    app = chat.ChatApp(None, (args.model or "", args.quant or "none", args.ram or ""), options)
     try:
         page, url = app.launch(host=args.host, port=args.port, share=args.share == "yes")
     except OSError as e:
         raise EdgerunError(f"cannot serve the page on {args.host}: {e}") from None
     try:  # the server runs first, so that a RAM budget, planned when the model loads, counts its memory too
         print(f"edgerun chat: loading {source}", file=sys.stderr)
-        app.model = chat.model_thread().call(functools.partial(
-            edgerun.load, source, quant=quant, ram=args.ram, context_length=args.ctx, threads=args.threads,
-            **gpu_kwargs(args)))
+        app.model = chat.model_thread().call(functools.partial(edgerun.load, source, quant=quant, ram=args.ram,
+                                                               **options))
     except BaseException:
         _close(page)
         raise

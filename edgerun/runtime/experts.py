@@ -95,8 +95,8 @@ class RoutedExperts:
             chosen = idx[0].tolist()
             ys = {e: self.expert(layer, e, x) for e in self.schedule(layer, chosen)}
             out = torch.zeros_like(x)
-            for e, w in zip(chosen, weights[0].to(x.dtype).tolist()):  # exact: w is a value of x's dtype
-                out.add_(ys[e], alpha=w)
+            for e, w in zip(chosen, weights[0]):
+                out += ys[e] * w.to(x.dtype)
             return out
         K = idx.shape[1]
         flat = idx.reshape(-1)
