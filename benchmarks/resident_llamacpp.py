@@ -8,6 +8,10 @@ Every run is a fresh process: `edgerun bench STORE --temp 0 --json` (medians of 
 untimed run of each that brings the files into the page cache; --rounds rounds alternate the two so that the
 machine's slow minutes hit both. The table gives medians and edgerun's ratio to llama.cpp.
 
+With --cold, each run starts with its files dropped from the page cache instead (`edgerun bench --cold`, whose store
+is read ahead in the background at load; llama.cpp reads and repacks its weights at load): the time from the
+start of loading to the first token, and the decode speed of that first generation.
+
     python benchmarks/resident_llamacpp.py --workdir ../resident-model --out resident.json
 """
 
@@ -63,16 +67,29 @@ def run(cmd: list[str]) -> dict:
 def edgerun_run(store: Path, a: argparse.Namespace) -> dict:
     r = run([sys.executable, "-m", "edgerun.cli", "bench", str(store), "--threads", str(a.threads), "--temp", "0",
              "--prompt-tokens", str(a.prompt_tokens), "--tokens", str(a.tokens), "--repeats", str(a.repeats),
-             "--no-kernels", "--json"])
-    return {"decode_tokens_per_s": r["decode_tokens_per_s"], "prefill_tokens_per_s": r["prefill_tokens_per_s"],
-            "peak_rss_bytes": r["peak_rss_bytes"]}
+             "--no-kernels", "--json"] + (["--cold"] if a.cold else []))
+    out = {"decode_tokens_per_s": r["decode_tokens_per_s"], "prefill_tokens_per_s": r["prefill_tokens_per_s"],
+           "peak_rss_bytes": r["peak_rss_bytes"]}
+    if a.cold:
+        first = r["cold_run"]
+        out.update(first_token_after_start_s=r["load_seconds"] + first["time_to_first_token_s"],
+                   cold_decode_tokens_per_s=first["decode_tokens_per_s"])
+    return out
 
 
 def llamacpp_run(gguf: Path, a: argparse.Namespace) -> dict:
+    if a.cold:
+        sys.path.insert(0, str(HERE))
+        from disk_read import drop_cache
+
+        drop_cache([gguf])
     r = run([sys.executable, str(HERE / "llamacpp_baseline.py"), "bench", str(gguf), "--threads", str(a.threads),
              "--prompt-tokens", str(a.prompt_tokens), "--gen-tokens", str(a.tokens), "--json"])
-    return {"decode_tokens_per_s": r["decode_tok_s"], "prefill_tokens_per_s": r["prompt_tok_s"],
-            "peak_rss_bytes": int(r["peak_rss_mb"] * (1 << 20))}
+    out = {"decode_tokens_per_s": r["decode_tok_s"], "prefill_tokens_per_s": r["prompt_tok_s"],
+           "peak_rss_bytes": int(r["peak_rss_mb"] * (1 << 20))}
+    if a.cold:  # its prompt step gives the first token; its one generation is the cold one
+        out.update(first_token_after_start_s=r["load_s"] + r["prompt_s"], cold_decode_tokens_per_s=r["decode_tok_s"])
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,13 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=64, help="tokens decoded per run (default 64)")
     p.add_argument("--repeats", type=int, default=3, help="edgerun generations per run, median (default 3)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
+    p.add_argument("--cold", action="store_true", help="each run with its files out of the page cache")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     workdir = Path(a.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     store, gguf = make_files(workdir, a, t0)
     report: dict = {"args": vars(a), "edgerun": [], "llama.cpp": []}
-    edgerun_run(store, a), llamacpp_run(gguf, a)  # into the page cache
+    if not a.cold:
+        edgerun_run(store, a), llamacpp_run(gguf, a)  # into the page cache
     for rnd in range(a.rounds):
         for name, fn, path in (("edgerun", edgerun_run, store), ("llama.cpp", llamacpp_run, gguf)):
             r = fn(path, a)
@@ -107,11 +126,13 @@ def main(argv: list[str] | None = None) -> int:
            for name in ("edgerun", "llama.cpp")}
     report["medians"] = med
     Path(a.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{'':10s} {'decode tok/s':>12s} {'prefill tok/s':>13s} {'peak RSS':>9s}")
+    print(f"{'':10s} {'decode tok/s':>12s} {'prefill tok/s':>13s} {'peak RSS':>9s}"
+          + (f" {'first token after start':>24s} {'cold decode tok/s':>17s}" if a.cold else ""))
     for name in ("edgerun", "llama.cpp"):
         m = med[name]
         print(f"{name:10s} {m['decode_tokens_per_s']:12.2f} {m['prefill_tokens_per_s']:13.2f} "
-              f"{m['peak_rss_bytes'] / 2**30:7.2f} GiB")
+              f"{m['peak_rss_bytes'] / 2**30:7.2f} GiB"
+              + (f" {m['first_token_after_start_s']:22.2f} s {m['cold_decode_tokens_per_s']:17.2f}" if a.cold else ""))
     e, ll = med["edgerun"], med["llama.cpp"]
     print(f"{'ratio':10s} {e['decode_tokens_per_s'] / ll['decode_tokens_per_s']:11.2f}x "
           f"{e['prefill_tokens_per_s'] / ll['prefill_tokens_per_s']:12.2f}x")
