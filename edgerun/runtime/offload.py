@@ -85,6 +85,7 @@ class OffloadedExperts(RoutedExperts):
         self.low_below = low_below
         self._low: dict[tuple[int, int], int] = {}  # keys whose slot holds a low-bit copy: tokens it served
         self._upgrade: set[tuple[int, int]] = set()  # low copies in steady use: read the chunk when the disk is free
+        self._upgrading: set[tuple[int, int]] = set()  # those being read: not stale prefetches, whatever the layer
         self._weight: dict[int, float] = {}  # the decoded token's routing weights at the current layer
         self._pending: dict[tuple[int, int], ReadRequest] = {}  # reads into cache slots not yet consumed
         self._prefetched: set[tuple[int, int]] = set()  # reads issued as prefetches, not yet used
@@ -294,6 +295,7 @@ class OffloadedExperts(RoutedExperts):
             self._wait(req)
             return slot, True
         req = self._pending.pop(key, None)
+        self._upgrading.discard(key)
         if req is not None:
             try:
                 self._wait(req)
@@ -371,6 +373,7 @@ class OffloadedExperts(RoutedExperts):
 
     def _submit(self, key, layer: int, e: int, slot: int, demand: bool, low: bool = False) -> None:
         """Start the read of an expert (its chunk, or its low-bit copy) into its cache slot."""
+        self._upgrading.discard(key)
         self._pending[key] = self.reader.submit(key, layer, e, self.pool.buffer(slot), demand=demand, low=low)
         if low:
             self._low[key] = 0
@@ -400,6 +403,7 @@ class OffloadedExperts(RoutedExperts):
             if req is not None and not req.done.is_set():
                 continue
             self._read_over_low(key, self.layers[key[0]], key[1], slot, demand=False)
+            self._upgrading.add(key)
             self.upgrades += 1
             return  # one at a time: the disk stays free for what the next layers need
 
@@ -418,10 +422,12 @@ class OffloadedExperts(RoutedExperts):
         self._prefetched.discard(key)
         self._low.pop(key, None)
         self._upgrade.discard(key)
+        self._upgrading.discard(key)
 
     def _cancel_stale(self, pos: int, needed: set) -> None:
         """Prefetches for this layer that routing did not choose, or for layers already passed."""
-        stale = [k for k in self._pending if k[0] < pos or (k[0] == pos and k not in needed)]
+        stale = [k for k in self._pending
+                 if (k[0] < pos or (k[0] == pos and k not in needed)) and k not in self._upgrading]
         for key in stale:
             req = self._pending.pop(key)
             self.reader.cancel(req)
