@@ -7,6 +7,8 @@ reports). Call warmup() at model load so that no kernel compiles during the firs
     matmul(x, qs, scales, out)    out[t, o] = sum_k W[o, k] x[t, k]
     expert_ffn(x, gate_up_qs, gate_up_scales, down_qs, down_scales, activation, out)
     quantize(w, fmt, group)       -> (qs, scales), byte-identical to edgerun.store.quant.quantize
+    quantize_low(w, fmt, group)   -> a low-bit copy's sections, byte-identical to edgerun.store.lowbit.quantize
+    dequantize_q4(qs, scales)     -> float32 [O, Kp], equal to edgerun.store.quant.dequantize
 
 Weights are never expanded in RAM: one token streams every weight once (GEMV); a few tokens stream them
 the same way, converting each weight once per pair of tokens; more tokens dequantize a few rows at a time
@@ -183,3 +185,41 @@ def quantize(w: np.ndarray, fmt: str, group: int = 32) -> tuple[np.ndarray, np.n
     qs = np.empty(qs_shape, dtype=np.int8 if fmt == "q8" else np.uint8)
     (_kernels.quantize_q8 if fmt == "q8" else _kernels.quantize_q4)(w, scales.view(np.uint16), lut, qs)
     return qs, scales
+
+
+def quantize_low(w: np.ndarray, fmt: str, group: int = 32) -> list[np.ndarray]:
+    """The sections of the float matrix w [O, K] as a q2/q3 low-bit copy, in parallel; byte-identical to
+    edgerun.store.lowbit.quantize."""
+    from ..store import lowbit
+
+    if not _ready:
+        warmup()
+    if _kernels is None:
+        return lowbit.quantize(w, fmt, group)
+    _threads()
+    o, k = w.shape
+    kp = quant.padded_in_features(k, group)
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    wp = np.zeros((o, kp), dtype=np.float32) if kp != k else w
+    if kp != k:
+        wp[:, :k] = w
+    candidates = lowbit.candidate_scales(wp.reshape(o, kp // group, group), fmt)
+    codes = np.empty((o, kp), dtype=np.uint8)
+    choice = np.empty((o, kp // group), dtype=np.int64)
+    qmin, qmax = lowbit.LEVELS[fmt]
+    _kernels.low_codes(w, candidates.view(np.uint16), _kernels.F16_TO_F32, qmin, qmax, codes, choice)
+    scales = np.take_along_axis(candidates, choice[None], axis=0)[0]
+    return lowbit.pack_codes(codes, fmt, group) + [scales]
+
+
+def dequantize_q4(qs: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """The float32 matrix [O, Kp] (padded columns included) a q4 matrix stands for, in parallel; equal to
+    edgerun.store.quant.dequantize."""
+    if not _ready:
+        warmup()
+    if _kernels is None or not (qs.flags.c_contiguous and scales.flags.c_contiguous):
+        return quant.dequantize(qs, scales, qs.shape[1] * 2)
+    _threads()
+    out = np.empty((qs.shape[0], qs.shape[1] * 2), dtype=np.float32)
+    _kernels.dequantize_q4(qs, scales.view(np.uint16), _kernels.F16_TO_F32, out)
+    return out

@@ -841,6 +841,44 @@ def quantize_q4(w, scales, lut, qs):
                 qs[o, g * half + j] = lo | (hi << 4)
 
 
+
+@njit(parallel=True, **_EXACT)
+def low_codes(w, candidates, lut, qmin, qmax, codes, choice):
+    """The codes (level - qmin, uint8 [O, Kp]) of w float32 [O, K] on the grid of each group's best candidate
+    scale: candidates float16 bits [C, O, groups]; the best has the least sum of squared errors (float32
+    differences summed in float64; the first of equal ones), its index goes to choice [O, groups]."""
+    n_cand, group = candidates.shape[0], codes.shape[1] // candidates.shape[2]
+    for o in prange(codes.shape[0]):
+        for g in range(candidates.shape[2]):
+            best, best_err = 0, np.inf
+            for c in range(n_cand):
+                s = lut[candidates[c, o, g]]
+                err = 0.0
+                for j in range(g * group, (g + 1) * group):
+                    q = _level(w, o, j, lut, s, qmin, qmax)
+                    v = _value(w, o, j, lut) if j < w.shape[1] else np.float32(0.0)
+                    d = np.float64(q * s - v)
+                    err += d * d
+                if err < best_err:
+                    best, best_err = c, err
+            s = lut[candidates[best, o, g]]
+            for j in range(g * group, (g + 1) * group):
+                codes[o, j] = np.uint8(_level(w, o, j, lut, s, qmin, qmax) - np.float32(qmin))
+            choice[o, g] = best
+
+
+@njit(parallel=True, **_EXACT)
+def dequantize_q4(qs, scales, lut, out):
+    """out float32 [O, Kp] = the values of the packed q4 matrix (qs, scales as float16 bits)."""
+    half = qs.shape[1] // scales.shape[1]
+    for o in prange(qs.shape[0]):
+        for g in range(scales.shape[1]):
+            s = lut[scales[o, g]]
+            for j in range(half):
+                b = qs[o, g * half + j]
+                out[o, 2 * g * half + j] = np.float32(np.int32(b & 15) - 8) * s
+                out[o, 2 * g * half + half + j] = np.float32(np.int32(b >> 4) - 8) * s
+
 # ---------------------------------------------------------------- memory bandwidth probe
 
 

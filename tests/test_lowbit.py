@@ -57,6 +57,18 @@ def test_a_copy_round_trips_within_its_bound_and_its_q4_form_is_exact(fmt, bound
 
 
 @pytest.mark.parametrize("fmt", lowbit.FORMATS)
+def test_the_kernels_make_the_references_copy_byte_for_byte(fmt):
+    rng = np.random.default_rng(2)
+    w = rng.standard_t(3, (130, 200)).astype(np.float32)
+    w[5, :64] = 0
+    w[7, 40:72] = 1e-6  # scales below float16's normal range
+    got, want = native.quantize_low(w, fmt), lowbit.quantize(w, fmt)
+    assert [a.dtype for a in got] == [a.dtype for a in want] and all(np.array_equal(a, b) for a, b in zip(got, want))
+    qs, scales = quant.quantize(w, "q4")
+    assert np.array_equal(native.dequantize_q4(qs, scales), quant.dequantize(qs, scales, qs.shape[1] * 2))
+
+
+@pytest.mark.parametrize("fmt", lowbit.FORMATS)
 def test_scales_are_divided_as_float16_divides_them(fmt):
     every = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
     finite = every[np.isfinite(every)].reshape(-1, 8)

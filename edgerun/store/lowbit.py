@@ -24,7 +24,6 @@ Student-t(3) q3 0.225, q2 0.379 (q4: 0.086 and 0.127).
 from __future__ import annotations
 
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -56,8 +55,32 @@ def packed_shapes(fmt: str, out_features: int, in_features: int, group: int = 32
     return planes + [(out_features, kp // group)]
 
 
+def candidate_scales(g: np.ndarray, fmt: str) -> np.ndarray:
+    """float16 [len(SCALE_STEPS), O, groups]: each group's candidate scales, m / qmin x step, rounded."""
+    qmin = LEVELS[fmt][0]
+    at = np.argmax(np.abs(g), axis=2)[..., None]  # the first of the largest magnitudes
+    top = np.take_along_axis(g, at, axis=2)[..., 0] / np.float32(qmin)
+    return np.stack([round_scales(top * np.float32(step)) for step in SCALE_STEPS])
+
+
+def pack_codes(codes: np.ndarray, fmt: str, group: int) -> list[np.ndarray]:
+    """The bit planes (see packed_shapes) of codes uint8 [O, Kp] in [0, 2^bits)."""
+    o, kp = codes.shape
+    c = codes.reshape(o, kp // group, 4, group // 4)
+    lo = (c[:, :, 0] & 3) | (c[:, :, 1] & 3) << 2 | (c[:, :, 2] & 3) << 4 | (c[:, :, 3] & 3) << 6
+    planes = [np.ascontiguousarray(lo.reshape(o, kp // 4))]
+    if fmt == "q3":
+        bits = (codes.reshape(o, kp // group, 8, group // 8) >> 2) & 1
+        hi = np.zeros((o, kp // group, group // 8), dtype=np.uint8)
+        for b in range(8):
+            hi |= bits[:, :, b] << b
+        planes.append(hi.reshape(o, kp // 8))
+    return planes
+
+
 def quantize(w: np.ndarray, fmt: str, group: int = 32) -> list[np.ndarray]:
-    """The sections (see packed_shapes) of the float matrix w [O, K] in fmt."""
+    """The sections (see packed_shapes) of the float matrix w [O, K] in fmt (the NumPy reference of
+    edgerun.native.quantize_low)."""
     _check(fmt, group)
     o, k = w.shape
     kp = padded_in_features(k, group)
@@ -65,15 +88,13 @@ def quantize(w: np.ndarray, fmt: str, group: int = 32) -> list[np.ndarray]:
     wp[:, :k] = w
     g = wp.reshape(o, kp // group, group)
     qmin, qmax = LEVELS[fmt]
-    at = np.argmax(np.abs(g), axis=2)[..., None]
-    top = np.take_along_axis(g, at, axis=2)[..., 0] / np.float32(qmin)
+    candidates = candidate_scales(g, fmt)
     best_err = best_q = scales = None
-    for step in SCALE_STEPS:
-        s16 = round_scales(top * np.float32(step))
+    for s16 in candidates:
         s = s16.astype(np.float32)[..., None]
         with np.errstate(divide="ignore", invalid="ignore"):
-            q = np.where(s != 0, np.clip(np.rint(g / s), qmin, qmax), 0)
-        err = ((q * s - g) ** 2).sum(axis=2)
+            q = np.where(s != 0, np.clip(np.rint(g / s), qmin, qmax), 0).astype(np.float32)
+        err = ((q * s - g).astype(np.float64) ** 2).sum(axis=2)
         if best_err is None:
             best_err, best_q, scales = err, q, s16
         else:
@@ -81,16 +102,8 @@ def quantize(w: np.ndarray, fmt: str, group: int = 32) -> list[np.ndarray]:
             best_err = np.where(better, err, best_err)
             best_q = np.where(better[..., None], q, best_q)
             scales = np.where(better, s16, scales)
-    codes = (best_q - qmin).astype(np.uint8).reshape(o, kp // group, 4, group // 4)
-    lo = (codes[:, :, 0] & 3) | (codes[:, :, 1] & 3) << 2 | (codes[:, :, 2] & 3) << 4 | (codes[:, :, 3] & 3) << 6
-    out = [lo.reshape(o, kp // 4)]
-    if fmt == "q3":
-        bits = (codes.reshape(o, kp // group, 8, group // 8) >> 2) & 1
-        hi = np.zeros((o, kp // group, group // 8), dtype=np.uint8)
-        for b in range(8):
-            hi |= bits[:, :, b] << b
-        out.append(hi.reshape(o, kp // 8))
-    return out + [scales.astype(np.float16)]
+    codes = (best_q - qmin).astype(np.uint8).reshape(o, kp)
+    return pack_codes(codes, fmt, group) + [scales.astype(np.float16)]
 
 
 def to_q4(sections: list[np.ndarray], fmt: str, qs: np.ndarray, scales: np.ndarray) -> None:
@@ -159,9 +172,11 @@ class LowLayout:
                 for matrix in self.sections]
 
     def pack(self, gate_up: np.ndarray, down: np.ndarray) -> np.ndarray:
+        from .. import native
+
         buf = np.zeros(self.nbytes, dtype=np.uint8)
         for views, w in zip(self.views(buf), (gate_up, down)):
-            for view, a in zip(views, quantize(w, self.fmt, self.expert.group)):
+            for view, a in zip(views, native.quantize_low(w, self.fmt, self.expert.group)):
                 view[...] = a
         return buf
 
@@ -180,6 +195,7 @@ def add_low_copies(path, fmt: str = "q2", progress: bool | None = None) -> dict:
     copies made before); returns the store's new `low` metadata."""
     import zarr
 
+    from .. import native
     from ..progress import ByteProgress
     from .store import META_KEY, ExpertStore, crc32
 
@@ -196,11 +212,12 @@ def add_low_copies(path, fmt: str = "q2", progress: bool | None = None) -> dict:
 
     def make(key: tuple[int, int]) -> np.ndarray:
         (gq, gs), (dq, ds) = store.expert_views(*key)
-        return low.pack(dequantize(gq, gs, ex.hidden), dequantize(dq, ds, ex.inter))
+        return low.pack(native.dequantize_q4(gq, gs)[:, :ex.hidden], native.dequantize_q4(dq, ds)[:, :ex.inter])
 
     keys = [(layer, e) for layer in layers for e in range(n)]
+    # two experts at a time: the kernels use every core, NumPy's steps between them one each
     with ByteProgress(len(keys) * store.chunk_bytes, f"low-bit copies ({fmt})", enabled=progress) as bar, \
-            ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # NumPy lets go of the GIL in the heavy steps
+            ThreadPoolExecutor(2) as pool:
         for (layer, e), buf in zip(keys, pool.map(make, keys)):
             target = low_chunk_path(store.path, layer, e)
             target.parent.mkdir(parents=True, exist_ok=True)
