@@ -255,3 +255,7 @@ def test_load_and_bench_take_the_threshold(stores, capsys, monkeypatch):
                  "--prompt-tokens", "8", "--repeats", "1", "--no-kernels", "--ctx", "64"]) == 0
     out = capsys.readouterr().out
     assert "served by q2 copies (weight below 0.999)" in out
+    assert main(["run", str(stores / "q4"), "--ram", str(budget), "--ctx", "64", "--low-below", "0.999", "-p", "Hi",
+                 "-n", "6", "--temp", "0"]) == 0
+    figures = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "% from q2 copies" in figures and "expert hits" in figures

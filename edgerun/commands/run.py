@@ -107,6 +107,8 @@ def format_stats(s: dict) -> str:
             f"first token {s['time_to_first_token_s'] * 1000:.0f} ms"
             + (f" | expert hits {100 * s['hit_rate']:.0f}%, read {format_size(s['bytes_read'])}"
                if s["offload"] else "")
+            + (f", {100 * s['skipped_rate']:.0f}% left out" if s.get("skip_below") else "")
+            + (f", {100 * s['low_served_rate']:.0f}% from {s['low_format']} copies" if s.get("low_below") else "")
             + (f" | {s['device']}: {100 * s['decode_gpu_expert_share']:.0f}% of decoded experts, "
                f"{format_size(s['h2d_bytes_per_token'])} copied per token" if "gpu_hit_rate" in s else "")
             + "]")
