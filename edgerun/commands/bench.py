@@ -88,7 +88,8 @@ def measure_model(model, prompt_tokens: int, tokens: int, repeats: int, temperat
                     "decode_bytes_read", "bytes_read_per_token", "read_stall_seconds"):
             out[key] = med(key)
         for key in ("policy", "expert_slots", "experts_total", "prefetch_depth", "expert_bytes_per_token",
-                    "ideal_bytes_per_token", "direct_io", "skip_below", "low_below", "low_format"):
+                    "ideal_bytes_per_token", "direct_io", "skip_below", "low_below", "low_format", "low_reads",
+                    "low_upgrades", "low_read_overs"):
             out[key] = last[key]
     else:
         out.update(hit_rate=1.0, bytes_read=0, prefetch_recall=None)
