@@ -20,12 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from routing_trace import run_json  # noqa: E402
 
 
 def log(t0: float, text: str) -> None:
@@ -47,25 +48,14 @@ def make_files(workdir: Path, a: argparse.Namespace, t0: float) -> tuple[Path, P
         convert(hf, store, quant="q4", dense="q4", progress=False)
     if not gguf.exists():
         log(t0, f"writing {gguf} (Q4_0, output Q8_0)")
-        sys.path.insert(0, str(HERE))
         import llamacpp_baseline
 
         llamacpp_baseline.convert(hf, gguf, "q8_0", "q4_0")
     return store, gguf
 
 
-def run(cmd: list[str]) -> dict:
-    """The JSON a command prints last (edgerun bench prints it indented, llama.cpp's bench on one line after its
-    progress lines)."""
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
-    out = done.stdout.strip()
-    return json.loads(out if out.startswith("{") else out.splitlines()[-1])
-
-
 def edgerun_run(store: Path, a: argparse.Namespace) -> dict:
-    r = run([sys.executable, "-m", "edgerun.cli", "bench", str(store), "--threads", str(a.threads), "--temp", "0",
+    r = run_json([sys.executable, "-m", "edgerun.cli", "bench", str(store), "--threads", str(a.threads), "--temp", "0",
              "--prompt-tokens", str(a.prompt_tokens), "--tokens", str(a.tokens), "--repeats", str(a.repeats),
              "--no-kernels", "--json"] + (["--cold"] if a.cold else []))
     out = {"decode_tokens_per_s": r["decode_tokens_per_s"], "prefill_tokens_per_s": r["prefill_tokens_per_s"],
@@ -79,11 +69,10 @@ def edgerun_run(store: Path, a: argparse.Namespace) -> dict:
 
 def llamacpp_run(gguf: Path, a: argparse.Namespace) -> dict:
     if a.cold:
-        sys.path.insert(0, str(HERE))
         from disk_read import drop_cache
 
         drop_cache([gguf])
-    r = run([sys.executable, str(HERE / "llamacpp_baseline.py"), "bench", str(gguf), "--threads", str(a.threads),
+    r = run_json([sys.executable, str(HERE / "llamacpp_baseline.py"), "bench", str(gguf), "--threads", str(a.threads),
              "--prompt-tokens", str(a.prompt_tokens), "--gen-tokens", str(a.tokens), "--json"])
     out = {"decode_tokens_per_s": r["decode_tok_s"], "prefill_tokens_per_s": r["prompt_tok_s"],
            "peak_rss_bytes": int(r["peak_rss_mb"] * (1 << 20))}

@@ -51,13 +51,20 @@ def make_store(workdir: Path, a: argparse.Namespace, t0: float) -> Path:
     return store
 
 
-def bench(store: Path, extra: list[str], a: argparse.Namespace) -> dict:
-    cmd = [sys.executable, "-m", "edgerun.cli", "bench", str(store), "--tokens", str(a.tokens), "--prompt-tokens",
-           str(a.prompt_tokens), "--repeats", str(a.repeats), "--no-kernels", "--json", *extra]
+def run_json(cmd: list[str]) -> dict:
+    """The JSON a command prints last (edgerun bench prints it indented, llamacpp_baseline.py's bench on one line
+    after its progress lines); a failed command raises with the last line it wrote to stderr."""
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
-    return json.loads(done.stdout)
+    out = done.stdout.strip()
+    return json.loads(out if out.startswith("{") else out.splitlines()[-1])
+
+
+def bench(store: Path, extra: list[str], a: argparse.Namespace) -> dict:
+    return run_json([sys.executable, "-m", "edgerun.cli", "bench", str(store), "--tokens", str(a.tokens),
+                     "--prompt-tokens", str(a.prompt_tokens), "--repeats", str(a.repeats), "--no-kernels", "--json",
+                     *extra])
 
 
 # run in a fresh process, as `edgerun bench` runs: the smallest budget whose plan gives SLOTS expert slots

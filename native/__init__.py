@@ -199,9 +199,9 @@ def quantize_low(w: np.ndarray, fmt: str, group: int = 32) -> list[np.ndarray]:
     _threads()
     o, k = w.shape
     kp = quant.padded_in_features(k, group)
-    w = np.ascontiguousarray(w, dtype=np.float32)
-    wp = np.zeros((o, kp), dtype=np.float32) if kp != k else w
-    if kp != k:
+    w = wp = np.ascontiguousarray(w, dtype=np.float32)
+    if kp != k:  # the candidate scales are taken over whole groups, zeros past the matrix
+        wp = np.zeros((o, kp), dtype=np.float32)
         wp[:, :k] = w
     candidates = lowbit.candidate_scales(wp.reshape(o, kp // group, group), fmt)
     codes = np.empty((o, kp), dtype=np.uint8)

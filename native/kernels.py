@@ -841,7 +841,6 @@ def quantize_q4(w, scales, lut, qs):
                 qs[o, g * half + j] = lo | (hi << 4)
 
 
-
 @njit(parallel=True, **_EXACT)
 def low_codes(w, candidates, lut, qmin, qmax, codes, choice):
     """The codes (level - qmin, uint8 [O, Kp]) of w float32 [O, K] on the grid of each group's best candidate

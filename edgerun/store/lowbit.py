@@ -23,7 +23,6 @@ Student-t(3) q3 0.225, q2 0.379 (q4: 0.086 and 0.127).
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -224,7 +223,7 @@ def add_low_copies(path, fmt: str = "q2", progress: bool | None = None) -> dict:
             target.write_bytes(buf.tobytes())
             checksums[str(layer)].append(crc32(buf))
             bar.update(store.chunk_bytes)
-    meta = json.loads((store.path / "zarr.json").read_text())["attributes"][META_KEY]
+    meta = store.meta  # as opened: the store's whole metadata, which this adds to
     meta["experts"]["low"] = {"format": fmt, "crc32": checksums}
     root.attrs[META_KEY] = meta
     return meta["experts"]["low"]
