@@ -10,6 +10,13 @@ COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention
               max_position_embeddings=256, initializer_range=0.1, rms_norm_eps=1e-5)
 
 
+# multi-head latent attention: every head its own key and value from a latent of rank 32
+MLA = dict({**COMMON, "num_key_value_heads": 4}, intermediate_size=80, moe_intermediate_size=32, kv_lora_rank=32,
+           qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12)
+YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64, beta_fast=32,
+            beta_slow=1, mscale=0.707, mscale_all_dim=0.707)
+
+
 def build(family: str, **overrides):
     """A transformers model (eval, float32, eager attention) of the family with a fixed random init."""
     import transformers as tf
@@ -38,6 +45,23 @@ def build(family: str, **overrides):
         config = tf.OlmoeConfig(**COMMON, intermediate_size=48, num_experts=4, num_experts_per_tok=2,
                                 clip_qkv=0.5)
         cls = tf.OlmoeForCausalLM
+    elif family == "deepseek_v2":
+        # V2-Lite's shape: q from one matrix, softmax router (greedy), two shared experts, layer 0 dense
+        config = tf.DeepseekV2Config(**MLA, q_lora_rank=None, n_routed_experts=4, n_shared_experts=2,
+                                     num_experts_per_tok=2, first_k_dense_replace=1, routed_scaling_factor=1.5)
+        cls = tf.DeepseekV2ForCausalLM
+    elif family == "deepseek_v2_groups":
+        # V2's: low-rank q, the router limited to the best 2 of 4 groups, YaRN with mscale_all_dim
+        config = tf.DeepseekV2Config(**MLA, q_lora_rank=24, n_routed_experts=8, n_shared_experts=1,
+                                     num_experts_per_tok=3, topk_method="group_limited_greedy", n_group=4,
+                                     topk_group=2, routed_scaling_factor=2.0, rope_parameters=YARN)
+        cls = tf.DeepseekV2ForCausalLM
+    elif family == "deepseek_v3":
+        # V3's: sigmoid router with a correction bias, groups scored by their best two, renormalised and scaled
+        config = tf.DeepseekV3Config(**MLA, q_lora_rank=24, n_routed_experts=8, n_shared_experts=1,
+                                     num_experts_per_tok=3, n_group=4, topk_group=2, first_k_dense_replace=1,
+                                     norm_topk_prob=True, routed_scaling_factor=2.5, rope_parameters=YARN)
+        cls = tf.DeepseekV3ForCausalLM
     else:
         raise ValueError(family)
     for key, value in overrides.items():
@@ -45,6 +69,9 @@ def build(family: str, **overrides):
     config._attn_implementation = "eager"
     torch.manual_seed(1234)
     model = cls(config).eval()
+    for name, buffer in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):  # zeros at init: make the bias choose
+            buffer.copy_(torch.randn(buffer.shape) * 0.1)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model

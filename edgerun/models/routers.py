@@ -44,3 +44,67 @@ class SoftmaxTopK(Part):
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return Routing(idx, weights.to(x.dtype), probs)
+
+
+class GroupedTopK(Part):
+    """DeepSeek's routers. Scores are the softmax (V2) or the sigmoid (V3) of float32 logits; V3 adds a learned
+    correction bias (`router_bias`) to the scores it chooses by, never to the weights. The experts fall in
+    `router_groups` groups and a token chooses only among the experts of its `topk_group` best groups: a group
+    scores its best expert (softmax) or the sum of its best two (sigmoid). The chosen experts' scores are the
+    weights, renormalised to sum to 1 when the spec says so, then multiplied by `routed_scaling_factor`.
+
+    DeepSeek-V2's own code scales only the weights it does not renormalise; transformers' port never
+    renormalises V2 weights. Every V2 release has norm_topk_prob false, where the two agree; the publisher's code
+    is followed."""
+
+    def __init__(self, spec, layer: int, sigmoid: bool):
+        super().__init__(f"layers.{layer}.")
+        self.layer, self.sigmoid = layer, sigmoid
+        self.hidden, self.num_experts, self.top_k = spec.hidden_size, spec.num_experts, spec.top_k
+        self.groups, self.topk_group = spec.router_groups, spec.topk_group
+        self.renormalize, self.scaling = spec.norm_topk_prob, spec.routed_scaling_factor
+        if self.num_experts % self.groups or not 0 < self.topk_group <= self.groups:
+            raise ValueError(f"{self.num_experts} experts do not fall in {self.groups} groups of which "
+                             f"{self.topk_group} are chosen")
+
+    def declare(self) -> dict[str, TensorSpec]:
+        out = {"router": TensorSpec((self.num_experts, self.hidden), exact=True)}
+        if self.sigmoid:
+            out["router_bias"] = TensorSpec((self.num_experts,), exact=True)
+        return out
+
+    def __call__(self, x: torch.Tensor) -> Routing:
+        logits = linear(x.float(), self.w["router"].float())
+        if self.sigmoid:
+            scores = torch.sigmoid(logits)
+            choice = scores + self.w["router_bias"].float()
+        else:
+            scores = choice = torch.softmax(logits, dim=-1)
+        if self.topk_group < self.groups:
+            grouped = choice.view(x.shape[0], self.groups, -1)
+            group_score = grouped.topk(2, dim=-1).values.sum(-1) if self.sigmoid else grouped.amax(-1)
+            keep = torch.zeros_like(group_score, dtype=torch.bool)
+            keep.scatter_(1, torch.topk(group_score, self.topk_group, dim=-1).indices, True)
+            choice = grouped.masked_fill(~keep[..., None], float("-inf")).view_as(choice)
+        idx = torch.topk(choice, self.top_k, dim=-1).indices
+        weights = scores.gather(1, idx)
+        renormalize = self.renormalize and (self.sigmoid or self.top_k > 1)
+        if renormalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        if self.sigmoid or not renormalize:  # V2 scales only the weights it leaves as they are
+            weights = weights * self.scaling
+        return Routing(idx, weights.to(x.dtype), scores)
+
+
+class SoftmaxGroupedTopK(GroupedTopK):
+    """DeepSeek-V2's router (softmax scores)."""
+
+    def __init__(self, spec, layer: int):
+        super().__init__(spec, layer, sigmoid=False)
+
+
+class SigmoidGroupedTopK(GroupedTopK):
+    """DeepSeek-V3's router (sigmoid scores and a correction bias for choosing)."""
+
+    def __init__(self, spec, layer: int):
+        super().__init__(spec, layer, sigmoid=True)

@@ -45,6 +45,12 @@ class ModelSpec:
     attn_softcap: float | None = None
     attn_temperature_len: int = 0  # > 0: logits of queries past this position are scaled up (Grok-2)
     sliding_windows: list[int | None] = field(default_factory=list)  # per layer
+    # multi-head latent attention (DeepSeek): keys and values through a low-rank latent, which is what is cached
+    q_lora_rank: int | None = None  # None: q from one matrix; else q_a (to this rank), its norm, then q_b
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0  # the part of each query/key head without rotary embedding
+    v_head_dim: int = 0
+    rope_interleave: bool = False  # rotary dims in pairs (x0, x1), (x2, x3) ... rather than in two halves
     # block layout
     sandwich_norm: bool = False  # extra norms on the attention and FFN outputs (Grok)
     activation: str = "silu"
@@ -56,6 +62,9 @@ class ModelSpec:
     norm_topk_prob: bool = True
     router_softcap: float | None = None
     router_fp32: bool = False  # router logits from float32 weights and inputs whatever the compute dtype
+    router_groups: int = 1  # experts fall in this many groups; a token chooses only among the best `topk_group`
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0  # on the routed experts' weights
     shared_expert_intermediate_size: int = 0
     shared_expert_gate: bool = False
     # embeddings and output
