@@ -5,6 +5,11 @@ Files are memory-mapped by `safetensors`; a tensor's bytes are read only when it
 A tensor-parallel release (`*-TP-common.safetensors` beside `*-TP-000.safetensors`, `*-TP-001...`) holds some
 tensors as one slice per rank file: the model family says along which dimension they join (`split` rules), and
 the reader hands out the joined tensor.
+
+Float8 checkpoints as DeepSeek and Moonshot publish them (DeepSeek-V3, R1, Kimi-K2) hold most matrices as float8
+e4m3 with a float32 `<name>_scale_inv` beside each: one factor per 128 x 128 block. The reader hands such a matrix
+out multiplied by its factors and cast to bfloat16, as the publisher's own cast to bfloat16 does, 128 rows at a
+time; the factor tensors themselves are not listed among the names.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ from safetensors import safe_open
 from ..errors import CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
+FP8, FP8_SCALE_SUFFIX, FP8_BLOCK = "F8_E4M3", "_scale_inv", 128
 DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "BF16": 2, "F16": 2, "I16": 2, "U16": 2}
+_ITEMSIZE = {FP8: 1, "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "BF16": 2, "F16": 2, "I16": 2,
+             "U16": 2}
 _RANK_FILE = re.compile(r"^(?P<group>.*)-TP-(?P<rank>\d{3})\.safetensors$")
 
 
@@ -71,6 +78,22 @@ class SafetensorsReader:
                 self._meta[name] = (shape, dtype)
             else:
                 self._join(name, places, ranks, rules)
+        self._fp8_scales = {name: self._fp8_scale(name) for name, (_, dtype) in self._meta.items() if dtype == FP8}
+        self._listed = [n for n in self.location if n not in set(self._fp8_scales.values())]
+
+    def _fp8_scale(self, name: str) -> str:
+        """The block factors of a float8 matrix, checked against its shape."""
+        scale = name + FP8_SCALE_SUFFIX
+        shape = self._meta[name][0]
+        if scale not in self._meta:
+            raise CheckpointError(f"tensor {name} in {self.describe(name)} is float8 without the {scale} that "
+                                  f"scales it")
+        want = tuple(-(-d // FP8_BLOCK) for d in shape)
+        if len(shape) != 2 or self._meta[scale][0] != want or name in self._slices:
+            raise CheckpointError(f"float8 tensor {name} {list(shape)} has factors {scale} "
+                                  f"{list(self._meta[scale][0])}; expected one per {FP8_BLOCK} x {FP8_BLOCK} block of "
+                                  f"a matrix, {list(want)}")
+        return scale
 
     def _check_rank_files(self, files: list[Path]) -> int:
         """The number of tensor-parallel ranks (0 without rank files); every group of rank files must have all."""
@@ -126,7 +149,7 @@ class SafetensorsReader:
             raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
 
     def names(self) -> list[str]:
-        return list(self.location)
+        return list(self._listed)
 
     def describe(self, name: str) -> str:
         """Where a tensor is, for messages: its file, or how many rank files its slices are joined from."""
@@ -138,7 +161,8 @@ class SafetensorsReader:
         return self._meta[name][0]
 
     def dtype(self, name: str) -> torch.dtype | None:
-        return DTYPES.get(self._meta[name][1])
+        """The dtype `get` returns (bfloat16 for a float8 matrix); None for tensors it cannot read."""
+        return torch.bfloat16 if name in self._fp8_scales else DTYPES.get(self._meta[name][1])
 
     def common_dtype(self) -> torch.dtype | None:
         """The dtype every float tensor of the checkpoint has, or None when they differ."""
@@ -154,15 +178,17 @@ class SafetensorsReader:
 
     def _check_dtype(self, name: str) -> None:
         dtype = self._meta[name][1]
-        if dtype not in DTYPES:
+        if dtype not in DTYPES and name not in self._fp8_scales:
             raise CheckpointError(f"tensor {name} in {self.location[name].name} has dtype {dtype}; edgerun reads "
-                                  f"BF16, F16 and F32 checkpoints")
+                                  f"BF16, F16 and F32 checkpoints, and block-scaled float8 ones")
 
     def get(self, name: str, index: int | None = None) -> torch.Tensor:
         """The tensor, or only its slice [index] along the first dimension (one expert of a fused tensor)."""
         path = self.location[name]
         self._check_dtype(name)
         try:
+            if name in self._fp8_scales:
+                return self._fp8_matrix(name) if index is None else self._fp8_matrix(name)[index]
             if name in self._slices:
                 return self._joined(name, index)
             handle = self._open(path)
@@ -177,13 +203,26 @@ class SafetensorsReader:
     def get_range(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
         """tensor[start:stop] along dim 0 or 1, reading only those bytes from a whole tensor's file."""
         self._check_dtype(name)
-        if name in self._slices:
+        if name in self._slices or name in self._fp8_scales:
             return self.get(name).narrow(dim, start, stop - start).contiguous()
         try:
             part = self._open(self.location[name]).get_slice(name)
             return (part[start:stop] if dim == 0 else part[:, start:stop]).contiguous()
         except Exception as e:
             raise CheckpointError(f"cannot read tensor {name} from {self.location[name]} ({e})") from None
+
+    def _fp8_matrix(self, name: str) -> torch.Tensor:
+        """A float8 matrix times its block factors, in bfloat16, made one band of 128 rows at a time."""
+        w = self._open(self.location[name]).get_tensor(name)
+        scale_name = self._fp8_scales[name]
+        scale = self._open(self.location[scale_name]).get_tensor(scale_name).float()
+        rows, cols = w.shape
+        out = torch.empty((rows, cols), dtype=torch.bfloat16)
+        for band in range(scale.shape[0]):
+            r = slice(band * FP8_BLOCK, min((band + 1) * FP8_BLOCK, rows))
+            factors = scale[band].repeat_interleave(FP8_BLOCK)[:cols]
+            out[r] = (w[r].float() * factors).to(torch.bfloat16)
+        return out
 
     def _joined(self, name: str, index: int | None) -> torch.Tensor:
         """A split tensor, its slices copied one at a time into the whole (memory: the whole and one slice)."""
