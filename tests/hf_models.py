@@ -62,6 +62,16 @@ def build(family: str, **overrides):
                                      num_experts_per_tok=3, n_group=4, topk_group=2, first_k_dense_replace=1,
                                      norm_topk_prob=True, routed_scaling_factor=2.5, rope_parameters=YARN)
         cls = tf.DeepseekV3ForCausalLM
+    elif family == "glm4_moe":
+        # GLM-4.5's: rotary embedding on half of each head (of 24, not hidden / heads), q/k norms and biases, the
+        # sigmoid router with groups, a shared expert, layer 0 dense
+        config = tf.Glm4MoeConfig(**COMMON, head_dim=24, intermediate_size=80, moe_intermediate_size=32,
+                                  n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3, n_group=4,
+                                  topk_group=2, first_k_dense_replace=1, norm_topk_prob=True,
+                                  routed_scaling_factor=1.8, use_qk_norm=True, attention_bias=True,
+                                  rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                       partial_rotary_factor=0.5))
+        cls = tf.Glm4MoeForCausalLM
     else:
         raise ValueError(family)
     for key, value in overrides.items():

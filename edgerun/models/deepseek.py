@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from .ffn import DenseFFN, MoE, SharedExpertMoE
 from .mla import LatentAttention
-from .names import MOE, L
+from .names import MOE, SHARED_EXPERTS_RULES, L
 from .routers import SigmoidGroupedTopK, SoftmaxGroupedTopK
 from .spec import ACTIVATIONS, ModelSpec, common_fields
 
@@ -34,13 +34,12 @@ RULES: list[tuple[str, str]] = [
     (ATTN + r"(q_a|o)_proj\.bias", r"layers.\1.\2_bias"),
     (ATTN + r"(q_a|kv_a)_layernorm\.weight", r"layers.\1.\2_norm"),
     (MOE + r"gate\.weight", r"layers.\1.router"),
-    (MOE + r"gate\.e_score_correction_bias", r"layers.\1.router_bias"),
     (MOE + r"experts\.(\d+)\.gate_proj\.weight", r"layers.\1.experts.\2.gate"),
     (MOE + r"experts\.(\d+)\.up_proj\.weight", r"layers.\1.experts.\2.up"),
     (MOE + r"experts\.(\d+)\.down_proj\.weight", r"layers.\1.experts.\2.down"),
     (MOE + r"experts\.gate_up_proj", r"layers.\1.experts.gate_up"),
     (MOE + r"experts\.down_proj", r"layers.\1.experts.down"),
-    (L + r"mlp\.shared_experts\.(gate|up|down)_proj\.weight", r"layers.\1.shared.\2"),
+    *SHARED_EXPERTS_RULES,
     (L + r"mlp\.(gate|up|down)_proj\.weight", r"layers.\1.mlp.\2"),
 ]
 
@@ -84,27 +83,17 @@ def yarn_mscale(factor: float, m: float) -> float:
     return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
 
 
-def to_spec(args: ModelArgs, cfg: dict) -> ModelSpec:
-    v3 = cfg.get("model_type") == "deepseek_v3" or "DeepseekV3ForCausalLM" in (cfg.get("architectures") or [])
+def moe_fields(args) -> dict:
+    """The ModelSpec fields of DeepSeek's MoE layout, which GLM-4.5 shares: the first `first_k_dense_replace`
+    layers dense, then routed experts beside `n_shared_experts` shared ones (one MLP of their total width); groups
+    for the router."""
     if args.moe_layer_freq != 1:
         raise ValueError(f"moe_layer_freq {args.moe_layer_freq} (only 1 is supported: every layer after the "
                          f"first_k_dense_replace is sparse)")
-    if args.scoring_func not in (None, "sigmoid" if v3 else "softmax"):
-        raise ValueError(f"scoring_func {args.scoring_func!r}")
     moe = SharedExpertMoE if args.n_shared_experts else MoE
-    spec = ModelSpec(
-        model_type="deepseek_v3" if v3 else "deepseek_v2",
-        **common_fields(args, cfg, args.qk_rope_head_dim),
-        attention=LatentAttention,
-        router=SigmoidGroupedTopK if v3 else SoftmaxGroupedTopK,
+    return dict(
         ffn=[DenseFFN if i < args.first_k_dense_replace or not args.n_routed_experts else moe
              for i in range(args.num_hidden_layers)],
-        qkv_bias=args.attention_bias,
-        q_lora_rank=args.q_lora_rank or None,
-        kv_lora_rank=args.kv_lora_rank,
-        qk_nope_head_dim=args.qk_nope_head_dim,
-        v_head_dim=args.v_head_dim,
-        rope_interleave=args.rope_interleave,
         activation=ACTIVATIONS.get(args.hidden_act, args.hidden_act),
         intermediate_size=args.intermediate_size,
         num_experts=args.n_routed_experts or 0,
@@ -112,10 +101,31 @@ def to_spec(args: ModelArgs, cfg: dict) -> ModelSpec:
         norm_topk_prob=args.norm_topk_prob,
         shared_expert_intermediate_size=args.moe_intermediate_size * (args.n_shared_experts or 0),
         routed_scaling_factor=args.routed_scaling_factor,
+        router_groups=args.n_group or 1,
+        topk_group=args.topk_group or 1,
+    )
+
+
+def to_spec(args: ModelArgs, cfg: dict) -> ModelSpec:
+    v3 = cfg.get("model_type") == "deepseek_v3" or "DeepseekV3ForCausalLM" in (cfg.get("architectures") or [])
+    if args.scoring_func not in (None, "sigmoid" if v3 else "softmax"):
+        raise ValueError(f"scoring_func {args.scoring_func!r}")
+    spec = ModelSpec(
+        model_type="deepseek_v3" if v3 else "deepseek_v2",
+        **common_fields(args, cfg, args.qk_rope_head_dim),
+        **moe_fields(args),
+        attention=LatentAttention,
+        router=SigmoidGroupedTopK if v3 else SoftmaxGroupedTopK,
+        qkv_bias=args.attention_bias,
+        q_lora_rank=args.q_lora_rank or None,
+        kv_lora_rank=args.kv_lora_rank,
+        qk_nope_head_dim=args.qk_nope_head_dim,
+        v_head_dim=args.v_head_dim,
+        rope_interleave=args.rope_interleave,
     )
     spec.num_kv_heads = spec.num_heads  # every head has its own key and value, all read from the one latent
-    if v3 or args.topk_method == "group_limited_greedy":
-        spec.router_groups, spec.topk_group = args.n_group or 1, args.topk_group or 1
+    if not v3 and args.topk_method != "group_limited_greedy":
+        spec.router_groups = spec.topk_group = 1  # greedy: no groups
     scale = (args.qk_nope_head_dim + args.qk_rope_head_dim) ** -0.5
     rope = spec.rope
     if rope.rope_type != "default" and rope.params.get("mscale_all_dim"):

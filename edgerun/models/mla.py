@@ -26,6 +26,10 @@ from .attention import Positions, causal_mask
 from .parts import F32, Part, TensorSpec, linear, rms_norm
 from .rope import apply_rope
 
+# the norms on the q and kv latents keep their class's default epsilon whatever rms_norm_eps says, in DeepSeek's
+# code as in transformers' (every release has rms_norm_eps 1e-6 too)
+LATENT_NORM_EPS = 1e-6
+
 
 class LatentCache:
     """The latents [context, R] and rotated shared keys [context, P] of one layer."""
@@ -55,7 +59,7 @@ class LatentAttention(Part):
         self.bias = spec.qkv_bias
         self.scale = spec.attn_scale if spec.attn_scale is not None else (self.nope + self.rope_dim) ** -0.5
         self.window = spec.sliding_windows[layer]
-        self.eps = spec.rms_norm_eps
+        self.eps = LATENT_NORM_EPS
         self.rope = spec.rope
         self.interleaved = spec.rope_interleave
 

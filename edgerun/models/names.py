@@ -27,3 +27,9 @@ HF_RULES: list[tuple[str, str]] = [
     (L + r"mlp\.shared_expert_gate\.weight", r"layers.\1.shared_gate"),
     (L + r"mlp\.(gate|up|down)_proj\.weight", r"layers.\1.mlp.\2"),
 ]
+
+# DeepSeek's MoE block, which GLM-4.5 shares: a correction bias beside the router, and `shared_experts`
+SHARED_EXPERTS_RULES: list[tuple[str, str]] = [
+    (MOE + r"gate\.e_score_correction_bias", r"layers.\1.router_bias"),
+    (L + r"mlp\.shared_experts\.(gate|up|down)_proj\.weight", r"layers.\1.shared.\2"),
+]

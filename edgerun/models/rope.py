@@ -1,7 +1,9 @@
 """Rotary position embeddings: the frequency schedules HF configs use, applied NeoX style (rotate_half).
 
 A config names its schedule in `rope_parameters` (transformers v5) or `rope_theta` + `rope_scaling` (older
-files). Supported: default, linear, dynamic (NTK), yarn, llama3.
+files). Supported: default, linear, dynamic (NTK), yarn, llama3. With `partial_rotary_factor` below 1 (GLM-4.5),
+only the first head_dim * factor dims of each head rotate, with the frequencies of a head that size; the rest
+pass through.
 """
 
 from __future__ import annotations
@@ -29,14 +31,16 @@ class RopeSpec:
         params = dict(cfg.get("rope_parameters") or {})
         legacy = cfg.get("rope_scaling") or {}
         params = {**legacy, **params}
+        factor = params.pop("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+        if not 0 < factor <= 1:
+            raise UnsupportedModelError(f"partial_rotary_factor {factor} (expected a share of the head, 0 to 1)")
+        head_dim = int(head_dim * factor)
         theta = params.pop("rope_theta", None) or cfg.get("rope_theta") or default_theta
         rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
         if rope_type not in ROPE_TYPES:
             raise UnsupportedModelError(
                 f"RoPE type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})"
             )
-        if params.get("partial_rotary_factor", 1.0) != 1.0:
-            raise UnsupportedModelError("partial rotary embeddings (partial_rotary_factor < 1) are not supported")
         return cls(float(theta), head_dim, int(cfg.get("max_position_embeddings") or 4096), rope_type, params)
 
     def key(self) -> tuple:
@@ -135,7 +139,11 @@ def _yarn(spec: RopeSpec, inv_freq_extra: torch.Tensor) -> tuple[torch.Tensor, f
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]; cos, sin: [T, head_dim/2]. Rotates the two halves of each head (NeoX order)."""
+    """x: [T, heads, head_dim]; cos, sin: [T, rotary dim / 2]. Rotates the two halves of each head's first rotary
+    dim values (NeoX order); the others pass."""
+    rotary = 2 * cos.shape[-1]
+    if rotary < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :rotary], cos, sin), x[..., rotary:]), dim=-1)
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     c, s = cos[:, None, :], sin[:, None, :]
