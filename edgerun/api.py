@@ -452,12 +452,14 @@ def _load_hf(source: Checkpoint, dtype: str, progress: bool | None, context_leng
     compute_dtype = _DTYPES[dtype] if dtype != "auto" else _auto_dtype(reader)
     total = sum(reader.nbytes(n) for n in reader.names())
     with ByteProgress(total, f"loading {source.dir.name}", enabled=progress) as bar:
-        weights, gate_up, down = load_weights(reader, spec, family.RULES, compute_dtype, progress=bar.update)
+        weights, gate_up, down, biases = load_weights(reader, spec, family.RULES, compute_dtype,
+                                                      progress=bar.update)
     reader.close()
     decoder = Decoder(spec)
     decoder.bind(weights)
-    experts = TorchExperts(gate_up, down, spec.activation)
-    weights_bytes = sum(t.nbytes for t in weights.values()) + sum(t.nbytes for t in gate_up + down if t is not None)
+    experts = TorchExperts(gate_up, down, spec.activation, biases)
+    held = gate_up + down + [t for pair in biases if pair is not None for t in pair]
+    weights_bytes = sum(t.nbytes for t in weights.values()) + sum(t.nbytes for t in held if t is not None)
     info = {"path": source.dir, "tokenizer_dir": source.tokenizer_dir, "tokenizer_defaults": source.tokenizer_defaults,
             "quant": "none", "weights_bytes": weights_bytes}
     return _model(spec, decoder, experts, ctx, None, source.generation_config, info, t0)

@@ -5,7 +5,7 @@ kernels of edgerun.native.reference: with EDGERUN_NO_JIT=1, or when numba is unu
 reports). Call warmup() at model load so that no kernel compiles during the first token.
 
     matmul(x, qs, scales, out)    out[t, o] = sum_k W[o, k] x[t, k]
-    expert_ffn(x, gate_up_qs, gate_up_scales, down_qs, down_scales, activation, out)
+    expert_ffn(x, gate_up_qs, gate_up_scales, down_qs, down_scales, activation, out[, gate_up_bias, down_bias])
     quantize(w, fmt, group)       -> (qs, scales), byte-identical to edgerun.store.quant.quantize
     quantize_low(w, fmt, group)   -> a low-bit copy's sections, byte-identical to edgerun.store.lowbit.quantize
     dequantize_q4(qs, scales)     -> float32 [O, Kp], equal to edgerun.store.quant.dequantize
@@ -27,7 +27,8 @@ import numpy as np
 from ..store import quant
 from . import config, reference
 
-SILU, GELU_TANH, GELU = reference.SILU, reference.GELU_TANH, reference.GELU
+SILU, GELU_TANH, GELU, SWIGLU_OAI = reference.SILU, reference.GELU_TANH, reference.GELU, reference.SWIGLU_OAI
+ACTIVATIONS = (SILU, GELU_TANH, GELU, SWIGLU_OAI)
 
 _kernels = config.load_kernels()
 BACKEND: str = "numpy" if _kernels is None else "numba"
@@ -50,8 +51,10 @@ def warmup() -> None:
             for n_tok in (1, 3):
                 x = rng.standard_normal((n_tok, 40)).astype(np.float32)
                 matmul(x, *gate_up, np.empty((n_tok, 64), np.float32))
-                for activation in (SILU, GELU_TANH, GELU):
+                for activation in ACTIVATIONS:
                     expert_ffn(x, *gate_up, *down, activation, np.empty((n_tok, 40), np.float32))
+                expert_ffn(x, *gate_up, *down, SWIGLU_OAI, np.empty((n_tok, 40), np.float32),
+                           np.zeros(64, np.float32), np.zeros(40, np.float32))
     except Exception as e:  # a numba/LLVM that cannot compile them: keep running, on NumPy
         config.fall_back(e)
         _kernels, BACKEND, INT_DOT = None, "numpy", False
@@ -127,16 +130,20 @@ def matmul(x: np.ndarray, qs: np.ndarray, scales: np.ndarray, out: np.ndarray) -
 
 
 def expert_ffn(x: np.ndarray, gate_up_qs: np.ndarray, gate_up_scales: np.ndarray, down_qs: np.ndarray,
-               down_scales: np.ndarray, activation: int, out: np.ndarray) -> None:
-    """One expert on the tokens routed to it: out = down @ (act(gate @ x) * (up @ x)).
+               down_scales: np.ndarray, activation: int, out: np.ndarray, gate_up_bias: np.ndarray | None = None,
+               down_bias: np.ndarray | None = None) -> None:
+    """One expert on the tokens routed to it: out = down @ (act(gate @ x) * (up @ x)), or with biases
+    down @ gated(gate @ x + b, up @ x + b) + b.
 
     x float32 [T, H]; gate_up [2I, H] is one quantized matrix, gate rows first, then up rows; down
-    [H, I] in the same format; activation 0 = SiLU, 1 = GELU (tanh approximation), 2 = GELU (exact); out
-    float32 [T, H] is overwritten."""
+    [H, I] in the same format; activation 0 = SiLU, 1 = GELU (tanh approximation), 2 = GELU (exact), 3 = gpt-oss's
+    clamped SwiGLU; the optional biases are float32 [2I] (gate then up) and [H]; out float32 [T, H] is
+    overwritten."""
     if x.ndim != 2:
         raise ValueError(f"x must be 2D [tokens, hidden]; got shape {x.shape}")
-    if activation not in (SILU, GELU_TANH, GELU):
-        raise ValueError(f"unknown activation {activation}; expected 0 (SiLU), 1 (GELU tanh) or 2 (GELU)")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation}; expected 0 (SiLU), 1 (GELU tanh), 2 (GELU) or 3 "
+                         f"(gpt-oss SwiGLU)")
     if gate_up_qs.dtype != down_qs.dtype:
         raise ValueError(f"gate_up and down must share a format; got {gate_up_qs.dtype} and {down_qs.dtype}")
     hidden = x.shape[1]
@@ -146,21 +153,34 @@ def expert_ffn(x: np.ndarray, gate_up_qs: np.ndarray, gate_up_scales: np.ndarray
                          f"hidden size {hidden}")
     _check_matrix(down_qs, down_scales, gate_up_qs.shape[0] // 2, "down")
     _check_out(out, (x.shape[0], hidden))
+    b1, b2 = _bias(gate_up_bias, gate_up_qs.shape[0], "gate_up"), _bias(down_bias, hidden, "down")
     if x.shape[0] == 0:
         return
     if not _ready:
         warmup()
     if _kernels is None:
         reference.expert_ffn(np.asarray(x, dtype=np.float32), gate_up_qs, gate_up_scales, down_qs, down_scales,
-                             activation, out)
+                             activation, out, gate_up_bias=b1 if b1.size else None, down_bias=b2 if b2.size else None)
         return
     n_threads = _threads()
     if _int_dot(x, gate_up_qs, gate_up_scales) and _int_dot(x, down_qs, down_scales):
         _kernels.expert_ffn_int8(_padded(x, kp), gate_up_qs, gate_up_scales.view(np.uint16), down_qs,
-                                 down_scales.view(np.uint16), activation, _kernels.F16_TO_F32, out)
+                                 down_scales.view(np.uint16), b1, b2, activation, _kernels.F16_TO_F32, out)
         return
     _kernels.expert_ffn(_padded(x, kp), gate_up_qs, gate_up_scales.view(np.uint16), down_qs,
-                        down_scales.view(np.uint16), activation, _kernels.F16_TO_F32, out, n_threads)
+                        down_scales.view(np.uint16), b1, b2, activation, _kernels.F16_TO_F32, out, n_threads)
+
+
+_NO_BIAS = np.empty(0, np.float32)
+
+
+def _bias(b: np.ndarray | None, size: int, what: str) -> np.ndarray:
+    """A bias as the kernels take it: float32 [size], or empty for none."""
+    if b is None:
+        return _NO_BIAS
+    if b.dtype != np.float32 or b.shape != (size,):
+        raise ValueError(f"{what} bias must be float32 [{size}]; got {b.dtype} {b.shape}")
+    return b
 
 
 def quantize(w: np.ndarray, fmt: str, group: int = 32) -> tuple[np.ndarray, np.ndarray]:

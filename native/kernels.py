@@ -729,48 +729,70 @@ def matmul(x, qs, scales, lut, out, n_threads):
 
 # ---------------------------------------------------------------- one expert: down(act(gate(x)) * up(x))
 
-SILU, GELU_TANH, GELU = 0, 1, 2
+SILU, GELU_TANH, GELU, SWIGLU_OAI = 0, 1, 2, 3
+SWIGLU_ALPHA, SWIGLU_LIMIT = 1.702, 7.0  # gpt-oss's, as models.parts has them
 
 
 @njit(parallel=True, **_OPTS)
-def _gated_activation(h, activation, a):
-    """a[t, i] = act(h[t, i]) * h[t, inter + i] for i < inter = h.shape[1] // 2; a's other columns stay."""
+def _gated_activation(h, activation, bias, a):
+    """a[t, i] = act(g) * u with g = h[t, i], u = h[t, inter + i] for i < inter = h.shape[1] // 2, each plus its
+    bias first when bias (gate_up's, [2 inter]) is not empty; for SWIGLU_OAI, g' sigmoid(alpha g') (u' + 1) with
+    g' = min(g, limit), u' = u clamped to [-limit, limit]. a's other columns stay."""
     n_tok = h.shape[0]
     inter = h.shape[1] // 2
     one, half = np.float32(1.0), np.float32(0.5)
     c0, c1 = np.float32(0.7978845608028654), np.float32(0.044715)  # sqrt(2 / pi)
     r2 = np.float32(0.7071067811865476)  # 1 / sqrt(2)
+    alpha, limit = np.float32(SWIGLU_ALPHA), np.float32(SWIGLU_LIMIT)
+    biased = bias.shape[0] > 0
     for j in prange(n_tok * inter):
         t, i = j // inter, j % inter
-        g = h[t, i]
+        g, u = h[t, i], h[t, inter + i]
+        if biased:
+            g, u = g + bias[i], u + bias[inter + i]
         if activation == SILU:
-            act = g / (one + np.exp(-g))
+            a[t, i] = g / (one + np.exp(-g)) * u
         elif activation == GELU_TANH:
-            act = half * g * (one + np.tanh(c0 * (g + c1 * g * g * g)))
+            a[t, i] = half * g * (one + np.tanh(c0 * (g + c1 * g * g * g))) * u
+        elif activation == GELU:
+            a[t, i] = half * g * (one + math.erf(g * r2)) * u
         else:
-            act = half * g * (one + math.erf(g * r2))
-        a[t, i] = act * h[t, inter + i]
+            g = min(g, limit)
+            a[t, i] = g / (one + np.exp(-alpha * g)) * (min(max(u, -limit), limit) + one)
 
 
 @njit(**_OPTS)
-def expert_ffn(x, gate_up_qs, gate_up_scales, down_qs, down_scales, activation, lut, out, n_threads):
-    """out = down @ (act(gate @ x) * (up @ x)) for the tokens of x, gate_up holding gate then up rows."""
+def _add_bias(out, bias):
+    """out[t] += bias for every token, when bias is not empty."""
+    if bias.shape[0] > 0:
+        for t in range(out.shape[0]):
+            out[t] += bias
+
+
+@njit(**_OPTS)
+def expert_ffn(x, gate_up_qs, gate_up_scales, down_qs, down_scales, gate_up_bias, down_bias, activation, lut, out,
+               n_threads):
+    """out = down @ gated(gate @ x + b, up @ x + b) + b for the tokens of x, gate_up holding gate then up rows; the
+    biases (float32, empty for none) are gate_up's [2I] and down's [D]."""
     n_tok = x.shape[0]
     h = np.empty((n_tok, gate_up_qs.shape[0]), np.float32)
     _matmul(x, gate_up_qs, gate_up_scales, lut, h, n_threads)
     a = np.zeros((n_tok, _padded_k(down_qs)), np.float32)  # columns past inter: down's zero padding
-    _gated_activation(h, activation, a)
+    _gated_activation(h, activation, gate_up_bias, a)
     _matmul(a, down_qs, down_scales, lut, out, n_threads)
+    _add_bias(out, down_bias)
 
 
 @njit(**_OPTS)
-def expert_ffn_int8(x, gate_up_qs, gate_up_scales, down_qs, down_scales, activation, lut, out):
+def expert_ffn_int8(x, gate_up_qs, gate_up_scales, down_qs, down_scales, gate_up_bias, down_bias, activation, lut,
+                    out):
     """expert_ffn for one token on q4 weights, both matrices through gemv_q4_int8."""
     h = np.empty((1, gate_up_qs.shape[0]), np.float32)
     gemv_q4_int8(x, gate_up_qs, gate_up_scales, lut, h)
     a = np.zeros((1, 2 * down_qs.shape[1]), np.float32)  # columns past inter: down's zero padding
-    _gated_activation(h, activation, a)
+    _gated_activation(h, activation, gate_up_bias, a)
     gemv_q4_int8(a, down_qs, down_scales, lut, out)
+    _add_bias(out, down_bias)
 
 
 # ---------------------------------------------------------------- quantization (byte-identical to quant.py)

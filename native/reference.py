@@ -10,7 +10,8 @@ import numpy as np
 
 from ..store import quant
 
-SILU, GELU_TANH, GELU = 0, 1, 2
+SILU, GELU_TANH, GELU, SWIGLU_OAI = 0, 1, 2, 3
+SWIGLU_ALPHA, SWIGLU_LIMIT = 1.702, 7.0
 _BLOCK_FLOATS = 1 << 22  # dequantized rows per step: 16 MiB of float32
 
 
@@ -58,9 +59,15 @@ def matmul_int8(x: np.ndarray, qs: np.ndarray, scales: np.ndarray, out: np.ndarr
 
 def gated_activation(h: np.ndarray, activation: int) -> np.ndarray:
     """act(h[:, :I]) * h[:, I:] for h [T, 2I]: activation 0 is SiLU, 1 GELU with the tanh approximation, 2 exact
-    GELU (with the error function)."""
+    GELU (with the error function); 3 is gpt-oss's clamped SwiGLU, g sigmoid(1.702 g) (u + 1) with g = min(gate, 7)
+    and u = up clamped to [-7, 7]."""
     inter = h.shape[1] // 2
     gate, up = h[:, :inter], h[:, inter:]
+    if activation == SWIGLU_OAI:
+        g = np.minimum(gate, np.float32(SWIGLU_LIMIT))
+        with np.errstate(over="ignore"):
+            glu = g / (np.float32(1) + np.exp(-np.float32(SWIGLU_ALPHA) * g))
+        return (glu * (np.clip(up, -np.float32(SWIGLU_LIMIT), np.float32(SWIGLU_LIMIT)) + 1)).astype(np.float32)
     if activation == SILU:
         with np.errstate(over="ignore"):  # exp(-gate) = inf for very negative gate gives the right 0
             act = gate / (np.float32(1) + np.exp(-gate))
@@ -73,18 +80,25 @@ def gated_activation(h: np.ndarray, activation: int) -> np.ndarray:
         erf = torch.special.erf(torch.from_numpy(np.ascontiguousarray(gate) * np.float32(0.5 ** 0.5))).numpy()
         act = np.float32(0.5) * gate * (np.float32(1) + erf)
     else:
-        raise ValueError(f"unknown activation {activation}; expected 0 (SiLU), 1 (GELU tanh) or 2 (GELU)")
+        raise ValueError(f"unknown activation {activation}; expected 0 (SiLU), 1 (GELU tanh), 2 (GELU) or 3 "
+                         f"(gpt-oss SwiGLU)")
     return (act * up).astype(np.float32)
 
 
 def expert_ffn(x: np.ndarray, gate_up_qs: np.ndarray, gate_up_scales: np.ndarray, down_qs: np.ndarray,
-               down_scales: np.ndarray, activation: int, out: np.ndarray, product=None) -> None:
-    """out = down @ (act(gate @ x) * (up @ x)) for x [T, H]; gate_up [2I, H] holds the gate rows, then up.
-    product is the matrix product used, by default matmul (matmul_int8 for the int8 kernels)."""
+               down_scales: np.ndarray, activation: int, out: np.ndarray, product=None,
+               gate_up_bias: np.ndarray | None = None, down_bias: np.ndarray | None = None) -> None:
+    """out = down @ gated(gate @ x + b, up @ x + b) + b for x [T, H]; gate_up [2I, H] holds the gate rows, then
+    up; the biases are optional. product is the matrix product used, by default matmul (matmul_int8 for the int8
+    kernels)."""
     product = product or matmul
     h = np.empty((x.shape[0], gate_up_qs.shape[0]), dtype=np.float32)
     product(x, gate_up_qs, gate_up_scales, h)
+    if gate_up_bias is not None:
+        h += gate_up_bias
     product(gated_activation(h, activation), down_qs, down_scales, out)
+    if down_bias is not None:
+        out += down_bias
 
 
 def quantize(w: np.ndarray, fmt: str, group: int = 32) -> tuple[np.ndarray, np.ndarray]:

@@ -17,6 +17,9 @@ YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_posit
             beta_slow=1, mscale=0.707, mscale_all_dim=0.707)
 
 
+GPT_OSS_GATE_UP_GAIN = 5.0
+
+
 def build(family: str, **overrides):
     """A transformers model (eval, float32, eager attention) of the family with a fixed random init."""
     import transformers as tf
@@ -72,16 +75,36 @@ def build(family: str, **overrides):
                                   rope_parameters=dict(rope_type="default", rope_theta=10000.0,
                                                        partial_rotary_factor=0.5))
         cls = tf.Glm4MoeForCausalLM
+    elif family in ("gpt_oss", "gpt_oss_calm"):
+        # sinks, a window of 4 on every other layer, biases everywhere; expert width 40 != hidden 64, so that the
+        # transposed fused tensors cannot pass for untransposed ones. gpt_oss's gate_up weights are scaled up so
+        # that the SwiGLU's clamps engage; gpt_oss_calm's are not (8-bit weights keep the other families' bound)
+        config = tf.GptOssConfig(**COMMON, head_dim=16, intermediate_size=40, num_local_experts=4,
+                                 num_experts_per_tok=2, sliding_window=4,
+                                 rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=4.0,
+                                                      original_max_position_embeddings=64, beta_fast=32.0,
+                                                      beta_slow=1.0, truncate=False))
+        cls = tf.GptOssForCausalLM
     else:
         raise ValueError(family)
     for key, value in overrides.items():
         setattr(config, key, value)
+    if family.startswith("gpt_oss") and "layer_types" not in overrides:  # alternating, for any number of layers
+        config.layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention"
+                              for i in range(config.num_hidden_layers)]
     config._attn_implementation = "eager"
     torch.manual_seed(1234)
     model = cls(config).eval()
     for name, buffer in model.named_buffers():
         if name.endswith("e_score_correction_bias"):  # zeros at init: make the bias choose
             buffer.copy_(torch.randn(buffer.shape) * 0.1)
+    if family.startswith("gpt_oss"):
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("bias"):  # zeros at init: make every bias count
+                    param.copy_(torch.randn(param.shape) * 0.1)
+                elif name.endswith("gate_up_proj") and family == "gpt_oss":  # the SwiGLU's clamps at +-7 engage
+                    param.mul_(GPT_OSS_GATE_UP_GAIN)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model

@@ -12,7 +12,7 @@ import edgerun
 from hf_models import build, hf_greedy, hf_logits, save
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen2_moe_step", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v2_groups",
-            "deepseek_v3", "glm4_moe"]
+            "deepseek_v3", "glm4_moe", "gpt_oss"]
 PROMPT = [3, 17, 99, 5, 64, 12, 7, 120, 33, 2, 45, 88, 9, 101, 56, 23]  # 16 tokens
 
 

@@ -226,35 +226,47 @@ def test_matmul_rejects_bad_arguments():
         native.matmul(x, qs.view(np.uint8)[:, ::2], scales, np.empty((2, 4), np.float32))  # not contiguous
 
 
-def torch_expert(x, gate_up, down, hidden, inter, activation):
-    """The expert in float32 torch on the dequantized weights."""
+def torch_expert(x, gate_up, down, hidden, inter, activation, biases=(None, None)):
+    """The expert in float32 torch on the dequantized weights (gpt-oss's SwiGLU as transformers writes it)."""
     gu = torch.from_numpy(quant.dequantize(*gate_up, hidden))
     d = torch.from_numpy(quant.dequantize(*down, inter))
-    h = torch.from_numpy(x) @ gu.T
-    act = {native.SILU: torch.nn.functional.silu, native.GELU: torch.nn.functional.gelu,
-           native.GELU_TANH: lambda v: torch.nn.functional.gelu(v, approximate="tanh")}[activation]
-    return ((act(h[:, :inter]) * h[:, inter:]) @ d.T).numpy()
+    b1, b2 = (None if b is None else torch.from_numpy(b) for b in biases)
+    h = torch.nn.functional.linear(torch.from_numpy(x), gu, b1)
+    g, u = h[:, :inter], h[:, inter:]
+    if activation == native.SWIGLU_OAI:
+        g, u = g.clamp(max=7.0), u.clamp(-7.0, 7.0)
+        gated = g * torch.sigmoid(g * 1.702) * (u + 1)
+    else:
+        act = {native.SILU: torch.nn.functional.silu, native.GELU: torch.nn.functional.gelu,
+               native.GELU_TANH: lambda v: torch.nn.functional.gelu(v, approximate="tanh")}[activation]
+        gated = act(g) * u
+    return torch.nn.functional.linear(gated, d, b2).numpy()
 
 
 @pytest.mark.parametrize("fmt", quant.FORMATS)
-@pytest.mark.parametrize("activation", [native.SILU, native.GELU_TANH, native.GELU])
+@pytest.mark.parametrize("activation", [native.SILU, native.GELU_TANH, native.GELU, "swiglu+biases"])
 @pytest.mark.parametrize("tokens", [1, 5, 17])
 @pytest.mark.parametrize("hidden, inter", [(64, 96), (100, 48)])
 def test_expert_ffn(fmt, activation, tokens, hidden, inter):
     gate_up = matrix(fmt, 2 * inter, hidden, seed=1)
     down = matrix(fmt, hidden, inter, seed=2)
     x = gaussian((tokens, hidden), seed=3)
+    biases = (None, None)
+    if activation == "swiglu+biases":  # gpt-oss's experts (gate and up have a std of 8-10: the clamps engage)
+        activation = native.SWIGLU_OAI
+        biases = (gaussian((2 * inter,), seed=4), gaussian((hidden,), seed=5))
     out = np.full((tokens, hidden), np.nan, np.float32)
     expected = np.empty_like(out)
-    native.expert_ffn(x, *gate_up, *down, activation, out)
+    native.expert_ffn(x, *gate_up, *down, activation, out, *biases)
     if int_dot(x, *gate_up):
-        reference.expert_ffn(x, *gate_up, *down, activation, expected, product=reference.matmul_int8)
+        reference.expert_ffn(x, *gate_up, *down, activation, expected, product=reference.matmul_int8,
+                             gate_up_bias=biases[0], down_bias=biases[1])
         assert_close(out, expected)
-        assert_near_float(out, torch_expert(x, gate_up, down, hidden, inter, activation), INT8_REL_EXPERT)
+        assert_near_float(out, torch_expert(x, gate_up, down, hidden, inter, activation, biases), INT8_REL_EXPERT)
         return
-    reference.expert_ffn(x, *gate_up, *down, activation, expected)
+    reference.expert_ffn(x, *gate_up, *down, activation, expected, gate_up_bias=biases[0], down_bias=biases[1])
     assert_close(out, expected)
-    assert_close(out, torch_expert(x, gate_up, down, hidden, inter, activation))
+    assert_close(out, torch_expert(x, gate_up, down, hidden, inter, activation, biases))
 
 
 @pytest.mark.parametrize("hidden, inter", [(64, 96), (100, 48)])
@@ -277,7 +289,9 @@ def test_expert_ffn_activations_differ():
     native.expert_ffn(x, *gate_up, *down, native.GELU, gelu)
     assert not np.allclose(silu, gelu) and not np.allclose(tanh, gelu, rtol=0, atol=1e-5)
     with pytest.raises(ValueError):
-        native.expert_ffn(x, *gate_up, *down, 3, silu)
+        native.expert_ffn(x, *gate_up, *down, 4, silu)
+    with pytest.raises(ValueError, match="bias"):  # biases have the matrices' output sizes
+        native.expert_ffn(x, *gate_up, *down, native.SWIGLU_OAI, silu, np.zeros(32, np.float32))
     with pytest.raises(ValueError):  # formats must match
         native.expert_ffn(x, *gate_up, *matrix("q4", 32, 32), native.SILU, silu)
 

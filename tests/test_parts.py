@@ -33,7 +33,7 @@ from test_grok2 import write_release
 
 PROMPT = [3, 17, 90, 5, 64, 12, 7, 81, 33, 2, 45, 88, 9, 71, 56, 23]
 HF_FAMILIES = ["mixtral", "qwen2_moe", "qwen2_moe_step", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3",
-               "glm4_moe"]
+               "glm4_moe", "gpt_oss"]
 FAMILY_NAMES = HF_FAMILIES + ["grok-1", "grok-2"]
 PROFILE = load_profile(Path(__file__).parent.parent / "profiles" / "cloud-vm-2core-epyc.json")
 

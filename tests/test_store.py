@@ -30,7 +30,7 @@ Q8_LOGIT_TOLERANCE = 0.1
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
     base = tmp_path_factory.mktemp("hf")
-    families = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe")
+    families = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss_calm")
     return {family: (model, save(model, base / family)) for family, model in ((f, build(f)) for f in families)}
 
 
@@ -60,7 +60,7 @@ def test_bf16_store_gives_the_same_logits_as_the_hf_directory(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3",
-                                    "glm4_moe"])
+                                    "glm4_moe", "gpt_oss_calm"])
 def test_q8_store_is_close_to_float32(hf_dirs, family, tmp_path):
     hf, src = hf_dirs[family]
     dst = convert(src, tmp_path / "q8", quant="q8")

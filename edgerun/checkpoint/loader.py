@@ -3,7 +3,9 @@
 Families give a list of (regex, replacement) rules mapping checkpoint names to canonical names (the tensors
 the decoder's parts declare, `Decoder.tensors`). Experts arrive either as one 2D tensor per expert
 (`layers.N.experts.E.{gate,up,down}`) or fused 3D (`layers.N.experts.{gate_up,down}`, possibly stored
-transposed); both end up stacked as gate_up [E, 2I, D] and down [E, D, I].
+transposed); both end up stacked as gate_up [E, 2I, D] and down [E, D, I]. A family whose fused gate_up
+interleaves gate and up rows (gpt-oss: gate, up, gate, up ...) says so with `spec.gate_up_interleaved`; its rows
+(and biases) are brought into gate rows, then up rows.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class CheckpointTensors:
         self.shapes = {name: t.shape for name, t in self.declared.items()}
         self.dense_names = [name for name, t in self.declared.items() if not t.expert]
         self.moe_layers = spec.moe_layers
+        self.biased = decoder.expert_biases
 
     def _source(self, canonical: str) -> str:
         src = self.names.get(canonical)
@@ -89,15 +92,21 @@ class CheckpointTensors:
         """A non-expert tensor, in the checkpoint's dtype."""
         return self.reader.get(self._checked(canonical, self.shapes[canonical]))
 
-    def expert(self, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gate_up [2I, D] with gate rows first, down [D, I]) of one expert, in the checkpoint's dtype. Experts
-        past the routed ones are slices of the layer's dense MLP (see ffn.ResidualMoE)."""
+    def expert(self, layer: int, e: int) -> tuple[torch.Tensor, ...]:
+        """(gate_up [2I, D] with gate rows first, down [D, I]) of one expert, in the checkpoint's dtype, then for
+        experts with biases their gate_up [2I] and down [D] biases. Experts past the routed ones are slices of the
+        layer's dense MLP (see ffn.ResidualMoE)."""
         p = f"layers.{layer}.experts."
         gu_shape, d_shape = self.shapes[p + "gate_up"], self.shapes[p + "down"]
         if e >= gu_shape[0]:
             return self._dense_slice(layer, e, gu_shape[1] // 2)
         if p + "gate_up" in self.names:
-            return self._fused(p + "gate_up", gu_shape, e), self._fused(p + "down", d_shape, e)
+            out = (self._halves(self._fused(p + "gate_up", gu_shape, e)), self._fused(p + "down", d_shape, e))
+            if self.biased:
+                out += tuple(self.reader.get(self._checked(p + n, self.shapes[p + n]), e)
+                             for n in ("gate_up_bias", "down_bias"))
+                out = (out[0], out[1], self._halves(out[2]), out[3])
+            return out
         half = gu_shape[1] // 2
         gate = self._per_expert(f"{p}{e}.gate", (half, gu_shape[2]))
         gate_up = gate.new_empty(gu_shape[1:])  # one buffer for both halves: no third copy to concatenate them
@@ -119,6 +128,10 @@ class CheckpointTensors:
             gate, up = (torch.cat([t, t.new_zeros(pad, t.shape[1])]) for t in (gate, up))
             down = torch.cat([down, down.new_zeros(down.shape[0], pad)], dim=1)
         return torch.cat([gate, up]), down.contiguous()
+
+    def _halves(self, t: torch.Tensor) -> torch.Tensor:
+        """Interleaved gate and up rows (or biases) -> gate rows, then up rows; others as they are."""
+        return torch.cat([t[0::2], t[1::2]]) if self.spec.gate_up_interleaved else t
 
     def _per_expert(self, canonical: str, want: tuple) -> torch.Tensor:
         return self.reader.get(self._checked(canonical, want))
@@ -143,8 +156,8 @@ def load_weights(
 ) -> tuple[dict[str, torch.Tensor], list, list]:
     """Read every tensor the decoder needs, converted to dtype.
 
-    Returns (dense weights, per-layer stacked gate_up [E, 2I, D], per-layer stacked down [E, D, I]);
-    layers without experts have None.
+    Returns (dense weights, per-layer stacked gate_up [E, 2I, D], per-layer stacked down [E, D, I], per-layer
+    expert biases (gate_up [E, 2I], down [E, D])); layers without experts (or without biases) have None.
     """
     tensors = CheckpointTensors(reader, spec, rules)
 
@@ -156,8 +169,10 @@ def load_weights(
     weights = {name: converted(tensors.dense(name)) for name in tensors.dense_names}
     gate_up: list = [None] * spec.num_layers
     down: list = [None] * spec.num_layers
+    biases: list = [None] * spec.num_layers
     for i in tensors.moe_layers:
-        pairs = [tensors.expert(i, e) for e in range(tensors.stored_experts)]
-        gate_up[i] = torch.stack([converted(gu) for gu, _ in pairs])
-        down[i] = torch.stack([converted(d) for _, d in pairs])
-    return weights, gate_up, down
+        parts = list(zip(*(tensors.expert(i, e) for e in range(tensors.stored_experts))))
+        gate_up[i], down[i] = (torch.stack([converted(t) for t in ts]) for ts in parts[:2])
+        if len(parts) == 4:
+            biases[i] = tuple(torch.stack([converted(t) for t in ts]) for ts in parts[2:])
+    return weights, gate_up, down, biases

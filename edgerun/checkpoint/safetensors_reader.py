@@ -10,6 +10,11 @@ Float8 checkpoints as DeepSeek and Moonshot publish them (DeepSeek-V3, R1, Kimi-
 e4m3 with a float32 `<name>_scale_inv` beside each: one factor per 128 x 128 block. The reader hands such a matrix
 out multiplied by its factors and cast to bfloat16, as the publisher's own cast to bfloat16 does, 128 rows at a
 time; the factor tensors themselves are not listed among the names.
+
+MXFP4 tensors as OpenAI publishes gpt-oss's experts (`<name>_blocks` [..., G, 16] bytes, two 4-bit E2M1 values
+each, low nibble first, and `<name>_scales` [..., G] of E8M0 exponents, one per 32 values) are listed as `<name>`
+[..., 32 G] and handed out expanded to bfloat16 (exactly: every such value is a bfloat16), one slice along the
+first dimension (an expert) at a time when asked for one.
 """
 
 from __future__ import annotations
@@ -26,9 +31,12 @@ from ..errors import CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
 FP8, FP8_SCALE_SUFFIX, FP8_BLOCK = "F8_E4M3", "_scale_inv", 128
+MXFP4 = "MXFP4"  # the dtype this reader gives a pair of *_blocks and *_scales tensors
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-_ITEMSIZE = {FP8: 1, "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "BF16": 2, "F16": 2, "I16": 2,
-             "U16": 2}
+# bytes per value of what `get` hands out (float8 and MXFP4 come out as bfloat16)
+_ITEMSIZE = {FP8: 2, MXFP4: 2, "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "BF16": 2, "F16": 2,
+             "I16": 2, "U16": 2}
 _RANK_FILE = re.compile(r"^(?P<group>.*)-TP-(?P<rank>\d{3})\.safetensors$")
 
 
@@ -79,7 +87,21 @@ class SafetensorsReader:
             else:
                 self._join(name, places, ranks, rules)
         self._fp8_scales = {name: self._fp8_scale(name) for name, (_, dtype) in self._meta.items() if dtype == FP8}
-        self._listed = [n for n in self.location if n not in set(self._fp8_scales.values())]
+        self._mxfp4 = {name[:-len("_blocks")]: self._mxfp4_pair(name) for name, (_, dtype) in list(self._meta.items())
+                       if name.endswith("_blocks") and dtype == "U8"}
+        parts = set(self._fp8_scales.values()) | {n for pair in self._mxfp4.values() for n in pair}
+        self._listed = [n for n in self.location if n not in parts]
+
+    def _mxfp4_pair(self, blocks: str) -> tuple[str, str]:
+        """(blocks, scales) of an MXFP4 tensor, checked, and the tensor they make entered under its own name."""
+        name, scales = blocks[:-len("_blocks")], blocks[:-len("_blocks")] + "_scales"
+        shape = self._meta[blocks][0]
+        if scales not in self._meta or self._meta[scales][0] != shape[:-1] or shape[-1] != 16 or blocks in self._slices:
+            raise CheckpointError(f"tensor {blocks} {list(shape)} in {self.describe(blocks)} is not MXFP4 blocks of 16 "
+                                  f"bytes with their {scales} [{', '.join(map(str, shape[:-1]))}] beside them")
+        self.location[name] = self.location[blocks]
+        self._meta[name] = ((*shape[:-2], shape[-2] * 32), MXFP4)
+        return blocks, scales
 
     def _fp8_scale(self, name: str) -> str:
         """The block factors of a float8 matrix, checked against its shape."""
@@ -162,7 +184,7 @@ class SafetensorsReader:
 
     def dtype(self, name: str) -> torch.dtype | None:
         """The dtype `get` returns (bfloat16 for a float8 matrix); None for tensors it cannot read."""
-        return torch.bfloat16 if name in self._fp8_scales else DTYPES.get(self._meta[name][1])
+        return torch.bfloat16 if name in self._fp8_scales or name in self._mxfp4 else DTYPES.get(self._meta[name][1])
 
     def common_dtype(self) -> torch.dtype | None:
         """The dtype every float tensor of the checkpoint has, or None when they differ."""
@@ -178,7 +200,7 @@ class SafetensorsReader:
 
     def _check_dtype(self, name: str) -> None:
         dtype = self._meta[name][1]
-        if dtype not in DTYPES and name not in self._fp8_scales:
+        if dtype not in DTYPES and name not in self._fp8_scales and name not in self._mxfp4:
             raise CheckpointError(f"tensor {name} in {self.location[name].name} has dtype {dtype}; edgerun reads "
                                   f"BF16, F16 and F32 checkpoints, and block-scaled float8 ones")
 
@@ -189,6 +211,8 @@ class SafetensorsReader:
         try:
             if name in self._fp8_scales:
                 return self._fp8_matrix(name) if index is None else self._fp8_matrix(name)[index]
+            if name in self._mxfp4:
+                return self._mxfp4_tensor(name, index)
             if name in self._slices:
                 return self._joined(name, index)
             handle = self._open(path)
@@ -203,7 +227,7 @@ class SafetensorsReader:
     def get_range(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
         """tensor[start:stop] along dim 0 or 1, reading only those bytes from a whole tensor's file."""
         self._check_dtype(name)
-        if name in self._slices or name in self._fp8_scales:
+        if name in self._slices or name in self._fp8_scales or name in self._mxfp4:
             return self.get(name).narrow(dim, start, stop - start).contiguous()
         try:
             part = self._open(self.location[name]).get_slice(name)
@@ -223,6 +247,17 @@ class SafetensorsReader:
             factors = scale[band].repeat_interleave(FP8_BLOCK)[:cols]
             out[r] = (w[r].float() * factors).to(torch.bfloat16)
         return out
+
+    def _mxfp4_tensor(self, name: str, index: int | None) -> torch.Tensor:
+        """An MXFP4 tensor (or its slice [index]) as bfloat16: E2M1 values times 2 ** (scale - 127)."""
+        parts = []
+        for part in self._mxfp4[name]:
+            handle = self._open(self.location[part])
+            parts.append(handle.get_tensor(part) if index is None else handle.get_slice(part)[index])
+        blocks, scales = parts
+        values = torch.stack([E2M1[(blocks & 15).long()], E2M1[(blocks >> 4).long()]], dim=-1).flatten(-2)
+        values = torch.ldexp(values, scales.to(torch.int32)[..., None] - 127)
+        return values.flatten(-2).to(torch.bfloat16)
 
     def _joined(self, name: str, index: int | None) -> torch.Tensor:
         """A split tensor, its slices copied one at a time into the whole (memory: the whole and one slice)."""

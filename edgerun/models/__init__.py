@@ -12,7 +12,7 @@ import dataclasses
 from types import ModuleType
 
 from ..errors import CheckpointError, UnsupportedModelError
-from . import deepseek, glm4_moe, grok, grok2, mixtral, olmoe, qwen2_moe, qwen3_moe
+from . import deepseek, glm4_moe, gpt_oss, grok, grok2, mixtral, olmoe, qwen2_moe, qwen3_moe
 from .spec import ModelSpec
 
 FAMILIES: dict[str, ModuleType] = {
@@ -25,6 +25,7 @@ FAMILIES: dict[str, ModuleType] = {
     "deepseek_v2": deepseek,
     "deepseek_v3": deepseek,
     "glm4_moe": glm4_moe,
+    "gpt_oss": gpt_oss,
 }
 _ALIASES = {"grok1": "grok-1", "grok": "grok-1", "grok2": "grok-2"}
 

@@ -72,7 +72,8 @@ class Attention(Part):
 
     Options from the spec: biases on q/k/v and o, q/k RMSNorm per head or over the whole projection, clipping of
     q/k/v, the logit scale, a soft cap on the logits (computed in float32), a logit temperature that grows with
-    the query's position (Grok-2) and a sliding window per layer."""
+    the query's position (Grok-2), a sink per head (gpt-oss: a learned logit that joins every softmax and takes its
+    share of the weight, attending nowhere) and a sliding window per layer."""
 
     def __init__(self, spec, layer: int):
         super().__init__(f"layers.{layer}.")
@@ -83,6 +84,7 @@ class Attention(Part):
         self.scale = spec.attn_scale if spec.attn_scale is not None else spec.head_dim ** -0.5
         self.cap = spec.attn_softcap
         self.temperature_len = spec.attn_temperature_len
+        self.sinks = spec.attn_sinks
         self.window = spec.sliding_windows[layer]
         self.eps = spec.rms_norm_eps
         self.rope = spec.rope
@@ -95,6 +97,8 @@ class Attention(Part):
             out.update(q_bias=TensorSpec((q_out,)), k_bias=TensorSpec((kv_out,)), v_bias=TensorSpec((kv_out,)))
         if self.o_bias:
             out["o_bias"] = TensorSpec((D,))
+        if self.sinks:
+            out["sinks"] = TensorSpec((self.heads,))
         if self.qk_norm == "head":
             out.update(q_norm=TensorSpec((self.head_dim,)), k_norm=TensorSpec((self.head_dim,)))
         elif self.qk_norm == "proj":
@@ -143,7 +147,7 @@ class Attention(Part):
                pos: Positions) -> torch.Tensor:
         """q [T, H, Dh] against the cache [KV, S, Dh] -> [H, T, Dh]."""
         H, KV = self.heads, self.kv_heads
-        if self.cap is None and not self.temperature_len:
+        if self.cap is None and not self.temperature_len and not self.sinks:
             return F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), keys.unsqueeze(0),
                                                   values.unsqueeze(0), attn_mask=mask, scale=self.scale,
                                                   enable_gqa=H != KV)[0]
@@ -156,7 +160,11 @@ class Attention(Part):
             scores = scores * self.temperature(pos)[:, None]
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(values.dtype)
+        if self.sinks:
+            sink = self.w["sinks"].float().view(KV, H // KV, 1, 1).expand(*scores.shape[:-1], 1)
+            probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1].to(values.dtype)
+        else:
+            probs = torch.softmax(scores, dim=-1).to(values.dtype)
         return torch.matmul(probs, values.unsqueeze(1)).reshape(H, T, Dh)
 
     def temperature(self, pos: Positions) -> torch.Tensor:

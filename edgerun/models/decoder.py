@@ -100,6 +100,11 @@ class Decoder(Part):
         """Experts the container computes per MoE layer for one token."""
         return max((part.experts_per_token for part in self.moe.values()), default=0)
 
+    @property
+    def expert_biases(self) -> bool:
+        """Whether the experts have biases on their matrices (which their chunks then hold)."""
+        return any(part.biased for part in self.moe.values())
+
     def declare(self) -> dict[str, TensorSpec]:
         V, D = self.spec.vocab_size, self.spec.hidden_size
         out = {"embed": TensorSpec((V, D), output=self.spec.tie_word_embeddings)}

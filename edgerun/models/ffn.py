@@ -15,7 +15,7 @@ from typing import Protocol
 
 import torch
 
-from .parts import F32, Part, TensorSpec, activation_fn, linear
+from .parts import F32, Part, TensorSpec, gated_fn, linear
 from .routers import Routing
 
 
@@ -35,7 +35,7 @@ class DenseMLP(Part):
     def __init__(self, prefix: str, hidden: int, width: int, activation: str):
         super().__init__(prefix)
         self.hidden, self.width = hidden, width
-        self.act = activation_fn(activation)
+        self.gated = gated_fn(activation)
 
     def declare(self) -> dict[str, TensorSpec]:
         D, I = self.hidden, self.width
@@ -46,7 +46,7 @@ class DenseMLP(Part):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         w = self.w
-        return linear(self.act(linear(x, w["gate"])) * linear(x, w["up"]), w["down"])
+        return linear(self.gated(linear(x, w["gate"]), linear(x, w["up"])), w["down"])
 
 
 class DenseFFN(DenseMLP):
@@ -64,6 +64,7 @@ class MoE(Part):
 
     routed = True
     always = 0
+    biased = False  # whether the experts have biases (BiasedMoE)
 
     def __init__(self, spec, layer: int):
         super().__init__(f"layers.{layer}.")
@@ -115,6 +116,17 @@ class MoE(Part):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.routed_experts(x)
+
+
+class BiasedMoE(MoE):
+    """Routed experts with biases on their gate_up and down matrices (gpt-oss), held in each expert's chunk."""
+
+    biased = True
+
+    def declare(self) -> dict[str, TensorSpec]:
+        E, D = self.num_experts, self.hidden
+        return {**super().declare(), "experts.gate_up_bias": TensorSpec((E, 2 * self.width), expert=True, exact=True),
+                "experts.down_bias": TensorSpec((E, D), expert=True, exact=True)}
 
 
 class SharedExpertMoE(MoE):

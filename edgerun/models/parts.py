@@ -107,6 +107,21 @@ def activation_fn(name: str):
     return F.gelu
 
 
+SWIGLU_ALPHA, SWIGLU_LIMIT = 1.702, 7.0  # gpt-oss's clamped SwiGLU, as every release configures it
+
+
+def gated_fn(name: str):
+    """(gate, up) -> the gated activation an MLP feeds its down matrix: act(gate) * up, or for "swiglu_oai"
+    (gpt-oss) gate' * sigmoid(1.702 gate') * (up' + 1), gate' = min(gate, 7) and up' = up clamped to [-7, 7]."""
+    if name == "swiglu_oai":
+        def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+            g = g.clamp(max=SWIGLU_LIMIT)
+            return g * torch.sigmoid(g * SWIGLU_ALPHA) * (u.clamp(-SWIGLU_LIMIT, SWIGLU_LIMIT) + 1)
+        return swiglu
+    act = activation_fn(name)
+    return lambda g, u: act(g) * u
+
+
 class RMSNorm(Part):
     """weight * x / rms(x), the weight named `name` under prefix."""
 

@@ -108,3 +108,22 @@ class SigmoidGroupedTopK(GroupedTopK):
 
     def __init__(self, spec, layer: int):
         super().__init__(spec, layer, sigmoid=True)
+
+
+class TopKSoftmax(Part):
+    """gpt-oss's router: logits with a bias, the top-k logits, then the softmax of those k alone as the weights.
+    `probs` (what forecasts read) is the softmax over all experts."""
+
+    def __init__(self, spec, layer: int):
+        super().__init__(f"layers.{layer}.")
+        self.layer = layer
+        self.hidden, self.num_experts, self.top_k = spec.hidden_size, spec.num_experts, spec.top_k
+
+    def declare(self) -> dict[str, TensorSpec]:
+        return {"router": TensorSpec((self.num_experts, self.hidden), exact=True),
+                "router_bias": TensorSpec((self.num_experts,), exact=True)}
+
+    def __call__(self, x: torch.Tensor) -> Routing:
+        logits = linear(x, self.w["router"], self.w["router_bias"]).float()
+        top, idx = torch.topk(logits, self.top_k, dim=-1)
+        return Routing(idx, torch.softmax(top, dim=-1).to(x.dtype), torch.softmax(logits, dim=-1))

@@ -44,6 +44,7 @@ class ModelSpec:
     attn_scale: float | None = None  # None: head_dim ** -0.5
     attn_softcap: float | None = None
     attn_temperature_len: int = 0  # > 0: logits of queries past this position are scaled up (Grok-2)
+    attn_sinks: bool = False  # a learned logit per head joins each softmax and takes its share (gpt-oss)
     sliding_windows: list[int | None] = field(default_factory=list)  # per layer
     # multi-head latent attention (DeepSeek): keys and values through a low-rank latent, which is what is cached
     q_lora_rank: int | None = None  # None: q from one matrix; else q_a (to this rank), its norm, then q_b
@@ -67,6 +68,7 @@ class ModelSpec:
     routed_scaling_factor: float = 1.0  # on the routed experts' weights
     shared_expert_intermediate_size: int = 0
     shared_expert_gate: bool = False
+    gate_up_interleaved: bool = False  # a fused gate_up checkpoint tensor alternates gate and up rows (gpt-oss)
     # embeddings and output
     embedding_multiplier: float = 1.0
     output_multiplier: float = 1.0

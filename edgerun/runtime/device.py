@@ -16,7 +16,7 @@ import math
 import numpy as np
 import torch
 
-from ..models.parts import activation_fn
+from ..models.parts import gated_fn
 from ..store.layout import PASSTHROUGH, ExpertLayout, TensorLayout
 from ..store.quant import padded_in_features
 
@@ -114,8 +114,9 @@ class ExpertKernel:
         if layout.fmt not in ("q8", "q4"):
             raise ValueError(f"the device expert kernel computes q8/q4 chunks, not {layout.fmt}")
         self.layout, self.device, self.compute, self.batch = layout, device, compute, max(1, batch)
-        self.act = activation_fn(activation)
+        self.gated = gated_fn(activation)
         self.gate_up = layout.gate_up.offsets()
+        self.biases = layout.bias_offsets  # [] or the float32 biases of gate_up [2I] and down [D]
         self.down = [(layout.down_offset + offset, dtype, shape) for offset, dtype, shape in layout.down.offsets()]
         self._scratch = torch.empty(0, dtype=compute, device=device)
 
@@ -162,8 +163,9 @@ class ExpertKernel:
             xs[rows_at] = x[tokens].to(self.compute)
             chunks = pool[slot_rows]  # [n, chunk bytes]
             h = torch.bmm(xs.view(n, longest, D), self._dequantized(chunks, self.gate_up)[:, :, :D].transpose(1, 2))
-            g, u = h.chunk(2, dim=-1)
-            a = self.act(g) * u  # [n, longest, I]
-            y = torch.bmm(a, self._dequantized(chunks, self.down)[:, :, :I].transpose(1, 2))
+            b1, b2 = (section(chunks, *b)[:, None, :].to(self.compute) for b in self.biases) if self.biases else (0, 0)
+            g, u = (h + b1).chunk(2, dim=-1)
+            a = self.gated(g, u)  # [n, longest, I]
+            y = torch.bmm(a, self._dequantized(chunks, self.down)[:, :, :I].transpose(1, 2)) + b2
             out.append(y.reshape(n * longest, D)[rows_at])
         return torch.cat(out).float()

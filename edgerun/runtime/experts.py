@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..models.parts import activation_fn
+from ..models.parts import gated_fn
 from ..models.routers import Routing
 
 Phase = Literal["prefill", "decode"]
@@ -169,14 +169,22 @@ class TorchExperts(RoutedExperts):
     Each per-layer entry may be one stacked [E, ...] tensor or a list of per-expert tensors.
     """
 
-    def __init__(self, gate_up: Sequence, down: Sequence, activation: str):
+    def __init__(self, gate_up: Sequence, down: Sequence, activation: str, biases: Sequence | None = None):
         self.gate_up, self.down = gate_up, down
-        self.act = activation_fn(activation)
+        self.gated = gated_fn(activation)
+        self._biases = biases  # per layer: (gate_up biases [E, 2I], down biases [E, D]), or None
 
     def weights(self, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.gate_up[layer][e], self.down[layer][e]
 
+    def biases(self, layer: int, e: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(gate_up bias [2I], down bias [D]) of an expert, or Nones for experts without biases."""
+        if not self._biases or self._biases[layer] is None:
+            return None, None
+        return self._biases[layer][0][e], self._biases[layer][1][e]
+
     def expert(self, layer: int, e: int, x: torch.Tensor) -> torch.Tensor:
         gate_up, down = self.weights(layer, e)
-        g, u = F.linear(x.to(gate_up.dtype), gate_up).chunk(2, dim=-1)
-        return F.linear(self.act(g) * u, down).to(x.dtype)
+        b1, b2 = (None if b is None else b.to(gate_up.dtype) for b in self.biases(layer, e))
+        g, u = F.linear(x.to(gate_up.dtype), gate_up, b1).chunk(2, dim=-1)
+        return F.linear(self.gated(g, u), down, b2).to(x.dtype)

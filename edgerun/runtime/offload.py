@@ -39,6 +39,7 @@ class SlotPool:
         self.data = np.frombuffer(self._mem, dtype=np.uint8)
         self._layout = store.expert_layout
         self._views: list = [None] * count
+        self._biases: list = [None] * count
 
     def buffer(self, slot: int) -> np.ndarray:
         return self.data[slot * self.size:(slot + 1) * self.size]
@@ -48,6 +49,13 @@ class SlotPool:
         if v is None:
             v = self._views[slot] = self._layout.views(self.buffer(slot))
         return v
+
+    def biases(self, slot: int) -> list[np.ndarray]:
+        """[gate_up bias, down bias] of the slot's expert, or [] for experts without biases."""
+        b = self._biases[slot]
+        if b is None:
+            b = self._biases[slot] = self._layout.bias_views(self.buffer(slot))
+        return b
 
 
 class OffloadedExperts(RoutedExperts):
@@ -314,7 +322,7 @@ class OffloadedExperts(RoutedExperts):
         (gu_qs, gu_scales), (d_qs, d_scales) = self.pool.views(slot)
         xs = x.to(torch.float32).contiguous()
         out = np.empty(xs.shape, dtype=np.float32)
-        native.expert_ffn(xs.numpy(), gu_qs, gu_scales, d_qs, d_scales, self.activation, out)
+        native.expert_ffn(xs.numpy(), gu_qs, gu_scales, d_qs, d_scales, self.activation, out, *self.pool.biases(slot))
         if scratch:
             self._free_scratch(layer, slot)
         return torch.from_numpy(out)

@@ -98,7 +98,8 @@ class ModelLayout:
 
     @property
     def expert_layout(self) -> ExpertLayout:
-        return ExpertLayout(self.expert_format, self.spec.hidden_size, self.spec.moe_intermediate_size, self.group)
+        return ExpertLayout(self.expert_format, self.spec.hidden_size, self.spec.moe_intermediate_size, self.group,
+                            self.decoder.expert_biases)
 
     @property
     def chunk_bytes(self) -> int:

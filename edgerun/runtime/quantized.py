@@ -12,7 +12,8 @@ from ..store.quant import dequantize
 from ..store.store import ExpertStore
 from .experts import HeldChunk, RoutedExperts, TorchExperts, no_release
 
-ACTIVATION_CODES = {"silu": native.SILU, "gelu_tanh": native.GELU_TANH, "gelu": native.GELU}
+ACTIVATION_CODES = {"silu": native.SILU, "gelu_tanh": native.GELU_TANH, "gelu": native.GELU,
+                    "swiglu_oai": native.SWIGLU_OAI}
 
 
 class QuantizedMatrix:
@@ -49,7 +50,8 @@ class QuantizedExperts(RoutedExperts):
         (gu_qs, gu_scales), (d_qs, d_scales) = self.store.expert_views(layer, e)
         xs = x.to(torch.float32).contiguous()
         out = np.empty(xs.shape, dtype=np.float32)
-        native.expert_ffn(xs.numpy(), gu_qs, gu_scales, d_qs, d_scales, self.activation, out)
+        native.expert_ffn(xs.numpy(), gu_qs, gu_scales, d_qs, d_scales, self.activation, out,
+                          *self.store.expert_biases(layer, e))
         return torch.from_numpy(out)
 
     def chunk(self, layer: int, e: int) -> HeldChunk:
@@ -70,6 +72,10 @@ class StoreTensorExperts(TorchExperts):
     def weights(self, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         (gate_up,), (down,) = self.store.expert_views(layer, e)
         return as_tensor(gate_up, self.torch_dtype), as_tensor(down, self.torch_dtype)
+
+    def biases(self, layer: int, e: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        b = self.store.expert_biases(layer, e)
+        return (torch.from_numpy(b[0]), torch.from_numpy(b[1])) if b else (None, None)
 
 
 def as_tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:

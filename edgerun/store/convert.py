@@ -244,6 +244,7 @@ def _finish(partial: Path, job: _Conversion, done: dict[str, int]) -> None:
                     for name, layout in job.layouts.items()},
         "experts": {
             "format": job.expert_format, "hidden": spec.hidden_size, "inter": spec.moe_intermediate_size,
+            "biases": job.expert_layout.biases,
             "num_experts": job.layout.stored_experts, "layers": job.tensors.moe_layers,
             "crc32": {str(layer): [done[f"expert/{layer}/{e}"] for e in range(job.layout.stored_experts)]
                       for layer in job.tensors.moe_layers},

@@ -3,8 +3,9 @@
 Every tensor is stored as one packed byte buffer: its sections (for q8/q4 the quantized values `qs`, then
 the float16 `scales`; for passthrough formats the values `w`) one after the other, each starting on a
 64-byte boundary. An expert chunk is the packed gate_up matrix [2I, D] (gate rows first, then up)
-followed by the packed down matrix [D, I], padded to a multiple of 4096 bytes so that it can be read
-with O_DIRECT. A chunk holds exactly the bytes the kernels read: no decoding step in between.
+followed by the packed down matrix [D, I] and, for experts with biases (gpt-oss), their float32 biases
+[2I] and [D], padded to a multiple of 4096 bytes so that it can be read with O_DIRECT. A chunk holds exactly the
+bytes the kernels read: no decoding step in between.
 """
 
 from __future__ import annotations
@@ -89,12 +90,14 @@ def _same_size_int(dtype: torch.dtype) -> torch.dtype:
 
 @dataclass(frozen=True)
 class ExpertLayout:
-    """One expert chunk: gate_up [2I, D] then down [D, I], both in fmt."""
+    """One expert chunk: gate_up [2I, D] then down [D, I], both in fmt; with `biases`, then the float32 biases of
+    gate_up [2I] and of down [D]."""
 
     fmt: str
     hidden: int
     inter: int
     group: int = 32
+    biases: bool = False
 
     @property
     def gate_up(self) -> TensorLayout:
@@ -109,14 +112,35 @@ class ExpertLayout:
         return _align(self.gate_up.nbytes, SECTION_ALIGN)
 
     @property
-    def nbytes(self) -> int:
-        return _align(self.down_offset + self.down.nbytes, CHUNK_ALIGN)
+    def bias_offsets(self) -> list[tuple[int, np.dtype, tuple[int, ...]]]:
+        """(offset, dtype, shape) of the gate_up and down biases in a chunk; empty without biases."""
+        if not self.biases:
+            return []
+        first = _align(self.down_offset + self.down.nbytes, SECTION_ALIGN)
+        second = _align(first + 2 * self.inter * 4, SECTION_ALIGN)
+        return [(first, np.dtype(np.float32), (2 * self.inter,)), (second, np.dtype(np.float32), (self.hidden,))]
 
-    def pack(self, gate_up: torch.Tensor, down: torch.Tensor, quantize=None) -> np.ndarray:
+    @property
+    def nbytes(self) -> int:
+        end = self.down_offset + self.down.nbytes
+        if self.biases:
+            end = self.bias_offsets[1][0] + self.hidden * 4
+        return _align(end, CHUNK_ALIGN)
+
+    def pack(self, gate_up: torch.Tensor, down: torch.Tensor, gate_up_bias: torch.Tensor | None = None,
+             down_bias: torch.Tensor | None = None, quantize=None) -> np.ndarray:
+        if (gate_up_bias is not None) != self.biases:
+            raise ValueError("an expert's biases must be given exactly when its layout holds them")
         buf = np.zeros(self.nbytes, dtype=np.uint8)
         self.gate_up.pack(gate_up, buf, quantize)
         self.down.pack(down, buf[self.down_offset:], quantize)
+        for view, bias in zip(self.bias_views(buf), (gate_up_bias, down_bias)):
+            view[:] = bias.detach().to(torch.float32).numpy()
         return buf
 
     def views(self, buf: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
         return self.gate_up.views(buf), self.down.views(buf[self.down_offset:])
+
+    def bias_views(self, buf: np.ndarray) -> list[np.ndarray]:
+        """[gate_up bias, down bias] of a chunk as float32 arrays (no copy); empty without biases."""
+        return [buf[o:o + s[0] * 4].view(np.float32) for o, _, s in self.bias_offsets]

@@ -154,6 +154,8 @@ class LowLayout:
     def __init__(self, fmt: str, expert: ExpertLayout):
         if expert.fmt != "q4":
             raise EdgerunError(f"low-bit copies are made for q4 experts; this store's are {expert.fmt}")
+        if expert.biases:
+            raise EdgerunError("low-bit copies are not made for experts with biases (gpt-oss)")
         _check(fmt, expert.group)
         self.fmt, self.expert = fmt, expert
         offset, self.sections = 0, []

@@ -20,7 +20,8 @@ from .layout import ExpertLayout, TensorLayout
 from .lowbit import LowLayout, low_chunk_path
 
 FORMAT_NAME = "edgerun-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what conversions write: v2 chunks may hold the experts' biases (experts.biases in the metadata)
+READ_VERSIONS = (1, 2)  # v1 stores have no expert biases and are read as they are
 META_KEY = "edgerun"
 TOKENIZER_DIR = "tokenizer"
 
@@ -73,10 +74,10 @@ class ExpertStore:
             meta = json.loads((self.path / "zarr.json").read_text())["attributes"][META_KEY]
         except (OSError, ValueError, KeyError) as e:
             raise CheckpointError(f"{self.path} is not an edgerun store ({type(e).__name__}: {e})") from None
-        if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
+        if meta.get("format") != FORMAT_NAME or meta.get("version") not in READ_VERSIONS:
             raise CheckpointError(
                 f"{self.path} is a store of format {meta.get('format')} v{meta.get('version')}; this edgerun "
-                f"reads {FORMAT_NAME} v{FORMAT_VERSION}: convert the model again"
+                f"reads {FORMAT_NAME} v{' and v'.join(map(str, READ_VERSIONS))}: convert the model again"
             )
         self.meta = meta
         self.config: dict = meta["config"]
@@ -85,7 +86,8 @@ class ExpertStore:
         ex = meta["experts"]
         self.moe_layers: list[int] = ex["layers"]
         self.num_experts: int = ex["num_experts"]
-        self.expert_layout = ExpertLayout(ex["format"], ex["hidden"], ex["inter"], self.quant["group"])
+        self.expert_layout = ExpertLayout(ex["format"], ex["hidden"], ex["inter"], self.quant["group"],
+                                          bool(ex.get("biases", False)))  # stores without the key have none
         self._expert_crc = {int(k): v for k, v in ex["crc32"].items()}
         # low-bit copies of the experts (store/lowbit.py), when made
         low = ex.get("low")
@@ -158,6 +160,12 @@ class ExpertStore:
                     self.verify_expert(layer, expert, chunk)
                     self._maps[key] = chunk
         return chunk
+
+    def expert_biases(self, layer: int, expert: int) -> list[np.ndarray]:
+        """[gate_up bias, down bias] of an expert as float32 arrays over its memory map; [] for experts without."""
+        if not self.expert_layout.biases:
+            return []
+        return self.expert_layout.bias_views(self.map_expert(layer, expert))
 
     def expert_views(self, layer: int, expert: int):
         """(gate_up sections, down sections) of an expert as arrays over its memory map."""
