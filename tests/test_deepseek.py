@@ -166,3 +166,14 @@ def test_offloaded_v2_gives_the_resident_tokens(tmp_path):
     stats = model.stats()
     assert stats["offload"] and stats["bytes_read"] > 0 and stats["hit_rate"] < 1
     experts.close()
+
+
+def test_kimi_k2_is_read_as_deepseek_v3(tmp_path):
+    """Kimi-K2 ships DeepSeek-V3's architecture under its own model_type."""
+    from edgerun.models import deepseek, spec_from_config
+    from edgerun.models.routers import SigmoidGroupedTopK
+
+    src = save(build("deepseek_v3"), tmp_path / "hf")
+    cfg = json.loads((src / "config.json").read_text()) | {"model_type": "kimi_k2"}
+    family, spec = spec_from_config(cfg)
+    assert family is deepseek and spec.model_type == "deepseek_v3" and spec.router is SigmoidGroupedTopK

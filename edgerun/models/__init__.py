@@ -44,7 +44,8 @@ def family_of(cfg: dict, source: str = "config.json") -> ModuleType:
     if family is not None and _claims(family, cfg):
         return family
     archs = cfg.get("architectures") or []
-    matches = [f for f in FAMILIES.values() if any(a in f.ARCHITECTURES for a in archs) and _claims(f, cfg)]
+    families = list(dict.fromkeys(FAMILIES.values()))  # a module may serve several model types
+    matches = [f for f in families if any(a in f.ARCHITECTURES for a in archs) and _claims(f, cfg)]
     if len(matches) == 1:
         return matches[0]
     named = model_type or ", ".join(archs) or "no model_type"
