@@ -55,6 +55,13 @@ def warmup() -> None:
                     expert_ffn(x, *gate_up, *down, activation, np.empty((n_tok, 40), np.float32))
                 expert_ffn(x, *gate_up, *down, SWIGLU_OAI, np.empty((n_tok, 40), np.float32),
                            np.zeros(64, np.float32), np.zeros(40, np.float32))
+        gate_up = quantize(rng.standard_normal((64, 64)).astype(np.float32), quant.MXFP4)
+        down = quantize(rng.standard_normal((64, 32)).astype(np.float32), quant.MXFP4)
+        for n_tok in (1, 3):
+            x = rng.standard_normal((n_tok, 64)).astype(np.float32)
+            matmul(x, *gate_up, np.empty((n_tok, 64), np.float32))
+            expert_ffn(x, *gate_up, *down, SWIGLU_OAI, np.empty((n_tok, 64), np.float32),
+                       np.zeros(64, np.float32), np.zeros(64, np.float32))
     except Exception as e:  # a numba/LLVM that cannot compile them: keep running, on NumPy
         config.fall_back(e)
         _kernels, BACKEND, INT_DOT = None, "numpy", False
@@ -72,12 +79,15 @@ def _threads() -> int:
 def _check_matrix(qs: np.ndarray, scales: np.ndarray, in_features: int, what: str = "matrix") -> int:
     """Validate a quantized matrix for in_features inputs; returns its padded in_features Kp."""
     if qs.dtype not in (np.int8, np.uint8) or qs.ndim != 2:
-        raise ValueError(f"{what}: qs must be a 2D int8 (q8) or uint8 (q4) array; got {qs.dtype} {qs.shape}")
-    if scales.dtype != np.float16 or scales.ndim != 2 or scales.shape[0] != qs.shape[0] or scales.shape[1] == 0:
-        raise ValueError(f"{what}: scales must be float16 [{qs.shape[0]}, groups]; got {scales.dtype} {scales.shape}")
+        raise ValueError(f"{what}: qs must be a 2D int8 (q8) or uint8 (q4, mxfp4) array; got {qs.dtype} {qs.shape}")
+    scale_dtype = np.uint8 if qs.dtype == np.uint8 and scales.dtype == np.uint8 else np.float16  # mxfp4: E8M0
+    if scales.dtype != scale_dtype or scales.ndim != 2 or scales.shape[0] != qs.shape[0] or scales.shape[1] == 0:
+        raise ValueError(f"{what}: scales must be float16 (uint8 for mxfp4) [{qs.shape[0]}, groups]; got "
+                         f"{scales.dtype} {scales.shape}")
     kp = qs.shape[1] * (1 if qs.dtype == np.int8 else 2)
     group = kp // scales.shape[1]
-    if group * scales.shape[1] != kp or group % 32 or not kp - group < in_features <= kp:
+    if group * scales.shape[1] != kp or group % 32 or not kp - group < in_features <= kp or (
+            scale_dtype == np.uint8 and group != 32):
         raise ValueError(f"{what}: qs {qs.shape} and scales {scales.shape} do not hold {in_features} inputs "
                          f"in groups of a multiple of 32")
     if not (qs.flags.c_contiguous and scales.flags.c_contiguous):
@@ -94,7 +104,8 @@ def _check_out(out: np.ndarray, shape: tuple[int, int]) -> None:
 def _int_dot(x: np.ndarray, qs: np.ndarray, scales: np.ndarray) -> bool:
     """Whether the product of x and the matrix (qs, scales) takes the int8 path: one token, q4, groups
     of 32."""
-    return INT_DOT and x.shape[0] == 1 and qs.dtype == np.uint8 and 2 * qs.shape[1] == 32 * scales.shape[1]
+    return (INT_DOT and x.shape[0] == 1 and qs.dtype == np.uint8 and scales.dtype == np.float16
+            and 2 * qs.shape[1] == 32 * scales.shape[1])
 
 
 def _padded(x: np.ndarray, kp: int) -> np.ndarray:
@@ -123,6 +134,9 @@ def matmul(x: np.ndarray, qs: np.ndarray, scales: np.ndarray, out: np.ndarray) -
         reference.matmul(np.asarray(x, dtype=np.float32), qs, scales, out)
         return
     n_threads = _threads()
+    if quant.is_mxfp4(scales):
+        _kernels.matmul_mxfp4(_padded(x, kp), qs, scales, _kernels.E8M0_TO_F32, out, n_threads)
+        return
     if _int_dot(x, qs, scales):
         _kernels.gemv_q4_int8(_padded(x, kp), qs, scales.view(np.uint16), _kernels.F16_TO_F32, out)
         return
@@ -144,8 +158,9 @@ def expert_ffn(x: np.ndarray, gate_up_qs: np.ndarray, gate_up_scales: np.ndarray
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation}; expected 0 (SiLU), 1 (GELU tanh), 2 (GELU) or 3 "
                          f"(gpt-oss SwiGLU)")
-    if gate_up_qs.dtype != down_qs.dtype:
-        raise ValueError(f"gate_up and down must share a format; got {gate_up_qs.dtype} and {down_qs.dtype}")
+    if gate_up_qs.dtype != down_qs.dtype or gate_up_scales.dtype != down_scales.dtype:
+        raise ValueError(f"gate_up and down must share a format; got {gate_up_qs.dtype}/{gate_up_scales.dtype} and "
+                         f"{down_qs.dtype}/{down_scales.dtype}")
     hidden = x.shape[1]
     kp = _check_matrix(gate_up_qs, gate_up_scales, hidden, "gate_up")
     if gate_up_qs.shape[0] % 2 or down_qs.shape[0] != hidden:
@@ -163,6 +178,10 @@ def expert_ffn(x: np.ndarray, gate_up_qs: np.ndarray, gate_up_scales: np.ndarray
                              activation, out, gate_up_bias=b1 if b1.size else None, down_bias=b2 if b2.size else None)
         return
     n_threads = _threads()
+    if quant.is_mxfp4(gate_up_scales):
+        _kernels.expert_ffn_mxfp4(_padded(x, kp), gate_up_qs, gate_up_scales, down_qs, down_scales, b1, b2,
+                                  activation, _kernels.E8M0_TO_F32, out, n_threads)
+        return
     if _int_dot(x, gate_up_qs, gate_up_scales) and _int_dot(x, down_qs, down_scales):
         _kernels.expert_ffn_int8(_padded(x, kp), gate_up_qs, gate_up_scales.view(np.uint16), down_qs,
                                  down_scales.view(np.uint16), b1, b2, activation, _kernels.F16_TO_F32, out)
@@ -191,7 +210,7 @@ def quantize(w: np.ndarray, fmt: str, group: int = 32) -> tuple[np.ndarray, np.n
     qs_shape, scales_shape = quant.packed_shapes(fmt, *w.shape, group=group)
     if not _ready:
         warmup()
-    if _kernels is None:
+    if _kernels is None or fmt == "mxfp4":  # mxfp4 is quantized only from releases that are not MXFP4 already
         return reference.quantize(w, fmt, group)
     _threads()
     if w.dtype == np.float16:

@@ -58,6 +58,8 @@ def _random_matrix(fmt: str, out_features: int, in_features: int, group: int = 3
         qs = rng.integers(-127, 128, size=(out_features, in_features), dtype=np.int8)
     else:
         qs = rng.integers(0, 256, size=(out_features, in_features // 2), dtype=np.uint8)
+    if fmt == "mxfp4":  # E8M0 exponents around 2 ** -7
+        return qs, rng.integers(115, 125, size=(out_features, in_features // 32), dtype=np.uint8)
     scales = (rng.random((out_features, in_features // group), dtype=np.float32) * 0.01).astype(np.float16)
     return qs, scales
 

@@ -45,6 +45,16 @@ def int_dot() -> bool:
     return all(features.get(f, False) for f in ("avx512f", "avx512bw", "avx512vnni", "f16c"))
 
 
+def permvar() -> bool:
+    """True when a vector of 16 table lookups may be one AVX-512 permute (the MXFP4 kernels): numba compiles for
+    this CPU, which has AVX-512F. Elsewhere the lookups are made lane by lane."""
+    if os.environ.get("NUMBA_CPU_NAME"):
+        return False
+    from llvmlite import binding
+
+    return bool(binding.get_host_cpu_features().get("avx512f", False))
+
+
 def configure_numba() -> None:
     """Point numba's compile cache at edgerun's cache dir unless NUMBA_CACHE_DIR is set already."""
     if os.environ.get("NUMBA_CACHE_DIR"):

@@ -34,6 +34,9 @@ _FAST = ("fast",)
 
 # float16 bits -> float32 value; exact for every finite half
 F16_TO_F32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+# MXFP4 (edgerun.store.quant): E8M0 scale byte -> 2 ** (byte - 127) (255 is NaN), and the 16 E2M1 values
+E8M0_TO_F32 = np.append(np.ldexp(np.float32(1), np.arange(255) - 127), np.nan).astype(np.float32)
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
 class _Vec(types.Type):
@@ -135,6 +138,46 @@ def vload_hi(typingctx, a, i):
     if not _is_row(a, types.uint8):
         return None
     return VEC(a, i), _nibbles(True)
+
+
+def _e2m1(high: bool):
+    """The E2M1 values of the low (or high) nibbles of 16 bytes: one AVX-512 permute of the 16-value table where
+    the CPU has it (config.permvar), else one lookup per lane in a constant table."""
+    from . import config
+
+    fast = config.permvar()
+
+    def codegen(context, builder, sig, args):
+        v = builder.zext(_load(context, builder, sig.args[0], args[0], args[1], ir.IntType(8)), _I32VEC)
+        v = builder.lshr(v, ir.Constant(_I32VEC, [4] * LANES)) if high else builder.and_(
+            v, ir.Constant(_I32VEC, [15] * LANES))
+        table = ir.Constant(_VEC, list(E2M1))
+        if fast:
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VEC, [_VEC, _I32VEC]),
+                                                "llvm.x86.avx512.permvar.sf.512")
+            return builder.call(fn, [table, v])
+        out = ir.Constant(_VEC, ir.Undefined)
+        for lane in range(LANES):
+            i32 = ir.Constant(ir.IntType(32), lane)
+            out = builder.insert_element(out, builder.extract_element(table, builder.extract_element(v, i32)), i32)
+        return out
+    return codegen
+
+
+@intrinsic
+def vload_e2m1_lo(typingctx, a, i):
+    """E2M1 values of the low nibbles of a[i:i + LANES] of a uint8 row (elements 0, 2, 4 ... of an MXFP4 block)."""
+    if not _is_row(a, types.uint8):
+        return None
+    return VEC(a, i), _e2m1(False)
+
+
+@intrinsic
+def vload_e2m1_hi(typingctx, a, i):
+    """E2M1 values of the high nibbles of a[i:i + LANES] of a uint8 row (elements 1, 3, 5 ...)."""
+    if not _is_row(a, types.uint8):
+        return None
+    return VEC(a, i), _e2m1(True)
 
 
 @intrinsic
@@ -792,6 +835,111 @@ def expert_ffn_int8(x, gate_up_qs, gate_up_scales, down_qs, down_scales, gate_up
     a = np.zeros((1, 2 * down_qs.shape[1]), np.float32)  # columns past inter: down's zero padding
     _gated_activation(h, activation, gate_up_bias, a)
     gemv_q4_int8(a, down_qs, down_scales, lut, out)
+    _add_bias(out, down_bias)
+
+
+# ---------------------------------------------------------------- MXFP4 (gpt-oss's expert format)
+#
+# A row is blocks of 16 bytes, one per group of 32 values, byte j holding value 2j in its low nibble and value
+# 2j + 1 in its high one, E2M1-coded; each group has an E8M0 scale byte (lut: E8M0_TO_F32). The kernels take the
+# input split per group into its even and odd values (_split_groups), so that both nibble vectors meet contiguous
+# activations.
+
+@njit(**_OPTS)
+def _split_groups(x):
+    """x [T, K] with each group of 32 reordered: its 16 even-indexed values, then its 16 odd-indexed ones."""
+    out = np.empty_like(x)
+    for t in range(x.shape[0]):
+        for g in range(x.shape[1] // 32):
+            for j in range(16):
+                out[t, g * 32 + j] = x[t, g * 32 + 2 * j]
+                out[t, g * 32 + 16 + j] = x[t, g * 32 + 2 * j + 1]
+    return out
+
+
+@njit(parallel=True, **_OPTS)
+def gemv_mxfp4(xs, qs, scales, lut, out):
+    """out[0, o] = sum_k W[o, k] x[0, k] for an MXFP4 matrix and xs = _split_groups(x), streaming each weight
+    once, 4 rows a block, the next block prefetched."""
+    n_rows, n_bytes = qs.shape
+    xr = xs[0]
+    flat_q = qs.reshape(qs.size)
+    n_blocks = (n_rows + ROWS - 1) // ROWS
+    for b in prange(n_blocks):
+        r0, r1, r2, r3 = _block_rows(b * ROWS, n_rows)
+        q0, q1, q2, q3 = qs[r0], qs[r1], qs[r2], qs[r3]
+        s0, s1, s2, s3 = scales[r0], scales[r1], scales[r2], scales[r3]
+        pq = min(b * ROWS + ROWS, n_rows - 1) * n_bytes
+        a0, a1, a2, a3 = vzero(), vzero(), vzero(), vzero()
+        for c in range(n_bytes // 16):
+            i = c * 16
+            prefetch(flat_q, pq + 4 * i)
+            xa, xb = vload(xr, 2 * i), vload(xr, 2 * i + 16)
+            a0 = vfmas(vfma(vload_e2m1_lo(q0, i), xa, vmul(vload_e2m1_hi(q0, i), xb)), lut[s0[c]], a0)
+            a1 = vfmas(vfma(vload_e2m1_lo(q1, i), xa, vmul(vload_e2m1_hi(q1, i), xb)), lut[s1[c]], a1)
+            a2 = vfmas(vfma(vload_e2m1_lo(q2, i), xa, vmul(vload_e2m1_hi(q2, i), xb)), lut[s2[c]], a2)
+            a3 = vfmas(vfma(vload_e2m1_lo(q3, i), xa, vmul(vload_e2m1_hi(q3, i), xb)), lut[s3[c]], a3)
+        _store_block(out, 0, b * ROWS, n_rows, vsum(a0), vsum(a1), vsum(a2), vsum(a3))
+
+
+@njit(**_OPTS)
+def _dequant_row_mxfp4(q, srow, lut, k0, kl, dst):
+    """dst[:kl] = the weights k0 .. k0 + kl of one MXFP4 row (whole groups), each group's even values, then its odd
+    ones (the order of _split_groups)."""
+    for g in range(k0 // 32, (k0 + kl) // 32):
+        s, i, d = lut[srow[g]], g * 16, g * 32 - k0
+        vstore(dst, d, vmuls(vload_e2m1_lo(q, i), s))
+        vstore(dst, d + 16, vmuls(vload_e2m1_hi(q, i), s))
+
+
+@njit(parallel=True, **_OPTS)
+def gemm_mxfp4(xs, qs, scales, lut, out, n_threads):
+    """out = x @ W.T for T > 1 tokens of xs = _split_groups(x) and an MXFP4 matrix: like gemm, each thread
+    dequantizes ROWS x kc weights of its row blocks at a time into an L1 scratch and runs them against every
+    token."""
+    n_tok, n_rows = out.shape
+    kp = 2 * qs.shape[1]
+    kc = _k_block(kp, 32)
+    n_blocks = (n_rows + ROWS - 1) // ROWS
+    n_workers = min(n_threads, n_blocks)
+    for w in prange(n_workers):
+        wf = np.empty((ROWS, kc), np.float32)
+        for k0 in range(0, kp, kc):
+            kl = min(kc, kp - k0)
+            for b in range(w * n_blocks // n_workers, (w + 1) * n_blocks // n_workers):
+                r0, r1, r2, r3 = _block_rows(b * ROWS, n_rows)
+                _dequant_row_mxfp4(qs[r0], scales[r0], lut, k0, kl, wf[0])
+                _dequant_row_mxfp4(qs[r1], scales[r1], lut, k0, kl, wf[1])
+                _dequant_row_mxfp4(qs[r2], scales[r2], lut, k0, kl, wf[2])
+                _dequant_row_mxfp4(qs[r3], scales[r3], lut, k0, kl, wf[3])
+                _tiles(xs, wf, k0, kl, out, b * ROWS, n_rows, k0 == 0)
+
+
+@njit(**_OPTS)
+def _matmul_mxfp4(x, qs, scales, lut, out, n_threads):
+    xs = _split_groups(x)
+    if out.shape[0] == 1:
+        gemv_mxfp4(xs, qs, scales, lut, out)
+    else:
+        gemm_mxfp4(xs, qs, scales, lut, out, n_threads)
+
+
+@njit(**_OPTS)
+def matmul_mxfp4(x, qs, scales, lut, out, n_threads):
+    """out[t, o] = sum_k W[o, k] x[t, k] for an MXFP4 matrix (x padded to whole groups)."""
+    _matmul_mxfp4(x, qs, scales, lut, out, n_threads)
+
+
+@njit(**_OPTS)
+def expert_ffn_mxfp4(x, gate_up_qs, gate_up_scales, down_qs, down_scales, gate_up_bias, down_bias, activation, lut,
+                     out, n_threads):
+    """expert_ffn on MXFP4 weights."""
+    n_tok = x.shape[0]
+    h = np.empty((n_tok, gate_up_qs.shape[0]), np.float32)
+    _matmul_mxfp4(x, gate_up_qs, gate_up_scales, lut, h, n_threads)
+    a = np.zeros((n_tok, 2 * down_qs.shape[1]), np.float32)  # columns past inter: down's zero padding
+    _gated_activation(h, activation, gate_up_bias, a)
+    _matmul_mxfp4(a, down_qs, down_scales, lut, out, n_threads)
     _add_bias(out, down_bias)
 
 

@@ -17,6 +17,7 @@ import edgerun
 from edgerun.checkpoint.safetensors_reader import SafetensorsReader
 from edgerun.errors import CheckpointError, EdgerunError
 from edgerun.runtime.offload import OffloadedExperts
+from edgerun.store import quant
 from edgerun.store.convert import convert
 from edgerun.store.lowbit import add_low_copies
 from edgerun.store.store import ExpertStore
@@ -148,3 +149,49 @@ def test_the_device_tier_computes_the_biases(q4_store, monkeypatch):
     assert model.stats()["gpu_expert_share"] > 0
     got = model.logits(PROMPT)
     assert np.abs(got - want_logits).max() <= 1e-5 * np.abs(want_logits).max()
+
+
+# -- experts kept in MXFP4 ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mxfp4_store(release, tmp_path_factory):
+    _, path = release
+    return convert(path, tmp_path_factory.mktemp("gpt-oss-mxfp4") / "s", quant="mxfp4", dense="none", progress=False)
+
+
+def test_an_mxfp4_store_holds_the_release_values_exactly(release, mxfp4_store, q4_store):
+    hf, path = release
+    store = ExpertStore(mxfp4_store)
+    layouts = (store.expert_layout, ExpertStore(q4_store).expert_layout)
+    sections = [(lay.gate_up.nbytes, lay.down.nbytes) for lay in layouts]
+    assert store.expert_layout.fmt == "mxfp4" and sum(sections[0]) < sum(sections[1])  # 4.25 bits a weight, not 4.5
+    (gq, gs), (dq, ds) = store.expert_views(1, 2)
+    assert gs.dtype == np.uint8  # E8M0 exponents
+    release_gate_up = SafetensorsReader(path).get("model.layers.1.mlp.experts.gate_up_proj", 2).float()
+    want = torch.cat([release_gate_up[0::2], release_gate_up[1::2]]).numpy()  # gate rows, then up rows
+    assert np.array_equal(quant.dequantize(gq, gs, 64), want)
+    # with the other matrices unquantized, the store computes the release's own model
+    model = edgerun.load(mxfp4_store)
+    want_logits = hf_logits(hf, PROMPT).numpy()
+    assert np.abs(model.logits(PROMPT) - want_logits).max() <= 1e-4
+    assert model.generate_ids(PROMPT, 8, temperature=0, ignore_eos=True) == hf_greedy(hf, PROMPT, 8)
+
+
+def test_mxfp4_experts_offload_and_run_on_the_device_tier(mxfp4_store, monkeypatch):
+    resident = edgerun.load(mxfp4_store, gpu=0)
+    want_tokens = resident.generate_ids(PROMPT, 10, temperature=0, ignore_eos=True)
+    want_logits = resident.logits(PROMPT)
+    model = edgerun.load(mxfp4_store)
+    experts = OffloadedExperts(ExpertStore(mxfp4_store), model.spec.activation, slots=3)
+    model.use_experts(experts).close()
+    assert model.generate_ids(PROMPT, 10, temperature=0, ignore_eos=True) == want_tokens
+    experts.close()
+    on_device = edgerun.load(mxfp4_store, gpu="64MB", device="cpu", misses="copy")
+    assert on_device.generate_ids(PROMPT, 10, temperature=0, ignore_eos=True) == want_tokens
+    assert on_device.stats()["gpu_expert_share"] > 0
+    assert np.abs(on_device.logits(PROMPT) - want_logits).max() <= 1e-5 * np.abs(want_logits).max()
+
+
+def test_mxfp4_takes_groups_of_32(release, tmp_path):
+    _, path = release
+    with pytest.raises(edgerun.ArgumentError, match="groups of 32"):
+        convert(path, tmp_path / "s", quant="mxfp4", group=64, progress=False)

@@ -68,7 +68,8 @@ def test_warmup_compiles_every_kernel():
     if native.BACKEND != "numba":
         pytest.skip("NumPy backend")
     k = native._kernels
-    kernels = (k.matmul, k.expert_ffn, k.group_scales, k.quantize_q8, k.quantize_q4)
+    kernels = (k.matmul, k.expert_ffn, k.group_scales, k.quantize_q8, k.quantize_q4, k.matmul_mxfp4,
+               k.expert_ffn_mxfp4)
     if native.INT_DOT:
         kernels += (k.gemv_q4_int8, k.expert_ffn_int8)
     compiled = [len(kernel.signatures) for kernel in kernels]
@@ -81,6 +82,10 @@ def test_warmup_compiles_every_kernel():
             x = gaussian((tokens, 100))
             native.matmul(x, *gate_up, np.empty((tokens, 96), np.float32))
             native.expert_ffn(x, *gate_up, *down, native.GELU_TANH, np.empty((tokens, 100), np.float32))
+    gate_up, down = matrix(quant.MXFP4, 96, 100), matrix(quant.MXFP4, 100, 48)
+    for tokens in (1, 4, 40):
+        x = gaussian((tokens, 100))
+        native.expert_ffn(x, *gate_up, *down, native.SILU, np.empty((tokens, 100), np.float32))
     assert [len(kernel.signatures) for kernel in kernels] == compiled
 
 
@@ -396,3 +401,32 @@ def test_bench_smoke():
     assert bench.ram_read_bandwidth(1, nbytes=1 << 22) > 0
     assert bench.gemv_throughput("q4", 1, 64, 256, repeats=2) > 0
     assert bench.gemm_throughput("q8", 2, tokens=4, out_features=64, in_features=256, repeats=2) > 0
+
+
+# -- mxfp4 ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tokens", [1, 2, 5, 17, 64])
+@pytest.mark.parametrize("shape", [(1, 64), (3, 96), (129, 2880), (6, 4160)])
+def test_mxfp4_matmul_matches_reference(tokens, shape):
+    out_features, in_features = shape
+    qs, scales = matrix(quant.MXFP4, out_features, in_features, seed=tokens)
+    x = gaussian((tokens, in_features), seed=1)
+    out, expected = np.full((tokens, out_features), np.nan, np.float32), np.empty((tokens, out_features), np.float32)
+    native.matmul(x, qs, scales, out)
+    reference.matmul(x, qs, scales, expected)
+    assert_close(out, expected)
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 17])
+def test_mxfp4_expert_with_biases(tokens):
+    hidden, inter = 96, 64
+    gate_up, down = matrix(quant.MXFP4, 2 * inter, hidden, seed=1), matrix(quant.MXFP4, hidden, inter, seed=2)
+    x = gaussian((tokens, hidden), seed=3)
+    biases = (gaussian((2 * inter,), seed=4), gaussian((hidden,), seed=5))
+    out = np.full((tokens, hidden), np.nan, np.float32)
+    native.expert_ffn(x, *gate_up, *down, native.SWIGLU_OAI, out, *biases)
+    expected = np.empty_like(out)
+    reference.expert_ffn(x, *gate_up, *down, native.SWIGLU_OAI, expected, gate_up_bias=biases[0],
+                         down_bias=biases[1])
+    assert_close(out, expected)
+    with pytest.raises(ValueError, match="format"):  # an mxfp4 gate_up with a q4 down
+        native.expert_ffn(x, *gate_up, *matrix("q4", hidden, inter), native.SILU, out)

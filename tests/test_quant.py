@@ -184,3 +184,35 @@ def test_symmetric_q4_beats_asymmetric_at_equal_bytes(dist):
     symmetric = rel_rmse(w, quant.dequantize(*quant.quantize(w, "q4", 32), shape[1]))
     asymmetric = rel_rmse(w, asymmetric_4bit(w, 64))
     assert symmetric <= asymmetric
+
+
+# -- mxfp4 ------------------------------------------------------------------------------------------------------
+def test_mxfp4_round_trip_and_layout():
+    w = gaussian((40, 200))  # 200 inputs: the last group is padded
+    qs, scales = quant.quantize(w, quant.MXFP4)
+    assert (qs.shape, scales.shape) == quant.packed_shapes(quant.MXFP4, 40, 200) == ((40, 112), (40, 7))
+    assert qs.dtype == np.uint8 and scales.dtype == np.uint8 and quant.is_mxfp4(scales)
+    back = quant.dequantize(qs, scales, 200)
+    assert 0.05 < rel_rmse(w, back) < 0.12  # 4-bit floats with a power-of-two scale per 32
+    # every group's largest magnitude is within 6 steps of its power of two, and every value is an E2M1 value
+    steps = back / np.ldexp(1.0, scales.astype(np.int32) - 127).repeat(32, axis=1)[:, :200]
+    assert np.abs(steps).max() <= 6 and np.isin(np.abs(steps), quant.E2M1[:8]).all()
+    # value 2j of a group in the low nibble of its byte j, value 2j + 1 in the high one
+    code = int(qs[3, 16 * 2 + 5])
+    s = 2.0 ** (int(scales[3, 2]) - 127)
+    assert back[3, 64 + 10] == quant.E2M1[code & 15] * s and back[3, 64 + 11] == quant.E2M1[code >> 4] * s
+
+
+def test_mxfp4_keeps_values_it_can_hold():
+    """Weights that are E2M1 values times a power of two per group (an MXFP4 release, read as bfloat16) come back
+    exactly, whatever exponent the release chose for a group."""
+    rng = np.random.default_rng(3)
+    w = quant.E2M1[rng.integers(0, 16, (8, 128))] * np.ldexp(1.0, rng.integers(-8, 4, (8, 4))).repeat(32, axis=1)
+    w[0, :32] /= 4  # a group whose largest value is 1.5 steps: quantized with a smaller exponent
+    qs, scales = quant.quantize(w.astype(np.float32), quant.MXFP4)
+    assert np.array_equal(quant.dequantize(qs, scales, 128), w.astype(np.float32))
+
+
+def test_mxfp4_takes_groups_of_32_only():
+    with pytest.raises(ValueError, match="32"):
+        quant.quantize(gaussian((2, 64)), quant.MXFP4, 64)

@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="measure tokens/s and kernel throughput", description=__doc__)
     p.add_argument("model", metavar="MODEL",
                    help="HF model directory, repo id in the HF cache, Grok-1's release (ckpt-0/), or store")
-    p.add_argument("--quant", default=None, choices=["none", "bf16", "q8", "q4"],
+    p.add_argument("--quant", default=None, choices=["none", "bf16", "q8", "q4", "mxfp4"],
                    help="convert a checkpoint first (cached), as edgerun.load(..., quant=) does")
     p.add_argument("--prompt-tokens", type=int, default=128, metavar="N", help="prefill length (default 128)")
     p.add_argument("--tokens", type=int, default=64, metavar="N", help="tokens to decode (default 64)")
@@ -111,7 +111,7 @@ def measure_kernels(threads: int) -> dict:
     native.warmup()
     ram = {str(n): bench.ram_read_bandwidth(n) for n in sorted({1, threads})}
     out = {"backend": native.BACKEND, "threads": threads, "ram_read_gbps": ram}
-    for fmt in ("q8", "q4"):
+    for fmt in ("q8", "q4", "mxfp4"):
         gbps = bench.gemv_throughput(fmt, threads)
         out[f"{fmt}_gemv_gbps"] = gbps
         out[f"{fmt}_gemv_vs_ram"] = gbps / ram[str(threads)]
@@ -191,8 +191,8 @@ def main(args: argparse.Namespace) -> int:
     if k:
         ram = ", ".join(f"{v:.1f} GB/s with {n} thread{'s' if n != '1' else ''}" for n, v in k["ram_read_gbps"].items())
         print(f"RAM read   {ram}")
-        for fmt in ("q8", "q4"):
-            print(f"{fmt} GEMV    {k[f'{fmt}_gemv_gbps']:.1f} GB/s of weights "
+        for fmt in ("q8", "q4", "mxfp4"):
+            print(f"{fmt:<5} GEMV {k[f'{fmt}_gemv_gbps']:.1f} GB/s of weights "
                   f"({100 * k[f'{fmt}_gemv_vs_ram']:.0f}% of RAM bandwidth); "
                   f"GEMM {k[f'{fmt}_gemm_gflops']:.1f} GFLOP/s")
         if k["backend"] != "numba":

@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
     p.add_argument("model", metavar="MODEL", nargs="?", default=None,
                    help="HF model directory, repo id in the local HF cache, Grok-1's release (ckpt-0/), or store "
                         "(default: the demo model)")
-    p.add_argument("--quant", default=None, choices=["none", "q8", "q4"],
+    p.add_argument("--quant", default=None, choices=["none", "q8", "q4", "mxfp4"],
                    help="convert a checkpoint first (cached), as edgerun.load(..., quant=) does")
     p.add_argument("--ram", default=None, metavar="SIZE",
                    help="memory budget of the whole process, e.g. 12GiB (default: what the machine has)")

@@ -21,9 +21,10 @@ def add_parser(sub) -> None:
                    help="HF model directory, repo id in the local HF cache, or Grok-1's release folder (ckpt-0/)")
     p.add_argument("dst", metavar="DST", nargs="?", help="the store directory to create (none when SRC is a store)")
     p.add_argument("--quant", default="q4", choices=QUANT_CHOICES,
-                   help="expert format: q4 (default), q8, bf16, or none (the checkpoint's own precision)")
+                   help="expert format: q4 (default), q8, mxfp4 (gpt-oss's own 4.25-bit format), bf16, or none "
+                        "(the checkpoint's own precision)")
     p.add_argument("--dense", default=None, choices=DENSE_CHOICES,
-                   help="format of the other matrices (default: q8 with q4/q8, else as --quant)")
+                   help="format of the other matrices (default: q8 with q4/q8/mxfp4, else as --quant)")
     p.add_argument("--group", type=int, default=32, help="quantization group size (a multiple of 32)")
     p.add_argument("--low-bits", choices=("q2", "q3"), default=None,
                    help="also write low-bit copies of the q4 experts (about 0.55x / 0.78x of their bytes), read by "

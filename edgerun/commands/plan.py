@@ -21,7 +21,8 @@ def add_parser(sub) -> None:
                    help="RAM budget, e.g. 12GiB (default: the profile's available RAM less 15%%)")
     p.add_argument("--gpu", default=None, metavar="SIZE",
                    help="GPU memory to use (default: the profile's GPU less the CUDA context and a margin; 0: none)")
-    p.add_argument("--quant", choices=("q4", "q8"), default="q4", help="expert format (default q4; a store's own)")
+    p.add_argument("--quant", choices=("q4", "q8", "mxfp4"), default="q4",
+                   help="expert format (default q4; a store's own; mxfp4 is predicted at q4's kernel rates)")
     p.add_argument("--dense", choices=("q8", "q4", "bf16"), default="q8",
                    help="format of the other matrices (default q8; a store's own)")
     p.add_argument("--ctx", type=int, default=None, metavar="N",
@@ -40,7 +41,7 @@ def read_model(path: Path, quant: str, dense: str) -> tuple[dict, str, str, int]
 
     if is_store(path):
         store = ExpertStore(path)
-        if store.quant["experts"] not in ("q4", "q8"):
+        if store.quant["experts"] not in ("q4", "q8", "mxfp4"):
             raise EdgerunError(f"{path} keeps its experts in {store.quant['experts']}, which run only fully "
                                f"resident; plan its checkpoint with --quant q4 or q8 instead")
         return store.config, store.quant["experts"], store.quant["dense"], store.quant["group"]

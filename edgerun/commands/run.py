@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
     p.add_argument("model", metavar="MODEL",
                    help="HF model directory, repo id in the local HF cache, Grok-1's release (ckpt-0/), or store")
     add_generation_args(p)
-    p.add_argument("--quant", default=None, choices=["none", "bf16", "q8", "q4"],
+    p.add_argument("--quant", default=None, choices=["none", "bf16", "q8", "q4", "mxfp4"],
                    help="convert a checkpoint first (cached), as edgerun.load(..., quant=) does")
     p.add_argument("--ram", default=None, metavar="SIZE",
                    help="memory budget of the whole process, e.g. 12GiB (default: what the machine has)")

@@ -16,7 +16,7 @@ from ..runtime import placement
 from ..runtime.placement import MemoryPlan, ModelLayout
 from ..runtime.tier import MissCosts
 from ..units import format_size
-from .settings import reader_choice, top_threads
+from .settings import kernel_key, reader_choice, top_threads
 
 BASELINE_BYTES = 340 << 20  # Python, torch and the compiled kernels, measured before the weights are mapped
 PREFILL_TOKENS = 512  # default prompt length of the prefill prediction
@@ -166,7 +166,7 @@ def miss_costs(profile: dict, layout: ModelLayout) -> MissCosts | None:
     gpu = profile.get("gpu")
     if gpu is None or not layout.chunk_bytes:
         return None
-    fmt, s = layout.expert_format, layout.spec
+    fmt, s = kernel_key(layout.expert_format), layout.spec
     cpu = profile["cpu"]["kernels"][fmt]
     return MissCosts(layout.chunk_bytes, 2 * 3 * s.hidden_size * s.moe_intermediate_size, gpu["h2d_gbps_pinned"] * 1e9,
                      top_threads(cpu["gemv_gbps"]) * 1e9, top_threads(cpu["gemm_gflops"]) * 1e9,
@@ -217,14 +217,14 @@ def predict(config: dict, profile: dict, *, expert_format: str = "q4", dense_for
     disk_rate = disk_gbps * 1e9
     ram_gbps = top_threads(profile["ram"]["read_gbps"])
     kernels = profile["cpu"]["kernels"]
-    expert_rate = top_threads(kernels[expert_format]["gemv_gbps"]) * 1e9
+    expert_rate = top_threads(kernels[kernel_key(expert_format)]["gemv_gbps"]) * 1e9
     dense_rate = (top_threads(kernels[dense_format]["gemv_gbps"]) if dense_format in kernels else ram_gbps) * 1e9
-    gemm = top_threads(kernels[expert_format]["gemm_gflops"]) * 1e9
+    gemm = top_threads(kernels[kernel_key(expert_format)]["gemm_gflops"]) * 1e9
     costs = miss_costs(profile, sizes.layout) if tier is not None else None
     copy_one = costs is not None and gpu_slots > 0 and costs.copy_wins(1)  # where a decode step's misses run
     if tier is not None:
         gpu_kernels = profile["gpu"]["kernels"]
-        gpu_rate = gpu_kernels[expert_format]["gemv_gbps"] * 1e9
+        gpu_rate = gpu_kernels[kernel_key(expert_format)]["gemv_gbps"] * 1e9
         gpu_dense_rate = gpu_kernels[dense_format if dense_format in gpu_kernels else "q8"]["gemv_gbps"] * 1e9
     # read-ahead also fetches the experts it mispredicts: ~10% of what it reads goes unused
     waste = 1 + PREFETCH_WASTE

@@ -54,10 +54,16 @@ def reader_choice(profile: dict, chunk_bytes: int) -> tuple[int, float]:
     return 1, one
 
 
+def kernel_key(fmt: str) -> str:
+    """The profile's kernel figures a weight format runs at: profiles measure q4 and q8, and mxfp4 (4.25 bits a
+    weight, decoded by a table lookup per 16 values) is taken at q4's (4.5 bits)."""
+    return "q4" if fmt == "mxfp4" else fmt
+
+
 def best_threads(profile: dict, fmt: str) -> int:
     """The fewest threads within 5% of the profile's fastest q4/q8 kernels, one-token and many-token alike
     (on SMT or hybrid CPUs, more threads can be slower)."""
-    kernels = profile["cpu"]["kernels"].get(fmt) or profile["cpu"]["kernels"]["q8"]
+    kernels = profile["cpu"]["kernels"].get(kernel_key(fmt)) or profile["cpu"]["kernels"]["q8"]
     picks = []
     for figures in (kernels["gemv_gbps"], kernels["gemm_gflops"]):
         best = max(figures.values())

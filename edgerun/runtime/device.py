@@ -18,7 +18,7 @@ import torch
 
 from ..models.parts import gated_fn
 from ..store.layout import PASSTHROUGH, ExpertLayout, TensorLayout
-from ..store.quant import padded_in_features
+from ..store.quant import E2M1, padded_in_features
 
 DENSE_BLOCK_BYTES = 64 << 20  # dequantized rows of a dense matrix at a time: bounds its scratch
 
@@ -30,10 +30,18 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 def dequantize(qs: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Write the values (qs, scales) stand for into out [..., O, Kp] (any float dtype) and return it. qs int8
-    [..., O, Kp] (q8) or uint8 [..., O, Kp / 2] (q4, two values a byte as store/quant.py packs them); scales
-    float16 [..., O, Kp / G]."""
+    [..., O, Kp] (q8) or uint8 [..., O, Kp / 2] (q4 and mxfp4, two values a byte as store/quant.py packs them);
+    scales float16 [..., O, Kp / G], or uint8 E8M0 exponents for mxfp4."""
     groups = scales.shape[-1]
     grouped = out.view(*out.shape[:-1], groups, -1)  # [..., O, ng, G]
+    if scales.dtype == torch.uint8:  # mxfp4: byte j of a group holds values 2j and 2j + 1, E2M1-coded
+        table = torch.from_numpy(E2M1).to(device=out.device, dtype=out.dtype)
+        pairs = grouped.view(*grouped.shape[:-1], -1, 2)
+        nib = qs.view(*qs.shape[:-1], groups, -1).long()
+        pairs[..., 0].copy_(table[nib & 15])
+        pairs[..., 1].copy_(table[nib >> 4])
+        grouped.mul_(torch.exp2(scales.float() - 127).to(out.dtype).unsqueeze(-1))
+        return out
     if qs.dtype == torch.int8:
         out.copy_(qs)
     else:
@@ -111,8 +119,8 @@ class ExpertKernel:
 
     def __init__(self, layout: ExpertLayout, activation: str, device: torch.device, compute: torch.dtype,
                  batch: int):
-        if layout.fmt not in ("q8", "q4"):
-            raise ValueError(f"the device expert kernel computes q8/q4 chunks, not {layout.fmt}")
+        if layout.fmt not in ("q8", "q4", "mxfp4"):
+            raise ValueError(f"the device expert kernel computes q8/q4/mxfp4 chunks, not {layout.fmt}")
         self.layout, self.device, self.compute, self.batch = layout, device, compute, max(1, batch)
         self.gated = gated_fn(activation)
         self.gate_up = layout.gate_up.offsets()

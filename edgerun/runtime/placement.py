@@ -330,14 +330,15 @@ def read_ahead(profile: dict | None, *, chunk_bytes: int, top_k: int, layer_dens
     The depth is how many layers of compute it takes to read one layer's experts: reads must start that far
     ahead to arrive in time (the offloading container adapts it while it runs). Whether O_DIRECT works is probed
     on the store itself, which may sit on another disk than the profile's."""
-    from ..hw.settings import reader_choice, top_threads
+    from ..hw.settings import kernel_key, reader_choice, top_threads
 
     if profile is None:
         return {"readers": 1, "prefetch_depth": 1}
     readers, gbps = reader_choice(profile, chunk_bytes)
     read_s = top_k * chunk_bytes / (gbps * 1e9)
     kernels = profile["cpu"]["kernels"]
-    expert_gbps = top_threads(kernels[expert_format]["gemv_gbps"]) if expert_format in kernels else 1.0
+    expert_gbps = (top_threads(kernels[kernel_key(expert_format)]["gemv_gbps"]) if kernel_key(expert_format) in kernels
+                   else 1.0)
     dense_gbps = top_threads(kernels["q8"]["gemv_gbps"])
     compute_s = top_k * chunk_bytes / (expert_gbps * 1e9) + layer_dense_bytes / (dense_gbps * 1e9)
     depth = max(1, min(MAX_PREFETCH_DEPTH, math.ceil(read_s / compute_s)))

@@ -26,7 +26,7 @@ from ..runtime.placement import ModelLayout
 from .layout import QUANTIZED, TORCH_FORMAT
 from .store import FORMAT_NAME, FORMAT_VERSION, META_KEY, TOKENIZER_DIR, crc32, expert_chunk_path, tensor_chunk_path
 
-QUANT_CHOICES = ("none", "bf16", "q8", "q4")
+QUANT_CHOICES = ("none", "bf16", "q8", "q4", "mxfp4")
 DENSE_CHOICES = ("q8", "q4", "bf16", "none")
 SETTINGS_FILE = "edgerun-conversion.json"
 LOG_FILE = "edgerun-progress.jsonl"
@@ -56,6 +56,8 @@ class _Conversion:
     def __init__(self, source: Checkpoint, quant: str, dense: str | None, group: int):
         if group % 32 or group <= 0:
             raise ArgumentError(f"group must be a positive multiple of 32; got {group}")
+        if quant == "mxfp4" and group != 32:
+            raise ArgumentError(f"mxfp4 experts have groups of 32; got --group {group}")
         self.source = source
         self.config, self.family, self.spec = source.config, source.family, source.spec
         self.reader = source.reader(keep_open=False)
@@ -97,7 +99,8 @@ def convert(src: str | os.PathLike | Checkpoint, dst: str | os.PathLike, quant: 
     in the HF cache, Grok-1 as xai-org released it (the folder holding ckpt-0/, or ckpt-0/ itself), or a
     Checkpoint already located.
 
-    quant: none (the checkpoint's own precision), bf16, q8 or q4 (experts q4, other matrices q8);
+    quant: none (the checkpoint's own precision), bf16, q8, q4 (experts q4, other matrices q8) or mxfp4 (experts
+    in gpt-oss's 4.25-bit format, other matrices q8; an MXFP4 release's values are kept exactly);
     dense: override the format of the non-expert matrices (q8, q4, bf16, none).
     on_item is called after each chunk is durably recorded (progress reporting).
     """

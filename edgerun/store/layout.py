@@ -20,7 +20,7 @@ from . import quant
 SECTION_ALIGN = 64
 CHUNK_ALIGN = 4096
 PACK_ROWS = 4096  # rows of a matrix quantized at a time
-QUANTIZED = quant.FORMATS  # ("q8", "q4")
+QUANTIZED = quant.FORMATS + (quant.MXFP4,)  # formats the kernels compute on: q8, q4 (any matrix), mxfp4 (experts)
 # passthrough formats: numpy storage dtype and the torch dtype it is viewed as
 PASSTHROUGH = {"bf16": (np.uint16, torch.bfloat16), "f16": (np.float16, torch.float16),
                "f32": (np.float32, torch.float32)}
@@ -44,7 +44,8 @@ class TensorLayout:
         if self.fmt in QUANTIZED:
             qs_shape, scales_shape = quant.packed_shapes(self.fmt, *self.shape, group=self.group)
             qs_dtype = np.int8 if self.fmt == "q8" else np.uint8
-            return [("qs", np.dtype(qs_dtype), qs_shape), ("scales", np.dtype(np.float16), scales_shape)]
+            scales_dtype = np.uint8 if self.fmt == "mxfp4" else np.float16  # E8M0 exponents for mxfp4
+            return [("qs", np.dtype(qs_dtype), qs_shape), ("scales", np.dtype(scales_dtype), scales_shape)]
         return [("w", np.dtype(PASSTHROUGH[self.fmt][0]), self.shape)]
 
     def offsets(self) -> list[tuple[int, np.dtype, tuple[int, ...]]]:

@@ -12,6 +12,13 @@ q4  symmetric 4 bits: m = the group's value of largest magnitude, with its sign;
     byte j (0 <= j < G/2) holds value j in its low nibble and value j + G/2 in its high nibble.
     Arrays: qs uint8 [O, Kp / 2], scales float16 [O, Kp / G]. 4 + 16 / G bits per weight (4.5 at G = 32).
 
+mxfp4  the OCP microscaling format gpt-oss ships its experts in, for experts only: per group of 32 (the
+    only group size), one E8M0 scale byte e (2 ** (e - 127)) and 32 E2M1 values (1 sign, 2 exponent and 1
+    mantissa bit: 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives); byte j of a group holds value 2j in its low
+    nibble and value 2j + 1 in its high one, as the release stores them, so that a release's blocks are stored
+    unchanged. Quantizing other weights: e = ceil(log2(max|w| / 6)) and each value's nearest E2M1 value (ties to
+    the smaller magnitude). Arrays: qs uint8 [O, Kp / 2], scales uint8 [O, Kp / 32]. 4.25 bits per weight.
+
 Values are always computed with the float16-rounded scale, so dequantization matches quantization
 exactly. A scale is clipped to the float16 range and rounded to nearest even; a scale that is or rounds
 to 0 is stored as +0 and its group as zeros. Ties for m (+a and -a in one group) go to the first value.
@@ -34,7 +41,9 @@ from __future__ import annotations
 
 import numpy as np
 
-FORMATS = ("q8", "q4")
+FORMATS = ("q8", "q4")  # groups of any multiple of 32 with a float16 scale: for any matrix
+MXFP4 = "mxfp4"  # for experts, groups of 32 only
+E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
 # Upper bounds of the relative RMSE of a round trip on Gaussian weights, for any group size up to 256.
 MAX_REL_RMSE = {"q8": 0.0075, "q4": 0.115}
 
@@ -44,10 +53,12 @@ _QMIN = {"q8": -127, "q4": -8}
 
 
 def _check(fmt: str, group: int) -> None:
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown quantization format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if fmt not in FORMATS + (MXFP4,):
+        raise ValueError(f"unknown quantization format {fmt!r}; expected one of {', '.join(FORMATS + (MXFP4,))}")
     if group <= 0 or group % 32:
         raise ValueError(f"group size must be a positive multiple of 32; got {group}")
+    if fmt == MXFP4 and group != 32:
+        raise ValueError(f"mxfp4 has groups of 32; got {group}")
 
 
 def padded_in_features(in_features: int, group: int = 32) -> int:
@@ -60,6 +71,11 @@ def packed_shapes(fmt: str, out_features: int, in_features: int, group: int = 32
     _check(fmt, group)
     kp = padded_in_features(in_features, group)
     return (out_features, kp if fmt == "q8" else kp // 2), (out_features, kp // group)
+
+
+def is_mxfp4(scales: np.ndarray) -> bool:
+    """Whether (qs, scales) are MXFP4: its scales are E8M0 bytes where q8's and q4's are float16."""
+    return scales.dtype == np.uint8
 
 
 def round_scales(raw: np.ndarray) -> np.ndarray:
@@ -83,6 +99,8 @@ def quantize(w: np.ndarray, fmt: str, group: int = 32) -> tuple[np.ndarray, np.n
     wp = np.zeros((o, kp), dtype=np.float32)
     wp[:, :k] = w
     g = wp.reshape(o, kp // group, group)
+    if fmt == MXFP4:
+        return _quantize_mxfp4(g)
 
     if fmt == "q8":
         scale = np.max(np.abs(g), axis=2) / np.float32(127)
@@ -104,10 +122,30 @@ def quantize(w: np.ndarray, fmt: str, group: int = 32) -> tuple[np.ndarray, np.n
     return packed.reshape(o, kp // 2), scales
 
 
+def _quantize_mxfp4(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    o, ng, _ = g.shape
+    amax = np.abs(g).max(axis=2)
+    with np.errstate(divide="ignore"):
+        e = np.where(amax > 0, np.ceil(np.log2(amax / np.float32(6.0))), -127)
+    e = np.clip(e, -127, 127).astype(np.int32)
+    mags = np.abs(g) / np.ldexp(np.float32(1), e)[..., None].astype(np.float32)
+    midpoints = (E2M1[1:8] + E2M1[:7]) / 2  # between consecutive magnitudes: ties go to the smaller
+    codes = np.searchsorted(midpoints, mags, side="left").astype(np.uint8) | (np.signbit(g) << 3).astype(np.uint8)
+    codes[mags == 0] = 0
+    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return packed.reshape(o, ng * 16), (e + 127).astype(np.uint8)
+
+
 def dequantize(qs: np.ndarray, scales: np.ndarray, in_features: int) -> np.ndarray:
-    """The float32 matrix [O, in_features] that (qs, scales) stand for; the format follows from qs.dtype
-    (int8: q8, uint8: q4) and the group size from the shapes."""
+    """The float32 matrix [O, in_features] that (qs, scales) stand for; the format follows from the dtypes
+    (int8: q8; uint8 with float16 scales: q4; uint8 with uint8 scales: mxfp4) and the group size from the
+    shapes."""
     o, ng = scales.shape
+    if is_mxfp4(scales):
+        blocks = qs.reshape(o, ng, 16)
+        values = np.stack([E2M1[blocks & 15], E2M1[blocks >> 4]], axis=-1).reshape(o, ng, 32)
+        w = values * np.ldexp(np.float32(1), scales.astype(np.int32) - 127)[..., None].astype(np.float32)
+        return np.ascontiguousarray(w.reshape(o, -1)[:, :in_features], dtype=np.float32)
     if qs.dtype == np.int8:
         q = qs.astype(np.float32)
     elif qs.dtype == np.uint8:
