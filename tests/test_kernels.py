@@ -430,3 +430,29 @@ def test_mxfp4_expert_with_biases(tokens):
     assert_close(out, expected)
     with pytest.raises(ValueError, match="format"):  # an mxfp4 gate_up with a q4 down
         native.expert_ffn(x, *gate_up, *matrix("q4", hidden, inter), native.SILU, out)
+
+
+def test_mxfp4_without_avx512_looks_values_up_one_by_one(tmp_path):
+    """Compiled for a generic CPU (no AVX-512 permute), the MXFP4 kernels decode lane by lane, to the same
+    products."""
+    script = """
+import numpy as np
+from edgerun import native
+from edgerun.native import config, reference
+from edgerun.store import quant
+assert not config.permvar() and not config.int_dot()
+qs, scales = quant.quantize(np.random.default_rng(0).standard_normal((33, 96)).astype(np.float32), "mxfp4")
+for t in (1, 3):
+    x = np.random.default_rng(t).standard_normal((t, 96)).astype(np.float32)
+    out, want = np.empty((t, 33), np.float32), np.empty((t, 33), np.float32)
+    native.matmul(x, qs, scales, out)
+    reference.matmul(x, qs, scales, want)
+    assert np.abs(out - want).max() <= 1e-4 * np.abs(want).max()
+print(native.BACKEND)
+"""
+    if os.environ.get("EDGERUN_NO_JIT", "") not in ("", "0"):
+        pytest.skip("EDGERUN_NO_JIT is set")
+    env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "numba"
