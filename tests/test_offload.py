@@ -37,6 +37,9 @@ def stores(tmp_path_factory):
         "mixtral": write_random_mixtral(base / "mixtral-hf", mixtral_config(64, 4, 8, 96, heads=4, kv_heads=2)),
         "qwen2_moe_step": save(build("qwen2_moe_step", num_hidden_layers=4, num_experts=8,
                                      layer_types=["full_attention"] * 4), base / "qwen2_moe_step-hf"),
+        # latent attention and a grouped sigmoid router; GLM-4.5's half-rotary heads
+        "deepseek_v3": save(build("deepseek_v3", num_hidden_layers=3), base / "deepseek_v3-hf"),
+        "glm4_moe": save(build("glm4_moe", num_hidden_layers=3), base / "glm4_moe-hf"),
     }
     for name, src in sources.items():
         convert(src, base / name, quant="q4", progress=False)
@@ -99,7 +102,7 @@ def test_budget_needs_a_store(stores, tmp_path):
 
 
 # -- identical output under a budget -------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe_step"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe_step", "deepseek_v3", "glm4_moe"])
 @pytest.mark.parametrize("policy", ["default", "lru", "lfu"])
 def test_tight_budget_gives_identical_tokens_and_logits(stores, name, policy):
     resident = edgerun.load(stores[name])

@@ -293,3 +293,22 @@ def test_convert_and_bench_commands(hf_dirs, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["decode_tokens_per_s"] > 0 and result["prefill_tokens_per_s"] > 0
     assert result["expert_format"] == "q8"
+
+
+def test_stores_of_the_first_format_version_are_still_read(hf_dirs, tmp_path):
+    """Version 2 added the experts' biases to chunks; a version 1 store (none) reads as it is, and a store of a
+    version this edgerun does not know is refused in one line."""
+    hf, src = hf_dirs["qwen2_moe"]
+    dst = convert(src, tmp_path / "s", quant="q8", progress=False)
+    want = edgerun.load(dst).logits(PROMPT)
+    doc = json.loads((dst / "zarr.json").read_text())
+    meta = doc["attributes"]["edgerun"]
+    assert meta["version"] == 2 and meta["experts"]["biases"] is False
+    meta["version"] = 1
+    del meta["experts"]["biases"]
+    (dst / "zarr.json").write_text(json.dumps(doc))
+    assert np.array_equal(edgerun.load(dst).logits(PROMPT), want)
+    meta["version"] = 3
+    (dst / "zarr.json").write_text(json.dumps(doc))
+    with pytest.raises(edgerun.EdgerunError, match="v3; this edgerun reads edgerun-store v1 and v2: convert"):
+        edgerun.load(dst)
