@@ -135,8 +135,19 @@ class Model:
                stop: str | Iterable[str] | None = None, add_special_tokens: bool = True) -> Iterator[str]:
         """Generate from a raw prompt, yielding text pieces as they are decided (never half a character)."""
         ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
-        return self._stream_ids(ids, max_new_tokens, self._sampling(temperature, top_p, top_k, min_p,
-                                                                       repetition_penalty, seed), stop)
+        return self.stream_ids(ids, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                               repetition_penalty=repetition_penalty, seed=seed, stop=stop)
+
+    def stream_ids(self, prompt_ids: Iterable[int], max_new_tokens: int = 256, *, temperature: float | None = None,
+                   top_p: float | None = None, top_k: int | None = None, min_p: float | None = None,
+                   repetition_penalty: float | None = None, seed: int | None = None,
+                   stop: str | Iterable[str] | None = None, chat: bool = False) -> Iterator[str]:
+        """Generate from prompt token ids, yielding text as `stream` does; chat=True also stops at the chat
+        template's end-of-turn tokens. Closing the iterator ends the generation at the next token; afterwards
+        `stats()` counts the prompt (and its cached part), the generated tokens and the finish reason."""
+        params = self._sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed)
+        return self._stream_ids(list(prompt_ids), max_new_tokens, params, stop,
+                                self.tokenizer.chat_stop_ids if chat else frozenset())
 
     def generate(self, prompt: str, max_new_tokens: int = 256, **kwargs) -> str:
         """Generate from a raw prompt and return the new text. Takes the same arguments as `stream`."""
@@ -150,9 +161,8 @@ class Model:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         # The template writes the special tokens itself (BOS included), so none are added when encoding.
         ids = self.tokenizer.encode(text, add_special_tokens=False)
-        return self._stream_ids(ids, max_new_tokens, self._sampling(temperature, top_p, top_k, min_p,
-                                                                       repetition_penalty, seed), stop,
-                                self.tokenizer.chat_stop_ids)
+        return self.stream_ids(ids, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                               repetition_penalty=repetition_penalty, seed=seed, stop=stop, chat=True)
 
     def chat(self, messages: list[dict], max_new_tokens: int = 512, **kwargs) -> str:
         """The whole reply to messages. Takes the same arguments as `stream_chat`."""
