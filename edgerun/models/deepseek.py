@@ -16,31 +16,18 @@ from dataclasses import dataclass
 
 from .ffn import DenseFFN, MoE, SharedExpertMoE
 from .mla import LatentAttention
-from .names import MOE, SHARED_EXPERTS_RULES, L
+from .names import HF_RULES, SHARED_EXPERTS_RULES, L
 from .routers import SigmoidGroupedTopK, SoftmaxGroupedTopK
 from .spec import ACTIVATIONS, ModelSpec, common_fields
 
 ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
 ATTN = L + r"self_attn\."
-RULES: list[tuple[str, str]] = [
-    (r"model\.embed_tokens\.weight", "embed"),
-    (r"lm_head\.weight", "lm_head"),
-    (r"model\.norm\.weight", "norm"),
-    (L + r"input_layernorm\.weight", r"layers.\1.attn_norm"),
-    (L + r"post_attention_layernorm\.weight", r"layers.\1.ffn_norm"),
-    (ATTN + r"(q|q_a|q_b|kv_a|kv_b|o)_proj\.weight", r"layers.\1.\2"),
+RULES: list[tuple[str, str]] = SHARED_EXPERTS_RULES + HF_RULES + [  # q and o by HF_RULES, the latent parts here
+    (ATTN + r"(q_a|q_b|kv_b)_proj\.weight", r"layers.\1.\2"),
     (ATTN + r"kv_a_proj_with_mqa\.weight", r"layers.\1.kv_a"),
     (ATTN + r"kv_a_proj_with_mqa\.bias", r"layers.\1.kv_a_bias"),
-    (ATTN + r"(q_a|o)_proj\.bias", r"layers.\1.\2_bias"),
+    (ATTN + r"q_a_proj\.bias", r"layers.\1.q_a_bias"),
     (ATTN + r"(q_a|kv_a)_layernorm\.weight", r"layers.\1.\2_norm"),
-    (MOE + r"gate\.weight", r"layers.\1.router"),
-    (MOE + r"experts\.(\d+)\.gate_proj\.weight", r"layers.\1.experts.\2.gate"),
-    (MOE + r"experts\.(\d+)\.up_proj\.weight", r"layers.\1.experts.\2.up"),
-    (MOE + r"experts\.(\d+)\.down_proj\.weight", r"layers.\1.experts.\2.down"),
-    (MOE + r"experts\.gate_up_proj", r"layers.\1.experts.gate_up"),
-    (MOE + r"experts\.down_proj", r"layers.\1.experts.down"),
-    *SHARED_EXPERTS_RULES,
-    (L + r"mlp\.(gate|up|down)_proj\.weight", r"layers.\1.mlp.\2"),
 ]
 
 

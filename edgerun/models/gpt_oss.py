@@ -15,27 +15,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .ffn import BiasedMoE
-from .names import MOE, L
+from .names import HF_RULES, MOE, L
 from .parts import SWIGLU_ALPHA, SWIGLU_LIMIT
 from .routers import TopKSoftmax
 from .spec import ModelSpec, common_fields
 
 ARCHITECTURES = ("GptOssForCausalLM",)
-RULES: list[tuple[str, str]] = [
-    (r"model\.embed_tokens\.weight", "embed"),
-    (r"lm_head\.weight", "lm_head"),
-    (r"model\.norm\.weight", "norm"),
-    (L + r"input_layernorm\.weight", r"layers.\1.attn_norm"),
-    (L + r"post_attention_layernorm\.weight", r"layers.\1.ffn_norm"),
-    (L + r"self_attn\.([qkvo])_proj\.weight", r"layers.\1.\2"),
-    (L + r"self_attn\.([qkvo])_proj\.bias", r"layers.\1.\2_bias"),
+RULES: list[tuple[str, str]] = HF_RULES + [
     (L + r"self_attn\.sinks", r"layers.\1.sinks"),
     (MOE + r"router\.weight", r"layers.\1.router"),
     (MOE + r"router\.bias", r"layers.\1.router_bias"),
-    (MOE + r"experts\.gate_up_proj", r"layers.\1.experts.gate_up"),
-    (MOE + r"experts\.gate_up_proj_bias", r"layers.\1.experts.gate_up_bias"),
-    (MOE + r"experts\.down_proj", r"layers.\1.experts.down"),
-    (MOE + r"experts\.down_proj_bias", r"layers.\1.experts.down_bias"),
+    (MOE + r"experts\.(gate_up|down)_proj_bias", r"layers.\1.experts.\2_bias"),
 ]
 
 
