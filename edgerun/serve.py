@@ -103,6 +103,15 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str]
 
 
+class TokenizeRequest(_Body):
+    """vLLM's /tokenize: a text prompt, or chat messages put in the model's template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    add_special_tokens: bool = True
+
+
 # -- the queue and its worker ---------------------------------------------------------------------------------------
 @dataclass
 class Job:
@@ -197,6 +206,15 @@ class Worker:
         return ENDED
 
 
+def _plain(value) -> bool:
+    """Whether a stats value goes into JSON as it is."""
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
 # -- the app --------------------------------------------------------------------------------------------------------
 def create_app(model, model_name: str, api_key: str | None = None) -> FastAPI:
     """The ASGI app serving `model` under `model_name`; with api_key, every /v1 request must carry it as a bearer
@@ -272,6 +290,33 @@ def create_app(model, model_name: str, api_key: str | None = None) -> FastAPI:
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "model": model_name}
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict:
+        """The prompt's token ids as the server would count them (vLLM's endpoint, which front-ends use to fit a
+        conversation into the context)."""
+        check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise ApiError(400, "give either prompt or messages", param="prompt")
+        if body.messages is not None:
+            ids = encode_chat(ChatRequest(messages=body.messages))
+        else:
+            ids = model.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return {"count": len(ids), "max_model_len": model.context_length, "tokens": ids}
+
+    @app.get("/edgerun/model")
+    async def describe() -> dict:
+        """The model's figures (`Model.stats()`) and shape, for edgerun's own chat page."""
+        spec = model.spec
+        stats = {k: v for k, v in model.stats().items() if _plain(v)}  # live: the figures of a reply being made
+        return {"name": model_name, "stats": stats, "has_chat_template": has_template,
+                "generating": bool(worker.running), "waiting": worker.waiting,
+                "spec": {"moe_layers": spec.moe_layers, "num_experts": spec.num_experts, "top_k": spec.top_k}}
+
+    @app.get("/edgerun/activity")
+    async def activity(tokens: int = 32) -> dict:
+        """Which experts the last tokens chose and where every expert is (`Model.expert_activity`)."""
+        return model.expert_activity(tokens)
 
     @app.get("/v1/models")
     async def models() -> dict:

@@ -233,3 +233,32 @@ def test_the_command_checks_its_port_and_warns_when_open_to_the_network(monkeypa
     assert main(["serve", "--host", "0.0.0.0", "--port", str(free_port()), "--ctx", "64"]) == 0
     err = capsys.readouterr().err
     assert ran["host"] == "0.0.0.0" and "without --api-key" in err and "demo-model at http://0.0.0.0" in err
+
+
+# -- the chat page's remote model ---------------------------------------------------------------------------------
+def test_a_remote_model_answers_as_the_local_one(server, model):
+    from edgerun.remote import RemoteModel
+
+    remote = RemoteModel(server.url + "/v1")
+    assert remote.context_length == model.context_length and remote.spec.num_experts == model.spec.num_experts
+    assert remote.tokenizer.has_chat_template
+    rendered = remote.tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True)
+    assert len(remote.tokenizer.encode(rendered, add_special_tokens=False)) == prompt_tokens(model, MESSAGES)
+    sampling = dict(temperature=0.7, seed=11)
+    want = model.chat(MESSAGES, 10, **sampling)
+    assert "".join(remote.stream_chat(MESSAGES, 10, **sampling)) == want
+    assert "".join(remote.stream("KING:", 6, temperature=0)) == model.generate("KING:", 6, temperature=0)
+    stats = remote.stats()
+    assert stats["generated_tokens"] >= 1 and stats["context_length"] == model.context_length
+    activity = remote.expert_activity(8)
+    assert activity["layers"] == model.spec.moe_layers and activity["tokens"] >= 1
+    with pytest.raises(edgerun.GenerationError, match="maximum context length"):
+        list(remote.stream("word " * 400, 10))
+    remote.close()
+
+
+def test_an_unreachable_server_is_one_line():
+    from edgerun.remote import RemoteError, RemoteModel
+
+    with pytest.raises(RemoteError, match="cannot reach the server at http://127.0.0.1:"):
+        RemoteModel(f"http://127.0.0.1:{free_port()}")
