@@ -79,7 +79,8 @@ async def one_request(client: httpx.AsyncClient, url: str, rng: random.Random, m
     if finishes[-1] not in ("stop", "length") or any(finishes[:-1]):
         problems.append(f"finish reasons {finishes}")
     usage = chunks[-1].get("usage")
-    if chunks[-1]["choices"] or not usage or usage["total_tokens"] != usage["prompt_tokens"] + usage["completion_tokens"]:
+    if chunks[-1]["choices"] or not usage or \
+            usage["total_tokens"] != usage["prompt_tokens"] + usage["completion_tokens"]:
         problems.append("no usage chunk last")
     tokens = usage["completion_tokens"] if usage else 0
     decode = (tokens - 1) / (ended - first) if first and tokens > 1 and ended > first else None
