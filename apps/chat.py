@@ -2,9 +2,11 @@
 
     edgerun chat [MODEL] [--quant q4] [--ram 8GiB] [--port N]
 
-Built with Gradio on edgerun's public API only (edgerun.load, Model.stream_chat, Model.stats,
+Built with Gradio on edgerun's public API only (edgerun.load, Model.stream_chat, Model.stream, Model.stats,
 Model.expert_activity and edgerun.units). One model serves every open tab: replies are generated one at a time,
 in the order they were asked for, and a reply stops when its tab is closed or its Stop button is pressed.
+A model without a chat template (a base model) is run in completion mode: the model continues each message as
+written. An error a reply hits is shown in the chat in one line.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ ACTIVITY_TOKENS = 32  # the heatmap shows the experts chosen by this many latest
 DEFAULT_PORT = 7860
 QUANTS = ["none", "q8", "q4"]
 FINISH = {"stop": "end of text", "length": "token limit", "context": "context full", "": "-"}
+ERROR_ID = "er-error"  # the metadata id of a chat message that reports an error: shown, never sent to the model
+PLACEHOLDERS = {"chat": "Message (Enter sends, Shift+Enter: new line)",
+                "completion": "Text for the model to continue (Enter sends, Shift+Enter: new line)"}
 
 
 # -- formatting --------------------------------------------------------------------------------------------------
@@ -189,8 +194,23 @@ def render_heatmap(activity: dict) -> str:
             '<span class="er-key"><i class="er-sw er-disk"></i>on disk</span></div></div>')
 
 
+def mode(model: edgerun.Model | None) -> str:
+    """"chat" for a model with a chat template; "completion" for one without (a base model), whose replies
+    continue the last message's text as written."""
+    return "completion" if model is not None and not model.tokenizer.has_chat_template else "chat"
+
+
+def render_mode(model: edgerun.Model | None) -> str:
+    if mode(model) == "completion":
+        return ('<span class="er-mode er-completion" title="the model has no chat template: each message is the '
+                'text of a prompt, and the reply is its continuation">completion mode: the model continues your '
+                'text</span>')
+    return ('<span class="er-mode" title="messages and replies are put in the model\'s chat template">chat mode'
+            '</span>')
+
+
 def describe_model(model: edgerun.Model | None) -> str:
-    """One line on the loaded model for the page header."""
+    """One line on the loaded model for the page header, with the mode the page chats in."""
     if model is None:
         return '<div class="er-model">no model loaded: open <b>Model</b> and load one</div>'
     s = model.stats()
@@ -207,7 +227,7 @@ def describe_model(model: edgerun.Model | None) -> str:
     return (f'<div class="er-model"><b>{name}</b><span>{html.escape(str(s.get("model_type")))}</span>'
             f'<span>{moe} MoE layers x {spec.num_experts} experts, top-{spec.top_k}</span>'
             f'<span>{weights}</span><span>context {s["context_length"]}</span>'
-            f'<span>{where}{budget}</span></div>')
+            f'<span>{where}{budget}</span>{render_mode(model)}</div>')
 
 
 def message_text(content) -> str:
@@ -221,12 +241,24 @@ def message_text(content) -> str:
     return ""
 
 
+def error_message(error: BaseException | str) -> dict:
+    """A chat message that reports an error in one line (an exception's type is named unless it is edgerun's)."""
+    if isinstance(error, BaseException) and not isinstance(error, edgerun.EdgerunError):
+        error = f"{type(error).__name__}: {error}"
+    line = " ".join(str(error).split()) or "unknown error"
+    return {"role": "assistant", "content": f"⚠ **error:** {line}", "metadata": {"id": ERROR_ID}}
+
+
+def is_error(message) -> bool:
+    return isinstance(message, dict) and (message.get("metadata") or {}).get("id") == ERROR_ID
+
+
 def to_messages(history: list, system: str | None) -> list[dict]:
-    """Chatbot history as edgerun chat messages, the system prompt first."""
+    """Chatbot history as edgerun chat messages, the system prompt first (error lines are left out)."""
     out = [{"role": "system", "content": system.strip()}] if system and system.strip() else []
     for m in history or []:
         role = m.get("role") if isinstance(m, dict) else None
-        if role in ("user", "assistant"):
+        if role in ("user", "assistant") and not is_error(m):
             out.append({"role": role, "content": message_text(m.get("content"))})
     return out
 
@@ -255,7 +287,8 @@ def fit_context(model: edgerun.Model, messages: list[dict], max_tokens: int) -> 
 
 # -- the app ------------------------------------------------------------------------------------------------------
 class ChatApp:
-    """The page and its handlers over one model, shared by every tab."""
+    """The page and its handlers over one model, shared by every tab. The page chats through the model's chat
+    template, or, for a model without one, has the model continue each message (completion mode)."""
 
     def __init__(self, model: edgerun.Model | None, source: tuple[str, str, str] = ("", "none", ""),
                  options: dict | None = None):
@@ -304,20 +337,22 @@ class ChatApp:
             yield history
             return
         if model is None:
-            gr.Warning("no model is loaded: open Model and load one")
-            yield history
+            yield history + [error_message("no model is loaded: open Model and load one")]
             return
         answer = {"role": "assistant", "content": ""}
+        sampling = dict(temperature=float(temperature), top_p=float(top_p), seed=_seed(seed))
         try:
-            messages, dropped = fit_context(model, to_messages(history, system), int(max_tokens))
-            if dropped:
-                gr.Info(f"the {dropped} oldest messages were left out: the conversation no longer fits the "
-                        f"model's {model.context_length}-token context")
-            pieces = on_model_thread(model.stream_chat(messages, int(max_tokens), temperature=float(temperature),
-                                                       top_p=float(top_p), seed=_seed(seed)))
-        except edgerun.EdgerunError as e:
-            gr.Warning(str(e))
-            yield history
+            if mode(model) == "completion":  # no chat template: the last message is the text to continue
+                prompt = message_text(history[-1].get("content"))
+                pieces = on_model_thread(model.stream(prompt, int(max_tokens), **sampling))
+            else:
+                messages, dropped = fit_context(model, to_messages(history, system), int(max_tokens))
+                if dropped:
+                    gr.Info(f"the {dropped} oldest messages were left out: the conversation no longer fits the "
+                            f"model's {model.context_length}-token context")
+                pieces = on_model_thread(model.stream_chat(messages, int(max_tokens), **sampling))
+        except Exception as e:  # noqa: BLE001 - shown in the chat in one line, never as a traceback
+            yield history + [error_message(e)]
             return
         history.append(answer)
         with self._count_lock:
@@ -337,9 +372,10 @@ class ChatApp:
             if not text:
                 answer["content"] = "*(the model ended its reply without text)*"
             yield history
-        except edgerun.EdgerunError as e:
-            gr.Warning(str(e))
-            yield history if answer["content"] else history[:-1]
+        except Exception as e:  # noqa: BLE001 - the text so far stays, the error follows it in one line
+            if not answer["content"]:
+                history.pop()
+            yield history + [error_message(e)]
         finally:
             pieces.close()  # a closed tab or Stop ends here: the model stops generating and is free again
             with self._count_lock:
@@ -373,9 +409,22 @@ class ChatApp:
         return (describe_model(model), render_stats(model.stats(), self.generating),
                 render_heatmap(model.expert_activity(ACTIVITY_TOKENS)))
 
-    def token_limit(self) -> dict:
-        """The most new tokens one can ask for: the loaded model's context."""
-        return gr.update(maximum=self.model.context_length if self.model is not None else 4096)
+    def token_limit(self, current: float | None = None) -> dict:
+        """The most new tokens one can ask for: the loaded model's context (a larger `current` value comes down to
+        it, else the page would refuse every reply)."""
+        limit = self.model.context_length if self.model is not None else 4096
+        if current is not None and current > limit:
+            return gr.update(maximum=limit, value=limit)
+        return gr.update(maximum=limit)
+
+    def mode_fields(self) -> tuple[dict, dict]:
+        """(message box, system prompt) for the loaded model's mode: in completion mode the box asks for text to
+        continue and the system prompt, which has no place in a plain prompt, is off."""
+        current = mode(self.model)
+        chatting = current == "chat"
+        return (gr.update(placeholder=PLACEHOLDERS[current]),
+                gr.update(interactive=chatting, info="" if chatting else
+                          "not used in completion mode: the model has no chat template"))
 
     # -- loading a model ---------------------------------------------------------------------------------------
     def load_model(self, path: str, quant: str, ram: str, progress=gr.Progress(track_tqdm=True)) -> tuple[str, str]:
@@ -446,7 +495,7 @@ class ChatApp:
                                                      "stream in as they are generated; the panel on the right "
                                                      "shows the runtime at work.</div>")
                     with gr.Row(elem_id="er-input-row"):
-                        msg = gr.Textbox(show_label=False, placeholder="Message (Enter sends, Shift+Enter: new line)",
+                        msg = gr.Textbox(show_label=False, placeholder=PLACEHOLDERS[mode(self.model)],
                                          lines=1, max_lines=8, scale=8, elem_id="er-input", autofocus=True)
                         send = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="er-send")
                         stop = gr.Button("Stop", variant="stop", scale=1, min_width=80, elem_id="er-stop")
@@ -472,11 +521,14 @@ class ChatApp:
             clear.click(lambda: ([], ""), None, [chatbot, msg], api_name="clear", queue=False, cancels=answers)
             loaded = load.click(self.load_model, [path, quant, ram], [load_status, header], api_name="load_model",
                                 concurrency_id="generate", concurrency_limit=1)
-            loaded.then(self.token_limit, None, max_tokens, api_name=False, show_progress="hidden", queue=False)
+            loaded.then(self.token_limit, max_tokens, max_tokens, api_name=False, show_progress="hidden",
+                        queue=False)
+            loaded.then(self.mode_fields, None, [msg, system], api_name=False, show_progress="hidden", queue=False)
             page.unload(self.tab_closed)
             page.load(self.live, None, [header, stats_box, heat_box], api_name=False, show_progress="hidden",
                       concurrency_limit=None)
-            page.load(self.token_limit, None, max_tokens, api_name=False, show_progress="hidden", queue=False)
+            page.load(self.token_limit, max_tokens, max_tokens, api_name=False, show_progress="hidden", queue=False)
+            page.load(self.mode_fields, None, [msg, system], api_name=False, show_progress="hidden", queue=False)
             timer = gr.Timer(REFRESH_SECONDS)
             timer.tick(self.live, None, [header, stats_box, heat_box], api_name="live", show_progress="hidden",
                        concurrency_limit=None)
@@ -606,6 +658,8 @@ CSS = """
 .er-model span { padding: 2px 8px; border-radius: 999px; background: var(--block-background-fill);
   border: 1px solid var(--border-color-primary); color: var(--body-text-color-subdued); }
 .er-error { color: var(--error-text-color, #dc2626); }
+.er-model span.er-mode { color: var(--body-text-color); border-color: #14b8a6; }
+.er-model span.er-mode.er-completion { border-color: #f97316; }
 .er-empty { text-align: center; color: var(--body-text-color-subdued); line-height: 1.6; }
 #er-input-row { align-items: stretch; }
 #er-stop { color: #dc2626; border: 1px solid #fca5a5; background: transparent; }

@@ -58,6 +58,16 @@ def model(paths):
     return edgerun.load(paths["hf"])
 
 
+@pytest.fixture(scope="module")
+def base_path(paths, tmp_path_factory):
+    """The same model as a base model: its weights and tokenizer, without a chat template."""
+    path = tmp_path_factory.mktemp("base") / "hf"
+    shutil.copytree(paths["hf"], path)
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                            "add_bos_token": True}))
+    return path
+
+
 @contextmanager
 def serving(app: chat.ChatApp):
     page, url = app.launch(port=chat.free_port())
@@ -244,6 +254,7 @@ def test_a_long_conversation_keeps_to_the_context(paths, capsys):
     short = edgerun.load(paths["hf"], context_length=96)
     app = chat.ChatApp(short)
     assert app.token_limit()["maximum"] == 96  # the page's max-new-tokens slider ends at the context
+    assert app.token_limit(256)["value"] == 96 and "value" not in app.token_limit(16)  # a larger value comes down
     history = []
     for i in range(6):
         history += [{"role": "user", "content": f"question number {i} about the weather in the mountains"},
@@ -258,6 +269,80 @@ def test_a_long_conversation_keeps_to_the_context(paths, capsys):
     assert f"the {dropped} oldest messages were left out" in capsys.readouterr().out  # gr.Info outside a request
     assert reply_text(final) == short.chat(kept, 16, temperature=0.8, top_p=0.95, seed=3)
     assert len(final) == len(history) + 2  # the page keeps the whole conversation; only the prompt is cut
+
+
+# -- a model without a chat template, and errors ----------------------------------------------------------------
+def test_a_model_without_a_chat_template_continues_the_text(base_path, model):
+    base = edgerun.load(base_path)
+    assert not base.tokenizer.has_chat_template and model.tokenizer.has_chat_template
+    assert chat.mode(base) == "completion" and chat.mode(model) == "chat"
+    assert "completion mode" in chat.describe_model(base) and "chat mode" in chat.describe_model(model)
+    app = chat.ChatApp(base)
+    box, system = app.mode_fields()
+    assert "continue" in box["placeholder"] and system["interactive"] is False
+    box, system = chat.ChatApp(model).mode_fields()
+    assert box["placeholder"].startswith("Message") and system["interactive"] is True
+
+    # the message is the prompt, as written (the system prompt has no place in it); the reply is its continuation
+    history = list(app.respond("Once upon a time", [], "Be brief.", 0.8, 0.95, 16, 7))[-1]
+    want = base.generate("Once upon a time", 16, temperature=0.8, top_p=0.95, seed=7)
+    assert [m["role"] for m in history] == ["user", "assistant"] and reply_text(history) == want != ""
+    assert base.stats()["prompt_tokens"] == len(base.tokenizer.encode("Once upon a time"))
+    # the next message is a text of its own, continued in turn
+    history = list(app.respond("The river", history, "", 0.8, 0.95, 8, 3))[-1]
+    assert len(history) == 4 and reply_text(history) == base.generate("The river", 8, temperature=0.8,
+                                                                       top_p=0.95, seed=3)
+
+
+class FailingExperts:
+    """An experts container that fails like a disk that went away, after `calls` calls."""
+
+    def __init__(self, inner, calls: int):
+        self.inner, self.calls = inner, calls
+
+    def __call__(self, layer, x, idx, weights):
+        self.calls -= 1
+        if self.calls < 0:
+            raise OSError(5, "Input/output error")
+        return self.inner(layer, x, idx, weights)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_an_error_in_a_reply_is_one_line_in_the_chat(paths, base_path):
+    held = edgerun.load(paths["hf"])
+    app = chat.ChatApp(held)
+    full = api_reply(held, "Tell me a story", 40, 5)
+    inner = held.use_experts(FailingExperts(held.experts, calls=4 * 11))  # the prompt, then 10 tokens
+    try:
+        history = list(app.respond("Tell me a story", [], *SETTINGS, 40, 5))[-1]
+    finally:
+        held.use_experts(inner)
+    # the text so far stays; the error follows it in one line, with the exception's type
+    assert [m["role"] for m in history] == ["user", "assistant", "assistant"]
+    partial = chat.message_text(history[1]["content"])
+    assert partial and full.startswith(partial) and len(partial) < len(full)
+    assert chat.is_error(history[2]) and not chat.is_error(history[1])
+    assert history[2]["content"] == "⚠ **error:** OSError: [Errno 5] Input/output error"
+    # the error line is the page's, not the conversation's: the next prompt leaves it out
+    follow = list(app.respond("Go on", history, *SETTINGS, 6, 2))[-1]
+    messages = [{"role": "user", "content": "Tell me a story"}, {"role": "assistant", "content": partial},
+                {"role": "user", "content": "Go on"}]
+    assert chat.to_messages(follow[:-1], "") == messages
+    assert reply_text(follow) == held.chat(messages, 6, temperature=0.8, top_p=0.95, seed=2)
+    assert chat.ChatApp.drop_reply(history) == history[:1]  # Regenerate drops the error too
+
+    # an error before the first token (a text longer than the context) takes the reply's place
+    short = chat.ChatApp(edgerun.load(base_path, context_length=32))
+    history = list(short.respond("many words " * 40, [], *SETTINGS, 8, 1))[-1]
+    assert [m["role"] for m in history] == ["user", "assistant"] and chat.is_error(history[1])
+    line = history[1]["content"]
+    assert "the prompt has" in line and "context holds 32" in line and "\n" not in line
+    history = list(chat.ChatApp(None).respond("Hi", [], *SETTINGS, 8, 1))[-1]
+    assert chat.is_error(history[-1]) and "no model is loaded" in history[-1]["content"]
+    line = chat.error_message(ValueError("first line\n  second line"))["content"]
+    assert line == "⚠ **error:** ValueError: first line second line"
 
 
 # -- several tabs, Stop, and closed tabs -------------------------------------------------------------------------
@@ -416,55 +501,115 @@ def test_chat_command_serves_the_page(paths):
 
 
 # -- the page in a real browser ----------------------------------------------------------------------------------
-def test_the_page_in_a_headless_browser(served, model, tmp_path):
+@contextmanager
+def headless_browser():
+    """Chromium driven by Playwright (the test is skipped without them)."""
     if not (Path(CHROMIUM).exists() or shutil.which("chromium")):
         pytest.skip("chromium is not installed (apt-get install chromium)")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
         pytest.skip("the playwright python package is not installed (pip install playwright)")
-    app, page, url = served
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium"),
                                     args=CHROMIUM_ARGS)
         try:
-            tab = browser.new_page(viewport={"width": 1440, "height": 900})
-            tab.goto(url)
-            box = tab.locator("#er-input textarea")
-            box.wait_for(state="visible", timeout=30_000)
-            tab.locator("#er-seed input").fill("9")
-            tab.locator("#er-max-tokens input[type=number]").fill("24")
-            tab.locator("#er-max-tokens input[type=number]").press("Enter")
-            box.fill("Hello from the browser")
-            box.press("Enter")
-            want = api_reply(model, "Hello from the browser", 24, 9)
-            chat_box = tab.locator("#er-chat")
-            chat_box.get_by_text("Hello from the browser").wait_for(timeout=30_000)
-            tab.wait_for_function("t => document.querySelector('#er-chat').innerText.includes(t)",
-                                  arg=want.strip()[:20], timeout=60_000)
-            tab.wait_for_function("() => document.querySelector('#er-stats').innerText"
-                                  ".includes('last reply: 24 tokens')", timeout=30_000)
-            stats = tab.locator("#er-stats").inner_text()
-            assert re.search(r"DECODE\s*[\d.]+\s*tok/s", stats, re.I), stats
-            assert re.search(r"FIRST TOKEN\s*\d+\s*ms", stats, re.I), stats
-            assert "24 tokens" in stats
-            assert tab.locator("#er-heatmap .er-c").count() == 32
-            shot = tmp_path / "chat.png"
-            tab.screenshot(path=str(shot), full_page=True)
-            assert shot.stat().st_size > 10_000
-
-            # a second tab asks for a long reply and is closed in the middle of it: the generation stops
-            other = browser.new_page()
-            other.goto(url)
-            other.locator("#er-input textarea").wait_for(state="visible", timeout=30_000)
-            other.locator("#er-max-tokens input[type=number]").fill("3000")
-            other.locator("#er-max-tokens input[type=number]").press("Enter")
-            other.locator("#er-input textarea").fill("Go on forever")
-            other.locator("#er-input textarea").press("Enter")
-            wait_until(lambda: app.generating and not model_is_free(model) and model.stats()["generated_tokens"] >= 5,
-                       what="the long reply")
-            other.close()
-            wait_until(lambda: not app.generating and model_is_free(model), timeout=60, what="the model to be free")
-            assert model.stats()["generated_tokens"] < 3000
+            yield browser
         finally:
             browser.close()
+
+
+def test_the_page_in_a_headless_browser(served, model, tmp_path):
+    app, page, url = served
+    with headless_browser() as browser:
+        tab = browser.new_page(viewport={"width": 1440, "height": 900})
+        tab.goto(url)
+        box = tab.locator("#er-input textarea")
+        box.wait_for(state="visible", timeout=30_000)
+        tab.locator("#er-seed input").fill("9")
+        tab.locator("#er-max-tokens input[type=number]").fill("24")
+        tab.locator("#er-max-tokens input[type=number]").press("Enter")
+        box.fill("Hello from the browser")
+        box.press("Enter")
+        want = api_reply(model, "Hello from the browser", 24, 9)
+        chat_box = tab.locator("#er-chat")
+        chat_box.get_by_text("Hello from the browser").wait_for(timeout=30_000)
+        tab.wait_for_function("t => document.querySelector('#er-chat').innerText.includes(t)",
+                              arg=want.strip()[:20], timeout=60_000)
+        tab.wait_for_function("() => document.querySelector('#er-stats').innerText"
+                              ".includes('last reply: 24 tokens')", timeout=30_000)
+        stats = tab.locator("#er-stats").inner_text()
+        assert re.search(r"DECODE\s*[\d.]+\s*tok/s", stats, re.I), stats
+        assert re.search(r"FIRST TOKEN\s*\d+\s*ms", stats, re.I), stats
+        assert "24 tokens" in stats
+        assert tab.locator("#er-heatmap .er-c").count() == 32
+        assert "chat mode" in tab.locator("#er-model-line").inner_text()
+        shot = tmp_path / "chat.png"
+        tab.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 10_000
+
+        # a second tab asks for a long reply and is closed in the middle of it: the generation stops
+        other = browser.new_page()
+        other.goto(url)
+        other.locator("#er-input textarea").wait_for(state="visible", timeout=30_000)
+        other.locator("#er-max-tokens input[type=number]").fill("3000")
+        other.locator("#er-max-tokens input[type=number]").press("Enter")
+        other.locator("#er-input textarea").fill("Go on forever")
+        other.locator("#er-input textarea").press("Enter")
+        wait_until(lambda: app.generating and not model_is_free(model) and model.stats()["generated_tokens"] >= 5,
+                   what="the long reply")
+        other.close()
+        wait_until(lambda: not app.generating and model_is_free(model), timeout=60, what="the model to be free")
+        assert model.stats()["generated_tokens"] < 3000
+
+
+def test_a_base_model_in_a_headless_browser(base_path, tmp_path):
+    """A model without a chat template: the page says it is in completion mode and shows the continuation of the
+    text sent; an error a reply hits is one line in the chat, and the next text is continued again. A model with a
+    template loaded from the page brings the chat mode back."""
+    base = edgerun.load(base_path, context_length=64)
+    app = chat.ChatApp(base, (str(base_path), "none", ""), {"context_length": 64})
+    with serving(app) as (page, url), headless_browser() as browser:
+        tab = browser.new_page(viewport={"width": 1440, "height": 900})
+        tab.goto(url)
+        box = tab.locator("#er-input textarea")
+        box.wait_for(state="visible", timeout=30_000)
+        tab.wait_for_function("() => document.querySelector('#er-model-line').innerText.includes('completion mode')",
+                              timeout=30_000)
+        tab.wait_for_function("() => document.querySelector('#er-system textarea').disabled", timeout=30_000)
+        assert "continue" in box.get_attribute("placeholder")
+        # the max-new-tokens field comes down to the 64-token context
+        tab.wait_for_function("() => document.querySelector('#er-max-tokens input[type=number]').value === '64'",
+                              timeout=30_000)
+        tab.locator("#er-seed input").fill("9")
+        tab.locator("#er-max-tokens input[type=number]").fill("24")
+        tab.locator("#er-max-tokens input[type=number]").press("Enter")
+        replies = tab.locator("#er-chat .bot-row")
+        for text in ("Once upon a time", "many words " * 40, "The river"):
+            if len(text) < 100:
+                want = base.generate(text, 24, temperature=0.8, top_p=0.95, seed=9)
+                assert want.strip()
+            count = replies.count()
+            box.fill(text)
+            box.press("Enter")
+            tab.wait_for_function("n => document.querySelectorAll('#er-chat .bot-row').length > n", arg=count,
+                                  timeout=60_000)
+            reply = replies.last
+            if len(text) < 100:  # the continuation of the text, as the API gives it
+                tab.wait_for_function("t => [...document.querySelectorAll('#er-chat .bot-row')].pop().innerText"
+                                      ".includes(t)", arg=want.strip()[:20], timeout=60_000)
+                wait_until(lambda: not app.generating and model_is_free(base), what="the end of the reply")
+            else:  # longer than the 64-token context: the error, in one line
+                line = reply.inner_text().strip()
+                assert line.startswith("⚠ error: the prompt has") and "context holds 64" in line, line
+                assert "\n" not in line and "Traceback" not in tab.locator("#er-chat").inner_text()
+        shot = tmp_path / "completion.png"
+        tab.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 10_000
+
+        tab.locator("#er-path textarea").fill("")  # the demo model, which has a chat template
+        tab.locator("#er-load").click()
+        tab.wait_for_function("() => document.querySelector('#er-model-line').innerText.includes('chat mode')",
+                              timeout=60_000)
+        tab.wait_for_function("() => !document.querySelector('#er-system textarea').disabled", timeout=30_000)
+        assert box.get_attribute("placeholder").startswith("Message") and chat.mode(app.model) == "chat"

@@ -187,13 +187,45 @@ def test_cli_json(tmp_path, profile_file, capsys):
     assert d["possible"] is False and "more RAM" in d["reason"]
 
 
-def test_cli_missing_profile(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("EDGERUN_CONFIG", str(tmp_path / "none"))
+def test_cli_without_a_profile_measures_a_quick_one(tmp_path, capsys, monkeypatch):
+    """As edgerun.load does, plan measures (and saves) a quick profile of a machine that has none, says so on
+    stderr, and predicts with it."""
+    from edgerun.hw.profile import default_profile_path
+
+    monkeypatch.setenv("EDGERUN_CONFIG", str(tmp_path / "config"))
+    measured = dict(synthetic_profile(), quick=True, duration_s=4.2)
+    calls = []
+
+    def measure(store_path=None, quick=False, **kwargs):  # the real one takes seconds: kernels, RAM, disk reads
+        calls.append(quick)
+        return measured
+
+    monkeypatch.setattr("edgerun.hw.profile.measure_profile", measure)
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(TINY))
-    assert main(["plan", str(cfg)]) == 2
+    assert main(["plan", str(cfg), "--ram", "410MiB", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert calls == [True]
+    want = predict(TINY, measured, ram=410 * MiB).as_dict()
+    assert json.loads(out) == json.loads(json.dumps(want | {"prompt_tokens": 512}))
+    assert json.loads(out)["expert_slots"] == hand_slots(410 * MiB)
+    # another machine's profile would plan differently: the figures are the measured profile's
+    other = predict(TINY, load_profile(PROFILES / "cloud-vm-2core-epyc.json"), ram=410 * MiB)
+    assert other.decode_tokens_per_s != pytest.approx(want["decode_tokens_per_s"])
+    assert "measured a quick profile" in err and str(default_profile_path()) in err
+    assert load_profile(default_profile_path()) == measured  # saved: the next plan (and load) reads it
+    assert main(["plan", str(cfg), "--ram", "410MiB", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert calls == [True] and "quick" not in err and json.loads(out)["expert_slots"] == hand_slots(410 * MiB)
+
+
+def test_cli_missing_profile_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("edgerun.hw.profile.measure_profile", lambda *a, **k: pytest.fail("measured a profile"))
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(TINY))
+    assert main(["plan", str(cfg), "--profile", str(tmp_path / "missing.json")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "edgerun profile" in err and "--profile" in err and "\n" not in err
+    assert "--profile" in err and "missing.json" in err and "no such file" in err and "\n" not in err
 
 
 def test_experts_every_token_uses_are_cached_first():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from ..errors import EdgerunError
@@ -16,7 +17,8 @@ def add_parser(sub) -> None:
                        description=__doc__)
     p.add_argument("model", metavar="MODEL", help="edgerun store, model directory, Grok-1's release or config.json")
     p.add_argument("--profile", default=None, metavar="FILE",
-                   help="hardware profile (default: this machine's, saved by `edgerun profile`)")
+                   help="hardware profile (default: this machine's, saved by `edgerun profile`; without one, a "
+                        "quick profile is measured and saved, as edgerun.load does)")
     p.add_argument("--ram", default=None, metavar="SIZE",
                    help="RAM budget, e.g. 12GiB (default: the profile's available RAM less 15%%)")
     p.add_argument("--gpu", default=None, metavar="SIZE",
@@ -55,20 +57,40 @@ def read_model(path: Path, quant: str, dense: str) -> tuple[dict, str, str, int]
     return read_json(path), quant, dense, 32
 
 
+def read_profile(path: str | None) -> dict:
+    """The profile at path; else this machine's saved one, or, without one, a quick one measured and saved now
+    (as edgerun.load does), so that a first plan needs no `edgerun profile` beforehand."""
+    from ..hw.profile import default_profile_path, load_profile, measure_profile, save_profile
+
+    if path is not None:
+        if not Path(path).exists():
+            raise EdgerunError(f"--profile {path}: no such file (`edgerun profile --out FILE` writes one)")
+        return load_profile(path)
+    saved = default_profile_path()
+    if saved.is_file():
+        return load_profile(saved)
+    print("edgerun plan: no hardware profile of this machine yet: measuring a quick one (edgerun profile --quick)...",
+          file=sys.stderr, flush=True)
+    profile = measure_profile(quick=True, log=lambda line: None)
+    try:
+        kept = f"saved to {save_profile(profile, saved)}"
+    except EdgerunError as e:  # the plan goes on with it all the same
+        kept = f"not saved: {e}"
+    print(f"edgerun plan: measured a quick profile in {profile['duration_s']:.0f} s, {kept}; `edgerun profile` "
+          "measures a full one", file=sys.stderr)
+    return profile
+
+
 def main(args: argparse.Namespace) -> int:
     from ..hw.plan import predict
-    from ..hw.profile import default_profile_path, load_profile
     from ..units import parse_size
 
-    profile_path = Path(args.profile) if args.profile else default_profile_path()
-    if not profile_path.is_file():
-        raise EdgerunError(f"no hardware profile at {profile_path}: run `edgerun profile` or pass --profile FILE")
     if args.ctx is not None and args.ctx < 2:
         raise EdgerunError(f"--ctx must be at least 2, got {args.ctx}")
     if args.prompt < 1:
         raise EdgerunError(f"--prompt must be at least 1, got {args.prompt}")
-    profile = load_profile(profile_path)
     config, experts, dense, group = read_model(Path(args.model), args.quant, args.dense)
+    profile = read_profile(args.profile)
     pred = predict(config, profile, expert_format=experts, dense_format=dense,
                    ram=parse_size(args.ram) if args.ram else None,
                    gpu=parse_size(args.gpu, zero=True) if args.gpu else None,

@@ -59,7 +59,9 @@ def add_generation_args(p: argparse.ArgumentParser, default_n: int = 256) -> Non
     p.add_argument("-p", "--prompt", help="the prompt ('-' or omitted with piped input: read stdin)")
     p.add_argument("-n", "--max-tokens", type=int, default=default_n, metavar="N",
                    help=f"most tokens to generate (default {default_n})")
-    p.add_argument("--chat", action="store_true", help="treat the prompt as a user message in the chat template")
+    p.add_argument("--chat", action="store_true",
+                   help="treat the prompt as a user message in the chat template (a model without one continues "
+                        "the prompt as written)")
     p.add_argument("--system", metavar="TEXT", help="system prompt (with --chat)")
     p.add_argument("--temp", type=float, default=None, metavar="T", help="temperature (0 = greedy)")
     p.add_argument("--top-p", type=float, default=None, metavar="P")
@@ -85,7 +87,15 @@ def stream_answer(model, prompt: str, args: argparse.Namespace) -> None:
     """Print the answer as it is generated, then one line of figures on stderr."""
     kwargs = dict(temperature=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                   repetition_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop)
-    if args.chat:
+    chat = args.chat
+    if chat and not model.tokenizer.has_chat_template:  # a base model: it can only continue the text
+        if args.system:
+            raise EdgerunError("this model has no chat template, so --system has no place in its prompt: "
+                               "write the instructions into the prompt and leave out --chat")
+        print("edgerun: this model has no chat template: --chat is ignored and the prompt is continued as written",
+              file=sys.stderr)
+        chat = False
+    if chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         pieces = model.stream_chat(messages + [{"role": "user", "content": prompt}], args.max_tokens, **kwargs)
     else:
