@@ -430,6 +430,10 @@ class ChatApp:
     def load_model(self, path: str, quant: str, ram: str, progress=gr.Progress(track_tqdm=True)) -> tuple[str, str]:
         """Replace the model by the one at path (empty: the demo model); errors become a message in the page."""
         path, ram = (path or "").strip(), (ram or "").strip()
+        if getattr(self.model, "remote", False):
+            return (_status(f"this page chats with the server at {html.escape(self.model.url)}; load another model "
+                            f"there, or start `edgerun chat MODEL` without --server", error=True),
+                    describe_model(self.model))
         if quant not in QUANTS:
             return _status(f"quant must be one of {', '.join(QUANTS)}", error=True), describe_model(self.model)
         progress(0, desc="releasing the current model")

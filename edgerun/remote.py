@@ -23,6 +23,8 @@ class RemoteError(EdgerunError):
 
 
 class RemoteModel:
+    remote = True  # the chat page loads no model of its own beside it
+
     def __init__(self, url: str, api_key: str | None = None, timeout: float = 600.0):
         base = url.rstrip("/")
         self.url = base[:-3] if base.endswith("/v1") else base

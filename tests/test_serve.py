@@ -262,3 +262,31 @@ def test_an_unreachable_server_is_one_line():
 
     with pytest.raises(RemoteError, match="cannot reach the server at http://127.0.0.1:"):
         RemoteModel(f"http://127.0.0.1:{free_port()}")
+
+
+def test_the_chat_page_chats_through_a_server(server, model):
+    """`edgerun chat --server URL`: the page's replies, figures and heatmap come from the server's model."""
+    from edgerun.apps import chat
+    from edgerun.remote import RemoteModel
+
+    remote = RemoteModel(server.url)
+    app = chat.ChatApp(remote, (server.url, "none", ""), {})
+    assert chat.mode(remote) == "chat" and "chat mode" in chat.describe_model(remote)
+    history = list(app.respond("Speak of the king.", [], "", 0.8, 0.95, 12, 5))[-1]
+    assert [m["role"] for m in history] == ["user", "assistant"]
+    assert history[-1]["content"] == model.chat(MESSAGES, 12, temperature=0.8, top_p=0.95, seed=5)
+    header, stats, heat = app.live()
+    assert "decode" in stats and "er-h" in heat
+    status, _ = app.load_model("", "none", "")
+    assert "chats with the server" in status
+    remote.close()
+
+
+def test_chat_with_an_unreachable_server_stops_in_one_line(capsys):
+    from edgerun.cli import main
+
+    assert main(["chat", "--server", f"http://127.0.0.1:{free_port()}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot reach the server" in err[0]
+    assert main(["chat", "some-model", "--server", "http://127.0.0.1:1"]) == 2
+    assert "leave out MODEL" in capsys.readouterr().err

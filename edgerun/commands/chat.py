@@ -31,6 +31,10 @@ def add_parser(sub) -> None:
                    help="also open a public gradio.live link (default no)")
     p.add_argument("--ctx", type=int, default=None, metavar="N", help="context length (default: model's, max 4096)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: edgerun.load's pick)")
+    p.add_argument("--server", default=None, metavar="URL",
+                   help="chat with the model of a running `edgerun serve` (e.g. http://127.0.0.1:8000) instead of "
+                        "loading one here")
+    p.add_argument("--api-key", default=None, metavar="KEY", help="the server's --api-key")
     p.set_defaults(main=main)
 
 
@@ -46,6 +50,19 @@ def main(args: argparse.Namespace) -> int:
                            "this machine's; pick another with --port")
     import edgerun
 
+    if args.server:
+        if args.model or args.quant or args.ram:
+            raise EdgerunError("--server chats with the server's model: leave out MODEL, --quant and --ram")
+        from ..remote import RemoteModel
+
+        remote = RemoteModel(args.server, api_key=args.api_key)  # an unreachable server fails before the page opens
+        app = chat.ChatApp(remote, (args.server, "none", ""), {})
+        try:
+            page, url = app.launch(host=args.host, port=args.port, share=args.share == "yes")
+        except OSError as e:
+            raise EdgerunError(f"cannot serve the page on {args.host}: {e}") from None
+        print(f"edgerun chat: chatting with {remote.name} at {remote.url}; page at {url}", flush=True)
+        return _serve_page(page, args)
     if args.model:
         source = args.model
     else:
@@ -67,6 +84,10 @@ def main(args: argparse.Namespace) -> int:
         _close(page)
         raise
     print(f"edgerun chat: serving {app.model.path} at {url}", flush=True)
+    return _serve_page(page, args)
+
+
+def _serve_page(page, args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"edgerun chat: listening on {args.host}: other machines of the network can open it", file=sys.stderr)
     if getattr(page, "share_url", None):
