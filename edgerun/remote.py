@@ -80,15 +80,22 @@ class RemoteModel:
             raise RemoteError(f"the server at {self.url} stopped answering: {e}") from None
 
     # -- what the page calls ---------------------------------------------------------------------------------
+    def _room(self, asked: int, prompt: dict) -> int:
+        """At most what the context leaves after the prompt, as a local model stops when its context is full (the
+        server refuses a request whose prompt and max_tokens together pass the context)."""
+        count = self._post("/tokenize", prompt)["count"]
+        return max(1, min(int(asked), self.context_length - count))
+
     def stream_chat(self, messages: list[dict], max_new_tokens: int = 512, **sampling) -> Iterator[str]:
-        body = {"messages": messages, "max_tokens": int(max_new_tokens), **_sampling(sampling)}
+        body = {"messages": messages, "max_tokens": self._room(max_new_tokens, {"messages": messages}),
+                **_sampling(sampling)}
         for event in self._events("/v1/chat/completions", body):
             for choice in event["choices"]:
                 if choice["delta"].get("content"):
                     yield choice["delta"]["content"]
 
     def stream(self, prompt: str, max_new_tokens: int = 256, **sampling) -> Iterator[str]:
-        body = {"prompt": prompt, "max_tokens": int(max_new_tokens), **_sampling(sampling)}
+        body = {"prompt": prompt, "max_tokens": self._room(max_new_tokens, {"prompt": prompt}), **_sampling(sampling)}
         for event in self._events("/v1/completions", body):
             for choice in event["choices"]:
                 if choice.get("text"):

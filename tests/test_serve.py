@@ -252,6 +252,8 @@ def test_a_remote_model_answers_as_the_local_one(server, model):
     assert stats["generated_tokens"] >= 1 and stats["context_length"] == model.context_length
     activity = remote.expert_activity(8)
     assert activity["layers"] == model.spec.moe_layers and activity["tokens"] >= 1
+    # as a local model does, a reply asked for more than the context leaves stops when the context is full
+    assert "".join(remote.stream("KING:", 10_000, temperature=0)) == model.generate("KING:", 10_000, temperature=0)
     with pytest.raises(edgerun.GenerationError, match="maximum context length"):
         list(remote.stream("word " * 400, 10))
     remote.close()
