@@ -210,7 +210,7 @@ def quantize(w: np.ndarray, fmt: str, group: int = 32) -> tuple[np.ndarray, np.n
     qs_shape, scales_shape = quant.packed_shapes(fmt, *w.shape, group=group)
     if not _ready:
         warmup()
-    if _kernels is None or fmt == "mxfp4":  # mxfp4 is quantized only from releases that are not MXFP4 already
+    if _kernels is None:
         return reference.quantize(w, fmt, group)
     _threads()
     if w.dtype == np.float16:
@@ -218,6 +218,10 @@ def quantize(w: np.ndarray, fmt: str, group: int = 32) -> tuple[np.ndarray, np.n
     else:
         w = np.ascontiguousarray(w, dtype=np.float32)
     lut = _kernels.F16_TO_F32
+    if fmt == quant.MXFP4:
+        qs, scales = np.empty(qs_shape, np.uint8), np.empty(scales_shape, np.uint8)
+        _kernels.quantize_mxfp4(w, lut, _kernels._E2M1_MIDPOINTS, qs, scales)
+        return qs, scales
     raw = np.empty(scales_shape, dtype=np.float32)
     _kernels.group_scales(w, lut, group, fmt == "q4", raw)
     scales = quant.round_scales(raw)

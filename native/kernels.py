@@ -1011,6 +1011,44 @@ def quantize_q4(w, scales, lut, qs):
                 qs[o, g * half + j] = lo | (hi << 4)
 
 
+_E2M1_MIDPOINTS = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], np.float32)  # between the E2M1 magnitudes
+
+
+@njit(parallel=True, **_EXACT)
+def quantize_mxfp4(w, lut, midpoints, qs, scales):
+    """qs and scales (E8M0 bytes) of w in MXFP4, byte for byte quant.quantize's: per group of 32 (zeros past w's
+    columns), e = ceil(log2(max|w| / 6)) from the quotient's exponent and mantissa, each value's code the number
+    of midpoints below its magnitude over 2 ** e, the sign bit for negative values."""
+    n_cols = w.shape[1]
+    for o in prange(qs.shape[0]):
+        for g in range(scales.shape[1]):
+            amax = np.float32(0.0)
+            for j in range(32):
+                k = g * 32 + j
+                if k < n_cols:
+                    amax = max(amax, abs(_value(w, o, k, lut)))
+            e = -127
+            if amax > 0:
+                mantissa, exponent = math.frexp(amax / np.float32(6.0))
+                e = max(-127, min(127, exponent if mantissa > 0.5 else exponent - 1))
+            scale = np.float32(math.ldexp(1.0, e))
+            scales[o, g] = np.uint8(e + 127)
+            for j in range(0, 32, 2):
+                pair = 0
+                for half in range(2):
+                    k = g * 32 + j + half
+                    v = _value(w, o, k, lut) if k < n_cols else np.float32(0.0)
+                    mag = abs(v) / scale
+                    code = 0
+                    if mag != 0:
+                        for m in midpoints:
+                            code += mag > m
+                        if v < 0:
+                            code |= 8
+                    pair |= code << (4 * half)
+                qs[o, g * 16 + j // 2] = np.uint8(pair)
+
+
 @njit(parallel=True, **_EXACT)
 def low_codes(w, candidates, lut, qmin, qmax, codes, choice):
     """The codes (level - qmin, uint8 [O, Kp]) of w float32 [O, K] on the grid of each group's best candidate

@@ -69,7 +69,7 @@ def test_warmup_compiles_every_kernel():
         pytest.skip("NumPy backend")
     k = native._kernels
     kernels = (k.matmul, k.expert_ffn, k.group_scales, k.quantize_q8, k.quantize_q4, k.matmul_mxfp4,
-               k.expert_ffn_mxfp4)
+               k.expert_ffn_mxfp4, k.quantize_mxfp4)
     if native.INT_DOT:
         kernels += (k.gemv_q4_int8, k.expert_ffn_int8)
     compiled = [len(kernel.signatures) for kernel in kernels]
@@ -456,3 +456,14 @@ print(native.BACKEND)
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "numba"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_mxfp4_quantizer_is_the_reference_byte_for_byte(dtype):
+    rng = np.random.default_rng(5)
+    w = (gaussian((37, 200), seed=6) * rng.choice([1e-4, 1.0, 300.0], size=(37, 1))).astype(dtype)
+    w[0, :32] = 0  # a zero group
+    w[1, 32:64] = -0.0
+    w[2, 64:96] = 0.75  # a largest magnitude whose quotient by 6 is a power of two
+    got, want = native.quantize(w, quant.MXFP4), quant.quantize(w.astype(np.float32), quant.MXFP4)
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])

@@ -16,8 +16,8 @@ mxfp4  the OCP microscaling format gpt-oss ships its experts in, for experts onl
     only group size), one E8M0 scale byte e (2 ** (e - 127)) and 32 E2M1 values (1 sign, 2 exponent and 1
     mantissa bit: 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives); byte j of a group holds value 2j in its low
     nibble and value 2j + 1 in its high one, as the release stores them, so that a release's blocks are stored
-    unchanged. Quantizing other weights: e = ceil(log2(max|w| / 6)) and each value's nearest E2M1 value (ties to
-    the smaller magnitude). Arrays: qs uint8 [O, Kp / 2], scales uint8 [O, Kp / 32]. 4.25 bits per weight.
+    unchanged. Quantizing other weights: e = ceil(log2(max|w| / 6)) (from the exponent and mantissa of the float32
+    quotient, exactly) and each value's nearest E2M1 value (ties to the smaller magnitude). Arrays: qs uint8 [O, Kp / 2], scales uint8 [O, Kp / 32]. 4.25 bits per weight.
 
 Values are always computed with the float16-rounded scale, so dequantization matches quantization
 exactly. A scale is clipped to the float16 range and rounded to nearest even; a scale that is or rounds
@@ -125,8 +125,8 @@ def quantize(w: np.ndarray, fmt: str, group: int = 32) -> tuple[np.ndarray, np.n
 def _quantize_mxfp4(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     o, ng, _ = g.shape
     amax = np.abs(g).max(axis=2)
-    with np.errstate(divide="ignore"):
-        e = np.where(amax > 0, np.ceil(np.log2(amax / np.float32(6.0))), -127)
+    mantissa, exponent = np.frexp(amax / np.float32(6.0))  # q = mantissa * 2 ** exponent, mantissa in [0.5, 1)
+    e = np.where(amax > 0, np.where(mantissa > 0.5, exponent, exponent - 1), -127)  # ceil(log2(q)), exactly
     e = np.clip(e, -127, 127).astype(np.int32)
     mags = np.abs(g) / np.ldexp(np.float32(1), e)[..., None].astype(np.float32)
     midpoints = (E2M1[1:8] + E2M1[:7]) / 2  # between consecutive magnitudes: ties go to the smaller
