@@ -15,9 +15,10 @@ q4  symmetric 4 bits: m = the group's value of largest magnitude, with its sign;
 mxfp4  the OCP microscaling format gpt-oss ships its experts in, for experts only: per group of 32 (the
     only group size), one E8M0 scale byte e (2 ** (e - 127)) and 32 E2M1 values (1 sign, 2 exponent and 1
     mantissa bit: 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives); byte j of a group holds value 2j in its low
-    nibble and value 2j + 1 in its high one, as the release stores them, so that a release's blocks are stored
-    unchanged. Quantizing other weights: e = ceil(log2(max|w| / 6)) (from the exponent and mantissa of the float32
-    quotient, exactly) and each value's nearest E2M1 value (ties to the smaller magnitude). Arrays: qs uint8 [O, Kp / 2], scales uint8 [O, Kp / 32]. 4.25 bits per weight.
+    nibble and value 2j + 1 in its high one, in the release's order. e = ceil(log2(max|w| / 6)) (from the
+    exponent and mantissa of the float32 quotient, exactly) and each value's nearest E2M1 value (ties to the
+    smaller magnitude), so that a release's values come back exactly. Arrays: qs uint8 [O, Kp / 2], scales
+    uint8 [O, Kp / 32]. 4.25 bits per weight.
 
 Values are always computed with the float16-rounded scale, so dequantization matches quantization
 exactly. A scale is clipped to the float16 range and rounded to nearest even; a scale that is or rounds
