@@ -220,7 +220,7 @@ def quantize(w: np.ndarray, fmt: str, group: int = 32) -> tuple[np.ndarray, np.n
     lut = _kernels.F16_TO_F32
     if fmt == quant.MXFP4:
         qs, scales = np.empty(qs_shape, np.uint8), np.empty(scales_shape, np.uint8)
-        _kernels.quantize_mxfp4(w, lut, _kernels._E2M1_MIDPOINTS, qs, scales)
+        _kernels.quantize_mxfp4(w, lut, quant.E2M1_MIDPOINTS, qs, scales)
         return qs, scales
     raw = np.empty(scales_shape, dtype=np.float32)
     _kernels.group_scales(w, lut, group, fmt == "q4", raw)

@@ -25,6 +25,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, overload, register_model
 
+from ..store.quant import E2M1
+
 LANES = 16
 ROWS = 4  # output rows per block: shares each x vector and hides FMA latency
 _F32 = ir.FloatType()
@@ -34,9 +36,8 @@ _FAST = ("fast",)
 
 # float16 bits -> float32 value; exact for every finite half
 F16_TO_F32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
-# MXFP4 (edgerun.store.quant): E8M0 scale byte -> 2 ** (byte - 127) (255 is NaN), and the 16 E2M1 values
+# MXFP4 (edgerun.store.quant): E8M0 scale byte -> 2 ** (byte - 127) (255 is NaN)
 E8M0_TO_F32 = np.append(np.ldexp(np.float32(1), np.arange(255) - 127), np.nan).astype(np.float32)
-E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
 class _Vec(types.Type):
@@ -151,7 +152,7 @@ def _e2m1(high: bool):
         v = builder.zext(_load(context, builder, sig.args[0], args[0], args[1], ir.IntType(8)), _I32VEC)
         v = builder.lshr(v, ir.Constant(_I32VEC, [4] * LANES)) if high else builder.and_(
             v, ir.Constant(_I32VEC, [15] * LANES))
-        table = ir.Constant(_VEC, list(E2M1))
+        table = ir.Constant(_VEC, [float(v) for v in E2M1])
         if fast:
             fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VEC, [_VEC, _I32VEC]),
                                                 "llvm.x86.avx512.permvar.sf.512")
@@ -1009,9 +1010,6 @@ def quantize_q4(w, scales, lut, qs):
                 lo = np.uint8(_level(w, o, g * group + j, lut, s, -8, 7) + eight)
                 hi = np.uint8(_level(w, o, g * group + half + j, lut, s, -8, 7) + eight)
                 qs[o, g * half + j] = lo | (hi << 4)
-
-
-_E2M1_MIDPOINTS = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], np.float32)  # between the E2M1 magnitudes
 
 
 @njit(parallel=True, **_EXACT)

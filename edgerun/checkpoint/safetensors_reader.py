@@ -28,11 +28,11 @@ import torch
 from safetensors import safe_open
 
 from ..errors import CheckpointError
+from ..store.quant import dequantize
 
 INDEX_NAME = "model.safetensors.index.json"
 FP8, FP8_SCALE_SUFFIX, FP8_BLOCK = "F8_E4M3", "_scale_inv", 128
 MXFP4 = "MXFP4"  # the dtype this reader gives a pair of *_blocks and *_scales tensors
-E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 # bytes per value of what `get` hands out (float8 and MXFP4 come out as bfloat16)
 _ITEMSIZE = {FP8: 2, MXFP4: 2, "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "BF16": 2, "F16": 2,
@@ -254,10 +254,11 @@ class SafetensorsReader:
         for part in self._mxfp4[name]:
             handle = self._open(self.location[part])
             parts.append(handle.get_tensor(part) if index is None else handle.get_slice(part)[index])
-        blocks, scales = parts
-        values = torch.stack([E2M1[(blocks & 15).long()], E2M1[(blocks >> 4).long()]], dim=-1).flatten(-2)
-        values = torch.ldexp(values, scales.to(torch.int32)[..., None] - 127)
-        return values.flatten(-2).to(torch.bfloat16)
+        blocks, scales = (p.numpy() for p in parts)
+        groups = scales.shape[-1]
+        rows = scales.reshape(-1, groups)
+        values = dequantize(blocks.reshape(rows.shape[0], groups * 16), rows, groups * 32)
+        return torch.from_numpy(values).reshape(*scales.shape[:-1], groups * 32).to(torch.bfloat16)
 
     def _joined(self, name: str, index: int | None) -> torch.Tensor:
         """A split tensor, its slices copied one at a time into the whole (memory: the whole and one slice)."""

@@ -45,6 +45,7 @@ import numpy as np
 FORMATS = ("q8", "q4")  # groups of any multiple of 32 with a float16 scale: for any matrix
 MXFP4 = "mxfp4"  # for experts, groups of 32 only
 E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
+E2M1_MIDPOINTS = (E2M1[1:8] + E2M1[:7]) / 2  # between consecutive magnitudes: a value on one goes to the smaller
 # Upper bounds of the relative RMSE of a round trip on Gaussian weights, for any group size up to 256.
 MAX_REL_RMSE = {"q8": 0.0075, "q4": 0.115}
 
@@ -130,8 +131,7 @@ def _quantize_mxfp4(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     e = np.where(amax > 0, np.where(mantissa > 0.5, exponent, exponent - 1), -127)  # ceil(log2(q)), exactly
     e = np.clip(e, -127, 127).astype(np.int32)
     mags = np.abs(g) / np.ldexp(np.float32(1), e)[..., None].astype(np.float32)
-    midpoints = (E2M1[1:8] + E2M1[:7]) / 2  # between consecutive magnitudes: ties go to the smaller
-    codes = np.searchsorted(midpoints, mags, side="left").astype(np.uint8) | (np.signbit(g) << 3).astype(np.uint8)
+    codes = np.searchsorted(E2M1_MIDPOINTS, mags, side="left").astype(np.uint8) | (np.signbit(g) << 3).astype(np.uint8)
     codes[mags == 0] = 0
     packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
     return packed.reshape(o, ng * 16), (e + 127).astype(np.uint8)
