@@ -49,17 +49,17 @@ class RemoteModel:
             raise error(f"{self.url}: {message}")
         return r
 
-    def _get(self, path: str, **params) -> dict:
+    def _request(self, method: str, path: str, **kwargs) -> dict:
         try:
-            return self._check(self._http.get(path, params=params)).json()
+            return self._check(self._http.request(method, path, **kwargs)).json()
         except httpx.HTTPError as e:
             raise RemoteError(f"cannot reach the server at {self.url}: {e}") from None
 
+    def _get(self, path: str, **params) -> dict:
+        return self._request("GET", path, params=params)
+
     def _post(self, path: str, body: dict) -> dict:
-        try:
-            return self._check(self._http.post(path, json=body)).json()
-        except httpx.HTTPError as e:
-            raise RemoteError(f"cannot reach the server at {self.url}: {e}") from None
+        return self._request("POST", path, json=body)
 
     def _events(self, path: str, body: dict) -> Iterator[dict]:
         try:

@@ -276,11 +276,11 @@ def create_app(model, model_name: str, api_key: str | None = None) -> FastAPI:
                            code="context_length_exceeded", param="max_tokens")
         return asked
 
-    def encode_chat(body: ChatRequest) -> list[int]:
+    def encode_chat(chat: list[Message]) -> list[int]:
         if not has_template:
             raise ApiError(400, f"the model '{model_name}' has no chat template; use /v1/completions with the text "
                                 f"to continue", param="messages")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        messages = [{"role": m.role, "content": m.text()} for m in chat]
         try:
             text = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except EdgerunError as e:
@@ -299,7 +299,7 @@ def create_app(model, model_name: str, api_key: str | None = None) -> FastAPI:
         if (body.prompt is None) == (body.messages is None):
             raise ApiError(400, "give either prompt or messages", param="prompt")
         if body.messages is not None:
-            ids = encode_chat(ChatRequest(messages=body.messages))
+            ids = encode_chat(body.messages)
         else:
             ids = model.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         return {"count": len(ids), "max_model_len": model.context_length, "tokens": ids}
@@ -326,7 +326,7 @@ def create_app(model, model_name: str, api_key: str | None = None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         check_model(body.model)
-        ids = encode_chat(body)
+        ids = encode_chat(body.messages)
         max_tokens = budget(len(ids), body.max_completion_tokens or body.max_tokens)
         return await respond(request, body, ids, max_tokens, chat=True)
 

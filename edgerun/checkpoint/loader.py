@@ -101,12 +101,12 @@ class CheckpointTensors:
         if e >= gu_shape[0]:
             return self._dense_slice(layer, e, gu_shape[1] // 2)
         if p + "gate_up" in self.names:
-            out = (self._halves(self._fused(p + "gate_up", gu_shape, e)), self._fused(p + "down", d_shape, e))
-            if self.biased:
-                out += tuple(self.reader.get(self._checked(p + n, self.shapes[p + n]), e)
-                             for n in ("gate_up_bias", "down_bias"))
-                out = (out[0], out[1], self._halves(out[2]), out[3])
-            return out
+            gate_up, down = self._halves(self._fused(p + "gate_up", gu_shape, e)), self._fused(p + "down", d_shape, e)
+            if not self.biased:
+                return gate_up, down
+            b1, b2 = (self.reader.get(self._checked(p + n, self.shapes[p + n]), e)
+                      for n in ("gate_up_bias", "down_bias"))
+            return gate_up, down, self._halves(b1), b2
         half = gu_shape[1] // 2
         gate = self._per_expert(f"{p}{e}.gate", (half, gu_shape[2]))
         gate_up = gate.new_empty(gu_shape[1:])  # one buffer for both halves: no third copy to concatenate them

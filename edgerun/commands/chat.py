@@ -11,6 +11,7 @@ import time
 
 from ..errors import EdgerunError
 from .run import add_gpu_args, gpu_kwargs
+from .serve import LOOPBACK
 
 
 def add_parser(sub) -> None:
@@ -88,7 +89,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _serve_page(page, args: argparse.Namespace) -> int:
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
+    if args.host not in LOOPBACK:
         print(f"edgerun chat: listening on {args.host}: other machines of the network can open it", file=sys.stderr)
     if getattr(page, "share_url", None):
         print(f"edgerun chat: public link {page.share_url}", flush=True)
