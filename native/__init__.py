@@ -6,9 +6,11 @@ reports). Call warmup() at model load so that no kernel compiles during the firs
 
     matmul(x, qs, scales, out)    out[t, o] = sum_k W[o, k] x[t, k]
     expert_ffn(x, gate_up_qs, gate_up_scales, down_qs, down_scales, activation, out[, gate_up_bias, down_bias])
+    routed_experts(x, experts, weights, activation, out)   one token's experts, weighted and summed
     quantize(w, fmt, group)       -> (qs, scales), byte-identical to edgerun.store.quant.quantize
     quantize_low(w, fmt, group)   -> a low-bit copy's sections, byte-identical to edgerun.store.lowbit.quantize
     dequantize_q4(qs, scales)     -> float32 [O, Kp], equal to edgerun.store.quant.dequantize
+    attend_one(q, k, v, cos, sin, k_cache, v_cache, pos, ...) -> the attention of one new token (decode)
 
 Weights are never expanded in RAM: one token streams every weight once (GEMV); a few tokens stream them
 the same way, converting each weight once per pair of tokens; more tokens dequantize a few rows at a time
@@ -55,6 +57,9 @@ def warmup() -> None:
                     expert_ffn(x, *gate_up, *down, activation, np.empty((n_tok, 40), np.float32))
                 expert_ffn(x, *gate_up, *down, SWIGLU_OAI, np.empty((n_tok, 40), np.float32),
                            np.zeros(64, np.float32), np.zeros(40, np.float32))
+        q, kv, cache = (rng.standard_normal(s).astype(np.float32) for s in ((4, 8), (2, 8), (2, 4, 8)))
+        rot = np.ones(2, np.float32)
+        attend_one(q, kv, kv, rot, rot, cache, cache.copy(), 1, 1.0, sinks=rot[:1].repeat(4))
         gate_up = quantize(rng.standard_normal((64, 64)).astype(np.float32), quant.MXFP4)
         down = quantize(rng.standard_normal((64, 32)).astype(np.float32), quant.MXFP4)
         for n_tok in (1, 3):
@@ -190,6 +195,51 @@ def expert_ffn(x: np.ndarray, gate_up_qs: np.ndarray, gate_up_scales: np.ndarray
                         down_scales.view(np.uint16), b1, b2, activation, _kernels.F16_TO_F32, out, n_threads)
 
 
+def routed_experts(x: np.ndarray, experts: list[tuple], weights: np.ndarray, activation: int, out: np.ndarray) -> None:
+    """out = sum_k weights[k] * expert_k(x) for one token x float32 [1, H] and experts of one layer, each a tuple
+    (gate_up_qs, gate_up_scales, down_qs, down_scales, gate_up_bias, down_bias) as expert_ffn takes them (the biases
+    may be None), all of one shape and format; weights float32 [K]. q8/q4 experts take one kernel call."""
+    if x.ndim != 2 or x.shape[0] != 1:
+        raise ValueError(f"routed_experts takes one token, x [1, hidden]; got shape {x.shape}")
+    if weights.shape != (len(experts),):
+        raise ValueError(f"{len(experts)} experts but weights of shape {weights.shape}")
+    _check_out(out, x.shape)
+    out[:] = 0
+    if not experts:
+        return
+    first = experts[0]
+    if any(len(e) != 6 or any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(e[:4], first[:4]))
+           for e in experts):
+        raise ValueError("routed_experts: the experts of a layer must share their shapes and format")
+    if not _ready:
+        warmup()
+    gate_up_qs, gate_up_scales, down_qs, down_scales = first[:4]
+    if _kernels is None or quant.is_mxfp4(gate_up_scales):
+        y = np.empty_like(out)
+        for e, w in zip(experts, weights):
+            expert_ffn(x, *e[:4], activation, y, *e[4:])
+            out += w * y
+        return
+    hidden = x.shape[1]
+    kp = _check_matrix(gate_up_qs, gate_up_scales, hidden, "gate_up")
+    if gate_up_qs.shape[0] % 2 or down_qs.shape[0] != hidden:
+        raise ValueError(f"gate_up {gate_up_qs.shape} and down {down_qs.shape} do not make an expert of hidden size "
+                         f"{hidden}")
+    _check_matrix(down_qs, down_scales, gate_up_qs.shape[0] // 2, "down")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation}")
+    args = (_padded(x, kp), tuple(e[0] for e in experts), tuple(e[1].view(np.uint16) for e in experts),
+            tuple(e[2] for e in experts), tuple(e[3].view(np.uint16) for e in experts),
+            tuple(_bias(e[4], gate_up_qs.shape[0], "gate_up") for e in experts),
+            tuple(_bias(e[5], hidden, "down") for e in experts), np.ascontiguousarray(weights, np.float32),
+            activation, _kernels.F16_TO_F32, out)
+    n_threads = _threads()
+    if _int_dot(x, gate_up_qs, gate_up_scales) and _int_dot(x, down_qs, down_scales):
+        _kernels.routed_experts_int8(*args)
+    else:
+        _kernels.routed_experts(*args, n_threads)
+
+
 _NO_BIAS = np.empty(0, np.float32)
 
 
@@ -265,4 +315,41 @@ def dequantize_q4(qs: np.ndarray, scales: np.ndarray) -> np.ndarray:
     _threads()
     out = np.empty((qs.shape[0], qs.shape[1] * 2), dtype=np.float32)
     _kernels.dequantize_q4(qs, scales.view(np.uint16), _kernels.F16_TO_F32, out)
+    return out
+
+
+_NO_SINKS = np.empty(0, np.float32)
+
+
+def attend_one(q: np.ndarray, k: np.ndarray, v: np.ndarray, cos: np.ndarray, sin: np.ndarray, k_cache: np.ndarray,
+               v_cache: np.ndarray, pos: int, scale: float, window: int | None = None, cap: float | None = None,
+               temperature: float = 1.0, sinks: np.ndarray | None = None) -> np.ndarray:
+    """The attention of one new token at position pos, all float32: stores its key k [KV, Dh] (rotated) and value v
+    at pos of the caches [KV, C, Dh], and returns [H, Dh], each head of q [H, Dh] (rotated) attending to the keys
+    of its KV head at pos - window + 1 .. pos (0 .. pos without a window). cos and sin [R / 2] rotate the first R
+    values of each head as two halves; the logits are scale * q.k, then cap * tanh(logit / cap) with a cap, then
+    times temperature; a head's sink logit (sinks [H]) joins its softmax and attends nowhere."""
+    n_heads, dh = q.shape
+    n_kv, length = k.shape[0], k_cache.shape[1]
+    arrays = (q, k, v, cos, sin, k_cache, v_cache) + (() if sinks is None else (sinks,))
+    if any(a.dtype != np.float32 or not a.flags.c_contiguous for a in arrays):
+        raise ValueError("attend_one takes C-contiguous float32 arrays")
+    if (n_kv == 0 or n_heads % n_kv or k.shape != (n_kv, dh) or v.shape != k.shape
+            or k_cache.shape != (n_kv, length, dh) or v_cache.shape != k_cache.shape or cos.shape != sin.shape
+            or cos.ndim != 1 or 2 * cos.shape[0] > dh or (sinks is not None and sinks.shape != (n_heads,))):
+        raise ValueError(f"attend_one: shapes do not match: q {q.shape}, k {k.shape}, v {v.shape}, caches "
+                         f"{k_cache.shape}, cos {cos.shape}")
+    if not 0 <= pos < length:
+        raise ValueError(f"position {pos} is outside the cache of {length}")
+    lo = 0 if window is None else max(0, pos - window + 1)
+    out = np.empty((n_heads, dh), np.float32)
+    args = (q, k, v, cos, sin, k_cache, v_cache, pos, lo, np.float32(scale), np.float32(cap or 0.0),
+            np.float32(temperature), _NO_SINKS if sinks is None else sinks, out)
+    if not _ready:
+        warmup()
+    if _kernels is None:
+        reference.attend_one(*args)
+    else:
+        _threads()
+        _kernels.attend_one(*args)
     return out

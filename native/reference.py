@@ -104,3 +104,30 @@ def expert_ffn(x: np.ndarray, gate_up_qs: np.ndarray, gate_up_scales: np.ndarray
 def quantize(w: np.ndarray, fmt: str, group: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """(qs, scales) of w [O, K] in fmt: the NumPy quantizer of edgerun.store.quant."""
     return quant.quantize(w, fmt, group)
+
+
+def rotated(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """x [..., Dh] with the first 2 len(cos) values of its last axis rotated as two halves (NeoX order)."""
+    half = cos.shape[0]
+    a, b = x[..., :half], x[..., half:2 * half]
+    return np.concatenate([a * cos - b * sin, b * cos + a * sin, x[..., 2 * half:]], axis=-1)
+
+
+def attend_one(q: np.ndarray, k: np.ndarray, v: np.ndarray, cos: np.ndarray, sin: np.ndarray, k_cache: np.ndarray,
+               v_cache: np.ndarray, pos: int, lo: int, scale: float, cap: float, temperature: float,
+               sinks: np.ndarray, out: np.ndarray) -> None:
+    """What the kernel of the same name computes (edgerun.native.attend_one), head by head."""
+    k_cache[:, pos] = rotated(k, cos, sin)
+    v_cache[:, pos] = v
+    group = q.shape[0] // k.shape[0]
+    for h, qh in enumerate(rotated(q, cos, sin)):
+        keys, values = k_cache[h // group, lo:pos + 1], v_cache[h // group, lo:pos + 1]
+        logits = (keys @ qh) * np.float32(scale)
+        if cap > 0:
+            logits = np.float32(cap) * np.tanh(logits / np.float32(cap))
+        logits = logits * np.float32(temperature)
+        if sinks.shape[0]:
+            logits = np.append(logits, sinks[h])
+        p = np.exp(logits - logits.max())
+        p = p[:values.shape[0]] / p.sum()
+        out[h] = p @ values

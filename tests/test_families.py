@@ -38,6 +38,14 @@ def test_logits_and_greedy_match_transformers(hf_model, layout, tmp_path):
         hf_model, PROMPT, 8)
 
 
+def test_decode_steps_give_transformers_logits(hf_model, tmp_path):
+    """Every token after the first as its own decode step (the one-token attention kernel) gives the logits of
+    transformers' forward pass over the whole prompt."""
+    model = edgerun.load(save(hf_model, tmp_path / "m", "default"))
+    got = model.logits(PROMPT, decode=True)
+    assert np.abs(got - hf_logits(hf_model, PROMPT).numpy()).max() <= 1e-4
+
+
 def test_fused_layout_really_is_fused(tmp_path):
     from safetensors import safe_open
 

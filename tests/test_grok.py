@@ -111,6 +111,10 @@ def check_against_reference(path, weights: dict, cfg: dict):
     assert got.shape == (len(PROMPT), cfg["vocab_size"]) and got.dtype == np.float32
     err = float(np.abs(got - ref).max())
     assert err <= TOL, f"max abs logit error {err:.3g}"
+    # one decode step per token: attention sums in another order than the reference's pass over the whole prompt,
+    # which the exaggerated multipliers amplify (torch's own attention is 0.8 TOL off there, the kernel 1.03 TOL)
+    err = float(np.abs(model.logits(PROMPT, decode=True) - ref).max())
+    assert err <= 2 * TOL, f"max abs logit error of decode steps {err:.3g}"
 
     want, margin = greedy(weights, cfg, PROMPT, STEPS)
     assert margin > 10 * TOL  # a clear argmax at every step, so agreement within TOL must pick the same token

@@ -184,6 +184,7 @@ def check_against_reference(model: edgerun.Model, weights: dict, cfg: dict, tol:
     want = forward(weights, cfg, PROMPT).numpy()
     got = model.logits(PROMPT)
     assert got.shape == want.shape and np.abs(got - want).max() <= tol
+    assert np.abs(model.logits(PROMPT, decode=True) - want).max() <= tol  # one decode step per token
     tokens, margin = greedy(weights, cfg, PROMPT, STEPS)
     assert margin > 10 * tol
     assert model.generate_ids(PROMPT, STEPS, temperature=0, ignore_eos=True) == tokens

@@ -69,7 +69,7 @@ def test_warmup_compiles_every_kernel():
         pytest.skip("NumPy backend")
     k = native._kernels
     kernels = (k.matmul, k.expert_ffn, k.group_scales, k.quantize_q8, k.quantize_q4, k.matmul_mxfp4,
-               k.expert_ffn_mxfp4, k.quantize_mxfp4)
+               k.expert_ffn_mxfp4, k.quantize_mxfp4, k.attend_one)
     if native.INT_DOT:
         kernels += (k.gemv_q4_int8, k.expert_ffn_int8)
     compiled = [len(kernel.signatures) for kernel in kernels]
@@ -86,6 +86,9 @@ def test_warmup_compiles_every_kernel():
     for tokens in (1, 4, 40):
         x = gaussian((tokens, 100))
         native.expert_ffn(x, *gate_up, *down, native.SILU, np.empty((tokens, 100), np.float32))
+    q, cache = gaussian((4, 16)), gaussian((2, 6, 16))
+    native.attend_one(q, q[:2].copy(), q[:2].copy(), q[0, :4].copy(), q[1, :4].copy(), cache, cache.copy(), 3, 0.25,
+                      2, 20.0, 1.5, q[2, :4].copy())
     assert [len(kernel.signatures) for kernel in kernels] == compiled
 
 
@@ -467,3 +470,97 @@ def test_mxfp4_quantizer_is_the_reference_byte_for_byte(dtype):
     w[2, 64:96] = 0.75  # a largest magnitude whose quotient by 6 is a power of two
     got, want = native.quantize(w, quant.MXFP4), quant.quantize(w.astype(np.float32), quant.MXFP4)
     assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("heads, kv_heads, dh, rotary", [(4, 2, 16, 16), (6, 6, 8, 4), (8, 1, 64, 32)])
+@pytest.mark.parametrize("window, cap, temperature, sinks", [(None, None, 1.0, False), (3, 30.0, 1.3, True),
+                                                              (50, None, 1.0, True)])
+def test_attend_one_matches_reference(heads, kv_heads, dh, rotary, window, cap, temperature, sinks):
+    rng = np.random.default_rng(heads + dh)
+    length, pos = 12, 9
+    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((heads, dh), (kv_heads, dh), (kv_heads, dh)))
+    angles = rng.uniform(0, 6, rotary // 2).astype(np.float32)
+    cos, sin = np.cos(angles), np.sin(angles)
+    k_cache, v_cache = (rng.standard_normal((kv_heads, length, dh)).astype(np.float32) for _ in range(2))
+    sink = rng.standard_normal(heads).astype(np.float32) if sinks else None
+    scale = dh ** -0.5
+    caches = k_cache.copy(), v_cache.copy()
+    got = native.attend_one(q, k, v, cos, sin, *caches, pos, scale, window, cap, temperature, sink)
+    want, ref_caches = np.empty_like(got), (k_cache.copy(), v_cache.copy())
+    lo = 0 if window is None else max(0, pos - window + 1)
+    reference.attend_one(q, k, v, cos, sin, *ref_caches, pos, lo, scale, cap or 0.0, temperature,
+                         np.empty(0, np.float32) if sink is None else sink, want)
+    assert np.allclose(got, want, atol=2e-5)
+    for c, r, before in zip(caches, ref_caches, (k_cache, v_cache)):  # only position pos is written
+        assert np.allclose(c, r, atol=1e-6)
+        assert np.array_equal(np.delete(c, pos, axis=1), np.delete(before, pos, axis=1))
+    # the reference itself against a plain softmax over the keys it should see
+    qr, kr = reference.rotated(q, cos, sin), ref_caches[0]
+    for h in range(heads):
+        g = h // (heads // kv_heads)
+        logits = kr[g, lo:pos + 1] @ qr[h] * scale
+        logits = (cap * np.tanh(logits / cap) if cap else logits) * temperature
+        e = np.exp(np.append(logits, sink[h]) if sinks else logits)
+        assert np.allclose(want[h], (e[:pos + 1 - lo] / e.sum()) @ ref_caches[1][g, lo:pos + 1], atol=1e-5)
+
+
+def test_attend_one_rejects_bad_arguments():
+    q, kv, cache = np.zeros((4, 8), np.float32), np.zeros((3, 8), np.float32), np.zeros((3, 5, 8), np.float32)
+    rot = np.ones(4, np.float32)
+    with pytest.raises(ValueError, match="shapes"):
+        native.attend_one(q, kv, kv, rot, rot, cache, cache, 0, 1.0)  # 4 heads over 3 KV heads
+    with pytest.raises(ValueError, match="outside"):
+        native.attend_one(q[:3], kv, kv, rot, rot, cache, cache, 5, 1.0)
+    with pytest.raises(ValueError, match="float32"):
+        native.attend_one(q[:3].astype(np.float64), kv, kv, rot, rot, cache, cache, 0, 1.0)
+
+
+def layer_experts(fmt, n, hidden, inter, biased=False):
+    experts = []
+    for k in range(n):
+        biases = (gaussian((2 * inter,), 40 + k), gaussian((hidden,), 50 + k)) if biased else (None, None)
+        experts.append((*matrix(fmt, 2 * inter, hidden, seed=10 + k), *matrix(fmt, hidden, inter, seed=20 + k),
+                        *biases))
+    return experts
+
+
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+@pytest.mark.parametrize("n", [1, 2, 3, 8])
+@pytest.mark.parametrize("hidden, inter, activation", [(64, 96, native.SILU), (100, 300, native.GELU_TANH),
+                                                       (256, 640, "swiglu+biases")])
+def test_routed_experts_sum_the_weighted_experts(fmt, n, hidden, inter, activation):
+    biased = activation == "swiglu+biases"
+    activation = native.SWIGLU_OAI if biased else activation
+    experts = layer_experts(fmt, n, hidden, inter, biased)
+    x, weights = gaussian((1, hidden), 3), np.abs(gaussian((n,), 4))
+    out = np.full((1, hidden), np.nan, np.float32)
+    native.routed_experts(x, experts, weights, activation, out)
+    expected, y = np.zeros_like(out), np.empty_like(out)
+    product = reference.matmul_int8 if int_dot(x, *experts[0][:2]) else reference.matmul
+    for e, w in zip(experts, weights):
+        reference.expert_ffn(x, *e[:4], activation, y, product=product, gate_up_bias=e[4], down_bias=e[5])
+        expected += w * y
+    assert_close(out, expected)
+
+
+def test_routed_experts_rejects_mixed_experts():
+    experts = layer_experts("q4", 2, 64, 96)
+    other = layer_experts("q8", 1, 64, 96)
+    with pytest.raises(ValueError, match="share"):
+        native.routed_experts(gaussian((1, 64)), experts[:1] + other, np.ones(2, np.float32), native.SILU,
+                              np.empty((1, 64), np.float32))
+    with pytest.raises(ValueError, match="one token"):
+        native.routed_experts(gaussian((2, 64)), experts, np.ones(2, np.float32), native.SILU,
+                              np.empty((2, 64), np.float32))
+
+
+def test_routed_experts_float_path(float_path):
+    experts = layer_experts("q4", 3, 64, 96)
+    x, weights = gaussian((1, 64), 3), np.abs(gaussian((3,), 4))
+    out = np.full((1, 64), np.nan, np.float32)
+    native.routed_experts(x, experts, weights, native.SILU, out)
+    expected, y = np.zeros_like(out), np.empty_like(out)
+    for e, w in zip(experts, weights):
+        reference.expert_ffn(x, *e[:4], native.SILU, y)
+        expected += w * y
+    assert_close(out, expected)

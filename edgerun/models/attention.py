@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .. import native
 from .parts import F32, Part, TensorSpec, linear, rms_norm, softcap
 from .rope import Rope, RopeSpec, apply_rope
 
@@ -38,6 +39,12 @@ class Positions:
                 rope = self._ropes[key] = Rope(spec, self.end, self.device)
             self._cos_sin[key] = rope.cos_sin(self.start, self.length, self.dtype)
         return self._cos_sin[key]
+
+
+def in_host_memory(t: torch.Tensor) -> bool:
+    """Whether the kernels of edgerun.native can take t as it is: a float32 tensor in host memory (not a tensor
+    subclass, which may hold no data)."""
+    return t.dtype == torch.float32 and t.device.type == "cpu" and type(t) is torch.Tensor
 
 
 class KVCache:
@@ -120,6 +127,9 @@ class Attention(Part):
     def __call__(self, x: torch.Tensor, pos: Positions, cache: KVCache) -> torch.Tensor:
         q, k, v = self.project(x)
         cos, sin = pos.rotary(self.rope)
+        if pos.length == 1 and in_host_memory(cache.k):
+            out = self.attend_one(q[0], k[0], v[0], cos[0], sin[0], cache, pos)
+            return linear(out.view(1, -1), self.w["o"], self.w.get("o_bias"))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache.k[:, pos.start:pos.end] = k.transpose(0, 1)
         cache.v[:, pos.start:pos.end] = v.transpose(0, 1)
@@ -142,6 +152,17 @@ class Attention(Part):
         if self.qk_norm == "head":
             q, k = rms_norm(q, w["q_norm"], self.eps), rms_norm(k, w["k_norm"], self.eps)
         return q, k, v
+
+    def attend_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   cache: KVCache, pos: Positions) -> torch.Tensor:
+        """A decode step's attention in one kernel call (rotation, the cache's update, every head): q [H, Dh], k and
+        v [KV, Dh], float32 on the CPU -> [H, Dh]. The same math as `attend`, without a torch call per step."""
+        sinks = self.w["sinks"].float().numpy() if self.sinks else None
+        temperature = float(self.temperature(pos)[0]) if self.temperature_len else 1.0
+        out = native.attend_one(q.contiguous().numpy(), k.contiguous().numpy(), v.contiguous().numpy(),
+                                cos.contiguous().numpy(), sin.contiguous().numpy(), cache.k.numpy(), cache.v.numpy(),
+                                pos.start, self.scale, self.window, self.cap, temperature, sinks)
+        return torch.from_numpy(out)
 
     def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
                pos: Positions) -> torch.Tensor:

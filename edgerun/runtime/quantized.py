@@ -46,6 +46,27 @@ class QuantizedExperts(RoutedExperts):
         self.store = store
         self.activation = ACTIVATION_CODES[activation]
 
+    def attach(self, decoder) -> None:
+        # the one-token kernel is compiled for the number of experts a token uses: compile (or load) it now
+        layer, k = decoder.moe_layers[0], decoder.experts_per_token
+        self(layer, torch.zeros(1, self.store.expert_layout.hidden), torch.zeros((1, k), dtype=torch.long),
+             torch.zeros(1, k))
+
+    def __call__(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] != 1:
+            return super().__call__(layer, x, idx, weights)
+        # one token: the layer's experts in one kernel call
+        experts = [self._arrays(layer, e) for e in idx[0].tolist()]
+        out = np.empty((1, x.shape[1]), dtype=np.float32)
+        native.routed_experts(x.to(torch.float32).contiguous().numpy(), experts,
+                              weights[0].to(torch.float32).numpy(), self.activation, out)
+        return torch.from_numpy(out).to(x.dtype)
+
+    def _arrays(self, layer: int, e: int) -> tuple:
+        """An expert as native.routed_experts takes it."""
+        (gu_qs, gu_scales), (d_qs, d_scales) = self.store.expert_views(layer, e)
+        return (gu_qs, gu_scales, d_qs, d_scales, *(self.store.expert_biases(layer, e) or (None, None)))
+
     def expert(self, layer: int, e: int, x: torch.Tensor) -> torch.Tensor:
         (gu_qs, gu_scales), (d_qs, d_scales) = self.store.expert_views(layer, e)
         xs = x.to(torch.float32).contiguous()
