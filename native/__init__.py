@@ -11,6 +11,7 @@ reports). Call warmup() at model load so that no kernel compiles during the firs
     quantize_low(w, fmt, group)   -> a low-bit copy's sections, byte-identical to edgerun.store.lowbit.quantize
     dequantize_q4(qs, scales)     -> float32 [O, Kp], equal to edgerun.store.quant.dequantize
     attend_one(q, k, v, cos, sin, k_cache, v_cache, pos, ...) -> the attention of one new token (decode)
+    rms_norm(x, weight, eps)      -> weight * x / rms(x) for one token
 
 Weights are never expanded in RAM: one token streams every weight once (GEMV); a few tokens stream them
 the same way, converting each weight once per pair of tokens; more tokens dequantize a few rows at a time
@@ -60,6 +61,7 @@ def warmup() -> None:
         q, kv, cache = (rng.standard_normal(s).astype(np.float32) for s in ((4, 8), (2, 8), (2, 4, 8)))
         rot = np.ones(2, np.float32)
         attend_one(q, kv, kv, rot, rot, cache, cache.copy(), 1, 1.0, sinks=rot[:1].repeat(4))
+        rms_norm(q[0], q[1], 1e-5)
         gate_up = quantize(rng.standard_normal((64, 64)).astype(np.float32), quant.MXFP4)
         down = quantize(rng.standard_normal((64, 32)).astype(np.float32), quant.MXFP4)
         for n_tok in (1, 3):
@@ -352,4 +354,18 @@ def attend_one(q: np.ndarray, k: np.ndarray, v: np.ndarray, cos: np.ndarray, sin
     else:
         _threads()
         _kernels.attend_one(*args)
+    return out
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """weight * x / sqrt(mean(x^2) + eps) for one token's float32 x [D] and weight [D]."""
+    if x.dtype != np.float32 or weight.dtype != np.float32 or x.ndim != 1 or weight.shape != x.shape:
+        raise ValueError(f"rms_norm takes float32 x and weight of one shape [D]; got {x.dtype} {x.shape} and "
+                         f"{weight.dtype} {weight.shape}")
+    if not _ready:
+        warmup()
+    if _kernels is None:
+        return (weight * (x / np.sqrt(np.mean(np.square(x)) + np.float32(eps)))).astype(np.float32)
+    out = np.empty_like(x)
+    _kernels.rms_norm(x, weight, np.float32(eps), out)
     return out

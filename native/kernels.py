@@ -1248,3 +1248,17 @@ def attend_one(q, k, v, cos, sin, k_cache, v_cache, pos, lo, scale, cap, tempera
             _prefetch_row(values, (lo + s + AHEAD) * dh, dh)
             for g in range(group):
                 _axpy(p[g, s], row, out[j * group + g])
+
+
+# ---------------------------------------------------------------- RMSNorm of one token
+
+@njit(**_OPTS)
+def rms_norm(x, weight, eps, out):
+    """out = weight * x / sqrt(mean(x^2) + eps) for x, weight, out float32 [D]."""
+    n = x.shape[0]
+    s = np.float32(0.0)
+    for i in range(n):
+        s += x[i] * x[i]
+    r = np.float32(1.0) / np.sqrt(s / np.float32(n) + eps)
+    for i in range(n):
+        out[i] = weight[i] * (x[i] * r)

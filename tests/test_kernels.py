@@ -69,7 +69,7 @@ def test_warmup_compiles_every_kernel():
         pytest.skip("NumPy backend")
     k = native._kernels
     kernels = (k.matmul, k.expert_ffn, k.group_scales, k.quantize_q8, k.quantize_q4, k.matmul_mxfp4,
-               k.expert_ffn_mxfp4, k.quantize_mxfp4, k.attend_one)
+               k.expert_ffn_mxfp4, k.quantize_mxfp4, k.attend_one, k.rms_norm)
     if native.INT_DOT:
         kernels += (k.gemv_q4_int8, k.expert_ffn_int8)
     compiled = [len(kernel.signatures) for kernel in kernels]
@@ -564,3 +564,11 @@ def test_routed_experts_float_path(float_path):
         reference.expert_ffn(x, *e[:4], native.SILU, y)
         expected += w * y
     assert_close(out, expected)
+
+
+def test_rms_norm_of_one_token():
+    x, w = gaussian((300,), 1) * 3, gaussian((300,), 2)
+    want = w * x / np.sqrt(np.mean(x.astype(np.float64) ** 2) + 1e-6)
+    assert np.allclose(native.rms_norm(x, w, 1e-6), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="float32"):
+        native.rms_norm(x, w[:10], 1e-6)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import native
-from .parts import F32, Part, TensorSpec, linear, rms_norm, softcap
+from .parts import F32, Part, TensorSpec, in_host_memory, linear, rms_norm, softcap
 from .rope import Rope, RopeSpec, apply_rope
 
 
@@ -39,12 +39,6 @@ class Positions:
                 rope = self._ropes[key] = Rope(spec, self.end, self.device)
             self._cos_sin[key] = rope.cos_sin(self.start, self.length, self.dtype)
         return self._cos_sin[key]
-
-
-def in_host_memory(t: torch.Tensor) -> bool:
-    """Whether the kernels of edgerun.native can take t as it is: a float32 tensor in host memory (not a tensor
-    subclass, which may hold no data)."""
-    return t.dtype == torch.float32 and t.device.type == "cpu" and type(t) is torch.Tensor
 
 
 class KVCache:

@@ -15,6 +15,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from .. import native
+
 F32 = 4  # bytes of a float32 activation: parts report their scratch memory in these
 
 @dataclass(frozen=True)
@@ -83,12 +85,20 @@ class Part:
         return 0
 
 
+def in_host_memory(t: torch.Tensor) -> bool:
+    """Whether the kernels of edgerun.native can take t as it is: a float32 tensor in host memory (not a tensor
+    subclass, which may hold no data)."""
+    return t.dtype == torch.float32 and t.device.type == "cpu" and type(t) is torch.Tensor
+
+
 def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     return F.linear(x, w, bias) if isinstance(w, torch.Tensor) else w.linear(x, bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Normalise in float32 whatever the compute dtype, as every reference implementation does.
+    if x.shape[0] == 1 and x.dim() == 2 and in_host_memory(x) and in_host_memory(weight) and x.is_contiguous():
+        return torch.from_numpy(native.rms_norm(x[0].numpy(), weight.numpy(), eps)).view(1, -1)  # a decode step
     xf = x.float()
     normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * normed.to(x.dtype)
