@@ -484,6 +484,7 @@ def gemv_q4_int8(x, qs, scales, lut, out):
     """gemv_q4 through int8 activations and integer dot products (see above); groups of 32 only."""
     n_rows, n_bytes = qs.shape
     n_full = n_bytes // 64
+    tail = n_bytes % 64 > 0  # groups past the last whole 64 bytes
     n_quads = (n_bytes // 16 + 3) // 4
     xq = np.empty(n_quads * 128, np.int8)
     xd = np.empty(n_quads * 16, np.float32)
@@ -506,18 +507,19 @@ def gemv_q4_int8(x, qs, scales, lut, out):
             prefetch(flat_q, pq + 4 * i + 64)
             prefetch(flat_q, pq + 4 * i + 128)
             prefetch(flat_q, pq + 4 * i + 192)
-            if c % 2 == 0:
-                prefetch(flat_s, ps + 16 * c)
             xs = vload(xd, 16 * c)
             a0 = vfma(q4_dot(q0, i, xq, 2 * i, init, 16 * c), vmul(vscales4(s0, 4 * c), xs), a0)
             a1 = vfma(q4_dot(q1, i, xq, 2 * i, init, 16 * c), vmul(vscales4(s1, 4 * c), xs), a1)
             a2 = vfma(q4_dot(q2, i, xq, 2 * i, init, 16 * c), vmul(vscales4(s2, 4 * c), xs), a2)
             a3 = vfma(q4_dot(q3, i, xq, 2 * i, init, 16 * c), vmul(vscales4(s3, 4 * c), xs), a3)
-        c0 = 4 * n_full
-        _store_block(out, 0, b * ROWS, n_rows, vsum(a0) + _tail_dot(q0, s0, lut, xq, xd, init, c0),
-                     vsum(a1) + _tail_dot(q1, s1, lut, xq, xd, init, c0),
-                     vsum(a2) + _tail_dot(q2, s2, lut, xq, xd, init, c0),
-                     vsum(a3) + _tail_dot(q3, s3, lut, xq, xd, init, c0))
+        v0, v1, v2, v3 = vsum(a0), vsum(a1), vsum(a2), vsum(a3)
+        if tail:
+            c0 = 4 * n_full
+            v0 += _tail_dot(q0, s0, lut, xq, xd, init, c0)
+            v1 += _tail_dot(q1, s1, lut, xq, xd, init, c0)
+            v2 += _tail_dot(q2, s2, lut, xq, xd, init, c0)
+            v3 += _tail_dot(q3, s3, lut, xq, xd, init, c0)
+        _store_block(out, 0, b * ROWS, n_rows, v0, v1, v2, v3)
 
 
 # ---------------------------------------------------------------- T > 1: convert each weight once for many tokens
