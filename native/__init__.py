@@ -150,6 +150,23 @@ def matmul(x: np.ndarray, qs: np.ndarray, scales: np.ndarray, out: np.ndarray) -
     _kernels.matmul(_padded(x, kp), qs, scales.view(np.uint16), _kernels.F16_TO_F32, out, n_threads)
 
 
+def _check_expert(hidden: int, gate_up_qs: np.ndarray, gate_up_scales: np.ndarray, down_qs: np.ndarray,
+                  down_scales: np.ndarray, activation: int) -> int:
+    """Validate an expert of hidden size `hidden` and its activation; returns gate_up's padded in_features."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation}; expected 0 (SiLU), 1 (GELU tanh), 2 (GELU) or 3 "
+                         f"(gpt-oss SwiGLU)")
+    if gate_up_qs.dtype != down_qs.dtype or gate_up_scales.dtype != down_scales.dtype:
+        raise ValueError(f"gate_up and down must share a format; got {gate_up_qs.dtype}/{gate_up_scales.dtype} and "
+                         f"{down_qs.dtype}/{down_scales.dtype}")
+    kp = _check_matrix(gate_up_qs, gate_up_scales, hidden, "gate_up")
+    if gate_up_qs.shape[0] % 2 or down_qs.shape[0] != hidden:
+        raise ValueError(f"gate_up {gate_up_qs.shape} and down {down_qs.shape} do not make an expert of "
+                         f"hidden size {hidden}")
+    _check_matrix(down_qs, down_scales, gate_up_qs.shape[0] // 2, "down")
+    return kp
+
+
 def expert_ffn(x: np.ndarray, gate_up_qs: np.ndarray, gate_up_scales: np.ndarray, down_qs: np.ndarray,
                down_scales: np.ndarray, activation: int, out: np.ndarray, gate_up_bias: np.ndarray | None = None,
                down_bias: np.ndarray | None = None) -> None:
@@ -162,18 +179,8 @@ def expert_ffn(x: np.ndarray, gate_up_qs: np.ndarray, gate_up_scales: np.ndarray
     overwritten."""
     if x.ndim != 2:
         raise ValueError(f"x must be 2D [tokens, hidden]; got shape {x.shape}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation}; expected 0 (SiLU), 1 (GELU tanh), 2 (GELU) or 3 "
-                         f"(gpt-oss SwiGLU)")
-    if gate_up_qs.dtype != down_qs.dtype or gate_up_scales.dtype != down_scales.dtype:
-        raise ValueError(f"gate_up and down must share a format; got {gate_up_qs.dtype}/{gate_up_scales.dtype} and "
-                         f"{down_qs.dtype}/{down_scales.dtype}")
     hidden = x.shape[1]
-    kp = _check_matrix(gate_up_qs, gate_up_scales, hidden, "gate_up")
-    if gate_up_qs.shape[0] % 2 or down_qs.shape[0] != hidden:
-        raise ValueError(f"gate_up {gate_up_qs.shape} and down {down_qs.shape} do not make an expert of "
-                         f"hidden size {hidden}")
-    _check_matrix(down_qs, down_scales, gate_up_qs.shape[0] // 2, "down")
+    kp = _check_expert(hidden, gate_up_qs, gate_up_scales, down_qs, down_scales, activation)
     _check_out(out, (x.shape[0], hidden))
     b1, b2 = _bias(gate_up_bias, gate_up_qs.shape[0], "gate_up"), _bias(down_bias, hidden, "down")
     if x.shape[0] == 0:
@@ -223,13 +230,7 @@ def routed_experts(x: np.ndarray, experts: list[tuple], weights: np.ndarray, act
             out += w * y
         return
     hidden = x.shape[1]
-    kp = _check_matrix(gate_up_qs, gate_up_scales, hidden, "gate_up")
-    if gate_up_qs.shape[0] % 2 or down_qs.shape[0] != hidden:
-        raise ValueError(f"gate_up {gate_up_qs.shape} and down {down_qs.shape} do not make an expert of hidden size "
-                         f"{hidden}")
-    _check_matrix(down_qs, down_scales, gate_up_qs.shape[0] // 2, "down")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation}")
+    kp = _check_expert(hidden, gate_up_qs, gate_up_scales, down_qs, down_scales, activation)
     args = (_padded(x, kp), tuple(e[0] for e in experts), tuple(e[1].view(np.uint16) for e in experts),
             tuple(e[2] for e in experts), tuple(e[3].view(np.uint16) for e in experts),
             tuple(_bias(e[4], gate_up_qs.shape[0], "gate_up") for e in experts),

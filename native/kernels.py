@@ -491,14 +491,12 @@ def gemv_q4_int8(x, qs, scales, lut, out):
     init = np.empty(n_quads * 16, np.int32)
     _quantize_x_q4(x[0], xq, xd, init)
     flat_q = qs.reshape(qs.size)
-    flat_s = scales.reshape(scales.size)
     n_blocks = (n_rows + ROWS - 1) // ROWS
     for b in prange(n_blocks):
         r0, r1, r2, r3 = _block_rows(b * ROWS, n_rows)
         q0, q1, q2, q3 = qs[r0], qs[r1], qs[r2], qs[r3]
         s0, s1, s2, s3 = scales[r0], scales[r1], scales[r2], scales[r3]
-        nxt = min(b * ROWS + ROWS, n_rows - 1)
-        pq, ps = nxt * n_bytes, nxt * scales.shape[1]
+        pq = min(b * ROWS + ROWS, n_rows - 1) * n_bytes
         a0, a1, a2, a3 = vzero(), vzero(), vzero(), vzero()
         for c in range(n_full):
             i = c * 64
