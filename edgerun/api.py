@@ -449,6 +449,10 @@ def _check_load_arguments(quant, dense, dtype, threads, policy, context_length, 
 
 def _model(spec: ModelSpec, decoder: Decoder, experts: ExpertsContainer, context: int, prefill_chunk: int | None,
            generation_config: dict, info: dict, t0: float, device: torch.device | None = None) -> Model:
+    if decoder.dtype == torch.float32 and (device is None or device.type == "cpu"):
+        from . import native
+
+        native.warmup_decode()  # the decode step's attention and norms run on the kernels
     engine = Engine(decoder, experts, context, prefill_chunk, device)
     info["load_seconds"] = time.perf_counter() - t0
     return Model(spec, engine, generation_config, info)

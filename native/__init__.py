@@ -58,10 +58,7 @@ def warmup() -> None:
                     expert_ffn(x, *gate_up, *down, activation, np.empty((n_tok, 40), np.float32))
                 expert_ffn(x, *gate_up, *down, SWIGLU_OAI, np.empty((n_tok, 40), np.float32),
                            np.zeros(64, np.float32), np.zeros(40, np.float32))
-        q, kv, cache = (rng.standard_normal(s).astype(np.float32) for s in ((4, 8), (2, 8), (2, 4, 8)))
-        rot = np.ones(2, np.float32)
-        attend_one(q, kv, kv, rot, rot, cache, cache.copy(), 1, 1.0, sinks=rot[:1].repeat(4))
-        rms_norm(q[0], q[1], 1e-5)
+        warmup_decode()
         gate_up = quantize(rng.standard_normal((64, 64)).astype(np.float32), quant.MXFP4)
         down = quantize(rng.standard_normal((64, 32)).astype(np.float32), quant.MXFP4)
         for n_tok in (1, 3):
@@ -70,6 +67,23 @@ def warmup() -> None:
             expert_ffn(x, *gate_up, *down, SWIGLU_OAI, np.empty((n_tok, 64), np.float32),
                        np.zeros(64, np.float32), np.zeros(64, np.float32))
     except Exception as e:  # a numba/LLVM that cannot compile them: keep running, on NumPy
+        config.fall_back(e)
+        _kernels, BACKEND, INT_DOT = None, "numpy", False
+
+
+def warmup_decode() -> None:
+    """Compile (or load) the kernels of a decode step's attention and norms alone: what a model with float weights
+    uses, which needs no other kernel."""
+    global _kernels, BACKEND, INT_DOT
+    if _kernels is None:
+        return
+    try:
+        rng = np.random.default_rng(0)
+        q, kv, cache = (rng.standard_normal(s).astype(np.float32) for s in ((4, 8), (2, 8), (2, 4, 8)))
+        rot = np.ones(2, np.float32)
+        attend_one(q, kv, kv, rot, rot, cache, cache.copy(), 1, 1.0, sinks=rot[:1].repeat(4))
+        rms_norm(q[0], q[1], 1e-5)
+    except Exception as e:  # as in warmup: keep running, on NumPy
         config.fall_back(e)
         _kernels, BACKEND, INT_DOT = None, "numpy", False
 
@@ -348,9 +362,7 @@ def attend_one(q: np.ndarray, k: np.ndarray, v: np.ndarray, cos: np.ndarray, sin
     out = np.empty((n_heads, dh), np.float32)
     args = (q, k, v, cos, sin, k_cache, v_cache, pos, lo, np.float32(scale), np.float32(cap or 0.0),
             np.float32(temperature), _NO_SINKS if sinks is None else sinks, out)
-    if not _ready:
-        warmup()
-    if _kernels is None:
+    if _kernels is None:  # (no warmup(): a float model needs this kernel alone, see warmup_decode)
         reference.attend_one(*args)
     else:
         _threads()
@@ -363,8 +375,6 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     if x.dtype != np.float32 or weight.dtype != np.float32 or x.ndim != 1 or weight.shape != x.shape:
         raise ValueError(f"rms_norm takes float32 x and weight of one shape [D]; got {x.dtype} {x.shape} and "
                          f"{weight.dtype} {weight.shape}")
-    if not _ready:
-        warmup()
     if _kernels is None:
         return (weight * (x / np.sqrt(np.mean(np.square(x)) + np.float32(eps)))).astype(np.float32)
     out = np.empty_like(x)

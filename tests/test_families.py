@@ -144,3 +144,18 @@ def test_long_prompt_prefills_in_chunks(tmp_path, monkeypatch):
     ids = (PROMPT * 2)[:23]
     assert np.abs(model.logits(ids) - hf_logits(hf, ids).numpy()).max() <= 1e-4
     assert model.generate_ids(ids, 5, temperature=0.0, ignore_eos=True) == hf_greedy(hf, ids, 5)
+
+
+def test_a_float_model_decodes_without_the_quantized_kernels(monkeypatch, tmp_path):
+    """A float32 model's decode steps use the attention and norm kernels alone (compiled at load, in a moment),
+    never the whole set a quantized store needs (tens of seconds the first time on a machine)."""
+    from edgerun import native
+
+    def refuse():
+        raise AssertionError("a float model compiled every kernel")
+
+    monkeypatch.setattr(native, "_ready", False)
+    monkeypatch.setattr(native, "warmup", refuse)
+    hf_model = build("mixtral")
+    model = edgerun.load(save(hf_model, tmp_path / "m", "default"))
+    assert np.abs(model.logits(PROMPT, decode=True) - hf_logits(hf_model, PROMPT).numpy()).max() <= 1e-4
