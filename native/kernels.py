@@ -783,32 +783,46 @@ SILU, GELU_TANH, GELU, SWIGLU_OAI = 0, 1, 2, 3
 SWIGLU_ALPHA, SWIGLU_LIMIT = 1.702, 7.0  # gpt-oss's, as models.parts has them
 
 
+@njit(**_OPTS)
+def _gated(g, u, activation):
+    """act(g) * u; for SWIGLU_OAI, g' sigmoid(alpha g') (u' + 1) with g' = min(g, limit), u' = u clamped to
+    [-limit, limit]."""
+    one, half = np.float32(1.0), np.float32(0.5)
+    if activation == SILU:
+        return g / (one + np.exp(-g)) * u
+    if activation == GELU_TANH:
+        c0, c1 = np.float32(0.7978845608028654), np.float32(0.044715)  # sqrt(2 / pi)
+        return half * g * (one + np.tanh(c0 * (g + c1 * g * g * g))) * u
+    if activation == GELU:
+        return half * g * (one + np.float32(math.erf(g * np.float32(0.7071067811865476)))) * u  # 1 / sqrt(2)
+    alpha, limit = np.float32(SWIGLU_ALPHA), np.float32(SWIGLU_LIMIT)
+    g = min(g, limit)
+    return g / (one + np.exp(-alpha * g)) * (min(max(u, -limit), limit) + one)
+
+
+ACT_CHUNK = 512  # activations a thread computes per task
+
+
 @njit(parallel=True, **_OPTS)
 def _gated_activation(h, activation, bias, a):
-    """a[t, i] = act(g) * u with g = h[t, i], u = h[t, inter + i] for i < inter = h.shape[1] // 2, each plus its
-    bias first when bias (gate_up's, [2 inter]) is not empty; for SWIGLU_OAI, g' sigmoid(alpha g') (u' + 1) with
-    g' = min(g, limit), u' = u clamped to [-limit, limit]. a's other columns stay."""
+    """a[t, i] = _gated(g, u) with g = h[t, i], u = h[t, inter + i] for i < inter = h.shape[1] // 2, each plus its
+    bias first when bias (gate_up's, [2 inter]) is not empty. a's other columns stay. Tasks are runs of ACT_CHUNK
+    values, so that no value pays a division to find its token."""
     n_tok = h.shape[0]
     inter = h.shape[1] // 2
-    one, half = np.float32(1.0), np.float32(0.5)
-    c0, c1 = np.float32(0.7978845608028654), np.float32(0.044715)  # sqrt(2 / pi)
-    r2 = np.float32(0.7071067811865476)  # 1 / sqrt(2)
-    alpha, limit = np.float32(SWIGLU_ALPHA), np.float32(SWIGLU_LIMIT)
+    per_tok = (inter + ACT_CHUNK - 1) // ACT_CHUNK
     biased = bias.shape[0] > 0
-    for j in prange(n_tok * inter):
-        t, i = j // inter, j % inter
-        g, u = h[t, i], h[t, inter + i]
+    for j in prange(n_tok * per_tok):
+        t, i0 = j // per_tok, j % per_tok * ACT_CHUNK
+        i1 = min(inter, i0 + ACT_CHUNK)
+        hg, hu, at = h[t, i0:i1], h[t, inter + i0:inter + i1], a[t, i0:i1]
         if biased:
-            g, u = g + bias[i], u + bias[inter + i]
-        if activation == SILU:
-            a[t, i] = g / (one + np.exp(-g)) * u
-        elif activation == GELU_TANH:
-            a[t, i] = half * g * (one + np.tanh(c0 * (g + c1 * g * g * g))) * u
-        elif activation == GELU:
-            a[t, i] = half * g * (one + math.erf(g * r2)) * u
+            bg, bu = bias[i0:i1], bias[inter + i0:inter + i1]
+            for i in range(i1 - i0):
+                at[i] = _gated(hg[i] + bg[i], hu[i] + bu[i], activation)
         else:
-            g = min(g, limit)
-            a[t, i] = g / (one + np.exp(-alpha * g)) * (min(max(u, -limit), limit) + one)
+            for i in range(i1 - i0):
+                at[i] = _gated(hg[i], hu[i], activation)
 
 
 @njit(**_OPTS)
