@@ -155,13 +155,18 @@ def matmul(x: np.ndarray, qs: np.ndarray, scales: np.ndarray, out: np.ndarray) -
         reference.matmul(np.asarray(x, dtype=np.float32), qs, scales, out)
         return
     n_threads = _threads()
-    if quant.is_mxfp4(scales):
-        _kernels.matmul_mxfp4(_padded(x, kp), qs, scales, _kernels.E8M0_TO_F32, out, n_threads)
-        return
     if _int_dot(x, qs, scales):
         _kernels.gemv_q4_int8(_padded(x, kp), qs, scales.view(np.uint16), _kernels.F16_TO_F32, out)
         return
-    _kernels.matmul(_padded(x, kp), qs, scales.view(np.uint16), _kernels.F16_TO_F32, out, n_threads)
+    _kernels.matmul(_padded(x, kp), qs, *_kernel_scales(scales), out, n_threads)
+
+
+def _kernel_scales(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(scales as the kernels take them, the table that turns them into float32): float16 as uint16 bits through
+    F16_TO_F32, MXFP4's E8M0 bytes as they are through E8M0_TO_F32."""
+    if quant.is_mxfp4(scales):
+        return scales, _kernels.E8M0_TO_F32
+    return scales.view(np.uint16), _kernels.F16_TO_F32
 
 
 def _check_expert(hidden: int, gate_up_qs: np.ndarray, gate_up_scales: np.ndarray, down_qs: np.ndarray,
@@ -206,22 +211,19 @@ def expert_ffn(x: np.ndarray, gate_up_qs: np.ndarray, gate_up_scales: np.ndarray
                              activation, out, gate_up_bias=b1 if b1.size else None, down_bias=b2 if b2.size else None)
         return
     n_threads = _threads()
-    if quant.is_mxfp4(gate_up_scales):
-        _kernels.expert_ffn_mxfp4(_padded(x, kp), gate_up_qs, gate_up_scales, down_qs, down_scales, b1, b2,
-                                  activation, _kernels.E8M0_TO_F32, out, n_threads)
-        return
     if _int_dot(x, gate_up_qs, gate_up_scales) and _int_dot(x, down_qs, down_scales):
         _kernels.expert_ffn_int8(_padded(x, kp), gate_up_qs, gate_up_scales.view(np.uint16), down_qs,
                                  down_scales.view(np.uint16), b1, b2, activation, _kernels.F16_TO_F32, out)
         return
-    _kernels.expert_ffn(_padded(x, kp), gate_up_qs, gate_up_scales.view(np.uint16), down_qs,
-                        down_scales.view(np.uint16), b1, b2, activation, _kernels.F16_TO_F32, out, n_threads)
+    (gate_up_k, lut), (down_k, _) = _kernel_scales(gate_up_scales), _kernel_scales(down_scales)
+    _kernels.expert_ffn(_padded(x, kp), gate_up_qs, gate_up_k, down_qs, down_k, b1, b2, activation, lut, out,
+                        n_threads)
 
 
 def routed_experts(x: np.ndarray, experts: list[tuple], weights: np.ndarray, activation: int, out: np.ndarray) -> None:
     """out = sum_k weights[k] * expert_k(x) for one token x float32 [1, H] and experts of one layer, each a tuple
     (gate_up_qs, gate_up_scales, down_qs, down_scales, gate_up_bias, down_bias) as expert_ffn takes them (the biases
-    may be None), all of one shape and format; weights float32 [K]. q8/q4 experts take one kernel call."""
+    may be None), all of one shape and format; weights float32 [K]: one kernel call."""
     if x.ndim != 2 or x.shape[0] != 1:
         raise ValueError(f"routed_experts takes one token, x [1, hidden]; got shape {x.shape}")
     if weights.shape != (len(experts),):
@@ -237,7 +239,7 @@ def routed_experts(x: np.ndarray, experts: list[tuple], weights: np.ndarray, act
     if not _ready:
         warmup()
     gate_up_qs, gate_up_scales, down_qs, down_scales = first[:4]
-    if _kernels is None or quant.is_mxfp4(gate_up_scales):
+    if _kernels is None:
         y = np.empty_like(out)
         for e, w in zip(experts, weights):
             expert_ffn(x, *e[:4], activation, y, *e[4:])
@@ -245,11 +247,12 @@ def routed_experts(x: np.ndarray, experts: list[tuple], weights: np.ndarray, act
         return
     hidden = x.shape[1]
     kp = _check_expert(hidden, gate_up_qs, gate_up_scales, down_qs, down_scales, activation)
-    args = (_padded(x, kp), tuple(e[0] for e in experts), tuple(e[1].view(np.uint16) for e in experts),
-            tuple(e[2] for e in experts), tuple(e[3].view(np.uint16) for e in experts),
+    lut = _kernel_scales(gate_up_scales)[1]
+    args = (_padded(x, kp), tuple(e[0] for e in experts), tuple(_kernel_scales(e[1])[0] for e in experts),
+            tuple(e[2] for e in experts), tuple(_kernel_scales(e[3])[0] for e in experts),
             tuple(_bias(e[4], gate_up_qs.shape[0], "gate_up") for e in experts),
             tuple(_bias(e[5], hidden, "down") for e in experts), np.ascontiguousarray(weights, np.float32),
-            activation, _kernels.F16_TO_F32, out)
+            activation, lut, out)
     n_threads = _threads()
     if _int_dot(x, gate_up_qs, gate_up_scales) and _int_dot(x, down_qs, down_scales):
         _kernels.routed_experts_int8(*args)

@@ -710,7 +710,7 @@ def _dequant_row_impl(q, srow, lut, k0, kl, group, dst):
 
 
 def _padded_k(qs):
-    """Kp: the padded in_features of a q8 or q4 matrix."""
+    """Kp: the padded in_features of a q8, q4 or MXFP4 matrix."""
 
 
 @overload(_padded_k)
@@ -760,6 +760,8 @@ def _matmul(x, qs, scales, lut, out, n_threads):
 
 @overload(_matmul)
 def _matmul_impl(x, qs, scales, lut, out, n_threads):
+    if scales.dtype == types.uint8:  # E8M0 scales: MXFP4
+        return lambda x, qs, scales, lut, out, n_threads: _matmul_mxfp4(x, qs, scales, lut, out, n_threads)
     gemv = gemv_q8 if qs.dtype == types.int8 else gemv_q4
 
     def impl(x, qs, scales, lut, out, n_threads):
@@ -772,8 +774,8 @@ def _matmul_impl(x, qs, scales, lut, out, n_threads):
 
 @njit(**_OPTS)
 def matmul(x, qs, scales, lut, out, n_threads):
-    """out[t, o] = sum_k W[o, k] x[t, k]: the GEMV kernel for one token, the GEMM kernel (on n_threads
-    threads) for more."""
+    """out[t, o] = sum_k W[o, k] x[t, k] for a q8, q4 or MXFP4 matrix: the GEMV kernel for one token, the GEMM
+    kernel (on n_threads threads) for more."""
     _matmul(x, qs, scales, lut, out, n_threads)
 
 
@@ -836,8 +838,8 @@ def _add_bias(out, bias):
 @njit(**_OPTS)
 def expert_ffn(x, gate_up_qs, gate_up_scales, down_qs, down_scales, gate_up_bias, down_bias, activation, lut, out,
                n_threads):
-    """out = down @ gated(gate @ x + b, up @ x + b) + b for the tokens of x, gate_up holding gate then up rows; the
-    biases (float32, empty for none) are gate_up's [2I] and down's [D]."""
+    """out = down @ gated(gate @ x + b, up @ x + b) + b for the tokens of x, gate_up holding gate then up rows (q8,
+    q4 or MXFP4); the biases (float32, empty for none) are gate_up's [2I] and down's [D]."""
     n_tok = x.shape[0]
     h = np.empty((n_tok, gate_up_qs.shape[0]), np.float32)
     _matmul(x, gate_up_qs, gate_up_scales, lut, h, n_threads)
@@ -879,7 +881,7 @@ def routed_experts_int8(x, gate_up_qs, gate_up_scales, down_qs, down_scales, gat
 @njit(**_OPTS)
 def routed_experts(x, gate_up_qs, gate_up_scales, down_qs, down_scales, gate_up_bias, down_bias, weights,
                    activation, lut, out, n_threads):
-    """out[0] += sum_k weights[k] expert_k(x) for one token on q8/q4 experts (expert_ffn)."""
+    """out[0] += sum_k weights[k] expert_k(x) for one token on q8, q4 or MXFP4 experts (expert_ffn)."""
     y = np.empty_like(out)
     for k in range(len(gate_up_qs)):
         expert_ffn(x, gate_up_qs[k], gate_up_scales[k], down_qs[k], down_scales[k], gate_up_bias[k], down_bias[k],
@@ -971,25 +973,6 @@ def _matmul_mxfp4(x, qs, scales, lut, out, n_threads):
         gemv_mxfp4(xs, qs, scales, lut, out)
     else:
         gemm_mxfp4(xs, qs, scales, lut, out, n_threads)
-
-
-@njit(**_OPTS)
-def matmul_mxfp4(x, qs, scales, lut, out, n_threads):
-    """out[t, o] = sum_k W[o, k] x[t, k] for an MXFP4 matrix (x padded to whole groups)."""
-    _matmul_mxfp4(x, qs, scales, lut, out, n_threads)
-
-
-@njit(**_OPTS)
-def expert_ffn_mxfp4(x, gate_up_qs, gate_up_scales, down_qs, down_scales, gate_up_bias, down_bias, activation, lut,
-                     out, n_threads):
-    """expert_ffn on MXFP4 weights."""
-    n_tok = x.shape[0]
-    h = np.empty((n_tok, gate_up_qs.shape[0]), np.float32)
-    _matmul_mxfp4(x, gate_up_qs, gate_up_scales, lut, h, n_threads)
-    a = np.zeros((n_tok, 2 * down_qs.shape[1]), np.float32)  # columns past inter: down's zero padding
-    _gated_activation(h, activation, gate_up_bias, a)
-    _matmul_mxfp4(a, down_qs, down_scales, lut, out, n_threads)
-    _add_bias(out, down_bias)
 
 
 # ---------------------------------------------------------------- quantization (byte-identical to quant.py)

@@ -68,8 +68,8 @@ def test_warmup_compiles_every_kernel():
     if native.BACKEND != "numba":
         pytest.skip("NumPy backend")
     k = native._kernels
-    kernels = (k.matmul, k.expert_ffn, k.group_scales, k.quantize_q8, k.quantize_q4, k.matmul_mxfp4,
-               k.expert_ffn_mxfp4, k.quantize_mxfp4, k.attend_one, k.rms_norm)
+    kernels = (k.matmul, k.expert_ffn, k.group_scales, k.quantize_q8, k.quantize_q4, k.quantize_mxfp4, k.attend_one,
+               k.rms_norm)
     if native.INT_DOT:
         kernels += (k.gemv_q4_int8, k.expert_ffn_int8)
     compiled = [len(kernel.signatures) for kernel in kernels]
