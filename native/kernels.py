@@ -26,6 +26,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, models, overload, register_model
 
 from ..store.quant import E2M1
+from .reference import GELU, GELU_TANH, SILU, SWIGLU_ALPHA, SWIGLU_LIMIT  # the activation codes and gpt-oss's clamp
 
 LANES = 16
 ROWS = 4  # output rows per block: shares each x vector and hides FMA latency
@@ -114,14 +115,17 @@ def vload_i8(typingctx, a, i):
     return VEC(a, i), codegen
 
 
+def _nibble_codes(context, builder, sig, args, high: bool):
+    """The low (or high) nibbles of the LANES bytes a[i:i + LANES] (args a, i) as an int32 vector."""
+    v = builder.zext(_load(context, builder, sig.args[0], args[0], args[1], ir.IntType(8)), _I32VEC)
+    if high:
+        return builder.lshr(v, ir.Constant(_I32VEC, [4] * LANES))
+    return builder.and_(v, ir.Constant(_I32VEC, [15] * LANES))
+
+
 def _nibbles(high: bool):
     def codegen(context, builder, sig, args):
-        v = builder.zext(_load(context, builder, sig.args[0], args[0], args[1], ir.IntType(8)), _I32VEC)
-        if high:
-            v = builder.lshr(v, ir.Constant(_I32VEC, [4] * LANES))
-        else:
-            v = builder.and_(v, ir.Constant(_I32VEC, [15] * LANES))
-        return builder.sitofp(v, _VEC)
+        return builder.sitofp(_nibble_codes(context, builder, sig, args, high), _VEC)
     return codegen
 
 
@@ -149,9 +153,7 @@ def _e2m1(high: bool):
     fast = config.permvar()
 
     def codegen(context, builder, sig, args):
-        v = builder.zext(_load(context, builder, sig.args[0], args[0], args[1], ir.IntType(8)), _I32VEC)
-        v = builder.lshr(v, ir.Constant(_I32VEC, [4] * LANES)) if high else builder.and_(
-            v, ir.Constant(_I32VEC, [15] * LANES))
+        v = _nibble_codes(context, builder, sig, args, high)
         table = ir.Constant(_VEC, [float(v) for v in E2M1])
         if fast:
             fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VEC, [_VEC, _I32VEC]),
@@ -781,8 +783,6 @@ def matmul(x, qs, scales, lut, out, n_threads):
 
 # ---------------------------------------------------------------- one expert: down(act(gate(x)) * up(x))
 
-SILU, GELU_TANH, GELU, SWIGLU_OAI = 0, 1, 2, 3
-SWIGLU_ALPHA, SWIGLU_LIMIT = 1.702, 7.0  # gpt-oss's, as models.parts has them
 
 
 @njit(**_OPTS)
