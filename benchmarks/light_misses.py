@@ -111,6 +111,8 @@ def speed(a: argparse.Namespace, report: dict, t0: float) -> None:
                 report["speed"].append({"round": rnd, "share": share, "slots": r["expert_slots"], "setting": name,
                                         **{k: r[k] for k in ("decode_tokens_per_s", "bytes_read_per_token",
                                                              "skipped_rate", "low_served_rate", "hit_rate")}})
+                if r["expert_slots"] != slots:
+                    routing_trace.log(t0, f"  note: the run got {r['expert_slots']} slots, not {slots}")
                 routing_trace.log(t0, f"speed round {rnd + 1} {share:.0%} {name}: "
                                       f"{r['decode_tokens_per_s']:.2f} tok/s, {r['skipped_rate']:.1%} left out, "
                                       f"{r['low_served_rate']:.1%} from copies, "

@@ -98,6 +98,9 @@ def budget_for(store: Path, share: float, a: argparse.Namespace) -> tuple[int, i
     `edgerun bench` plans it (a tight budget also shortens the prefill steps, which frees room for slots)."""
     ctx = max(512, a.prompt_tokens + a.tokens + 16)  # what bench takes
     total = 32 * 8
+    # kernels compiled in the finder's process would count in its baseline (hundreds of MB of compiler) but not
+    # in the bench processes, which load them from the cache: compile them first in a process of their own
+    subprocess.run([sys.executable, "-c", "from edgerun import native; native.warmup()"], check=True)
     done = subprocess.run([sys.executable, "-c", _FIND_BUDGET, str(store), str(ctx), str(round(share * total))],
                           capture_output=True, text=True, check=True)
     found = json.loads(done.stdout.strip().splitlines()[-1])

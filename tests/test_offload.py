@@ -337,6 +337,11 @@ def test_light_experts_missing_from_ram_are_left_out_when_asked(stores, monkeypa
     assert np.allclose(model.logits(PROMPT + ids, decode=True), want, atol=1e-4)
     assert model.stats()["skipped_experts"] == 0
     experts.close()
+    # read-ahead does not read what its forecast weighs below the threshold: with it on, decoding reads nothing
+    experts = offload(model, slots=4, depth=2, skip_below=0.999)
+    model.logits(PROMPT + ids, decode=True)
+    assert model.stats()["decode_bytes_read"] == 0 and model.stats()["skipped_experts"] > 0
+    experts.close()
     with pytest.raises(EdgerunError, match="skip_below must be"):
         edgerun.load(stores["mixtral"], skip_below=1.5)
 

@@ -470,6 +470,8 @@ class OffloadedExperts(RoutedExperts):
                 key = (j, e)
                 if self.cache.contains(key) or self.elsewhere(key):
                     continue
+                if self._decode and weights.get(e, 1.0) < self.skip_below:
+                    continue  # it would be left out if still missing: reading it ahead would spend the bytes anyway
                 admitted = self.cache.admit(key, pinned=pinned)
                 if admitted is None:
                     continue
