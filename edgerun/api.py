@@ -521,6 +521,7 @@ def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, pref
                            available=available_ram() + current_rss(),  # the process's own pages count as available
                            gpu=request)
     on_device = plan.gpu is not None and plan.gpu.dense
+    store.huge_pages = plan.all_resident and not on_device
     weights = {}
     for name, tensor in layout.tensors.items():
         views = store.tensor_views(name)

@@ -158,6 +158,44 @@ def test_chunk_access_by_memmap_and_reader(hf_dirs, tmp_path):
     assert gu_scales.dtype == np.float16 and gu_scales.shape == (192, 2)
 
 
+def vm_flags(array: np.ndarray) -> set[str] | None:
+    """The kernel's VmFlags of the mapping holding array (Linux), or None where /proc/self/smaps is missing."""
+    if not Path("/proc/self/smaps").exists():
+        return None
+    addr, flags, inside = array.ctypes.data, None, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= addr < hi
+        elif inside and head == "VmFlags:":
+            flags = set(line.split()[1:])
+    return flags
+
+
+def test_a_resident_store_is_mapped_in_huge_pages_and_a_streaming_one_is_not(hf_dirs, tmp_path, monkeypatch):
+    """A store that stays mapped asks the kernel for huge pages ("hg" in its mappings' VmFlags), experts and dense
+    tensors; one whose experts stream through cache slots maps its dense tensors without the advice."""
+    import mmap
+
+    from test_offload import budget_for
+
+    from edgerun.store.store import map_file
+
+    _, src = hf_dirs["mixtral"]
+    path = convert(src, tmp_path / "s", quant="q4")
+    if not hasattr(mmap, "MADV_HUGEPAGE") or vm_flags(np.zeros(1)) is None:
+        pytest.skip("no transparent huge pages or /proc/self/smaps here")
+    if "hg" not in vm_flags(map_file(expert_chunk_path(path, 0, 1), huge_pages=True)):
+        pytest.skip("this kernel refuses MADV_HUGEPAGE")
+    assert "hg" not in vm_flags(map_file(expert_chunk_path(path, 0, 0)))
+    resident = edgerun.load(path)._engine.experts.store
+    assert resident.huge_pages and "hg" in vm_flags(resident.map_expert(1, 2))
+    assert "hg" in vm_flags(resident.tensor_views(resident.tensor_names()[0])[0])
+    streaming = edgerun.load(path, context_length=64, ram=budget_for(path, 4, monkeypatch))._engine.experts.store
+    assert not streaming.huge_pages and "hg" not in vm_flags(streaming.tensor_views(streaming.tensor_names()[0])[0])
+
+
 def flip_byte(path: Path, offset: int = 100) -> None:
     data = bytearray(path.read_bytes())
     data[offset] ^= 0x40

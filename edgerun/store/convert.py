@@ -226,8 +226,23 @@ def _verify(partial: Path, job: _Conversion, done: dict[str, int]) -> None:
     for item in job.items():
         expert = _expert_of(item)
         path = tensor_chunk_path(partial, item[6:]) if expert is None else expert_chunk_path(partial, *expert)
-        if not path.is_file() or crc32(np.fromfile(path, dtype=np.uint8)) != done[item]:
+        if not path.is_file() or _read_back(path) != done[item]:
             raise CheckpointError(f"verification of {path} failed after writing; the disk may be failing")
+
+
+def _read_back(path: Path) -> int:
+    """CRC32 of a file as the disk holds it: written back, dropped from the page cache, read, and dropped again. The
+    store's pages are best brought in by the model's own mappings, which ask for huge pages (store.map_file); pages
+    a write or a read() left in the page cache would stay there in small folios, 4 KiB to a TLB entry."""
+    drop = getattr(os, "posix_fadvise", None)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+        if drop:
+            drop(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        checksum = crc32(np.fromfile(f, dtype=np.uint8))
+        if drop:
+            drop(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    return checksum
 
 
 def _finish(partial: Path, job: _Conversion, done: dict[str, int]) -> None:

@@ -8,6 +8,7 @@ first used, and checked against its CRC32 then.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import threading
 import zlib
@@ -28,6 +29,20 @@ TOKENIZER_DIR = "tokenizer"
 
 def crc32(data) -> int:
     return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def map_file(path: Path, huge_pages: bool = False) -> np.ndarray:
+    """A chunk file memory-mapped copy-on-write (the file is never written) as a plain uint8 ndarray (views of it
+    are cheap to make). huge_pages asks for transparent huge pages before anything touches the mapping: pages the
+    kernel reads for it then come in 2 MiB folios mapped by one TLB entry each (where the filesystem has large
+    folios), instead of 512 entries of 4 KiB, which kernels streaming through gigabytes of weights miss on."""
+    mapped = np.memmap(path, dtype=np.uint8, mode="c")
+    if huge_pages and hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            mapped._mmap.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:  # a kernel without THP: 4 KiB pages, as without the advice
+            pass
+    return mapped.view(np.ndarray)
 
 
 def is_store(path: str | os.PathLike) -> bool:
@@ -96,6 +111,9 @@ class ExpertStore:
             self.low_layout = LowLayout(low["format"], self.expert_layout)
             self._low_crc = {int(k): v for k, v in low["crc32"].items()}
         self._maps: dict[tuple[int, int], np.ndarray] = {}
+        # whether the store's mappings ask for huge pages: the loader sets it when the whole store stays mapped
+        # (decode 8-10% faster); streaming from the disk measured slower with it (the dense tensors' folios)
+        self.huge_pages = False
         self._views: dict[tuple[int, int], tuple] = {}
         self._lock = threading.Lock()
         self._check_files()
@@ -156,7 +174,7 @@ class ExpertStore:
                 chunk = self._maps.get(key)
                 if chunk is None:
                     # a plain ndarray over the mapping: views of it are cheap to make
-                    chunk = np.memmap(self.expert_path(layer, expert), dtype=np.uint8, mode="c").view(np.ndarray)
+                    chunk = map_file(self.expert_path(layer, expert), self.huge_pages)
                     self.verify_expert(layer, expert, chunk)
                     self._maps[key] = chunk
         return chunk
@@ -184,7 +202,7 @@ class ExpertStore:
 
     def tensor_views(self, name: str) -> list[np.ndarray]:
         """The sections of a non-expert tensor, memory-mapped copy-on-write, checked against its checksum."""
-        data = np.memmap(tensor_chunk_path(self.path, name), dtype=np.uint8, mode="c").view(np.ndarray)
+        data = map_file(tensor_chunk_path(self.path, name), self.huge_pages)
         if crc32(data) != self.meta["tensors"][name]["crc32"]:
             raise CheckpointError(
                 f"store {self.path}: checksum mismatch in tensor {name}; the file is damaged, convert again"
