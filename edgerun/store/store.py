@@ -37,9 +37,10 @@ def map_file(path: Path, huge_pages: bool = False) -> np.ndarray:
     kernel reads for it then come in 2 MiB folios mapped by one TLB entry each (where the filesystem has large
     folios), instead of 512 entries of 4 KiB, which kernels streaming through gigabytes of weights miss on."""
     mapped = np.memmap(path, dtype=np.uint8, mode="c")
-    if huge_pages and hasattr(mmap, "MADV_HUGEPAGE"):
+    handle = getattr(mapped, "_mmap", None)  # numpy's mmap object behind the array
+    if huge_pages and handle is not None and hasattr(mmap, "MADV_HUGEPAGE"):
         try:
-            mapped._mmap.madvise(mmap.MADV_HUGEPAGE)
+            handle.madvise(mmap.MADV_HUGEPAGE)
         except OSError:  # a kernel without THP: 4 KiB pages, as without the advice
             pass
     return mapped.view(np.ndarray)
