@@ -599,7 +599,9 @@ def test_a_base_model_in_a_headless_browser(base_path, tmp_path):
                 tab.wait_for_function("t => [...document.querySelectorAll('#er-chat .bot-row')].pop().innerText"
                                       ".includes(t)", arg=want.strip()[:20], timeout=60_000)
                 wait_until(lambda: not app.generating and model_is_free(base), what="the end of the reply")
-            else:  # longer than the 64-token context: the error, in one line
+            else:  # longer than the 64-token context: the error, in one line (once the row has its text)
+                tab.wait_for_function("() => [...document.querySelectorAll('#er-chat .bot-row')].pop().innerText"
+                                      ".includes('error')", timeout=60_000)
                 line = reply.inner_text().strip()
                 assert line.startswith("⚠ error: the prompt has") and "context holds 64" in line, line
                 assert "\n" not in line and "Traceback" not in tab.locator("#er-chat").inner_text()
