@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -479,8 +480,11 @@ def test_chat_command_rejects_bad_arguments(paths, tmp_path, capsys):
 def test_chat_command_serves_the_page(paths):
     port = chat.free_port(start=7900)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # Ctrl+C as a terminal delivers it: with SIGINT's default action, which a shell running the tests in the
+    # background leaves ignored (and Python then never raises KeyboardInterrupt)
     proc = subprocess.Popen([sys.executable, "-m", "edgerun.cli", "chat", str(paths["hf"]), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = ""
         end = time.monotonic() + 90
@@ -497,7 +501,8 @@ def test_chat_command_serves_the_page(paths):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 130 and "interrupted" in proc.stderr.read()
+    err = proc.stderr.read()
+    assert proc.returncode == 130 and "interrupted" in err, (proc.returncode, err[-2000:])
 
 
 # -- the page in a real browser ----------------------------------------------------------------------------------
