@@ -316,6 +316,23 @@ def test_a_store_that_fits_is_read_into_the_page_cache_after_loading(stores, mon
     assert cold["time_to_first_token_s"] > 0 and cold["decode_tokens_per_s"] > 0 and "warmup" in cold
 
 
+def test_the_read_ahead_reads_every_file_in_order_and_stops_when_asked(tmp_path):
+    from edgerun.runtime.warmup import PageCacheWarmer
+
+    files = [tmp_path / "empty", tmp_path / "small", tmp_path / "large"]
+    for path, size in zip(files, (0, 5000, 9 << 20)):
+        path.write_bytes(os.urandom(size))
+    warm = PageCacheWarmer(files)
+    deadline = time.monotonic() + 30
+    while not warm.done and warm.error is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert warm.stats() == {**warm.stats(), "bytes": 5000 + (9 << 20), "done": True, "error": None}
+    stopped = PageCacheWarmer([tmp_path / "large"] * 50)
+    stopped.stop()
+    time.sleep(0.5)
+    assert not stopped.done and stopped.bytes < 50 * (9 << 20)
+
+
 def test_light_experts_missing_from_ram_are_left_out_when_asked(stores, monkeypatch):
     from edgerun import native
 

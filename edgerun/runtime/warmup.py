@@ -53,6 +53,8 @@ class PageCacheWarmer:
         error = None
         try:
             while (path := self._take()) is not None:
+                if not path.stat().st_size:
+                    continue  # nothing to read, and nothing numpy can map
                 data = map_file(path, huge_pages=True)
                 for start in range(0, len(data), STEP):
                     if self._stop.is_set():
