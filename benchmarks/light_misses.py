@@ -28,8 +28,8 @@ import routing_trace  # noqa: E402 (the trace store and its budgets)
 
 ROOT = Path(__file__).resolve().parent.parent
 # (name, skip_below, low_below, copy format); the speed runs take those with no copy format or q2
-SETTINGS = [("exact", 0.0, 0.0, None), ("skip 0.2", 0.2, 0.0, None), ("skip 0.3", 0.3, 0.0, None),
-            ("skip 0.4", 0.4, 0.0, None),
+SETTINGS = [("exact", 0.0, 0.0, None), ("skip 0.2", 0.2, 0.0, None), ("skip 0.25", 0.25, 0.0, None),
+            ("skip 0.3", 0.3, 0.0, None), ("skip 0.35", 0.35, 0.0, None), ("skip 0.4", 0.4, 0.0, None),
             ("q3 below 0.5", 0.0, 0.5, "q3"), ("q3 all misses", 0.0, 0.999, "q3"),
             ("q2 below 0.3", 0.0, 0.3, "q2"), ("q2 below 0.5", 0.0, 0.5, "q2"),
             ("q2 all misses", 0.0, 0.999, "q2"), ("q2 below 0.5, skip 0.2", 0.2, 0.5, "q2")]
