@@ -52,13 +52,6 @@ def _populate(view: np.ndarray) -> bool:
     raise OSError(err, f"reading ahead: {os.strerror(err)}")
 
 
-def _read(path: Path, start: int, end: int) -> None:
-    """Read bytes start..end of a file into the page cache the plain way."""
-    with open(path, "rb", buffering=0) as f:
-        f.seek(start)
-        f.read(end - start)
-
-
 class PageCacheWarmer:
     """Reads `paths` start to end on THREADS daemon threads, each taking the next file in order; `stop()` ends
     them at the next STEP bytes."""
@@ -93,14 +86,15 @@ class PageCacheWarmer:
                 if not path.stat().st_size:
                     continue  # nothing to read, and nothing numpy can map
                 data = map_file(path, huge_pages=True)
-                for start in range(0, len(data), STEP):
-                    if self._stop.is_set():
-                        break
-                    end = min(len(data), start + STEP)
-                    if not _populate(data[start:end]):
-                        _read(path, start, end)
-                    with self._lock:
-                        self.bytes += end - start
+                with open(path, "rb", buffering=0) as f:  # for kernels without MADV_POPULATE_READ
+                    for start in range(0, len(data), STEP):
+                        if self._stop.is_set():
+                            break
+                        end = min(len(data), start + STEP)
+                        if not _populate(data[start:end]):
+                            os.pread(f.fileno(), end - start, start)  # into the page cache the plain way
+                        with self._lock:
+                            self.bytes += end - start
                 del data
         except (OSError, ValueError) as e:  # the model still runs; its pages are read when touched
             error = str(e)
