@@ -123,6 +123,28 @@ def test_q4_dense_weights_keep_the_output_head_at_q8(hf_dirs, tmp_path, monkeypa
     assert np.abs(old_logits - want).max() > np.abs(new_logits - want).max()  # the 4-bit head costs accuracy
 
 
+def test_quantized_q_k_v_are_one_matrix_and_compute_as_three(hf_dirs, tmp_path):
+    """A quantized store's q, k and v are stacked at load into one matrix they view (one kernel call per token
+    instead of three), and the logits are those of the three matrices apart, bit for bit."""
+    from edgerun.runtime.quantized import QuantizedMatrix
+
+    _, src = hf_dirs["mixtral"]
+    model = edgerun.load(convert(src, tmp_path / "s", quant="q4", dense="q4"))
+    blocks = model._engine.decoder.blocks
+    for block in blocks:
+        whole, _, sizes = block.attention.qkv
+        w = block.attention.w
+        assert sizes == [w[n].out_features for n in "qkv"] and sum(sizes) == whole.out_features
+        assert all(np.shares_memory(w[n].qs, whole.qs) for n in "qkv")
+    stacked = model.logits(PROMPT, decode=True)
+    for block in blocks:
+        block.attention.qkv = None
+    assert np.array_equal(model.logits(PROMPT, decode=True), stacked)
+    q8 = QuantizedMatrix(np.zeros((4, 32), np.int8), np.ones((4, 1), np.float16), 32)
+    q4 = QuantizedMatrix(np.zeros((4, 16), np.uint8), np.ones((4, 1), np.float16), 32)
+    assert QuantizedMatrix.stacked([q8, q4]) is None and QuantizedMatrix.stacked([q8, q8]).out_features == 8
+
+
 def test_store_layout_on_disk(hf_dirs, tmp_path):
     _, src = hf_dirs["olmoe"]
     dst = convert(src, tmp_path / "s", quant="q4")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import native
-from .parts import F32, Part, TensorSpec, in_host_memory, linear, rms_norm, softcap
+from .parts import F32, Part, TensorSpec, Weight, in_host_memory, linear, rms_norm, softcap, stack_rows
 from .rope import Rope, RopeSpec, apply_rope
 
 
@@ -89,6 +89,7 @@ class Attention(Part):
         self.window = spec.sliding_windows[layer]
         self.eps = spec.rms_norm_eps
         self.rope = spec.rope
+        self.qkv: tuple[Weight, torch.Tensor | None, list[int]] | None = None  # q, k, v stacked (see bind)
 
     def declare(self) -> dict[str, TensorSpec]:
         D, q_out, kv_out = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
@@ -105,6 +106,17 @@ class Attention(Part):
         elif self.qk_norm == "proj":
             out.update(q_norm=TensorSpec((q_out,)), k_norm=TensorSpec((kv_out,)))
         return out
+
+    def bind(self, weights) -> None:
+        """Quantized q, k and v in host memory are stacked into one matrix (q, k and v then view its rows), so a
+        token's projections take one kernel call instead of three."""
+        super().bind(weights)
+        self.qkv = None
+        stacked = stack_rows([self.w["q"], self.w["k"], self.w["v"]])
+        if stacked is not None:
+            whole, (self.w["q"], self.w["k"], self.w["v"]) = stacked
+            bias = torch.cat([self.w["q_bias"], self.w["k_bias"], self.w["v_bias"]]) if self.qkv_bias else None
+            self.qkv = whole, bias, [self.w[n].out_features for n in "qkv"]
 
     # -- the cache ----------------------------------------------------------------------------------------------
     def new_cache(self, context_length: int, dtype: torch.dtype,
@@ -135,9 +147,13 @@ class Attention(Part):
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [T, H, Dh], k and v [T, KV, Dh] before rotation."""
         w, T = self.w, x.shape[0]
-        q = linear(x, w["q"], w.get("q_bias"))
-        k = linear(x, w["k"], w.get("k_bias"))
-        v = linear(x, w["v"], w.get("v_bias"))
+        if self.qkv is not None:
+            whole, bias, sizes = self.qkv
+            q, k, v = linear(x, whole, bias).split(sizes, dim=1)
+        else:
+            q = linear(x, w["q"], w.get("q_bias"))
+            k = linear(x, w["k"], w.get("k_bias"))
+            v = linear(x, w["v"], w.get("v_bias"))
         if self.qk_norm == "proj":
             q, k = rms_norm(q, w["q_norm"], self.eps), rms_norm(k, w["k_norm"], self.eps)
         if self.clip is not None:

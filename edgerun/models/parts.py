@@ -95,6 +95,23 @@ def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torc
     return F.linear(x, w, bias) if isinstance(w, torch.Tensor) else w.linear(x, bias)
 
 
+def stack_rows(ws: list[Weight]) -> tuple[Weight, list[Weight]] | None:
+    """(one weight holding the rows of ws in order, ws as row ranges of it), where their kind can stack (a Matrix
+    with a `stacked` class method: quantized matrices in host memory, for which a product is one kernel call);
+    None otherwise. Torch tensors are left apart: stacking would copy them for little gain."""
+    kind = type(ws[0])
+    stack = getattr(kind, "stacked", None)
+    if stack is None or any(type(w) is not kind for w in ws):
+        return None
+    whole = stack(ws)
+    if whole is None:
+        return None
+    bounds = [0]
+    for w in ws:
+        bounds.append(bounds[-1] + w.out_features)
+    return whole, [whole.row_range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Normalise in float32 whatever the compute dtype, as every reference implementation does.
     if x.shape[0] == 1 and x.dim() == 2 and in_host_memory(x) and in_host_memory(weight) and x.is_contiguous():

@@ -9,7 +9,7 @@ import torch
 from .. import native
 from ..store.layout import PASSTHROUGH
 from ..store.quant import dequantize
-from ..store.store import ExpertStore
+from ..store.store import ExpertStore, huge_page_array
 from .experts import HeldChunk, RoutedExperts, TorchExperts, no_release
 
 ACTIVATION_CODES = {"silu": native.SILU, "gelu_tanh": native.GELU_TANH, "gelu": native.GELU,
@@ -24,6 +24,26 @@ class QuantizedMatrix:
     def __init__(self, qs: np.ndarray, scales: np.ndarray, in_features: int):
         self.qs, self.scales, self.in_features = qs, scales, in_features
         self.out_features = qs.shape[0]
+
+    @classmethod
+    def stacked(cls, parts: list[QuantizedMatrix]) -> QuantizedMatrix | None:
+        """One matrix holding the rows of parts in order, so that one kernel call computes them all (a decoded
+        token's q, k and v); None when their formats differ. The rows are copied out of the store's mappings."""
+        first = parts[0]
+        if any(p.in_features != first.in_features or p.qs.dtype != first.qs.dtype or p.scales.dtype !=
+               first.scales.dtype or p.qs.shape[1:] != first.qs.shape[1:] or p.scales.shape[1:] !=
+               first.scales.shape[1:] for p in parts):
+            return None
+        rows = sum(p.out_features for p in parts)
+        qs = huge_page_array((rows, *first.qs.shape[1:]), first.qs.dtype)
+        scales = huge_page_array((rows, *first.scales.shape[1:]), first.scales.dtype)
+        np.concatenate([p.qs for p in parts], out=qs)
+        np.concatenate([p.scales for p in parts], out=scales)
+        return cls(qs, scales, first.in_features)
+
+    def row_range(self, start: int, stop: int) -> QuantizedMatrix:
+        """Rows start:stop, viewing this matrix's arrays."""
+        return QuantizedMatrix(self.qs[start:stop], self.scales[start:stop], self.in_features)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         x = x.to(torch.float32).contiguous()

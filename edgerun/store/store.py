@@ -46,6 +46,20 @@ def map_file(path: Path, huge_pages: bool = False) -> np.ndarray:
     return mapped.view(np.ndarray)
 
 
+def huge_page_array(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A zeroed array in anonymous memory advised to use transparent huge pages (as a resident store's mappings are),
+    for weights that kernels stream through and that are made at load rather than mapped from the store."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if nbytes < 1 << 21 or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return np.zeros(shape, dtype)
+    region = mmap.mmap(-1, nbytes)
+    try:
+        region.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # a kernel without THP
+        pass
+    return np.frombuffer(region, dtype=dtype).reshape(shape)
+
+
 def is_store(path: str | os.PathLike) -> bool:
     meta = Path(path) / "zarr.json"
     if not meta.is_file():
