@@ -6,9 +6,10 @@ cache of 25% and 50% of them, scores the first --tokens held-out tokens one deco
 (`Model.logits(ids, decode=True)`, in windows of its 256-token context, each token once), against exact decoding:
 perplexity, the shares of decoded experts left out and served by copies, and the bytes read per token.
 
-Speed: the store of `routing_trace.py` (generated in --workdir if missing, q2 copies added) with the Mixtral trace's
-routing and weights, `edgerun bench --ram BUDGET --cold --routing-trace TRACE` with each setting's options in fresh
-processes, budgets of 25% and 50% of its experts; --rounds interleaved rounds, medians.
+Speed: the store of `routing_trace.py` (generated in --workdir if missing, q2 or q3 copies added as each setting
+needs) with the Mixtral trace's routing and weights, `edgerun bench --ram BUDGET --cold --routing-trace TRACE`
+with each setting's options in fresh processes, budgets of 25% and 50% of its experts; --rounds interleaved
+rounds, medians.
 
     python benchmarks/light_misses.py --workdir ../trace-model --out light-misses.json
 """
@@ -27,12 +28,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import routing_trace  # noqa: E402 (the trace store and its budgets)
 
 ROOT = Path(__file__).resolve().parent.parent
-# (name, skip_below, low_below, copy format); the speed runs take those with no copy format or q2
-SETTINGS = [("exact", 0.0, 0.0, None), ("skip 0.2", 0.2, 0.0, None), ("skip 0.25", 0.25, 0.0, None),
-            ("skip 0.3", 0.3, 0.0, None), ("skip 0.35", 0.35, 0.0, None), ("skip 0.4", 0.4, 0.0, None),
-            ("q3 below 0.5", 0.0, 0.5, "q3"), ("q3 all misses", 0.0, 0.999, "q3"),
-            ("q2 below 0.3", 0.0, 0.3, "q2"), ("q2 below 0.5", 0.0, 0.5, "q2"),
-            ("q2 all misses", 0.0, 0.999, "q2"), ("q2 below 0.5, skip 0.2", 0.2, 0.5, "q2")]
+# (name, skip_below, low_below, low_when_late, copy format); the speed runs take every setting but QUALITY_ONLY's,
+# those with q3 copies last in each round, with the store's copies made again in q3
+SETTINGS = [("exact", 0.0, 0.0, False, None), ("skip 0.2", 0.2, 0.0, False, None),
+            ("skip 0.25", 0.25, 0.0, False, None), ("skip 0.3", 0.3, 0.0, False, None),
+            ("skip 0.35", 0.35, 0.0, False, None), ("skip 0.4", 0.4, 0.0, False, None),
+            ("q3 below 0.5", 0.0, 0.5, False, "q3"), ("q3 all misses", 0.0, 0.999, False, "q3"),
+            ("q3 when late", 0.0, 0.0, True, "q3"), ("q3 when late, skip 0.25", 0.25, 0.0, True, "q3"),
+            ("q2 below 0.3", 0.0, 0.3, False, "q2"), ("q2 below 0.5", 0.0, 0.5, False, "q2"),
+            ("q2 all misses", 0.0, 0.999, False, "q2"), ("q2 below 0.5, skip 0.2", 0.2, 0.5, False, "q2"),
+            ("q2 when late", 0.0, 0.0, True, "q2"), ("q2 when late, skip 0.25", 0.25, 0.0, True, "q2")]
+QUALITY_ONLY = {"q3 below 0.5", "q3 all misses"}  # measured for speed in q2 instead
 
 
 def quality(a: argparse.Namespace, report: dict) -> None:
@@ -59,11 +65,12 @@ def quality(a: argparse.Namespace, report: dict) -> None:
         store = ExpertStore(path)
         total = len(store.moe_layers) * store.num_experts
         for share in a.shares:
-            for name, skip, low, f in SETTINGS:
+            for name, skip, low, late, f in a.settings:
                 if f != fmt:
                     continue
                 slots = max(4, round(share * total))
-                experts = OffloadedExperts(store, model.spec.activation, slots, skip_below=skip, low_below=low)
+                experts = OffloadedExperts(store, model.spec.activation, slots, skip_below=skip, low_below=low,
+                                           low_when_late=late)
                 model.use_experts(experts).close()
                 nll, count, skipped, served, accesses, read = 0.0, 0, 0, 0, 0, 0
                 for start in range(0, len(ids), 255):  # BOS and 255 tokens fill the 256-token context
@@ -80,6 +87,7 @@ def quality(a: argparse.Namespace, report: dict) -> None:
                     accesses += len(target) * len(store.moe_layers) * model.spec.top_k
                     read += s["decode_bytes_read"]
                 row = {"share": share, "slots": slots, "setting": name, "skip_below": skip, "low_below": low,
+                       "low_when_late": late,
                        "perplexity": math.exp(nll / count), "tokens": count, "skipped_rate": skipped / accesses,
                        "low_served_rate": served / accesses, "bytes_read_per_token": read / count}
                 report["quality"].append(row)
@@ -95,20 +103,27 @@ def speed(a: argparse.Namespace, report: dict, t0: float) -> None:
 
     a.hidden, a.inter, a.heads, a.kv_heads, a.prompt_tokens = 1024, 2816, 16, 4, 32
     store = routing_trace.make_store(Path(a.workdir), a, t0)
-    low = ExpertStore(store).low_layout
-    if low is None or low.fmt != "q2":
-        routing_trace.log(t0, f"adding q2 copies to {store}")
-        add_low_copies(store, "q2", progress=False)
+
+    def copies(fmt: str) -> None:
+        low = ExpertStore(store).low_layout
+        if low is None or low.fmt != fmt:
+            routing_trace.log(t0, f"making {fmt} copies in {store}")
+            add_low_copies(store, fmt, progress=False)
+    copies("q2")
     budgets = {share: routing_trace.budget_for(store, share, a) for share in a.shares}
+    runs = [s for s in a.settings if s[0] not in QUALITY_ONLY]
+    runs.sort(key=lambda s: s[4] == "q3")  # the q3 settings last in each round, with the copies made again
     for rnd in range(a.rounds):
-        for share in a.shares:
-            budget, slots = budgets[share]
-            for name, skip, low, fmt in SETTINGS:
-                if fmt == "q3":
-                    continue
+        if rnd:
+            copies("q2")
+        for name, skip, low, late, fmt in runs:
+            if fmt:
+                copies(fmt)
+            for share in a.shares:
+                budget, slots = budgets[share]
                 r = routing_trace.bench(store, ["--ram", str(budget), "--cold", "--routing-trace",
                                                 str(routing_trace.TRACE), "--skip-below", str(skip),
-                                                "--low-below", str(low)], a)
+                                                "--low-below", str(low)] + (["--low-when-late"] if late else []), a)
                 report["speed"].append({"round": rnd, "share": share, "slots": r["expert_slots"], "setting": name,
                                         **{k: r[k] for k in ("decode_tokens_per_s", "bytes_read_per_token",
                                                              "skipped_rate", "low_served_rate", "hit_rate")}})
@@ -130,9 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="speed: rounds over every setting (default 3)")
     p.add_argument("--repeats", type=int, default=1, help="speed: generations per run (default 1)")
     p.add_argument("--skip-speed", action="store_true", help="quality only")
+    p.add_argument("--settings", nargs="+", metavar="NAME", choices=[s[0] for s in SETTINGS],
+                   help="measure only these settings (default: all; exact is always measured)")
     p.add_argument("--reuse-quality", action="store_true",
                    help="take the quality rows from --out, written by an earlier run, and measure speed only")
     a = p.parse_args(argv)
+    a.settings = [s for s in SETTINGS if a.settings is None or s[0] == "exact" or s[0] in a.settings]
     t0 = time.perf_counter()
     report: dict = {"args": vars(a), "quality": [], "speed": []}
     if a.reuse_quality:
@@ -150,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     for share in a.shares:
         exact = next(r["perplexity"] for r in report["quality"] if r["share"] == share and r["setting"] == "exact")
         base = [r["decode_tokens_per_s"] for r in report["speed"] if r["share"] == share and r["setting"] == "exact"]
-        for name, *_ in SETTINGS:
+        for name, *_ in a.settings:
             q = next(r for r in report["quality"] if r["share"] == share and r["setting"] == name)
             sp = [r for r in report["speed"] if r["share"] == share and r["setting"] == name]
             tok = statistics.median(r["decode_tokens_per_s"] for r in sp) if sp else None

@@ -327,7 +327,7 @@ def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None
          context_length: int | None = None, dtype: str = "auto", threads: int | None = None,
          progress: bool | None = None, ram: str | int | None = None, policy: str = "default",
          prefetch: bool = True, gpu: str | int | None = None, device: str = "auto", misses: str = "auto",
-         skip_below: float = 0.0, low_below: float = 0.0) -> Model:
+         skip_below: float = 0.0, low_below: float = 0.0, low_when_late: bool = False) -> Model:
     """Open a model: a Hugging Face directory (config.json, *.safetensors, tokenizer), a repo id in the HF
     cache, Grok-1 as xai-org released it (the folder holding ckpt-0/, or ckpt-0/ itself), or an edgerun store
     made by `edgerun convert`.
@@ -361,6 +361,10 @@ def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None
         --low-bits q2`): a decoded token's expert that is not in RAM and weighs less than this is read from its
         2- or 3-bit copy (about half or three quarters of the bytes); a copy used again is upgraded to the
         exact expert when the disk is idle. 0 (default): exact. Applies where skip_below does.
+    low_when_late: with low-bit copies, also read a decoded token's expert from its copy, whatever its weight, when
+        the read-ahead did not bring it in time (the token waits for that read: the disk is behind). Experts read
+        ahead stay exact unless they weigh less than low_below; a copy that a token weighs at low_below or more is
+        upgraded to the exact expert when the disk is idle. False (default): exact.
     misses: where an expert missing from the GPU runs: "auto" (copied over or computed on the CPU, whichever the
         machine's profile says costs less for the tokens routed to it), "copy" (whenever the GPU cache gives it a
         slot), or "cpu" (copied later in the background, where the cache finds it worth a slot).
@@ -375,9 +379,11 @@ def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None
     for name, value in (("skip_below", skip_below), ("low_below", low_below)):
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
             raise ArgumentError(f"{name} must be a routing weight from 0 up to 1 (0: exact), got {value!r}")
+    if not isinstance(low_when_late, bool):
+        raise ArgumentError(f"low_when_late must be True or False, got {low_when_late!r}")
     offload = {"budget": budget, "policy": policy, "prefetch": prefetch, "context_length": context_length,
                "gpu": (tier, gpu_budget), "misses": misses, "skip_below": float(skip_below),
-               "low_below": float(low_below)}
+               "low_below": float(low_below), "low_when_late": low_when_late}
     if is_store(path):
         if quant not in (None, "none") or dense is not None:
             raise ArgumentError(f"{path} is already a converted store; quant and dense apply to checkpoints")
@@ -386,9 +392,9 @@ def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None
         if dense is not None:
             raise ArgumentError("dense applies only together with quant (bf16, q8 or q4)")
         source = locate(path)  # a path that is no model says so first
-        if low_below:
-            raise ArgumentError("low_below reads a store's low-bit copies: convert the model with `edgerun convert "
-                                "--low-bits q2` and load the store")
+        if low_below or low_when_late:
+            raise ArgumentError("low_below and low_when_late read a store's low-bit copies: convert the model with "
+                                "`edgerun convert --low-bits q2` and load the store")
         if ram is not None or gpu_budget:
             raise ArgumentError("memory budgets (RAM, GPU) apply to converted models: add quant='q4' or 'q8' (--quant "
                                 "on the command line), or convert the model with `edgerun convert` and load the store")
@@ -481,7 +487,7 @@ def _load_hf(source: Checkpoint, dtype: str, progress: bool | None, context_leng
 
 def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, prefetch: bool,
                 context_length: int | None, threads: int | None, t0: float, gpu: tuple, misses: str,
-                skip_below: float, low_below: float) -> Model:
+                skip_below: float, low_below: float, low_when_late: bool) -> Model:
     from . import native
     from .hw.settings import best_threads, local_profile
     from .runtime.quantized import QuantizedExperts, QuantizedMatrix, StoreTensorExperts, as_tensor
@@ -489,8 +495,9 @@ def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, pref
     from .store.store import ExpertStore
 
     store = ExpertStore(path)
-    if low_below and store.low_layout is None:
-        raise ArgumentError(f"{path} has no low-bit copies of its experts for low_below; make them with "
+    if (low_below or low_when_late) and store.low_layout is None:
+        what = "low_below" if low_below else "low_when_late"
+        raise ArgumentError(f"{path} has no low-bit copies of its experts for {what}; make them with "
                             f"`edgerun convert {path} --low-bits q2` (or q3)")
     _, spec = spec_from_config(store.config, f"{path} (stored config)")
     quantized = store.quant["experts"] in QUANTIZED or store.quant["dense"] in QUANTIZED
@@ -548,7 +555,7 @@ def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, pref
         settings = placement.runtime_settings(profile, layout)
         experts = OffloadedExperts(store, spec.activation, plan.slots, policy=policy, prefetch=prefetch,
                                    workers=settings["readers"], depth=settings["prefetch_depth"],
-                                   skip_below=skip_below, low_below=low_below)
+                                   skip_below=skip_below, low_below=low_below, low_when_late=low_when_late)
         settings["direct_io"] = experts.reader.direct
     if plan.gpu is not None:
         from .hw.settings import miss_costs

@@ -3,6 +3,8 @@ experts missing from RAM."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -154,6 +156,10 @@ def test_copies_need_a_q4_store_and_the_command_line_says_what_to_do(stores, cap
         edgerun.load(stores / "plain", low_below=0.3)
     with pytest.raises(EdgerunError, match="low_below must be"):
         edgerun.load(stores / "q4", low_below=1.0)
+    with pytest.raises(EdgerunError, match="no low-bit copies of its experts for low_when_late"):
+        edgerun.load(stores / "plain", low_when_late=True)
+    with pytest.raises(EdgerunError, match="low_when_late must be True or False"):
+        edgerun.load(stores / "q4", low_when_late="yes")
 
 
 # -- decoding with them ------------------------------------------------------------------------------------------
@@ -195,6 +201,61 @@ def test_a_light_miss_is_computed_from_its_copy_and_a_heavy_one_from_its_chunk(s
     assert np.allclose(got.numpy(), 0.7 * ffn(store.map_expert(layer, 1)) + 0.3 * heavy, atol=1e-5)
     assert experts.stats()["low_read_overs"] == 1 and experts.stats()["low_served"] == 1
     experts.close()
+
+
+def test_a_late_expert_is_read_from_its_copy_whatever_its_weight_and_serves_heavier_tokens(stores, monkeypatch):
+    """low_when_late: a decoded token's experts that no read-ahead brought are read from their copies, heavy or
+    light; the copies then serve a heavy token too (nothing is read) and are marked for the upgrade."""
+    monkeypatch.setattr(native, "INT_DOT", False)
+    model = edgerun.load(stores / "q4")
+    experts = offload(model, slots=4, prefetch=False, low_when_late=True)
+    store = experts.store
+    layer = store.moe_layers[0]
+    x = torch.randn(1, 128)
+
+    def ffn(e: int) -> np.ndarray:
+        chunk = np.zeros(store.chunk_bytes, dtype=np.uint8)
+        store.low_layout.expand(np.fromfile(store.low_path(layer, e), dtype=np.uint8), chunk)
+        (gq, gs), (dq, ds) = store.expert_layout.views(chunk)
+        out = np.empty((1, 128), dtype=np.float32)
+        native.expert_ffn(x.numpy(), gq, gs, dq, ds, experts.activation, out)
+        return out
+
+    experts.begin_step("decode", 1)
+    got = experts(layer, x, torch.tensor([[6, 1]]), torch.tensor([[0.8, 0.2]]))
+    assert np.allclose(got.numpy(), 0.8 * ffn(6) + 0.2 * ffn(1), atol=1e-5)
+    stats = experts.stats()
+    assert stats["low_reads"] == 2 and stats["bytes_read"] == 2 * store.low_layout.nbytes
+    assert stats["low_when_late"] and stats["low_below"] == 0
+    experts.begin_step("decode", 1)
+    got = experts(layer, x, torch.tensor([[1, 6]]), torch.tensor([[0.7, 0.3]]))
+    assert np.allclose(got.numpy(), 0.7 * ffn(1) + 0.3 * ffn(6), atol=1e-5)
+    stats = experts.stats()
+    assert stats["bytes_read"] == 2 * store.low_layout.nbytes and stats["low_served"] == 4
+    assert stats["low_read_overs"] == 0 and experts._upgrade == {(0, 1), (0, 6)}
+    # a prefill still computes the exact experts: the chunks are read over the copies
+    experts.begin_step("prefill", 1)
+    experts(layer, x, torch.tensor([[1, 6]]), torch.tensor([[0.7, 0.3]]))
+    assert experts.stats()["low_read_overs"] == 2
+    experts.close()
+
+
+def test_experts_read_ahead_stay_exact_with_low_when_late(stores):
+    """Decoding with read-ahead: what the read-ahead brings is read as chunks, what it missed as copies, so the
+    bytes read lie between exact decoding's and that of copies for every miss."""
+    model = edgerun.load(stores / "q4")
+    ids = model.generate_ids(PROMPT, 12, temperature=0, ignore_eos=True)
+    runs = {}
+    for name, kwargs in (("exact", {}), ("late", {"low_when_late": True}), ("all", {"low_below": 0.999})):
+        experts = offload(model, slots=8, **kwargs)
+        model.logits(PROMPT + ids, decode=True)
+        runs[name] = experts.stats()
+        experts.close()
+    late = runs["late"]
+    assert late["prefetch_precision"] > 0  # the read-ahead ran
+    assert late["low_reads"] > 0 and runs["exact"]["low_reads"] == 0
+    assert late["low_reads"] < runs["all"]["low_reads"]
+    assert runs["all"]["decode_bytes_read"] < late["decode_bytes_read"] < runs["exact"]["decode_bytes_read"]
 
 
 def test_decoding_with_copies_reads_fewer_bytes_and_exact_stays_exact(stores, monkeypatch):
@@ -255,6 +316,10 @@ def test_load_and_bench_take_the_threshold(stores, capsys, monkeypatch):
                  "--prompt-tokens", "8", "--repeats", "1", "--no-kernels", "--ctx", "64"]) == 0
     out = capsys.readouterr().out
     assert "served by q2 copies (weight below 0.999)" in out
+    assert main(["bench", str(stores / "q4"), "--ram", str(budget), "--low-when-late", "--tokens", "8",
+                 "--prompt-tokens", "8", "--repeats", "1", "--no-kernels", "--ctx", "64", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["low_when_late"] and result["low_below"] == 0 and result["low_served_rate"] > 0
     assert main(["run", str(stores / "q4"), "--ram", str(budget), "--ctx", "64", "--low-below", "0.999", "-p", "Hi",
                  "-n", "6", "--temp", "0"]) == 0
     figures = capsys.readouterr().err.strip().splitlines()[-1]

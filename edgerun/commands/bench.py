@@ -88,7 +88,8 @@ def measure_model(model, prompt_tokens: int, tokens: int, repeats: int, temperat
                     "decode_bytes_read", "bytes_read_per_token", "read_stall_seconds"):
             out[key] = med(key)
         for key in ("policy", "expert_slots", "experts_total", "prefetch_depth", "expert_bytes_per_token",
-                    "ideal_bytes_per_token", "direct_io", "skip_below", "low_below", "low_format", "low_reads",
+                    "ideal_bytes_per_token", "direct_io", "skip_below", "low_below", "low_when_late",
+                    "low_format", "low_reads",
                     "low_upgrades", "low_read_overs"):
             out[key] = last[key]
     else:
@@ -134,7 +135,7 @@ def main(args: argparse.Namespace) -> int:
     ctx = args.ctx or max(512, args.prompt_tokens + args.tokens + 16)
     model = edgerun.load(args.model, quant=args.quant, threads=args.threads, ram=args.ram, policy=args.policy,
                          prefetch=not args.no_prefetch, context_length=ctx, skip_below=args.skip_below,
-                         low_below=args.low_below, **gpu_kwargs(args))
+                         low_below=args.low_below, low_when_late=args.low_when_late, **gpu_kwargs(args))
     if routing is not None:
         routing.install(model.decoder)
     result = measure_model(model, args.prompt_tokens, args.tokens, max(1, args.repeats), args.temp, args.cold)
@@ -167,8 +168,10 @@ def main(args: argparse.Namespace) -> int:
               f"{100 * result['demand_read_rate']:.1f}% read on demand"
               + (f"; {100 * result['skipped_rate']:.1f}% of the decoded experts left out (weight below "
                  f"{result['skip_below']})" if result["skip_below"] else "")
-              + (f"; {100 * result['low_served_rate']:.1f}% served by {result['low_format']} copies (weight below "
-                 f"{result['low_below']})" if result["low_below"] else ""))
+              + (f"; {100 * result['low_served_rate']:.1f}% served by {result['low_format']} copies ("
+                 + ", ".join(([f"weight below {result['low_below']}"] if result["low_below"] else [])
+                             + (["read late"] if result["low_when_late"] else [])) + ")"
+                 if result["low_below"] or result["low_when_late"] else ""))
         print(f"prefetch   recall "
               f"{100 * result['prefetch_recall']:.1f}% (precision {100 * result['prefetch_precision']:.1f}%, depth "
               f"{result['prefetch_depth']}), read {format_size(result['bytes_read_per_token'])} per token (ideal "

@@ -65,10 +65,11 @@ class OffloadedExperts(RoutedExperts):
 
     def __init__(self, store: ExpertStore, activation: str, slots: int, *, policy: str = "default",
                  prefetch: bool = True, workers: int = 1, direct: bool | None = None, depth: int = 1,
-                 skip_below: float = 0.0, renormalize: bool = True, low_below: float = 0.0):
+                 skip_below: float = 0.0, renormalize: bool = True, low_below: float = 0.0,
+                 low_when_late: bool = False):
         if activation not in ACTIVATION_CODES:
             raise ValueError(f"no expert kernel for activation {activation}")
-        if low_below > 0 and store.low_layout is None:
+        if (low_below > 0 or low_when_late) and store.low_layout is None:
             raise ValueError(f"the store {store.path} has no low-bit copies of its experts")
         self.store = store
         self.activation = ACTIVATION_CODES[activation]
@@ -91,6 +92,10 @@ class OffloadedExperts(RoutedExperts):
         # copy; a low copy serves only such tokens (a heavier one, or prefill, reads the chunk over it), and one
         # that keeps being used (UPGRADE_AFTER tokens) is upgraded to the chunk when the reader is idle
         self.low_below = low_below
+        # with low_when_late, a decoded token's expert the read-ahead did not bring (a demand read, which the
+        # token waits for: the disk is behind) is read from its low-bit copy whatever its weight, and a copy in
+        # the cache serves every decoded token, those that weigh it at low_below or more marking it for upgrade
+        self.low_when_late = low_when_late
         self._low: dict[tuple[int, int], int] = {}  # keys whose slot holds a low-bit copy: tokens it served
         self._upgrade: set[tuple[int, int]] = set()  # low copies in steady use: read the chunk when the disk is free
         self._upgrading: set[tuple[int, int]] = set()  # those being read: not stale prefetches, whatever the layer
@@ -183,6 +188,7 @@ class OffloadedExperts(RoutedExperts):
             "skipped_experts": self.skipped,
             "skipped_rate": self.skipped / (self.skipped + self.accesses) if self.skipped + self.accesses else 0.0,
             "low_below": self.low_below,
+            "low_when_late": self.low_when_late,
             "low_format": self.store.low_layout.fmt if self.store.low_layout else None,
             "low_reads": self.low_reads,
             "low_served": self.low_served,
@@ -204,7 +210,7 @@ class OffloadedExperts(RoutedExperts):
     def __call__(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         self._x = x
         chosen = idx[0].tolist() if self._decode else None
-        if self._decode and self.low_below > 0:
+        if self._decode and (self.low_below > 0 or self.low_when_late):
             self._weight = dict(zip(chosen, weights[0].tolist()))
         if self._decode and self.skip_below > 0:
             idx, weights = self._skip_light_misses(layer, idx, weights)
@@ -248,10 +254,11 @@ class OffloadedExperts(RoutedExperts):
                     self.recall_used += 1
                     self.recall_predicted += e in self._predicted.get(pos, ())
             if slot is not None and key in self._low:
-                if decode and self._weight.get(e, 1.0) < self.low_below:
+                light = self._weight.get(e, 1.0) < self.low_below
+                if decode and (light or self.low_when_late):
                     self.low_served += 1
                     self._low[key] += 1
-                    if self._low[key] >= UPGRADE_AFTER:
+                    if self._low[key] >= UPGRADE_AFTER or not light:
                         self._upgrade.add(key)
                 else:  # the copy is not good enough for this token: the chunk is read over it
                     self._read_over_low(key, layer, e, slot)
@@ -280,7 +287,7 @@ class OffloadedExperts(RoutedExperts):
             slot, evicted = admitted
             if evicted is not None:
                 self._forget(evicted)
-            low = decode and self._weight.get(e, 1.0) < self.low_below
+            low = self._low_read(e, demand=True)
             self._submit(key, layer, e, slot, demand=True, low=low)
             if low:
                 self.low_served += 1
@@ -370,10 +377,14 @@ class OffloadedExperts(RoutedExperts):
         self.reader.wait(req)
         self.stall_seconds += time.perf_counter() - t0
 
+    def _low_read(self, e: int, demand: bool) -> bool:
+        """Whether the decoded token's expert e, missing, is read from its low-bit copy."""
+        return self._decode and (self._weight.get(e, 1.0) < self.low_below or demand and self.low_when_late)
+
     def _start_scratch(self, layer: int) -> None:
         e = self._scratch_queue.pop(0)
         slot = self._scratch_free.pop()
-        low = self._decode and self._weight.get(e, 1.0) < self.low_below
+        low = self._low_read(e, demand=True)
         self.low_reads += low
         self.low_served += low
         req = self.reader.submit(None, layer, e, self.pool.buffer(slot), demand=True, low=low)
@@ -403,13 +414,14 @@ class OffloadedExperts(RoutedExperts):
         if self.reader.queued() or any(not r.done.is_set() for r in self._pending.values()):
             return
         for key in sorted(self._upgrade):
-            self._upgrade.discard(key)
             slot = self.cache.slot_of(key)
-            if slot is None or key[0] == pos or key in self._held or key not in self._low:
+            if slot is None or key not in self._low:  # evicted, or already read over
+                self._upgrade.discard(key)
                 continue
             req = self._pending.get(key)
-            if req is not None and not req.done.is_set():
-                continue
+            if key[0] == pos or key in self._held or req is not None and not req.done.is_set():
+                continue  # for a later call
+            self._upgrade.discard(key)
             self._read_over_low(key, self.layers[key[0]], key[1], slot, demand=False)
             self._upgrading.add(key)
             self.upgrades += 1
@@ -479,7 +491,7 @@ class OffloadedExperts(RoutedExperts):
                 if evicted is not None:
                     self._forget(evicted)
                 self._submit(key, self.layers[j], e, slot, demand=False,
-                             low=self._decode and weights.get(e, 1.0) < self.low_below)
+                             low=self._decode and weights.get(e, 1.0) < self.low_below)  # not late: by weight
                 self._prefetched.add(key)
                 pinned.add(key)
                 self.prefetches += 1
