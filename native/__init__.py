@@ -72,8 +72,8 @@ def warmup() -> None:
 
 
 def warmup_decode() -> None:
-    """Compile (or load) the kernels of a decode step's attention and norms alone: what a model with float weights
-    uses, which needs no other kernel."""
+    """Compile (or load) the kernels of a decode step's attention, norms and router alone: what a model with float
+    weights uses, which needs no other kernel."""
     global _kernels, BACKEND, INT_DOT
     if _kernels is None:
         return
@@ -83,6 +83,7 @@ def warmup_decode() -> None:
         rot = np.ones(2, np.float32)
         attend_one(q, kv, kv, rot, rot, cache, cache.copy(), 1, 1.0, sinks=rot[:1].repeat(4))
         rms_norm(q[0], q[1], 1e-5)
+        route_one(q[0], q, 1.0, 2, True)
     except Exception as e:  # as in warmup: keep running, on NumPy
         config.fall_back(e)
         _kernels, BACKEND, INT_DOT = None, "numpy", False
@@ -339,6 +340,71 @@ def dequantize_q4(qs: np.ndarray, scales: np.ndarray) -> np.ndarray:
 
 
 _NO_SINKS = np.empty(0, np.float32)
+
+
+def route_one(x: np.ndarray, router: np.ndarray, cap: float | None, top_k: int,
+              renormalize: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Softmax top-k routing of one token x [D] by router [E, D], float32 C-contiguous: (idx int64 [K], weights
+    float32 [K], probs float32 [E]), with logits soft-capped by cap when given; the weights renormalised to sum to 1
+    when asked. None without the numba kernels (the caller computes it with torch). The one-token router of
+    decode steps, so that decode_layers routes exactly as the parts do."""
+    if _kernels is None:
+        return None
+    if x.dtype != np.float32 or router.dtype != np.float32 or router.ndim != 2 or x.shape != router.shape[1:] or (
+            not router.flags.c_contiguous) or not 0 < top_k <= router.shape[0]:
+        raise ValueError(f"route_one takes float32 x [D] and a C-contiguous router [E, D] with 0 < top_k <= E; got "
+                         f"{x.dtype} {x.shape}, {router.dtype} {router.shape}, top_k {top_k}")
+    probs, idx, weights = np.empty(router.shape[0], np.float32), np.empty(top_k, np.int64), np.empty(top_k, np.float32)
+    _kernels.route_one(np.ascontiguousarray(x), router, np.float32(cap or 0.0), top_k, bool(renormalize), probs, idx,
+                       weights)
+    return idx, weights, probs
+
+
+def fusable() -> bool:
+    """Whether decode_layers can run (the numba kernels, not the NumPy fallback)."""
+    return _kernels is not None
+
+
+def warmup_layers(dense_dtype, expert_dtype) -> None:
+    """Compile decode_layers for dense matrices and experts of these qs dtypes (uint8: q4, int8: q8), or load it
+    from the disk cache: at load, not inside the first token. A tiny model of one layer runs through it."""
+    from numba.typed import List
+
+    rng = np.random.default_rng(0)
+    d, dh, heads, n_exp = 64, 16, 2, 2
+
+    def matrix(rows: int, cols: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+        qs, scales = quantize(rng.standard_normal((rows, cols)).astype(np.float32), "q4" if dtype == np.uint8 else "q8")
+        return qs, scales.view(np.uint16)
+
+    qkv, o = matrix(3 * heads * dh, d, dense_dtype), matrix(d, heads * dh, dense_dtype)
+    gu, dn = matrix(2 * d, d, expert_dtype), matrix(d, d, expert_dtype)
+    cache = np.zeros((heads, 4, dh), np.float32)
+    for int8 in (False, True) if INT_DOT else (False,):
+        decode_layers(rng.standard_normal((1, d)).astype(np.float32), np.ones((2, d), np.float32), np.float32(1e-5),
+                      List([qkv[0]]), List([qkv[1]]), List([o[0]]), List([o[1]]), int8 and dense_dtype == np.uint8,
+                      heads, heads, List([cache]), List([cache.copy()]), 0, np.zeros(1, np.int64), np.float32(0.25),
+                      np.float32(0.0), np.float32(1.0), List([_NO_SINKS]), np.ones(dh // 2, np.float32),
+                      np.zeros(dh // 2, np.float32), List([rng.standard_normal((n_exp, d)).astype(np.float32)]),
+                      np.float32(0.0), 1, True, List([gu[0]] * n_exp), List([gu[1]] * n_exp), List([dn[0]] * n_exp),
+                      List([dn[1]] * n_exp), int8 and expert_dtype == np.uint8, SILU, 0, False,
+                      np.zeros((1, 1), np.int64), np.zeros((1, 1), np.float32))
+
+
+def decode_layers(h: np.ndarray, norms: np.ndarray, eps, qkv_qs, qkv_scales, o_qs, o_scales, dense_int8: bool,
+                  heads: int, kv_heads: int, k_caches, v_caches, pos: int, windows: np.ndarray, scale, cap,
+                  temperature, sinks, cos: np.ndarray, sin: np.ndarray, routers, router_cap, top_k: int,
+                  renormalize: bool, gu_qs, gu_scales, d_qs, d_scales, expert_int8: bool, activation: int, first: int,
+                  resume_moe: bool, idx: np.ndarray, weights: np.ndarray) -> int:
+    """Layers first.. of one decoded token in one call (kernels.decode_layers, which says what each argument is;
+    the lists are numba typed lists, the scales float16 bits as uint16). h [1, D] float32 is updated in place.
+    Returns -1 when done, or the layer whose chosen experts are not mapped yet. The caller (runtime/fused.py)
+    checks the shapes once, when it builds the lists."""
+    n_threads = _threads()
+    return _kernels.decode_layers(h, norms, eps, qkv_qs, qkv_scales, o_qs, o_scales, dense_int8, heads, kv_heads,
+                                  k_caches, v_caches, pos, windows, scale, cap, temperature, sinks, cos, sin, routers,
+                                  router_cap, top_k, renormalize, gu_qs, gu_scales, d_qs, d_scales, expert_int8,
+                                  activation, _kernels.F16_TO_F32, n_threads, first, resume_moe, idx, weights)
 
 
 def attend_one(q: np.ndarray, k: np.ndarray, v: np.ndarray, cos: np.ndarray, sin: np.ndarray, k_cache: np.ndarray,

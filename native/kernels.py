@@ -1259,3 +1259,141 @@ def rms_norm(x, weight, eps, out):
     r = np.float32(1.0) / np.sqrt(s / np.float32(n) + eps)
     for i in range(n):
         out[i] = weight[i] * (x[i] * r)
+
+
+# ---------------------------------------------------------------- every layer of one decoded token in one call
+#
+# For decoders made of the plain parts (RMSNorm, grouped-query attention without biases or q/k norms, a softmax
+# top-k router, routed experts without biases; see runtime/fused.py), a decoded token runs through all its layers
+# in one call of decode_layers, which calls the kernels above in the order the parts do: the Python, torch and
+# dispatch work between them (about 0.1 ms a layer) is gone. Per-layer weights come as typed lists; the experts as
+# one list over layers and experts (layer l, expert e at l * E + e), an empty array standing for one not mapped
+# yet, which makes the call return early so that the caller maps it and calls again from there.
+
+def _gemv_one(x, qs, scales, lut, out, int8):
+    """out = x @ W.T for one token x [1, K], with the kernel the one-token path of matmul takes."""
+
+
+@overload(_gemv_one)
+def _gemv_one_impl(x, qs, scales, lut, out, int8):
+    if qs.dtype == types.int8:
+        return lambda x, qs, scales, lut, out, int8: gemv_q8(x, qs, scales, lut, out)
+
+    def impl(x, qs, scales, lut, out, int8):
+        if int8:
+            gemv_q4_int8(x, qs, scales, lut, out)
+        else:
+            gemv_q4(x, qs, scales, lut, out)
+    return impl
+
+
+def _expert_one(x, gu, gus, d, ds, bias, activation, lut, out, n_threads, int8):
+    """One expert on one token (no biases), with the kernel routed_experts would take."""
+
+
+@overload(_expert_one)
+def _expert_one_impl(x, gu, gus, d, ds, bias, activation, lut, out, n_threads, int8):
+    if gu.dtype == types.int8:
+        return lambda x, gu, gus, d, ds, bias, activation, lut, out, n_threads, int8: expert_ffn(
+            x, gu, gus, d, ds, bias, bias, activation, lut, out, n_threads)
+
+    def impl(x, gu, gus, d, ds, bias, activation, lut, out, n_threads, int8):
+        if int8:
+            expert_ffn_int8(x, gu, gus, d, ds, bias, bias, activation, lut, out)
+        else:
+            expert_ffn(x, gu, gus, d, ds, bias, bias, activation, lut, out, n_threads)
+    return impl
+
+
+@njit(**_OPTS)
+def _route(logits, cap, top_k, renormalize, idx, weights):
+    """Softmax top-k of one token's router logits [E] (soft-capped when cap > 0), turned into the probabilities in
+    place: idx and weights [K], heaviest first (ties: the lower expert), the weights renormalised to sum to 1 when
+    asked."""
+    n = logits.shape[0]
+    if cap > 0:
+        for e in range(n):
+            logits[e] = cap * np.tanh(logits[e] / cap)
+    top = logits.max()
+    total = np.float32(0.0)
+    for e in range(n):
+        logits[e] = np.exp(logits[e] - top)
+        total += logits[e]
+    for e in range(n):
+        logits[e] /= total
+    picked = np.zeros(n, np.bool_)
+    for k in range(top_k):
+        best = -1
+        for e in range(n):
+            if not picked[e] and (best < 0 or logits[e] > logits[best]):
+                best = e
+        picked[best] = True
+        idx[k] = best
+        weights[k] = logits[best]
+    if renormalize:
+        s = np.float32(0.0)
+        for k in range(top_k):
+            s += weights[k]
+        for k in range(top_k):
+            weights[k] /= s
+
+
+@njit(**_OPTS)
+def route_one(x, router, cap, top_k, renormalize, probs, idx, weights):
+    """The softmax top-k routing of one token x [D] by router [E, D] (float32): probs [E], idx and weights [K]."""
+    for e in range(router.shape[0]):
+        probs[e] = _dot(router[e], x)
+    _route(probs, cap, top_k, renormalize, idx, weights)
+
+
+@njit(**_OPTS)
+def decode_layers(h, norms, eps, qkv_qs, qkv_scales, o_qs, o_scales, dense_int8, heads, kv_heads, k_caches,
+                  v_caches, pos, windows, scale, cap, temperature, sinks, cos, sin, routers, router_cap, top_k,
+                  renormalize, gu_qs, gu_scales, d_qs, d_scales, expert_int8, activation, lut, n_threads, first,
+                  resume_moe, idx, weights):
+    """Layers first.. of one decoded token, h [1, D] updated in place: h += o(attention(norm_a(h))), then
+    h += sum_k w_k expert_k(norm_f(h)) with the router's choice, stored in idx and weights [L, K]. norms [2L, D] are
+    each layer's attention and FFN norm weights; qkv_qs[l] holds q, k and v rows stacked; windows[l] 0 for none;
+    sinks[l] empty for none. Returns -1 when done, or the layer whose chosen experts are not all mapped (its routing
+    stored): call again with first = that layer and resume_moe once they are, which routes it again (the same)."""
+    n_layers = len(qkv_qs)
+    dim = h.shape[1]
+    dh = k_caches[0].shape[2]
+    nq, nkv = heads * dh, kv_heads * dh
+    n_experts = routers[0].shape[0]
+    x = np.empty((1, dim), np.float32)
+    y = np.empty((1, dim), np.float32)
+    ye = np.empty((1, dim), np.float32)
+    att = np.empty((heads, dh), np.float32)
+    logits = np.empty(n_experts, np.float32)
+    no_bias = np.empty(0, np.float32)
+    for layer in range(first, n_layers):
+        if not (layer == first and resume_moe):
+            rms_norm(h[0], norms[2 * layer], eps, x[0])
+            qkv = np.empty((1, nq + 2 * nkv), np.float32)
+            _gemv_one(x, qkv_qs[layer], qkv_scales[layer], lut, qkv, dense_int8)
+            q = qkv[0, :nq].copy().reshape((heads, dh))
+            k = qkv[0, nq:nq + nkv].copy().reshape((kv_heads, dh))
+            v = qkv[0, nq + nkv:].copy().reshape((kv_heads, dh))
+            window = windows[layer]
+            lo = 0 if window == 0 else max(0, pos - window + 1)
+            attend_one(q, k, v, cos, sin, k_caches[layer], v_caches[layer], pos, lo, scale, cap, temperature,
+                       sinks[layer], att)
+            _gemv_one(att.reshape((1, nq)), o_qs[layer], o_scales[layer], lut, y, dense_int8)
+            for i in range(dim):
+                h[0, i] += y[0, i]
+        rms_norm(h[0], norms[2 * layer + 1], eps, x[0])
+        route_one(x[0], routers[layer], router_cap, top_k, renormalize, logits, idx[layer], weights[layer])
+        base = layer * n_experts
+        for j in range(top_k):
+            if gu_qs[base + idx[layer, j]].shape[0] == 0:
+                return layer
+        y[0, :] = 0
+        for j in range(top_k):
+            e = base + idx[layer, j]
+            _expert_one(x, gu_qs[e], gu_scales[e], d_qs[e], d_scales[e], no_bias, activation, lut, ye, n_threads,
+                        expert_int8)
+            y[0] += weights[layer, j] * ye[0]
+        for i in range(dim):
+            h[0, i] += y[0, i]
+    return -1

@@ -10,7 +10,7 @@ Shapes: T = tokens in this call, D = hidden, V = vocab.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +85,9 @@ class Decoder(Part):
             part.observers = self.observers
         self._ropes: dict = {}  # rotary tables by schedule and device, shared by every forward call
         self.dtype = torch.float32  # of activations and the cache: the embedding's, once bound
+        # a decoded token's layers in one call (runtime/fused.py), set by the engine where its parts allow it; it
+        # returns None where they no longer do
+        self.token_layers: Callable[[torch.Tensor, Positions, DecoderCache], torch.Tensor | None] | None = None
 
     @property
     def moe_layers(self) -> list[int]:
@@ -156,8 +159,12 @@ class Decoder(Part):
         if spec.embedding_multiplier != 1.0:
             h = h * spec.embedding_multiplier
         pos = Positions(cache.length, tokens.shape[0], self.dtype, self._ropes, tokens.device)
-        for block, layer_cache in zip(self.blocks, cache.layers):
-            h = block(h, pos, layer_cache)
+        fused = self.token_layers(h, pos, cache) if tokens.shape[0] == 1 and self.token_layers is not None else None
+        if fused is not None:
+            h = fused
+        else:
+            for block, layer_cache in zip(self.blocks, cache.layers):
+                h = block(h, pos, layer_cache)
         cache.length = pos.end
         if not all_logits:
             h = h[-1:]

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .parts import Part, TensorSpec, linear, softcap
+from .. import native
+from .parts import Part, TensorSpec, in_host_memory, linear, softcap
 
 
 @dataclass
@@ -37,6 +38,11 @@ class SoftmaxTopK(Part):
 
     def __call__(self, x: torch.Tensor) -> Routing:
         w = self.w["router"]
+        if x.shape[0] == 1 and in_host_memory(x) and in_host_memory(w) and w.is_contiguous():
+            one = native.route_one(x[0].numpy(), w.numpy(), self.cap, self.top_k, self.renormalize)  # a decode step
+            if one is not None:
+                idx, weights, probs = (torch.from_numpy(a)[None] for a in one)
+                return Routing(idx, weights, probs)
         logits = linear(x.float(), w.float()) if self.fp32 else linear(x, w).float()
         logits = softcap(logits, self.cap)
         probs = torch.softmax(logits, dim=-1)

@@ -17,6 +17,7 @@ from ..errors import ContextLengthError
 from ..models.decoder import Decoder
 from . import placement
 from .experts import ExpertsContainer, Phase
+from .fused import TokenLayers
 from .sampling import Sampler
 
 
@@ -64,6 +65,7 @@ class Engine:
         previous, self.experts = self.experts, experts
         self.decoder.use_experts(experts)
         experts.attach(self.decoder)
+        self.decoder.token_layers = TokenLayers.build(self.decoder, experts) if self.device.type == "cpu" else None
         return previous
 
     def _check_fits(self, ids: list[int]) -> None:

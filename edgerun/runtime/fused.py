@@ -1,0 +1,165 @@
+"""A decoded token through every layer in one kernel call, where the decoder is made of the plain parts.
+
+The parts (models/) compute a token layer by layer, a few kernel calls each, with Python and torch around them: on a
+resident model of 16 layers that costs about 2 ms of a 20 ms token. `TokenLayers` hands a decode step's layers to
+`native.decode_layers` instead, which calls the same kernels in the same order. It applies when every layer is
+RMSNorm, grouped-query attention (no biases, q/k norms or clipping; soft caps, sinks, windows and Grok-2's
+temperature are taken), RMSNorm and routed experts of a softmax top-k router (no biases, no shared experts), the
+matrices q8/q4 in host memory, the experts resident in a store (QuantizedExperts). Prompts, other decoders and
+other experts containers keep the parts' path. An expert not mapped yet makes the call return at its layer: it is
+mapped (and checked, as the parts' path does on first use) and the call goes on from there.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import native
+from ..models.attention import Attention
+from ..models.ffn import MoE
+from ..models.routers import SoftmaxTopK
+from ..store.quant import padded_in_features
+from .quantized import QuantizedExperts, QuantizedMatrix
+
+
+def _padded_in(m: QuantizedMatrix) -> int:
+    return m.qs.shape[1] * (2 if m.qs.dtype == np.uint8 else 1)
+
+
+class TokenLayers:
+    """Every layer of a decoded token in one `native.decode_layers` call (see the module's note)."""
+
+    @classmethod
+    def build(cls, decoder, experts) -> TokenLayers | None:
+        """The fused step for decoder computing its experts with `experts`, or None where it does not apply."""
+        if type(experts) is not QuantizedExperts or decoder.dtype != torch.float32 or not native.fusable():
+            return None
+        store = experts.store
+        if store.expert_layout.fmt not in ("q4", "q8") or store.expert_layout.biases:
+            return None
+        blocks = decoder.blocks
+        if list(decoder.moe_layers) != list(range(len(blocks))) or list(store.moe_layers) != decoder.moe_layers:
+            return None
+        attn = blocks[0].attention
+        dense_dtype = None
+        for b in blocks:
+            a, f = b.attention, b.ffn
+            if (b.post_attn_norm is not None or type(a) is not Attention or a.qkv is None or a.qkv_bias or a.o_bias
+                    or a.qk_norm or a.clip is not None or type(f) is not MoE or type(f.router) is not SoftmaxTopK
+                    or f.experts is not experts or not isinstance(a.w["o"], QuantizedMatrix)):
+                return None
+            whole, o = a.qkv[0], a.w["o"]
+            if (dense_dtype not in (None, whole.qs.dtype) or o.qs.dtype != whole.qs.dtype
+                    or _padded_in(whole) != whole.in_features or _padded_in(o) != o.in_features
+                    or (a.heads, a.kv_heads, a.head_dim, a.scale, a.cap, a.temperature_len, a.sinks, a.rope,
+                        a.eps) != (attn.heads, attn.kv_heads, attn.head_dim, attn.scale, attn.cap,
+                                   attn.temperature_len, attn.sinks, attn.rope, attn.eps)
+                    or (f.router.cap, f.router.renormalize, f.top_k) != (
+                        blocks[0].ffn.router.cap, blocks[0].ffn.router.renormalize, blocks[0].ffn.top_k)
+                    or b.ffn_norm.eps != attn.eps or b.attn_norm.eps != attn.eps):
+                return None
+            dense_dtype = whole.qs.dtype
+            for t in (b.attn_norm.weight, b.ffn_norm.weight, f.router.w["router"]):
+                if t.dtype != torch.float32 or t.device.type != "cpu":
+                    return None
+        layout = store.expert_layout
+        if padded_in_features(layout.hidden, layout.group) != layout.hidden:
+            return None  # the experts would take x padded
+        return cls(decoder, experts, dense_dtype)
+
+    def __init__(self, decoder, experts: QuantizedExperts, dense_dtype):
+        from numba.typed import List
+
+        self.decoder, self.experts, self.store = decoder, experts, experts.store
+        blocks = decoder.blocks
+        first = blocks[0]
+        a, f = first.attention, first.ffn
+        self.attention = a
+        self.norms = np.stack([n.weight.numpy() for b in blocks for n in (b.attn_norm, b.ffn_norm)])
+        self.eps = np.float32(a.eps)
+        self.qkv_qs = List([b.attention.qkv[0].qs for b in blocks])
+        self.qkv_scales = List([b.attention.qkv[0].scales.view(np.uint16) for b in blocks])
+        self.o_qs = List([b.attention.w["o"].qs for b in blocks])
+        self.o_scales = List([b.attention.w["o"].scales.view(np.uint16) for b in blocks])
+        self.dense_int8 = bool(native.INT_DOT and dense_dtype == np.uint8
+                               and all(2 * m.qs.shape[1] == 32 * m.scales.shape[1]
+                                       for b in blocks for m in (b.attention.qkv[0], b.attention.w["o"])))
+        self.windows = np.array([b.attention.window or 0 for b in blocks], np.int64)
+        no_sinks = np.empty(0, np.float32)
+        self.sinks = List([b.attention.w["sinks"].float().numpy() if a.sinks else no_sinks for b in blocks])
+        self.routers = List([b.ffn.router.w["router"].numpy() for b in blocks])
+        self._routers = [b.ffn.router for b in blocks]
+        self.router_cap = np.float32(f.router.cap or 0.0)
+        self.top_k, self.renormalize = f.top_k, bool(f.router.renormalize)
+        layout = self.store.expert_layout
+        self.expert_int8 = bool(native.INT_DOT and layout.fmt == "q4" and layout.group == 32)
+        self.activation = experts.activation
+        self.num_experts = decoder.spec.num_experts
+        n = len(blocks) * self.num_experts
+        qs_dtype = np.uint8 if layout.fmt == "q4" else np.int8
+        empty_qs, empty_scales = np.empty((0, 0), qs_dtype), np.empty((0, 0), np.uint16)
+        self.gu_qs, self.gu_scales = List([empty_qs] * n), List([empty_scales] * n)
+        self.d_qs, self.d_scales = List([empty_qs] * n), List([empty_scales] * n)
+        self._mapped = np.zeros(n, bool)
+        self.idx = np.zeros((len(blocks), self.top_k), np.int64)
+        self.weights = np.zeros((len(blocks), self.top_k), np.float32)
+        self._caches: dict[int, tuple] = {}  # id(DecoderCache) -> (the cache, its typed lists)
+        native.warmup_layers(dense_dtype, qs_dtype)
+
+    def _map(self, layer: int) -> None:
+        """Map the experts the routing of `layer` chose that are not mapped yet."""
+        for e in self.idx[layer].tolist():
+            i = layer * self.num_experts + e
+            if not self._mapped[i]:
+                (gq, gs), (dq, ds) = self.store.expert_views(self.store.moe_layers[layer], e)
+                self.gu_qs[i], self.gu_scales[i] = gq, gs.view(np.uint16)
+                self.d_qs[i], self.d_scales[i] = dq, ds.view(np.uint16)
+                self._mapped[i] = True
+
+    def _cache_lists(self, cache) -> tuple:
+        from numba.typed import List
+
+        held = self._caches.get(id(cache))
+        if held is None or held[0] is not cache:
+            self._caches.clear()  # one sequence at a time: the engine's cache
+            held = self._caches[id(cache)] = (cache, List([c.k.numpy() for c in cache.layers]),
+                                              List([c.v.numpy() for c in cache.layers]))
+        return held[1], held[2]
+
+    def current(self) -> bool:
+        """Whether the decoder still has the routers and experts this step was built for (a routing trace, for
+        one, replaces the routers)."""
+        return all(b.ffn.router is r and b.ffn.experts is self.experts
+                   for b, r in zip(self.decoder.blocks, self._routers))
+
+    def __call__(self, h: torch.Tensor, pos, cache) -> torch.Tensor | None:
+        """h [1, D] float32 after the embedding -> after the last layer, the token stored in the caches; None
+        (nothing done) where the decoder's parts have changed since this step was built."""
+        if not self.current():
+            return None
+        a = self.attention
+        cos, sin = pos.rotary(a.rope)
+        temperature = float(a.temperature(pos)[0]) if a.temperature_len else 1.0
+        k_caches, v_caches = self._cache_lists(cache)
+        x = h.to(torch.float32).contiguous().numpy().copy()
+        cos, sin = cos[0].contiguous().numpy(), sin[0].contiguous().numpy()
+        first, resume = 0, False
+        while True:
+            first = native.decode_layers(
+                x, self.norms, self.eps, self.qkv_qs, self.qkv_scales, self.o_qs, self.o_scales, self.dense_int8,
+                a.heads, a.kv_heads, k_caches, v_caches, pos.start, self.windows, np.float32(a.scale),
+                np.float32(a.cap or 0.0), np.float32(temperature), self.sinks, cos, sin, self.routers,
+                self.router_cap, self.top_k, self.renormalize, self.gu_qs, self.gu_scales, self.d_qs, self.d_scales,
+                self.expert_int8, self.activation, first, resume, self.idx, self.weights)
+            if first < 0:
+                break
+            self._map(first)
+            resume = True
+        observers = self.decoder.observers
+        if observers:
+            idx, weights = torch.from_numpy(self.idx), torch.from_numpy(self.weights)
+            for pos_, layer in enumerate(self.decoder.moe_layers):
+                for observe in observers:
+                    observe(layer, idx[pos_:pos_ + 1].clone(), weights[pos_:pos_ + 1].clone())
+        return torch.from_numpy(x)

@@ -1,0 +1,117 @@
+"""A decoded token through every layer in one kernel call (runtime/fused.py): where it applies, what it computes
+(the parts' own logits, bit for bit) and where it steps aside."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import edgerun
+from edgerun import native
+from edgerun.store.convert import convert
+from hf_models import build, save
+
+PROMPT = [3, 17, 99, 5, 64, 12, 7, 120, 33, 2, 45, 88]
+
+pytestmark = pytest.mark.skipif(not native.fusable(), reason="needs the numba kernels")
+
+
+@pytest.fixture(scope="module")
+def mixtral_src(tmp_path_factory):
+    base = tmp_path_factory.mktemp("fused")
+    return {window: save(build("mixtral", sliding_window=window), base / f"w{window}") for window in (None, 5)}
+
+
+def counting(monkeypatch) -> list:
+    calls = []
+    kernel = native.decode_layers
+
+    def count(*args):
+        calls.append(args[-4:-2])  # (the first layer of the call, whether it resumes that layer's experts)
+        return kernel(*args)
+    monkeypatch.setattr(native, "decode_layers", count)
+    return calls
+
+
+@pytest.mark.parametrize("quant, dense, window", [("q4", "q4", None), ("q4", "q8", 5), ("q8", "q8", None)])
+def test_a_decoded_token_is_one_call_with_the_parts_logits_bit_for_bit(mixtral_src, tmp_path, monkeypatch, quant,
+                                                                      dense, window):
+    model = edgerun.load(convert(mixtral_src[window], tmp_path / "s", quant=quant, dense=dense, progress=False))
+    decoder = model._engine.decoder
+    step = decoder.token_layers
+    assert step is not None
+    calls = counting(monkeypatch)
+    fused = model.logits(PROMPT, decode=True)
+    # one call a one-token step (the first token's too), and one more from the layer of an expert mapped on first use
+    resumed = [first for first, resume in calls if resume]
+    assert len(calls) - len(resumed) == len(PROMPT) and 0 < len(resumed) <= step._mapped.sum()
+    decoder.token_layers = None
+    parts = model.logits(PROMPT, decode=True)
+    assert np.array_equal(fused, parts)
+    decoder.token_layers = step
+    calls.clear()
+    ids = model.generate_ids(PROMPT, 8, temperature=0, ignore_eos=True)
+    # the prompt's last token (the others are cached from the logits above), then 7 decode steps
+    assert len([c for c in calls if not c[1]]) == 8
+    decoder.token_layers = None
+    assert model.generate_ids(PROMPT, 8, temperature=0, ignore_eos=True) == ids
+
+
+def test_observers_see_the_fused_routing(mixtral_src, tmp_path):
+    model = edgerun.load(convert(mixtral_src[None], tmp_path / "s", quant="q4", progress=False))
+    decoder = model._engine.decoder
+    seen = []
+    decoder.observers.append(lambda layer, idx, w: seen.append((layer, idx.tolist(), w.tolist())))
+    model.logits(PROMPT[:4], decode=True)
+    fused, step = list(seen), decoder.token_layers
+    seen.clear()
+    decoder.token_layers = None
+    model.logits(PROMPT[:4], decode=True)
+    assert step is not None and fused == seen and len(seen) == 4 * 2  # the first token and 3 decode steps, 2 layers
+
+
+def test_the_parts_path_stays_where_the_step_does_not_apply(mixtral_src, hf_dirs_fused, tmp_path, monkeypatch):
+    from test_offload import budget_for
+
+    path = convert(mixtral_src[None], tmp_path / "s", quant="q4", progress=False)
+    # experts streamed through a cache under a budget
+    assert edgerun.load(path, context_length=64, ram=budget_for(path, 4, monkeypatch))._engine.decoder.token_layers \
+        is None
+    # families with parts it does not cover (q/k norms, biases, shared experts), and float weights
+    for name, src in hf_dirs_fused.items():
+        assert edgerun.load(convert(src, tmp_path / name, quant="q4", progress=False))._engine.decoder.token_layers \
+            is None, name
+    assert edgerun.load(mixtral_src[None])._engine.decoder.token_layers is None
+    # routers replaced after loading (as a routing trace does): the parts' path, which follows them
+    model = edgerun.load(path)
+    calls = counting(monkeypatch)
+    assert model._engine.decoder.token_layers.current()
+    seen = []
+    model.decoder.observers.append(lambda layer, idx, w: seen.append(idx.tolist()))
+    for part in model._engine.decoder.moe.values():
+        part.router = _FixedRouter(part.router)
+    assert not model._engine.decoder.token_layers.current()
+    model.generate_ids(PROMPT, 3, temperature=0, ignore_eos=True)
+    assert calls == [] and seen == [[[0, 1]] * len(PROMPT)] * 2 + [[[0, 1]]] * 4
+
+
+class _FixedRouter:
+    """A router that always picks experts 0 and 1, equally."""
+
+    def __init__(self, router):
+        self.router = router
+
+    def __call__(self, x):
+        import torch
+
+        from edgerun.models.routers import Routing
+
+        r = self.router(x)
+        idx = torch.tensor([[0, 1]] * x.shape[0])
+        return Routing(idx, torch.full(idx.shape, 0.5), r.probs)
+
+
+@pytest.fixture(scope="module")
+def hf_dirs_fused(tmp_path_factory):
+    base = tmp_path_factory.mktemp("others")
+    return {family: save(build(family), base / family) for family in ("qwen2_moe", "qwen3_moe", "olmoe")}
