@@ -59,6 +59,8 @@ def warmup() -> None:
                 expert_ffn(x, *gate_up, *down, SWIGLU_OAI, np.empty((n_tok, 40), np.float32),
                            np.zeros(64, np.float32), np.zeros(40, np.float32))
         warmup_decode()
+        _kernels.low_q2_to_q4(np.zeros(2, np.uint64), np.zeros(4, np.uint64), 1)  # for low-bit copies
+        _kernels.low_q3_to_q4(np.zeros(4, np.uint32), np.zeros(2, np.uint32), np.zeros(8, np.uint32), 2)
         gate_up = quantize(rng.standard_normal((64, 64)).astype(np.float32), quant.MXFP4)
         down = quantize(rng.standard_normal((64, 32)).astype(np.float32), quant.MXFP4)
         for n_tok in (1, 3):
@@ -358,6 +360,20 @@ def route_one(x: np.ndarray, router: np.ndarray, cap: float | None, top_k: int,
     _kernels.route_one(np.ascontiguousarray(x), router, np.float32(cap or 0.0), top_k, bool(renormalize), probs, idx,
                        weights)
     return idx, weights, probs
+
+
+def low_to_q4(sections: list[np.ndarray], fmt: str, quarter: int, qs: np.ndarray) -> bool:
+    """The q4 bytes qs of a low-bit copy's bit sections (store/lowbit.to_q4, whose word operations these are; G/4 =
+    quarter bytes a group); False, nothing done, without the numba kernels or with arrays that are not
+    C-contiguous."""
+    if _kernels is None or not all(a.flags.c_contiguous for a in (*sections[:-1], qs)):
+        return False
+    if fmt == "q2":
+        _kernels.low_q2_to_q4(sections[0].reshape(-1).view(np.uint64), qs.reshape(-1).view(np.uint64), quarter // 8)
+    else:
+        _kernels.low_q3_to_q4(sections[0].reshape(-1).view(np.uint32), sections[1].reshape(-1).view(np.uint32),
+                              qs.reshape(-1).view(np.uint32), quarter // 8)
+    return True
 
 
 def fusable() -> bool:

@@ -1397,3 +1397,38 @@ def decode_layers(h, norms, eps, qkv_qs, qkv_scales, o_qs, o_scales, dense_int8,
         for i in range(dim):
             h[0, i] += y[0, i]
     return -1
+
+
+# ---------------------------------------------------------------- a low-bit copy's bits into q4 bytes
+#
+# The same word operations as store/lowbit.to_q4, in one pass over the copy instead of NumPy's temporaries (run by
+# a reader thread, which these leave the GIL to). Arrays are flat views of the sections, in words.
+
+@njit(**_OPTS)
+def low_q2_to_q4(words, out, per_group):
+    """q2: a group's per_group 64-bit words w make q4 words (w & 0x33..) << 2, then w & 0xCC.."""
+    low_bits, high_bits = np.uint64(0x3333333333333333), np.uint64(0xCCCCCCCCCCCCCCCC)
+    two = np.uint64(2)
+    for g in range(words.shape[0] // per_group):
+        src, dst = g * per_group, 2 * g * per_group
+        for j in range(per_group):
+            w = words[src + j]
+            out[dst + j] = (w & low_bits) << two
+            out[dst + per_group + j] = w & high_bits
+
+
+@njit(**_OPTS)
+def low_q3_to_q4(words, plane, out, per_block):
+    """q3: a group's two blocks of per_block 32-bit words w0, w1 and its plane word p make the q4 blocks
+    (w0 & 0x33..) << 1, (w1 & 0x33..) << 1, (w0 & 0xCC..) >> 1, (w1 & 0xCC..) >> 1, block b or-ed with
+    ((p >> b) & 0x11..) << 3."""
+    low_bits, high_bits, ones = np.uint32(0x33333333), np.uint32(0xCCCCCCCC), np.uint32(0x11111111)
+    one, three = np.uint32(1), np.uint32(3)
+    for g in range(plane.shape[0] // per_block):
+        src, dst, hi = 2 * g * per_block, 4 * g * per_block, g * per_block
+        for j in range(per_block):
+            w0, w1, p = words[src + j], words[src + per_block + j], plane[hi + j]
+            out[dst + j] = ((w0 & low_bits) << one) | ((p & ones) << three)
+            out[dst + per_block + j] = ((w1 & low_bits) << one) | (((p >> one) & ones) << three)
+            out[dst + 2 * per_block + j] = ((w0 & high_bits) >> one) | (((p >> np.uint32(2)) & ones) << three)
+            out[dst + 3 * per_block + j] = ((w1 & high_bits) >> one) | (((p >> three) & ones) << three)

@@ -103,7 +103,7 @@ def stores(tmp_path_factory):
 
 
 @pytest.mark.parametrize("fmt", ["q2", "q3"])
-def test_copies_are_written_and_expand_to_the_experts_they_copy(stores, tmp_path, fmt):
+def test_copies_are_written_and_expand_to_the_experts_they_copy(stores, tmp_path, fmt, monkeypatch):
     import shutil
 
     path = tmp_path / "store"
@@ -118,7 +118,12 @@ def test_copies_are_written_and_expand_to_the_experts_they_copy(stores, tmp_path
             raw = np.fromfile(store.low_path(layer, e), dtype=np.uint8)
             store.verify_expert(layer, e, raw, low=True)
             chunk = np.zeros(store.chunk_bytes, dtype=np.uint8)
-            layout.expand(raw, chunk)
+            layout.expand(raw, chunk)  # by the kernels
+            with monkeypatch.context() as m:  # and by NumPy
+                m.setattr(native, "_kernels", None)
+                by_numpy = np.zeros_like(chunk)
+                layout.expand(raw, by_numpy)
+            assert np.array_equal(chunk, by_numpy) and native._kernels is not None
             # the q4 chunk made from the copy holds the copy's values, which are near the expert's own
             for (qs, scales), sections, (q_ref, s_ref), cols in zip(ex.views(chunk), layout.views(raw),
                                                                    store.expert_views(layer, e),

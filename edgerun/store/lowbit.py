@@ -108,10 +108,14 @@ def quantize(w: np.ndarray, fmt: str, group: int = 32) -> list[np.ndarray]:
 def to_q4(sections: list[np.ndarray], fmt: str, qs: np.ndarray, scales: np.ndarray) -> None:
     """Write the q4 (qs uint8 [O, Kp / 2], scales float16 [O, Kp / G]) equal to a copy's sections. The bytes are
     worked on as 64-bit (q2) or 32-bit (q3) words: every operation keeps to the bits of its own byte."""
+    from .. import native
+
     lo, s = sections[0], sections[-1]
     o, ng = s.shape
     quarter = lo.shape[1] // ng  # G/4 bytes a group, a multiple of 8
-    if fmt == "q2":  # nibble = 4 c: pairs 0 and 2 of byte j make q4 byte j, pairs 1 and 3 make byte j + G/4
+    if native.low_to_q4(sections, fmt, quarter, qs):
+        pass  # the same operations, in one pass
+    elif fmt == "q2":  # nibble = 4 c: pairs 0 and 2 of byte j make q4 byte j, pairs 1 and 3 make byte j + G/4
         words = lo.reshape(o, ng, quarter).view(np.uint64)
         out = qs.reshape(o, ng, 2, quarter).view(np.uint64)
         np.left_shift(words & np.uint64(0x3333333333333333), np.uint64(2), out=out[:, :, 0])
