@@ -68,6 +68,15 @@ def test_observers_see_the_fused_routing(mixtral_src, tmp_path):
     decoder.token_layers = None
     model.logits(PROMPT[:4], decode=True)
     assert step is not None and fused == seen and len(seen) == 4 * 2  # the first token and 3 decode steps, 2 layers
+    # a position past the cache is refused before the kernel would write there
+    import torch
+
+    from edgerun.errors import ContextLengthError
+    from edgerun.models.attention import Positions
+
+    cache = model._engine.cache
+    with pytest.raises(ContextLengthError, match="outside the context"):
+        step(torch.zeros(1, model.spec.hidden_size), Positions(cache.context_length, 1, torch.float32, {}), cache)
 
 
 def test_the_parts_path_stays_where_the_step_does_not_apply(mixtral_src, hf_dirs_fused, tmp_path, monkeypatch):

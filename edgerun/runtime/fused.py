@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .. import native
+from ..errors import ContextLengthError
 from ..models.attention import Attention
 from ..models.ffn import MoE
 from ..models.routers import SoftmaxTopK
@@ -138,6 +139,8 @@ class TokenLayers:
         (nothing done) where the decoder's parts have changed since this step was built."""
         if not self.current():
             return None
+        if not 0 <= pos.start < cache.context_length:  # the kernel writes the caches at pos.start unchecked
+            raise ContextLengthError(f"position {pos.start} is outside the context of {cache.context_length}")
         a = self.attention
         cos, sin = pos.rotary(a.rope)
         temperature = float(a.temperature(pos)[0]) if a.temperature_len else 1.0
