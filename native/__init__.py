@@ -381,13 +381,24 @@ def fusable() -> bool:
     return _kernels is not None
 
 
+def typed_list(items: list) -> object:
+    """A numba typed list of items, all of one type (see kernels.list_of)."""
+    out = _kernels.list_of(items[0], len(items))
+    for i, item in enumerate(items[1:], 1):
+        _kernels.list_set(out, i, item)
+    return out
+
+
+def typed_set(items, i: int, item) -> None:
+    _kernels.list_set(items, i, item)
+
+
 def warmup_layers(dense_dtype, expert_dtype) -> None:
     """Compile decode_layers for dense matrices and experts of these qs dtypes (uint8: q4, int8: q8), or load it
     from the disk cache: at load, not inside the first token. A tiny model of one layer runs through it."""
-    from numba.typed import List
-
     rng = np.random.default_rng(0)
     d, dh, heads, n_exp = 64, 16, 2, 2
+    typed = typed_list  # the lists are made as the decoder's are
 
     def matrix(rows: int, cols: int, dtype) -> tuple[np.ndarray, np.ndarray]:
         qs, scales = quantize(rng.standard_normal((rows, cols)).astype(np.float32), "q4" if dtype == np.uint8 else "q8")
@@ -396,14 +407,17 @@ def warmup_layers(dense_dtype, expert_dtype) -> None:
     qkv, o = matrix(3 * heads * dh, d, dense_dtype), matrix(d, heads * dh, dense_dtype)
     gu, dn = matrix(2 * d, d, expert_dtype), matrix(d, d, expert_dtype)
     cache = np.zeros((heads, 4, dh), np.float32)
+    router = rng.standard_normal((n_exp, d)).astype(np.float32)
+    for item in (_NO_SINKS, router, cache, qkv[0], qkv[1]):  # the lists' methods, for every type they hold
+        typed_list([item, item])
     for int8 in (False, True) if INT_DOT else (False,):
         decode_layers(rng.standard_normal((1, d)).astype(np.float32), np.ones((2, d), np.float32), np.float32(1e-5),
-                      List([qkv[0]]), List([qkv[1]]), List([o[0]]), List([o[1]]), int8 and dense_dtype == np.uint8,
-                      heads, heads, List([cache]), List([cache.copy()]), 0, np.zeros(1, np.int64), np.float32(0.25),
-                      np.float32(0.0), np.float32(1.0), List([_NO_SINKS]), np.ones(dh // 2, np.float32),
-                      np.zeros(dh // 2, np.float32), List([rng.standard_normal((n_exp, d)).astype(np.float32)]),
-                      np.float32(0.0), 1, True, List([gu[0]] * n_exp), List([gu[1]] * n_exp), List([dn[0]] * n_exp),
-                      List([dn[1]] * n_exp), int8 and expert_dtype == np.uint8, SILU, 0, False,
+                      typed([qkv[0]]), typed([qkv[1]]), typed([o[0]]), typed([o[1]]), int8 and dense_dtype == np.uint8,
+                      heads, heads, typed([cache]), typed([cache.copy()]), 0, np.zeros(1, np.int64), np.float32(0.25),
+                      np.float32(0.0), np.float32(1.0), typed([_NO_SINKS]), np.ones(dh // 2, np.float32),
+                      np.zeros(dh // 2, np.float32), typed([router]),
+                      np.float32(0.0), 1, True, typed([gu[0]] * n_exp), typed([gu[1]] * n_exp), typed([dn[0]] * n_exp),
+                      typed([dn[1]] * n_exp), int8 and expert_dtype == np.uint8, SILU, 0, False,
                       np.zeros((1, 1), np.int64), np.zeros((1, 1), np.float32))
 
 

@@ -24,6 +24,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, overload, register_model
+from numba.typed import List
 
 from ..store.quant import E2M1
 from .reference import GELU, GELU_TANH, SILU, SWIGLU_ALPHA, SWIGLU_LIMIT  # the activation codes and gpt-oss's clamp
@@ -1269,6 +1270,21 @@ def rms_norm(x, weight, eps, out):
 # dispatch work between them (about 0.1 ms a layer) is gone. Per-layer weights come as typed lists; the experts as
 # one list over layers and experts (layer l, expert e at l * E + e), an empty array standing for one not mapped
 # yet, which makes the call return early so that the caller maps it and calls again from there.
+
+@njit(cache=True)
+def list_of(item, n):
+    """A typed list of n references to item (typed lists made and changed here, in compiled code that is cached,
+    not by numba.typed.List's methods from Python, which compile on first use in every process)."""
+    out = List()
+    for _ in range(n):
+        out.append(item)
+    return out
+
+
+@njit(cache=True)
+def list_set(items, i, item):
+    items[i] = item
+
 
 def _gemv_one(x, qs, scales, lut, out, int8):
     """out = x @ W.T for one token x [1, K], with the kernel the one-token path of matmul takes."""

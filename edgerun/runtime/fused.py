@@ -70,8 +70,7 @@ class TokenLayers:
         return cls(decoder, experts, dense_dtype)
 
     def __init__(self, decoder, experts: QuantizedExperts, dense_dtype):
-        from numba.typed import List
-
+        typed = native.typed_list
         self.decoder, self.experts, self.store = decoder, experts, experts.store
         blocks = decoder.blocks
         first = blocks[0]
@@ -79,17 +78,17 @@ class TokenLayers:
         self.attention = a
         self.norms = np.stack([n.weight.numpy() for b in blocks for n in (b.attn_norm, b.ffn_norm)])
         self.eps = np.float32(a.eps)
-        self.qkv_qs = List([b.attention.qkv[0].qs for b in blocks])
-        self.qkv_scales = List([b.attention.qkv[0].scales.view(np.uint16) for b in blocks])
-        self.o_qs = List([b.attention.w["o"].qs for b in blocks])
-        self.o_scales = List([b.attention.w["o"].scales.view(np.uint16) for b in blocks])
+        self.qkv_qs = typed([b.attention.qkv[0].qs for b in blocks])
+        self.qkv_scales = typed([b.attention.qkv[0].scales.view(np.uint16) for b in blocks])
+        self.o_qs = typed([b.attention.w["o"].qs for b in blocks])
+        self.o_scales = typed([b.attention.w["o"].scales.view(np.uint16) for b in blocks])
         self.dense_int8 = bool(native.INT_DOT and dense_dtype == np.uint8
                                and all(2 * m.qs.shape[1] == 32 * m.scales.shape[1]
                                        for b in blocks for m in (b.attention.qkv[0], b.attention.w["o"])))
         self.windows = np.array([b.attention.window or 0 for b in blocks], np.int64)
         no_sinks = np.empty(0, np.float32)
-        self.sinks = List([b.attention.w["sinks"].float().numpy() if a.sinks else no_sinks for b in blocks])
-        self.routers = List([b.ffn.router.w["router"].numpy() for b in blocks])
+        self.sinks = typed([b.attention.w["sinks"].float().numpy() if a.sinks else no_sinks for b in blocks])
+        self.routers = typed([b.ffn.router.w["router"].numpy() for b in blocks])
         self._routers = [b.ffn.router for b in blocks]
         self.router_cap = np.float32(f.router.cap or 0.0)
         self.top_k, self.renormalize = f.top_k, bool(f.router.renormalize)
@@ -100,8 +99,8 @@ class TokenLayers:
         n = len(blocks) * self.num_experts
         qs_dtype = np.uint8 if layout.fmt == "q4" else np.int8
         empty_qs, empty_scales = np.empty((0, 0), qs_dtype), np.empty((0, 0), np.uint16)
-        self.gu_qs, self.gu_scales = List([empty_qs] * n), List([empty_scales] * n)
-        self.d_qs, self.d_scales = List([empty_qs] * n), List([empty_scales] * n)
+        self.gu_qs, self.gu_scales = typed([empty_qs] * n), typed([empty_scales] * n)
+        self.d_qs, self.d_scales = typed([empty_qs] * n), typed([empty_scales] * n)
         self._mapped = np.zeros(n, bool)
         self.idx = np.zeros((len(blocks), self.top_k), np.int64)
         self.weights = np.zeros((len(blocks), self.top_k), np.float32)
@@ -114,18 +113,18 @@ class TokenLayers:
             i = layer * self.num_experts + e
             if not self._mapped[i]:
                 (gq, gs), (dq, ds) = self.store.expert_views(self.store.moe_layers[layer], e)
-                self.gu_qs[i], self.gu_scales[i] = gq, gs.view(np.uint16)
-                self.d_qs[i], self.d_scales[i] = dq, ds.view(np.uint16)
+                for items, item in ((self.gu_qs, gq), (self.gu_scales, gs.view(np.uint16)), (self.d_qs, dq),
+                                    (self.d_scales, ds.view(np.uint16))):
+                    native.typed_set(items, i, item)
                 self._mapped[i] = True
 
     def _cache_lists(self, cache) -> tuple:
-        from numba.typed import List
-
+        typed = native.typed_list
         held = self._caches.get(id(cache))
         if held is None or held[0] is not cache:
             self._caches.clear()  # one sequence at a time: the engine's cache
-            held = self._caches[id(cache)] = (cache, List([c.k.numpy() for c in cache.layers]),
-                                              List([c.v.numpy() for c in cache.layers]))
+            held = self._caches[id(cache)] = (cache, typed([c.k.numpy() for c in cache.layers]),
+                                              typed([c.v.numpy() for c in cache.layers]))
         return held[1], held[2]
 
     def current(self) -> bool:
