@@ -46,12 +46,14 @@ class TokenLayers:
         dense_dtype = None
         for b in blocks:
             a, f = b.attention, b.ffn
-            if (b.post_attn_norm is not None or type(a) is not Attention or a.qkv is None or a.qkv_bias or a.o_bias
-                    or a.qk_norm or a.clip is not None or type(f) is not MoE or type(f.router) is not SoftmaxTopK
+            if (b.post_attn_norm is not None or b.post_ffn_norm is not None or type(a) is not Attention
+                    or a.qkv is None or a.qkv_bias or a.o_bias or a.qk_norm or a.clip is not None
+                    or type(f) is not MoE or type(f.router) is not SoftmaxTopK
                     or f.experts is not experts or not isinstance(a.w["o"], QuantizedMatrix)):
                 return None
             whole, o = a.qkv[0], a.w["o"]
             if (dense_dtype not in (None, whole.qs.dtype) or o.qs.dtype != whole.qs.dtype
+                    or whole.scales.dtype != np.float16 or o.scales.dtype != np.float16
                     or _padded_in(whole) != whole.in_features or _padded_in(o) != o.in_features
                     or (a.heads, a.kv_heads, a.head_dim, a.scale, a.cap, a.temperature_len, a.sinks, a.rope,
                         a.eps) != (attn.heads, attn.kv_heads, attn.head_dim, attn.scale, attn.cap,
