@@ -156,8 +156,15 @@ def test_an_api_key_is_required_when_set(model):
         s.stop()
 
 
-def test_a_client_that_disconnects_stops_its_generation(server):
+def test_a_client_that_disconnects_stops_its_generation(server, monkeypatch):
     worker = server.app.state.worker
+    stream_ids = worker.model.stream_ids
+
+    def paced(*args, **kwargs):  # 5 ms a token: the demo model alone could make all 200 before the disconnect shows
+        for piece in stream_ids(*args, **kwargs):
+            time.sleep(0.005)
+            yield piece
+    monkeypatch.setattr(worker.model, "stream_ids", paced)
     before = dict(worker.totals)
     threads = threading.active_count()
     body = {"model": NAME, "prompt": "KING:", "max_tokens": 200, "temperature": 0.9, "seed": 1, "stream": True}
