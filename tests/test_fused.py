@@ -33,10 +33,14 @@ def counting(monkeypatch) -> list:
     return calls
 
 
-@pytest.mark.parametrize("quant, dense, window", [("q4", "q4", None), ("q4", "q8", 5), ("q8", "q8", None)])
+@pytest.mark.parametrize("quant, dense, window, int_dot", [("q4", "q4", None, True), ("q4", "q8", 5, True),
+                                                           ("q8", "q8", None, True), ("q4", "q4", 5, False)])
 def test_a_decoded_token_is_one_call_with_the_parts_logits_bit_for_bit(mixtral_src, tmp_path, monkeypatch, quant,
-                                                                      dense, window):
+                                                                      dense, window, int_dot):
+    if not int_dot:  # the kernels of CPUs without int8 dot products: float activations
+        monkeypatch.setattr(native, "INT_DOT", False)
     model = edgerun.load(convert(mixtral_src[window], tmp_path / "s", quant=quant, dense=dense, progress=False))
+    assert model._engine.decoder.token_layers.expert_int8 == (native.INT_DOT and quant == "q4")
     decoder = model._engine.decoder
     step = decoder.token_layers
     assert step is not None
