@@ -569,6 +569,9 @@ def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, pref
     settings.update(threads=torch.get_num_threads(), profile=profile_source)
     decoder = layout.decoder
     decoder.bind(weights)
+    if plan.all_resident and not on_device:
+        decoder.stack_projections()  # one GEMV a token for q, k and v
+    weights.clear()  # the decoder holds what it uses: mappings it replaced go now
     weights_bytes = layout.total_experts * layout.chunk_bytes + sum(t.nbytes for t in layout.tensors.values())
     info = {"path": path, "tokenizer_dir": store.tokenizer_dir, "quant": store.quant["name"],
             "expert_format": layout.expert_format, "dense_format": layout.dense_format,

@@ -108,10 +108,13 @@ class Attention(Part):
         return out
 
     def bind(self, weights) -> None:
-        """Quantized q, k and v in host memory are stacked into one matrix (q, k and v then view its rows), so a
-        token's projections take one kernel call instead of three."""
         super().bind(weights)
         self.qkv = None
+
+    def stack_qkv(self) -> None:
+        """Stack quantized q, k and v in host memory into one matrix (q, k and v then view its rows), so that a
+        token's projections take one kernel call instead of three. The rows are copied: for weights that stay in
+        RAM (see Decoder.stack_projections)."""
         stacked = stack_rows([self.w["q"], self.w["k"], self.w["v"]])
         if stacked is not None:
             whole, (self.w["q"], self.w["k"], self.w["v"]) = stacked

@@ -123,6 +123,14 @@ class Decoder(Part):
         self.lm_head = self.w["embed"] if self.spec.tie_word_embeddings else self.w["lm_head"]
         self.dtype = self.w["embed"].dtype
 
+    def stack_projections(self) -> None:
+        """Stack each attention's q, k and v into one matrix where their kind allows it (quantized, in host memory):
+        for a model whose weights all stay in RAM, where the copy costs no reads the budget did not plan."""
+        for block in self.blocks:
+            stack = getattr(block.attention, "stack_qkv", None)
+            if stack is not None:
+                stack()
+
     def use_experts(self, experts: ExpertsCall) -> None:
         """Make `experts` compute the routed experts of every MoE layer."""
         for part in self.moe.values():
