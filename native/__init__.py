@@ -125,11 +125,15 @@ def _check_out(out: np.ndarray, shape: tuple[int, int]) -> None:
                          f"got {out.dtype} {out.shape}")
 
 
+def int_dot(qs: np.ndarray, scales: np.ndarray) -> bool:
+    """Whether one token's product with the matrix (qs, scales) takes the int8 path: q4 in groups of 32, on a CPU
+    with int8 dot products."""
+    return INT_DOT and qs.dtype == np.uint8 and scales.dtype == np.float16 and 2 * qs.shape[1] == 32 * scales.shape[1]
+
+
 def _int_dot(x: np.ndarray, qs: np.ndarray, scales: np.ndarray) -> bool:
-    """Whether the product of x and the matrix (qs, scales) takes the int8 path: one token, q4, groups
-    of 32."""
-    return (INT_DOT and x.shape[0] == 1 and qs.dtype == np.uint8 and scales.dtype == np.float16
-            and 2 * qs.shape[1] == 32 * scales.shape[1])
+    """Whether the product of x and the matrix (qs, scales) takes the int8 path (int_dot, for one token)."""
+    return x.shape[0] == 1 and int_dot(qs, scales)
 
 
 def _padded(x: np.ndarray, kp: int) -> np.ndarray:

@@ -84,9 +84,8 @@ class TokenLayers:
         self.qkv_scales = typed([b.attention.qkv[0].scales.view(np.uint16) for b in blocks])
         self.o_qs = typed([b.attention.w["o"].qs for b in blocks])
         self.o_scales = typed([b.attention.w["o"].scales.view(np.uint16) for b in blocks])
-        self.dense_int8 = bool(native.INT_DOT and dense_dtype == np.uint8
-                               and all(2 * m.qs.shape[1] == 32 * m.scales.shape[1]
-                                       for b in blocks for m in (b.attention.qkv[0], b.attention.w["o"])))
+        self.dense_int8 = all(native.int_dot(m.qs, m.scales)
+                              for b in blocks for m in (b.attention.qkv[0], b.attention.w["o"]))
         self.windows = np.array([b.attention.window or 0 for b in blocks], np.int64)
         no_sinks = np.empty(0, np.float32)
         self.sinks = typed([b.attention.w["sinks"].float().numpy() if a.sinks else no_sinks for b in blocks])
@@ -95,7 +94,8 @@ class TokenLayers:
         self.router_cap = np.float32(f.router.cap or 0.0)
         self.top_k, self.renormalize = f.top_k, bool(f.router.renormalize)
         layout = self.store.expert_layout
-        self.expert_int8 = bool(native.INT_DOT and layout.fmt == "q4" and layout.group == 32)
+        # native.int_dot's rule, from the layout (q4 scales are float16): as routed_experts chooses for a token
+        self.expert_int8 = native.INT_DOT and layout.fmt == "q4" and layout.group == 32
         self.activation = experts.activation
         self.num_experts = decoder.spec.num_experts
         n = len(blocks) * self.num_experts

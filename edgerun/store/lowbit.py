@@ -110,12 +110,18 @@ def to_q4(sections: list[np.ndarray], fmt: str, qs: np.ndarray, scales: np.ndarr
     worked on as 64-bit (q2) or 32-bit (q3) words: every operation keeps to the bits of its own byte."""
     from .. import native
 
-    lo, s = sections[0], sections[-1]
-    o, ng = s.shape
-    quarter = lo.shape[1] // ng  # G/4 bytes a group, a multiple of 8
-    if native.low_to_q4(sections, fmt, quarter, qs):
-        pass  # the same operations, in one pass
-    elif fmt == "q2":  # nibble = 4 c: pairs 0 and 2 of byte j make q4 byte j, pairs 1 and 3 make byte j + G/4
+    s = sections[-1]
+    quarter = sections[0].shape[1] // s.shape[1]  # G/4 bytes a group, a multiple of 8
+    if not native.low_to_q4(sections, fmt, quarter, qs):  # the kernels do the same operations in one pass
+        _q4_words(sections, fmt, quarter, qs)
+    divided_scales(s, fmt, scales)
+
+
+def _q4_words(sections: list[np.ndarray], fmt: str, quarter: int, qs: np.ndarray) -> None:
+    """to_q4's bits in NumPy."""
+    lo = sections[0]
+    o, ng = sections[-1].shape
+    if fmt == "q2":  # nibble = 4 c: pairs 0 and 2 of byte j make q4 byte j, pairs 1 and 3 make byte j + G/4
         words = lo.reshape(o, ng, quarter).view(np.uint64)
         out = qs.reshape(o, ng, 2, quarter).view(np.uint64)
         np.left_shift(words & np.uint64(0x3333333333333333), np.uint64(2), out=out[:, :, 0])
@@ -128,7 +134,6 @@ def to_q4(sections: list[np.ndarray], fmt: str, qs: np.ndarray, scales: np.ndarr
         np.right_shift(words & np.uint32(0xCCCCCCCC), np.uint32(1), out=out[:, :, 2:4])
         hi = sections[1].reshape(o, ng, 1, eighth).view(np.uint32)
         out |= ((hi >> np.arange(4, dtype=np.uint32).reshape(1, 1, 4, 1)) & np.uint32(0x11111111)) << np.uint32(3)
-    divided_scales(s, fmt, scales)
 
 
 def divided_scales(s: np.ndarray, fmt: str, out: np.ndarray) -> None:

@@ -38,12 +38,19 @@ def map_file(path: Path, huge_pages: bool = False) -> np.ndarray:
     folios), instead of 512 entries of 4 KiB, which kernels streaming through gigabytes of weights miss on."""
     mapped = np.memmap(path, dtype=np.uint8, mode="c")
     handle = getattr(mapped, "_mmap", None)  # numpy's mmap object behind the array
-    if huge_pages and handle is not None and hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            handle.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:  # a kernel without THP: 4 KiB pages, as without the advice
-            pass
+    if huge_pages and handle is not None:
+        _advise_huge_pages(handle)
     return mapped.view(np.ndarray)
+
+
+def _advise_huge_pages(region: mmap.mmap) -> None:
+    """Ask for transparent huge pages in a mapping nothing has touched yet; a kernel without them keeps 4 KiB
+    pages, as without the advice."""
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            region.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass
 
 
 def huge_page_array(shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -53,10 +60,7 @@ def huge_page_array(shape: tuple[int, ...], dtype) -> np.ndarray:
     if nbytes < 1 << 21 or not hasattr(mmap, "MADV_HUGEPAGE"):
         return np.zeros(shape, dtype)
     region = mmap.mmap(-1, nbytes)
-    try:
-        region.madvise(mmap.MADV_HUGEPAGE)
-    except OSError:  # a kernel without THP
-        pass
+    _advise_huge_pages(region)
     return np.frombuffer(region, dtype=dtype).reshape(shape)
 
 
