@@ -1,15 +1,18 @@
-"""Light experts that miss, left out (`skip_below`) or read from their low-bit copies (`low_below`, copies made by
-`edgerun convert STORE --low-bits q2|q3`): what each costs in quality and what it buys in speed, setting by setting.
+"""Light experts that miss, left out (`skip_below`), replaced by experts in memory (`substitute_below`) or read from
+their low-bit copies (`low_below`, copies made by `edgerun convert STORE --low-bits q2|q3`): what each costs in
+quality and what it buys in speed, setting by setting.
 
 Quality: the demo model (trained on Tiny Shakespeare) converted to a q4 store in --workdir, its experts in a RAM
 cache of 25% and 50% of them, scores the first --tokens held-out tokens one decode step at a time
 (`Model.logits(ids, decode=True)`, in windows of its 256-token context, each token once), against exact decoding:
-perplexity, the shares of decoded experts left out and served by copies, and the bytes read per token.
+perplexity, the shares of decoded experts left out, replaced and served by copies, and the bytes read per token.
 
 Speed: the store of `routing_trace.py` (generated in --workdir if missing, q2 or q3 copies added as each setting
 needs) with the Mixtral trace's routing and weights, `edgerun bench --ram BUDGET --cold --routing-trace TRACE`
 with each setting's options in fresh processes, budgets of 25% and 50% of its experts; --rounds interleaved
-rounds, medians.
+rounds, each starting at another setting, medians. The trace gives the probabilities of the experts it chose only,
+so an expert standing in for a light miss there is one in memory with no rank (and a weight of 0): it costs what a
+real one would (a computed expert, no read) but says nothing of quality, which the demo model measures.
 
     python benchmarks/light_misses.py --workdir ../trace-model --out light-misses.json
 """
@@ -19,25 +22,43 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import routing_trace  # noqa: E402 (the trace store and its budgets)
 
 ROOT = Path(__file__).resolve().parent.parent
-# (name, skip_below, low_below, low_when_late, copy format); the speed runs take every setting but QUALITY_ONLY's,
-# those with q3 copies last in each round, with the store's copies made again in q3
-SETTINGS = [("exact", 0.0, 0.0, False, None), ("skip 0.2", 0.2, 0.0, False, None),
-            ("skip 0.25", 0.25, 0.0, False, None), ("skip 0.3", 0.3, 0.0, False, None),
-            ("skip 0.35", 0.35, 0.0, False, None), ("skip 0.4", 0.4, 0.0, False, None),
-            ("q3 below 0.5", 0.0, 0.5, False, "q3"), ("q3 all misses", 0.0, 0.999, False, "q3"),
-            ("q3 when late", 0.0, 0.0, True, "q3"), ("q3 when late, skip 0.25", 0.25, 0.0, True, "q3"),
-            ("q2 below 0.3", 0.0, 0.3, False, "q2"), ("q2 below 0.5", 0.0, 0.5, False, "q2"),
-            ("q2 all misses", 0.0, 0.999, False, "q2"), ("q2 below 0.5, skip 0.2", 0.2, 0.5, False, "q2"),
-            ("q2 when late", 0.0, 0.0, True, "q2"), ("q2 when late, skip 0.25", 0.25, 0.0, True, "q2")]
+
+
+class Setting(NamedTuple):
+    name: str
+    skip: float = 0.0  # skip_below
+    low: float = 0.0  # low_below
+    late: bool = False  # low_when_late
+    fmt: str | None = None  # the copies it reads
+    sub: float = 0.0  # substitute_below
+
+
+# the speed runs take every setting but QUALITY_ONLY's, those with q3 copies last in each round, with the store's
+# copies made again in q3
+SETTINGS = [Setting("exact"), Setting("skip 0.2", skip=0.2), Setting("skip 0.25", skip=0.25),
+            Setting("skip 0.3", skip=0.3), Setting("skip 0.35", skip=0.35), Setting("skip 0.4", skip=0.4),
+            Setting("substitute 0.25", sub=0.25), Setting("substitute 0.3", sub=0.3),
+            Setting("substitute 0.35", sub=0.35), Setting("substitute 0.4", sub=0.4),
+            Setting("substitute 0.5", sub=0.5),
+            Setting("q3 below 0.5", low=0.5, fmt="q3"), Setting("q3 all misses", low=0.999, fmt="q3"),
+            Setting("q3 when late", late=True, fmt="q3"),
+            Setting("q3 when late, skip 0.25", skip=0.25, late=True, fmt="q3"),
+            Setting("q2 below 0.3", low=0.3, fmt="q2"), Setting("q2 below 0.5", low=0.5, fmt="q2"),
+            Setting("q2 all misses", low=0.999, fmt="q2"),
+            Setting("q2 below 0.5, skip 0.2", skip=0.2, low=0.5, fmt="q2"),
+            Setting("q2 when late", late=True, fmt="q2"),
+            Setting("q2 when late, skip 0.25", skip=0.25, late=True, fmt="q2")]
 QUALITY_ONLY = {"q3 below 0.5", "q3 all misses"}  # measured for speed in q2 instead
 
 
@@ -65,14 +86,14 @@ def quality(a: argparse.Namespace, report: dict) -> None:
         store = ExpertStore(path)
         total = len(store.moe_layers) * store.num_experts
         for share in a.shares:
-            for name, skip, low, late, f in a.settings:
-                if f != fmt:
+            for st in a.settings:
+                if st.fmt != fmt:
                     continue
                 slots = max(4, round(share * total))
-                experts = OffloadedExperts(store, model.spec.activation, slots, skip_below=skip, low_below=low,
-                                           low_when_late=late)
+                experts = OffloadedExperts(store, model.spec.activation, slots, skip_below=st.skip, low_below=st.low,
+                                           low_when_late=st.late, substitute_below=st.sub)
                 model.use_experts(experts).close()
-                nll, count, skipped, served, accesses, read = 0.0, 0, 0, 0, 0, 0
+                nll, count, skipped, substituted, served, accesses, read = 0.0, 0, 0, 0, 0, 0, 0
                 for start in range(0, len(ids), 255):  # BOS and 255 tokens fill the 256-token context
                     window = [train_demo.BOS] + ids[start:start + 255].tolist()
                     logits = model.logits(window, decode=True)[:-1].astype(np.float64)
@@ -83,16 +104,19 @@ def quality(a: argparse.Namespace, report: dict) -> None:
                     count += len(target)
                     s = model.stats()  # of this window's decode steps, one per target
                     skipped += s["skipped_experts"]
+                    substituted += s["substituted_experts"]
                     served += s["low_served"]
                     accesses += len(target) * len(store.moe_layers) * model.spec.top_k
                     read += s["decode_bytes_read"]
-                row = {"share": share, "slots": slots, "setting": name, "skip_below": skip, "low_below": low,
-                       "low_when_late": late,
+                row = {"share": share, "slots": slots, "setting": st.name, "skip_below": st.skip, "low_below": st.low,
+                       "low_when_late": st.late, "substitute_below": st.sub,
                        "perplexity": math.exp(nll / count), "tokens": count, "skipped_rate": skipped / accesses,
-                       "low_served_rate": served / accesses, "bytes_read_per_token": read / count}
+                       "substituted_rate": substituted / accesses, "low_served_rate": served / accesses,
+                       "bytes_read_per_token": read / count}
                 report["quality"].append(row)
-                print(f"quality {share:.0%} ({slots} slots) {name}: perplexity {row['perplexity']:.3f}, "
-                      f"{row['skipped_rate']:.1%} left out, {row['low_served_rate']:.1%} from copies, "
+                print(f"quality {share:.0%} ({slots} slots) {st.name}: perplexity {row['perplexity']:.3f}, "
+                      f"{row['skipped_rate']:.1%} left out, {row['substituted_rate']:.1%} substituted, "
+                      f"{row['low_served_rate']:.1%} from copies, "
                       f"{row['bytes_read_per_token'] / 1e3:.0f} KB/token", file=sys.stderr, flush=True)
                 experts.close()
 
@@ -109,28 +133,33 @@ def speed(a: argparse.Namespace, report: dict, t0: float) -> None:
         if low is None or low.fmt != fmt:
             routing_trace.log(t0, f"making {fmt} copies in {store}")
             add_low_copies(store, fmt, progress=False)
+            os.sync()  # the copies' writes reach the disk now, not during the next measurement
     copies("q2")
     budgets = {share: routing_trace.budget_for(store, share, a) for share in a.shares}
-    runs = [s for s in a.settings if s[0] not in QUALITY_ONLY]
-    runs.sort(key=lambda s: s[4] == "q3")  # the q3 settings last in each round, with the copies made again
+    plain = [s for s in a.settings if s.name not in QUALITY_ONLY and s.fmt != "q3"]
+    q3 = [s for s in a.settings if s.name not in QUALITY_ONLY and s.fmt == "q3"]  # last, the copies made again
     for rnd in range(a.rounds):
         if rnd:
             copies("q2")
-        for name, skip, low, late, fmt in runs:
-            if fmt:
-                copies(fmt)
+        turn = rnd * len(plain) // a.rounds  # each round starts at another setting: none always runs first
+        for st in plain[turn:] + plain[:turn] + q3:
+            if st.fmt:
+                copies(st.fmt)
             for share in a.shares:
                 budget, slots = budgets[share]
                 r = routing_trace.bench(store, ["--ram", str(budget), "--cold", "--routing-trace",
-                                                str(routing_trace.TRACE), "--skip-below", str(skip),
-                                                "--low-below", str(low)] + (["--low-when-late"] if late else []), a)
-                report["speed"].append({"round": rnd, "share": share, "slots": r["expert_slots"], "setting": name,
+                                                str(routing_trace.TRACE), "--skip-below", str(st.skip),
+                                                "--substitute-below", str(st.sub), "--low-below", str(st.low)]
+                                        + (["--low-when-late"] if st.late else []), a)
+                report["speed"].append({"round": rnd, "share": share, "slots": r["expert_slots"], "setting": st.name,
                                         **{k: r[k] for k in ("decode_tokens_per_s", "bytes_read_per_token",
-                                                             "skipped_rate", "low_served_rate", "hit_rate")}})
+                                                             "skipped_rate", "substituted_rate", "low_served_rate",
+                                                             "hit_rate")}})
                 if r["expert_slots"] != slots:
                     routing_trace.log(t0, f"  note: the run got {r['expert_slots']} slots, not {slots}")
-                routing_trace.log(t0, f"speed round {rnd + 1} {share:.0%} {name}: "
+                routing_trace.log(t0, f"speed round {rnd + 1} {share:.0%} {st.name}: "
                                       f"{r['decode_tokens_per_s']:.2f} tok/s, {r['skipped_rate']:.1%} left out, "
+                                      f"{r['substituted_rate']:.1%} substituted, "
                                       f"{r['low_served_rate']:.1%} from copies, "
                                       f"{r['bytes_read_per_token'] / 1e6:.0f} MB/token")
                 Path(a.out).write_text(json.dumps(report, indent=2) + "\n")
@@ -145,12 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="speed: rounds over every setting (default 3)")
     p.add_argument("--repeats", type=int, default=1, help="speed: generations per run (default 1)")
     p.add_argument("--skip-speed", action="store_true", help="quality only")
-    p.add_argument("--settings", nargs="+", metavar="NAME", choices=[s[0] for s in SETTINGS],
+    p.add_argument("--settings", nargs="+", metavar="NAME", choices=[s.name for s in SETTINGS],
                    help="measure only these settings (default: all; exact is always measured)")
     p.add_argument("--reuse-quality", action="store_true",
                    help="take the quality rows from --out, written by an earlier run, and measure speed only")
     a = p.parse_args(argv)
-    a.settings = [s for s in SETTINGS if a.settings is None or s[0] == "exact" or s[0] in a.settings]
+    a.settings = [s for s in SETTINGS if a.settings is None or s.name == "exact" or s.name in a.settings]
     t0 = time.perf_counter()
     report: dict = {"args": vars(a), "quality": [], "speed": []}
     if a.reuse_quality:
@@ -163,12 +192,13 @@ def main(argv: list[str] | None = None) -> int:
         a.tokens = 64  # decoded per speed run
         speed(a, report, t0)
         a.tokens = scored
-    print(f"{'share':>6s} {'setting':>24s} {'perplexity':>10s} {'vs exact':>8s} {'left out':>8s} {'copies':>7s} "
+    print(f"{'share':>6s} {'setting':>24s} {'perplexity':>10s} {'vs exact':>8s} {'left out':>8s} {'replaced':>8s} "
+          f"{'copies':>7s} "
           f"{'KB/token':>8s} {'decode tok/s':>12s} {'vs exact':>8s} {'MB/token':>8s}")
     for share in a.shares:
         exact = next(r["perplexity"] for r in report["quality"] if r["share"] == share and r["setting"] == "exact")
         base = [r["decode_tokens_per_s"] for r in report["speed"] if r["share"] == share and r["setting"] == "exact"]
-        for name, *_ in a.settings:
+        for name in (s.name for s in a.settings):
             q = next(r for r in report["quality"] if r["share"] == share and r["setting"] == name)
             sp = [r for r in report["speed"] if r["share"] == share and r["setting"] == name]
             tok = statistics.median(r["decode_tokens_per_s"] for r in sp) if sp else None
@@ -176,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
                           f"{statistics.median(r['bytes_read_per_token'] for r in sp) / 1e6:8.0f}"
                           if sp and base else f"{'-':>12s} {'-':>9s} {'-':>8s}")
             print(f"{share:6.0%} {name:>24s} {q['perplexity']:10.3f} {q['perplexity'] / exact - 1:+8.2%} "
-                  f"{q['skipped_rate']:8.1%} {q['low_served_rate']:7.1%} {q['bytes_read_per_token'] / 1e3:8.0f} "
+                  f"{q['skipped_rate']:8.1%} {q.get('substituted_rate', 0.0):8.1%} {q['low_served_rate']:7.1%} "
+                  f"{q['bytes_read_per_token'] / 1e3:8.0f} "
                   f"{speed_cols}")
     return 0
 

@@ -327,7 +327,8 @@ def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None
          context_length: int | None = None, dtype: str = "auto", threads: int | None = None,
          progress: bool | None = None, ram: str | int | None = None, policy: str = "default",
          prefetch: bool = True, gpu: str | int | None = None, device: str = "auto", misses: str = "auto",
-         skip_below: float = 0.0, low_below: float = 0.0, low_when_late: bool = False) -> Model:
+         skip_below: float = 0.0, low_below: float = 0.0, low_when_late: bool = False,
+         substitute_below: float = 0.0) -> Model:
     """Open a model: a Hugging Face directory (config.json, *.safetensors, tokenizer), a repo id in the HF
     cache, Grok-1 as xai-org released it (the folder holding ckpt-0/, or ckpt-0/ itself), or an edgerun store
     made by `edgerun convert`.
@@ -357,6 +358,10 @@ def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None
         read, and whose routing weight is below this, is left out (the others' weights scaled back to the
         routing's sum) instead of read from disk. 0 (default): exact. It applies to the RAM tier's own decoding,
         not (yet) behind a GPU tier.
+    substitute_below: approximate decoding under a RAM budget: a decoded token's expert that is neither in RAM nor
+        being read, and whose routing weight is below this, is replaced by the most probable expert of its layer
+        that is in RAM and that the token did not choose, weighted by its own probability; with none in RAM it is
+        left out (below skip_below) or read. 0 (default): exact. Applies where skip_below does.
     low_below: approximate decoding with a store's low-bit copies of its experts (`edgerun convert STORE
         --low-bits q2`): a decoded token's expert that is not in RAM and weighs less than this is read from its
         2- or 3-bit copy (about half or three quarters of the bytes); a copy used again is upgraded to the
@@ -376,14 +381,15 @@ def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None
     budget = None if ram is None else parse_size(ram)
     gpu_budget = None if gpu is None else parse_size(gpu, zero=True)
     tier = _gpu_device(device, gpu_budget)
-    for name, value in (("skip_below", skip_below), ("low_below", low_below)):
+    for name, value in (("skip_below", skip_below), ("low_below", low_below), ("substitute_below", substitute_below)):
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
             raise ArgumentError(f"{name} must be a routing weight from 0 up to 1 (0: exact), got {value!r}")
     if not isinstance(low_when_late, bool):
         raise ArgumentError(f"low_when_late must be True or False, got {low_when_late!r}")
     offload = {"budget": budget, "policy": policy, "prefetch": prefetch, "context_length": context_length,
                "gpu": (tier, gpu_budget), "misses": misses, "skip_below": float(skip_below),
-               "low_below": float(low_below), "low_when_late": low_when_late}
+               "low_below": float(low_below), "low_when_late": low_when_late,
+               "substitute_below": float(substitute_below)}
     if is_store(path):
         if quant not in (None, "none") or dense is not None:
             raise ArgumentError(f"{path} is already a converted store; quant and dense apply to checkpoints")
@@ -487,7 +493,7 @@ def _load_hf(source: Checkpoint, dtype: str, progress: bool | None, context_leng
 
 def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, prefetch: bool,
                 context_length: int | None, threads: int | None, t0: float, gpu: tuple, misses: str,
-                skip_below: float, low_below: float, low_when_late: bool) -> Model:
+                skip_below: float, low_below: float, low_when_late: bool, substitute_below: float) -> Model:
     from . import native
     from .hw.settings import best_threads, local_profile
     from .runtime.quantized import QuantizedExperts, QuantizedMatrix, StoreTensorExperts, as_tensor
@@ -555,7 +561,8 @@ def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, pref
         settings = placement.runtime_settings(profile, layout)
         experts = OffloadedExperts(store, spec.activation, plan.slots, policy=policy, prefetch=prefetch,
                                    workers=settings["readers"], depth=settings["prefetch_depth"],
-                                   skip_below=skip_below, low_below=low_below, low_when_late=low_when_late)
+                                   skip_below=skip_below, low_below=low_below, low_when_late=low_when_late,
+                                   substitute_below=substitute_below)
         settings["direct_io"] = experts.reader.direct
     if plan.gpu is not None:
         from .hw.settings import miss_costs

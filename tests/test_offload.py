@@ -377,6 +377,58 @@ def test_light_experts_missing_from_ram_are_left_out_when_asked(stores, monkeypa
         edgerun.load(stores["mixtral"], skip_below=1.5)
 
 
+def test_light_experts_missing_from_ram_are_replaced_by_experts_in_memory_when_asked(stores, monkeypatch):
+    import torch
+
+    from edgerun import native
+
+    monkeypatch.setattr(native, "INT_DOT", False)
+    exact = edgerun.load(stores["mixtral"])
+    ids = exact.generate_ids(PROMPT, 10, temperature=0, ignore_eos=True)
+    want = exact.logits(PROMPT + ids)
+    model = edgerun.load(stores["mixtral"])
+    experts = offload(model, slots=8, prefetch=False, substitute_below=0.999)  # every miss but a lone expert's
+    real, seen = experts._light_misses, {"substituted": 0, "reads": 0}
+
+    def checked(layer, x, idx, weights):
+        # what the routing asked for against what is computed, the router's probabilities computed here
+        pos = experts.pos[layer]
+        probs = torch.softmax(x.float() @ model.decoder.moe[layer].router.w["router"].float().T, dim=-1)[0]
+        cached = {e for e in range(8) if experts.cache.contains((pos, e))}
+        got_idx, got_w = real(layer, x, idx, weights)
+        assert got_idx.shape == idx.shape  # nothing left out without skip_below
+        chosen = idx[0].tolist()
+        for k, (e, w) in enumerate(zip(chosen, weights[0].tolist())):
+            sub, sub_w = int(got_idx[0, k]), float(got_w[0, k])
+            free = [c for c in cached if c not in chosen and c not in got_idx[0, :k].tolist()]
+            if e in cached or not free:
+                assert (sub, sub_w) == (e, pytest.approx(w))  # in memory, or nothing to stand in: as routed
+                seen["reads"] += e not in cached
+                continue
+            assert sub == max(free, key=lambda c: float(probs[c]))  # the most probable expert in memory
+            assert sub_w == pytest.approx(w * float(probs[sub] / probs[e]), rel=1e-4)
+            seen["substituted"] += 1
+        return got_idx, got_w
+    experts._light_misses = checked
+    got = model.logits(PROMPT + ids, decode=True)
+    stats = model.stats()
+    assert seen["substituted"] > 0 and stats["substituted_experts"] == seen["substituted"]
+    assert 0 < stats["substituted_rate"] < 1
+    # a replaced expert is never read: decoding reads only the misses nothing stood in for
+    assert stats["decode_bytes_read"] == seen["reads"] * experts.store.chunk_bytes
+    assert np.allclose(got[0], want[0], atol=1e-4)  # the first token is a prompt: computed exactly
+    assert not np.allclose(got, want, atol=1e-3)
+    experts.close()
+    # with skip_below as well, a light miss nothing stands in for is left out: decoding reads nothing
+    experts = offload(model, slots=4, prefetch=False, substitute_below=0.999, skip_below=0.999)
+    model.logits(PROMPT + ids, decode=True)
+    stats = model.stats()
+    assert stats["decode_bytes_read"] == 0 and stats["substituted_experts"] > 0 and stats["skipped_experts"] > 0
+    experts.close()
+    with pytest.raises(EdgerunError, match="substitute_below must be"):
+        edgerun.load(stores["mixtral"], substitute_below=-0.1)
+
+
 def test_reader_threads_end_with_the_model(stores):
     import gc
 

@@ -11,7 +11,7 @@ import statistics
 import sys
 
 from ..units import format_size
-from .run import add_gpu_args, add_skip_arg, gpu_kwargs
+from .run import add_gpu_args, add_skip_arg, approximate_kwargs, gpu_kwargs
 
 
 def add_parser(sub) -> None:
@@ -84,13 +84,12 @@ def measure_model(model, prompt_tokens: int, tokens: int, repeats: int, temperat
         out["cold_run"] = first
     if last["offload"]:
         for key in ("hit_rate", "prefetch_hit_rate", "late_prefetch_rate", "demand_read_rate", "prefetch_recall",
-                    "prefetch_precision", "bytes_read", "skipped_rate", "low_served_rate",
+                    "prefetch_precision", "bytes_read", "skipped_rate", "substituted_rate", "low_served_rate",
                     "decode_bytes_read", "bytes_read_per_token", "read_stall_seconds"):
             out[key] = med(key)
         for key in ("policy", "expert_slots", "experts_total", "prefetch_depth", "expert_bytes_per_token",
-                    "ideal_bytes_per_token", "direct_io", "skip_below", "low_below", "low_when_late",
-                    "low_format", "low_reads",
-                    "low_upgrades", "low_read_overs"):
+                    "ideal_bytes_per_token", "direct_io", "skip_below", "substitute_below", "low_below",
+                    "low_when_late", "low_format", "low_reads", "low_upgrades", "low_read_overs"):
             out[key] = last[key]
     else:
         out.update(hit_rate=1.0, bytes_read=0, prefetch_recall=None)
@@ -134,8 +133,8 @@ def main(args: argparse.Namespace) -> int:
         _drop_page_cache(args.model, args.quant)
     ctx = args.ctx or max(512, args.prompt_tokens + args.tokens + 16)
     model = edgerun.load(args.model, quant=args.quant, threads=args.threads, ram=args.ram, policy=args.policy,
-                         prefetch=not args.no_prefetch, context_length=ctx, skip_below=args.skip_below,
-                         low_below=args.low_below, low_when_late=args.low_when_late, **gpu_kwargs(args))
+                         prefetch=not args.no_prefetch, context_length=ctx, **approximate_kwargs(args),
+                         **gpu_kwargs(args))
     if routing is not None:
         routing.install(model.decoder)
     result = measure_model(model, args.prompt_tokens, args.tokens, max(1, args.repeats), args.temp, args.cold)
@@ -168,6 +167,8 @@ def main(args: argparse.Namespace) -> int:
               f"{100 * result['demand_read_rate']:.1f}% read on demand"
               + (f"; {100 * result['skipped_rate']:.1f}% of the decoded experts left out (weight below "
                  f"{result['skip_below']})" if result["skip_below"] else "")
+              + (f"; {100 * result['substituted_rate']:.1f}% replaced by experts in memory (weight below "
+                 f"{result['substitute_below']})" if result["substitute_below"] else "")
               + (f"; {100 * result['low_served_rate']:.1f}% served by {result['low_format']} copies ("
                  + ", ".join(([f"weight below {result['low_below']}"] if result["low_below"] else [])
                              + (["read late"] if result["low_when_late"] else [])) + ")"

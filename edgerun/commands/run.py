@@ -45,6 +45,10 @@ def add_skip_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-below", type=float, default=0.0, metavar="W",
                    help="approximate decoding under --ram: leave out a token's expert that is not in RAM and whose "
                         "routing weight is below W, instead of reading it (default 0: exact)")
+    p.add_argument("--substitute-below", type=float, default=0.0, metavar="W",
+                   help="approximate decoding under --ram: compute, in place of a token's expert that is not in RAM "
+                        "and whose routing weight is below W, the most probable expert of its layer that is in RAM "
+                        "(default 0: exact)")
     p.add_argument("--low-below", type=float, default=0.0, metavar="W",
                    help="approximate decoding under --ram: read a token's expert that is not in RAM and whose "
                         "routing weight is below W from its low-bit copy (`edgerun convert STORE --low-bits q2`) "
@@ -52,6 +56,11 @@ def add_skip_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--low-when-late", action="store_true",
                    help="approximate decoding under --ram: also read a token's expert from its low-bit copy, "
                         "whatever its weight, when the read-ahead did not bring it in time (the disk is behind)")
+
+
+def approximate_kwargs(args: argparse.Namespace) -> dict:
+    return {"skip_below": args.skip_below, "substitute_below": args.substitute_below, "low_below": args.low_below,
+            "low_when_late": args.low_when_late}
 
 
 def gpu_kwargs(args: argparse.Namespace) -> dict:
@@ -121,6 +130,7 @@ def format_stats(s: dict) -> str:
             + (f" | expert hits {100 * s['hit_rate']:.0f}%, read {format_size(s['bytes_read'])}"
                if s["offload"] else "")
             + (f", {100 * s['skipped_rate']:.0f}% left out" if s.get("skip_below") else "")
+            + (f", {100 * s['substituted_rate']:.0f}% substituted" if s.get("substitute_below") else "")
             + (f", {100 * s['low_served_rate']:.0f}% from {s['low_format']} copies"
                if s.get("low_below") or s.get("low_when_late") else "")
             + (f" | {s['device']}: {100 * s['decode_gpu_expert_share']:.0f}% of decoded experts, "
@@ -133,8 +143,8 @@ def main(args: argparse.Namespace) -> int:
 
     prompt = read_prompt(args)
     model = edgerun.load(args.model, quant=args.quant, context_length=args.ctx, dtype=args.dtype,
-                         threads=args.threads, ram=args.ram, policy=args.policy, skip_below=args.skip_below,
-                         low_below=args.low_below, low_when_late=args.low_when_late, **gpu_kwargs(args))
+                         threads=args.threads, ram=args.ram, policy=args.policy, **approximate_kwargs(args),
+                         **gpu_kwargs(args))
     if args.trace_out:
         with model.record_routing(args.trace_out):
             stream_answer(model, prompt, args)

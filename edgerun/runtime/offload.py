@@ -66,7 +66,7 @@ class OffloadedExperts(RoutedExperts):
     def __init__(self, store: ExpertStore, activation: str, slots: int, *, policy: str = "default",
                  prefetch: bool = True, workers: int = 1, direct: bool | None = None, depth: int = 1,
                  skip_below: float = 0.0, renormalize: bool = True, low_below: float = 0.0,
-                 low_when_late: bool = False):
+                 low_when_late: bool = False, substitute_below: float = 0.0):
         if activation not in ACTIVATION_CODES:
             raise ValueError(f"no expert kernel for activation {activation}")
         if (low_below > 0 or low_when_late) and store.low_layout is None:
@@ -88,6 +88,10 @@ class OffloadedExperts(RoutedExperts):
         # approximate decoding: a decoded token's expert that is not in memory and weighs less than skip_below is
         # left out, the other experts' weights scaled back to the routing's sum when renormalize
         self.skip_below, self.renormalize = skip_below, renormalize
+        # a decoded token's expert that is not in memory and weighs less than substitute_below is replaced by the
+        # layer's most probable expert in memory that the token did not choose, weighted by its own probability
+        # (scaled as the routing scaled the expert it replaces); left out or read, as above, when none is in memory
+        self.substitute_below = substitute_below
         # a decoded token's expert that is not in memory and weighs less than low_below is read from its low-bit
         # copy; a low copy serves only such tokens (a heavier one, or prefill, reads the chunk over it), and one
         # that keeps being used (UPGRADE_AFTER tokens) is upgraded to the chunk when the reader is idle
@@ -153,6 +157,7 @@ class OffloadedExperts(RoutedExperts):
         self.stall_seconds = 0.0
         self.decode_tokens = 0
         self.skipped = 0  # decoded tokens' experts left out (skip_below)
+        self.substituted = 0  # decoded tokens' experts replaced by one in memory (substitute_below)
         self.low_reads = self.low_served = self.upgrades = self.read_overs = 0  # low_below
         self._bytes0 = self.reader.bytes_read
         self._decode_bytes0: int | None = None  # bytes read when the first decode step began
@@ -187,6 +192,9 @@ class OffloadedExperts(RoutedExperts):
             "skip_below": self.skip_below,
             "skipped_experts": self.skipped,
             "skipped_rate": self.skipped / (self.skipped + self.accesses) if self.skipped + self.accesses else 0.0,
+            "substitute_below": self.substitute_below,
+            "substituted_experts": self.substituted,
+            "substituted_rate": rate(self.substituted),
             "low_below": self.low_below,
             "low_when_late": self.low_when_late,
             "low_format": self.store.low_layout.fmt if self.store.low_layout else None,
@@ -212,26 +220,56 @@ class OffloadedExperts(RoutedExperts):
         chosen = idx[0].tolist() if self._decode else None
         if self._decode and (self.low_below > 0 or self.low_when_late):
             self._weight = dict(zip(chosen, weights[0].tolist()))
-        if self._decode and self.skip_below > 0:
-            idx, weights = self._skip_light_misses(layer, idx, weights)
+        if self._decode and max(self.skip_below, self.substitute_below) > 0:
+            idx, weights = self._light_misses(layer, x, idx, weights)
         out = super().__call__(layer, x, idx, weights) if idx.shape[1] else torch.zeros_like(x)
         if self._decode:
             self.cache.policy.observe(self.pos[layer], chosen)
         return out
 
-    def _skip_light_misses(self, layer: int, idx: torch.Tensor, weights: torch.Tensor):
-        """idx, weights [1, K] without the experts that are neither cached nor being read and weigh less than
-        skip_below."""
+    def _light_misses(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor):
+        """idx, weights [1, K] with the experts that are neither cached nor being read and weigh less than
+        substitute_below replaced by experts in memory, and those that weigh less than skip_below (and were not
+        replaced) left out."""
         pos = self.pos[layer]
-        keep = [k for k, (e, w) in enumerate(zip(idx[0].tolist(), weights[0].tolist()))
-                if w >= self.skip_below or self.cache.contains((pos, e))]
-        if len(keep) == idx.shape[1]:
+        chosen, w = idx[0].tolist(), weights[0].tolist()
+        light = [k for k, (e, wk) in enumerate(zip(chosen, w))
+                 if wk < max(self.skip_below, self.substitute_below) and not self.cache.contains((pos, e))]
+        if not light:
             return idx, weights
-        self.skipped += idx.shape[1] - len(keep)
-        kept = weights[:, keep]
-        if self.renormalize and keep:
-            kept = kept * (weights.sum() / kept.sum())
-        return idx[:, keep], kept
+        probs, replaced = None, set()
+        for k in light:
+            if w[k] < self.substitute_below:
+                if probs is None:  # the router's probability of every expert: x is this layer's router input
+                    probs = self.decoder.lookahead(layer, layer, x).probs[0].float().tolist()
+                e = chosen[k]
+                sub = self._substitute(pos, chosen, probs) if e < len(probs) else None  # not an `always` expert
+                if sub is not None:
+                    w[k] = w[k] * probs[sub] / probs[e] if probs[e] > 0 else 0.0
+                    chosen[k] = sub
+                    replaced.add(k)
+        self.substituted += len(replaced)
+        keep = [k for k in range(len(chosen)) if k not in light or k in replaced or w[k] >= self.skip_below]
+        self.skipped += len(chosen) - len(keep)
+        new_idx = torch.tensor([chosen], dtype=idx.dtype)[:, keep]
+        new_w = torch.tensor([w], dtype=weights.dtype)
+        kept = new_w[:, keep]
+        if self.renormalize and keep and len(keep) < len(chosen):
+            kept = kept * (new_w.sum() / kept.sum())
+        return new_idx, kept
+
+    def _substitute(self, pos: int, chosen: list[int], probs: list[float]) -> int | None:
+        """The most probable expert of layer position pos that is in memory as an exact chunk (not being read, not
+        a low-bit copy) and not among `chosen`, or None."""
+        best = None
+        for e, p in enumerate(probs):
+            key = (pos, e)
+            if (e in chosen or not self.cache.contains(key) or key in self._low
+                    or (key in self._pending and not self._pending[key].done.is_set())):
+                continue
+            if best is None or p > probs[best]:
+                best = e
+        return best
 
     def schedule(self, layer: int, experts: list[int]) -> list[int]:
         """Find each expert in the cache or start its read, start the prefetches of the next layers, and
@@ -482,8 +520,8 @@ class OffloadedExperts(RoutedExperts):
                 key = (j, e)
                 if self.cache.contains(key) or self.elsewhere(key):
                     continue
-                if self._decode and weights.get(e, 1.0) < self.skip_below:
-                    continue  # it would be left out if still missing: reading it ahead would spend the bytes anyway
+                if self._decode and weights.get(e, 1.0) < max(self.skip_below, self.substitute_below):
+                    continue  # it would be left out or replaced if still missing: reading it ahead spends the bytes
                 admitted = self.cache.admit(key, pinned=pinned)
                 if admitted is None:
                     continue
