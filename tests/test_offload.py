@@ -429,6 +429,21 @@ def test_light_experts_missing_from_ram_are_replaced_by_experts_in_memory_when_a
         edgerun.load(stores["mixtral"], substitute_below=-0.1)
 
 
+def test_run_and_bench_take_the_substitution_threshold(stores, capsys, monkeypatch):
+    budget = budget_for(stores["mixtral"], 6, monkeypatch)
+    args = ["--ram", str(budget), "--ctx", "64", "--substitute-below", "0.999"]
+    assert main(["bench", str(stores["mixtral"]), *args, "--tokens", "8", "--prompt-tokens", "8", "--repeats", "1",
+                 "--no-kernels"]) == 0
+    out = capsys.readouterr().out
+    assert "replaced by experts in memory (weight below 0.999)" in out
+    assert main(["run", str(stores["mixtral"]), *args, "-p", "Hi", "-n", "6", "--temp", "0"]) == 0
+    figures = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "% substituted" in figures and "expert hits" in figures
+    assert main(["run", str(stores["mixtral"]), "--substitute-below", "2", "-p", "Hi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "substitute_below must be" in err[0]
+
+
 def test_reader_threads_end_with_the_model(stores):
     import gc
 
