@@ -11,7 +11,7 @@ import statistics
 import sys
 
 from ..units import format_size
-from .run import add_gpu_args, add_skip_arg, approximate_kwargs, gpu_kwargs
+from .run import add_gpu_args, add_approximate_args, approximate_kwargs, gpu_kwargs
 
 
 def add_parser(sub) -> None:
@@ -30,7 +30,7 @@ def add_parser(sub) -> None:
     p.add_argument("--ram", default=None, metavar="SIZE",
                    help="memory budget of the whole process, e.g. 4GiB (default: what the machine has)")
     add_gpu_args(p)
-    add_skip_arg(p)
+    add_approximate_args(p)
     p.add_argument("--routing-trace", default=None, metavar="FILE.jsonl",
                    help="route every token as this recorded trace does (edgerun trace's format), so that the "
                         "cache and read-ahead meet a real model's routing; the model needs the trace's MoE layers, "

@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
     p.add_argument("--ram", default=None, metavar="SIZE",
                    help="memory budget of the whole process, e.g. 12GiB (default: what the machine has)")
     add_gpu_args(p)
-    add_skip_arg(p)
+    add_approximate_args(p)
     p.add_argument("--policy", default="default", choices=["default", "lru", "lfu"], help="expert cache policy")
     p.add_argument("--trace-out", default=None, metavar="FILE.jsonl",
                    help="record the experts every token used, for `edgerun trace replay`")
@@ -41,7 +41,7 @@ def add_gpu_args(p: argparse.ArgumentParser) -> None:
                         "copy (over to the GPU), cpu")
 
 
-def add_skip_arg(p: argparse.ArgumentParser) -> None:
+def add_approximate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-below", type=float, default=0.0, metavar="W",
                    help="approximate decoding under --ram: leave out a token's expert that is not in RAM and whose "
                         "routing weight is below W, instead of reading it (default 0: exact)")
