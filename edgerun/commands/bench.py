@@ -11,7 +11,7 @@ import statistics
 import sys
 
 from ..units import format_size
-from .run import add_gpu_args, add_approximate_args, approximate_kwargs, gpu_kwargs
+from .run import add_approximate_args, add_gpu_args, approximate_kwargs, gpu_kwargs
 
 
 def add_parser(sub) -> None:
