@@ -24,10 +24,6 @@ from ..store.quant import padded_in_features
 from .quantized import QuantizedExperts, QuantizedMatrix
 
 
-def _padded_in(m: QuantizedMatrix) -> int:
-    return m.qs.shape[1] * (2 if m.qs.dtype == np.uint8 else 1)
-
-
 class TokenLayers:
     """Every layer of a decoded token in one `native.decode_layers` call (see the module's note)."""
 
@@ -54,7 +50,7 @@ class TokenLayers:
             whole, o = a.qkv[0], a.w["o"]
             if (dense_dtype not in (None, whole.qs.dtype) or o.qs.dtype != whole.qs.dtype
                     or whole.scales.dtype != np.float16 or o.scales.dtype != np.float16
-                    or _padded_in(whole) != whole.in_features or _padded_in(o) != o.in_features
+                    or whole.padded_in != whole.in_features or o.padded_in != o.in_features
                     or (a.heads, a.kv_heads, a.head_dim, a.scale, a.cap, a.temperature_len, a.sinks, a.rope,
                         a.eps) != (attn.heads, attn.kv_heads, attn.head_dim, attn.scale, attn.cap,
                                    attn.temperature_len, attn.sinks, attn.rope, attn.eps)

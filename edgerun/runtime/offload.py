@@ -220,12 +220,17 @@ class OffloadedExperts(RoutedExperts):
         chosen = idx[0].tolist() if self._decode else None
         if self._decode and (self.low_below > 0 or self.low_when_late):
             self._weight = dict(zip(chosen, weights[0].tolist()))
-        if self._decode and max(self.skip_below, self.substitute_below) > 0:
+        if self._decode and self.light_below > 0:
             idx, weights = self._light_misses(layer, x, idx, weights)
         out = super().__call__(layer, x, idx, weights) if idx.shape[1] else torch.zeros_like(x)
         if self._decode:
             self.cache.policy.observe(self.pos[layer], chosen)
         return out
+
+    @property
+    def light_below(self) -> float:
+        """The weight below which a decoded token's missing expert is left out or replaced (0: never)."""
+        return max(self.skip_below, self.substitute_below)
 
     def _light_misses(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor):
         """idx, weights [1, K] with the experts that are neither cached nor being read and weigh less than
@@ -234,7 +239,7 @@ class OffloadedExperts(RoutedExperts):
         pos = self.pos[layer]
         chosen, w = idx[0].tolist(), weights[0].tolist()
         light = [k for k, (e, wk) in enumerate(zip(chosen, w))
-                 if wk < max(self.skip_below, self.substitute_below) and not self.cache.contains((pos, e))]
+                 if wk < self.light_below and not self.cache.contains((pos, e))]
         if not light:
             return idx, weights
         probs, replaced = None, set()
@@ -259,13 +264,12 @@ class OffloadedExperts(RoutedExperts):
         return new_idx, kept
 
     def _substitute(self, pos: int, chosen: list[int], probs: list[float]) -> int | None:
-        """The most probable expert of layer position pos that is in memory as an exact chunk (not being read, not
-        a low-bit copy) and not among `chosen`, or None."""
+        """The most probable expert of layer position pos whose whole chunk is in memory (not a low-bit copy, not
+        being read) and that is not among `chosen`, or None."""
         best = None
         for e, p in enumerate(probs):
             key = (pos, e)
-            if (e in chosen or not self.cache.contains(key) or key in self._low
-                    or (key in self._pending and not self._pending[key].done.is_set())):
+            if e in chosen or key in self._low or not self._complete(key):
                 continue
             if best is None or p > probs[best]:
                 best = e
@@ -386,12 +390,16 @@ class OffloadedExperts(RoutedExperts):
 
     def resident_chunk(self, layer: int, e: int) -> HeldChunk | None:
         key = (self.pos[layer], e)
-        slot = self.cache.slot_of(key)
-        req = self._pending.get(key)
-        if slot is None or req is not None and not (req.done.is_set() and req.error is None
-                                                    and req.offset == self.store.chunk_bytes):
+        if not self._complete(key):
             return None
-        return self._hold(key, slot)
+        return self._hold(key, self.cache.slot_of(key))
+
+    def _complete(self, key: tuple[int, int]) -> bool:
+        """Whether key's cache slot holds its whole chunk: cached, and any read into it done without error."""
+        if not self.cache.contains(key):
+            return False
+        req = self._pending.get(key)
+        return req is None or req.done.is_set() and req.error is None and req.offset == self.store.chunk_bytes
 
     def _hold(self, key: tuple[int, int], slot: int) -> HeldChunk:
         """The slot's chunk, which no admission evicts until it is released."""
@@ -520,7 +528,7 @@ class OffloadedExperts(RoutedExperts):
                 key = (j, e)
                 if self.cache.contains(key) or self.elsewhere(key):
                     continue
-                if self._decode and weights.get(e, 1.0) < max(self.skip_below, self.substitute_below):
+                if self._decode and weights.get(e, 1.0) < self.light_below:
                     continue  # it would be left out or replaced if still missing: reading it ahead spends the bytes
                 admitted = self.cache.admit(key, pinned=pinned)
                 if admitted is None:

@@ -25,6 +25,11 @@ class QuantizedMatrix:
         self.qs, self.scales, self.in_features = qs, scales, in_features
         self.out_features = qs.shape[0]
 
+    @property
+    def padded_in(self) -> int:
+        """Columns the matrix holds: in_features padded to whole groups (q4 packs two a byte)."""
+        return self.qs.shape[1] * (2 if self.qs.dtype == np.uint8 else 1)
+
     @classmethod
     def stacked(cls, parts: list[QuantizedMatrix]) -> QuantizedMatrix | None:
         """One matrix holding the rows of parts in order, so that one kernel call computes them all (a decoded
