@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -327,8 +327,8 @@ def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None
          context_length: int | None = None, dtype: str = "auto", threads: int | None = None,
          progress: bool | None = None, ram: str | int | None = None, policy: str = "default",
          prefetch: bool = True, gpu: str | int | None = None, device: str = "auto", misses: str = "auto",
-         skip_below: float = 0.0, low_below: float = 0.0, low_when_late: bool = False,
-         substitute_below: float = 0.0) -> Model:
+         skip_below: float | Sequence[float] = 0.0, low_below: float | Sequence[float] = 0.0,
+         low_when_late: bool = False, substitute_below: float | Sequence[float] = 0.0) -> Model:
     """Open a model: a Hugging Face directory (config.json, *.safetensors, tokenizer), a repo id in the HF
     cache, Grok-1 as xai-org released it (the folder holding ckpt-0/, or ckpt-0/ itself), or an edgerun store
     made by `edgerun convert`.
@@ -370,6 +370,8 @@ def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None
         the read-ahead did not bring it in time (the token waits for that read: the disk is behind). Experts read
         ahead stay exact unless they weigh less than low_below; a copy that a token weighs at low_below or more is
         upgraded to the exact expert when the disk is idle. False (default): exact.
+    skip_below, substitute_below and low_below each take one weight for every MoE layer or a list of one per MoE
+        layer (`edgerun calibrate` measures which layers a model can spare).
     misses: where an expert missing from the GPU runs: "auto" (copied over or computed on the CPU, whichever the
         machine's profile says costs less for the tokens routed to it), "copy" (whenever the GPU cache gives it a
         slot), or "cpu" (copied later in the background, where the cache finds it worth a slot).
@@ -381,15 +383,13 @@ def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None
     budget = None if ram is None else parse_size(ram)
     gpu_budget = None if gpu is None else parse_size(gpu, zero=True)
     tier = _gpu_device(device, gpu_budget)
-    for name, value in (("skip_below", skip_below), ("low_below", low_below), ("substitute_below", substitute_below)):
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
-            raise ArgumentError(f"{name} must be a routing weight from 0 up to 1 (0: exact), got {value!r}")
+    skip_below, low_below, substitute_below = (_thresholds(name, value) for name, value in (
+        ("skip_below", skip_below), ("low_below", low_below), ("substitute_below", substitute_below)))
     if not isinstance(low_when_late, bool):
         raise ArgumentError(f"low_when_late must be True or False, got {low_when_late!r}")
     offload = {"budget": budget, "policy": policy, "prefetch": prefetch, "context_length": context_length,
-               "gpu": (tier, gpu_budget), "misses": misses, "skip_below": float(skip_below),
-               "low_below": float(low_below), "low_when_late": low_when_late,
-               "substitute_below": float(substitute_below)}
+               "gpu": (tier, gpu_budget), "misses": misses, "skip_below": skip_below, "low_below": low_below,
+               "low_when_late": low_when_late, "substitute_below": substitute_below}
     if is_store(path):
         if quant not in (None, "none") or dense is not None:
             raise ArgumentError(f"{path} is already a converted store; quant and dense apply to checkpoints")
@@ -398,7 +398,7 @@ def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None
         if dense is not None:
             raise ArgumentError("dense applies only together with quant (bf16, q8 or q4)")
         source = locate(path)  # a path that is no model says so first
-        if low_below or low_when_late:
+        if any(low_below) or low_when_late:
             raise ArgumentError("low_below and low_when_late read a store's low-bit copies: convert the model with "
                                 "`edgerun convert --low-bits q2` and load the store")
         if ram is not None or gpu_budget:
@@ -440,6 +440,22 @@ def _gpu_device(device: str, budget: int | None) -> torch.device | None:
     if dev.type not in ("cuda", "mps", "cpu"):
         raise ArgumentError(f"device must be auto, cuda, cuda:N, mps or cpu; got {device!r}")
     return dev
+
+
+Thresholds = tuple[float, ...]  # a routing weight for every MoE layer (one value), or one per MoE layer
+
+
+def _thresholds(name: str, value) -> Thresholds:
+    """A threshold of approximate decoding as load() takes it (a number, or a sequence of one per MoE layer)."""
+    values = [value] if isinstance(value, (int, float, str, bytes)) else value
+    try:
+        values = list(values)
+    except TypeError:
+        values = [value]
+    if not values or any(not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < 1 for v in values):
+        raise ArgumentError(f"{name} must be a routing weight from 0 up to 1 (0: exact), or a list of one per MoE "
+                            f"layer, got {value!r}")
+    return tuple(float(v) for v in values)
 
 
 def _check_load_arguments(quant, dense, dtype, threads, policy, context_length, misses) -> None:
@@ -493,7 +509,8 @@ def _load_hf(source: Checkpoint, dtype: str, progress: bool | None, context_leng
 
 def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, prefetch: bool,
                 context_length: int | None, threads: int | None, t0: float, gpu: tuple, misses: str,
-                skip_below: float, low_below: float, low_when_late: bool, substitute_below: float) -> Model:
+                skip_below: Thresholds, low_below: Thresholds, low_when_late: bool,
+                substitute_below: Thresholds) -> Model:
     from . import native
     from .hw.settings import best_threads, local_profile
     from .runtime.quantized import QuantizedExperts, QuantizedMatrix, StoreTensorExperts, as_tensor
@@ -501,8 +518,13 @@ def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, pref
     from .store.store import ExpertStore
 
     store = ExpertStore(path)
-    if (low_below or low_when_late) and store.low_layout is None:
-        what = "low_below" if low_below else "low_when_late"
+    layers = len(store.moe_layers)
+    for name, values in (("skip_below", skip_below), ("low_below", low_below), ("substitute_below", substitute_below)):
+        if len(values) not in (1, layers):
+            raise ArgumentError(f"{name} has {len(values)} values; {path} has {layers} MoE layers (give one value, "
+                                f"or one per layer)")
+    if (any(low_below) or low_when_late) and store.low_layout is None:
+        what = "low_below" if any(low_below) else "low_when_late"
         raise ArgumentError(f"{path} has no low-bit copies of its experts for {what}; make them with "
                             f"`edgerun convert {path} --low-bits q2` (or q3)")
     _, spec = spec_from_config(store.config, f"{path} (stored config)")

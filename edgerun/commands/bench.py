@@ -11,7 +11,7 @@ import statistics
 import sys
 
 from ..units import format_size
-from .run import add_approximate_args, add_gpu_args, approximate_kwargs, gpu_kwargs
+from .run import add_approximate_args, add_gpu_args, approximate_kwargs, gpu_kwargs, layer_weights_text
 
 
 def add_parser(sub) -> None:
@@ -166,12 +166,13 @@ def main(args: argparse.Namespace) -> int:
               f"prefetched in time, {100 * result['late_prefetch_rate']:.1f}% late, "
               f"{100 * result['demand_read_rate']:.1f}% read on demand"
               + (f"; {100 * result['skipped_rate']:.1f}% of the decoded experts left out (weight below "
-                 f"{result['skip_below']})" if result["skip_below"] else "")
+                 f"{layer_weights_text(result['skip_below'])})" if result["skip_below"] else "")
               + (f"; {100 * result['substituted_rate']:.1f}% replaced by experts in memory (weight below "
-                 f"{result['substitute_below']})" if result["substitute_below"] else "")
+                 f"{layer_weights_text(result['substitute_below'])})" if result["substitute_below"] else "")
               + (f"; {100 * result['low_served_rate']:.1f}% served by {result['low_format']} copies ("
-                 + ", ".join(([f"weight below {result['low_below']}"] if result["low_below"] else [])
-                             + (["read late"] if result["low_when_late"] else [])) + ")"
+                 + ", ".join(([f"weight below {layer_weights_text(result['low_below'])}"]
+                              if result["low_below"] else []) + (["read late"] if result["low_when_late"] else []))
+                 + ")"
                  if result["low_below"] or result["low_when_late"] else ""))
         print(f"prefetch   recall "
               f"{100 * result['prefetch_recall']:.1f}% (precision {100 * result['prefetch_precision']:.1f}%, depth "

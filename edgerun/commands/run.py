@@ -41,18 +41,50 @@ def add_gpu_args(p: argparse.ArgumentParser) -> None:
                         "copy (over to the GPU), cpu")
 
 
+def layer_weights(text: str) -> float | list[float]:
+    """A routing weight for every MoE layer ("0.3"), or one per MoE layer, comma-separated, where "WxN" stands
+    for N layers in a row at W ("0x8,0.5x24")."""
+    values = []
+    try:
+        for part in text.split(","):
+            weight, _, count = part.strip().partition("x")
+            if count and int(count) < 1:
+                raise ValueError
+            values += [float(weight)] * (int(count) if count else 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a weight nor a comma-separated list of weights (one per "
+                                         f"MoE layer, WxN for N layers at W)") from None
+    if any(not 0 <= v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: routing weights go from 0 up to 1 (0: exact)")
+    return values[0] if len(values) == 1 else values
+
+
+def layer_weights_text(values: float | list[float]) -> str:
+    """Weights as --substitute-below takes them: one, or one per layer with runs of equal ones as WxN."""
+    if isinstance(values, (int, float)):
+        return f"{values:g}"
+    runs: list[list] = []
+    for v in values:
+        if runs and runs[-1][0] == v:
+            runs[-1][1] += 1
+        else:
+            runs.append([v, 1])
+    return ",".join(f"{v:g}" + (f"x{n}" if n > 1 else "") for v, n in runs)
+
+
 def add_approximate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--skip-below", type=float, default=0.0, metavar="W",
+    per_layer = " W is one weight, or one per MoE layer: 0.2,0.5,0.5 or 0x8,0.5x24 (N layers at W)."
+    p.add_argument("--skip-below", type=layer_weights, default=0.0, metavar="W",
                    help="approximate decoding under --ram: leave out a token's expert that is not in RAM and whose "
-                        "routing weight is below W, instead of reading it (default 0: exact)")
-    p.add_argument("--substitute-below", type=float, default=0.0, metavar="W",
+                        "routing weight is below W, instead of reading it (default 0: exact)." + per_layer)
+    p.add_argument("--substitute-below", type=layer_weights, default=0.0, metavar="W",
                    help="approximate decoding under --ram: compute, in place of a token's expert that is not in RAM "
                         "and whose routing weight is below W, the most probable expert of its layer that is in RAM "
-                        "(default 0: exact)")
-    p.add_argument("--low-below", type=float, default=0.0, metavar="W",
+                        "(default 0: exact)." + per_layer)
+    p.add_argument("--low-below", type=layer_weights, default=0.0, metavar="W",
                    help="approximate decoding under --ram: read a token's expert that is not in RAM and whose "
                         "routing weight is below W from its low-bit copy (`edgerun convert STORE --low-bits q2`) "
-                        "(default 0: exact)")
+                        "(default 0: exact)." + per_layer)
     p.add_argument("--low-when-late", action="store_true",
                    help="approximate decoding under --ram: also read a token's expert from its low-bit copy, "
                         "whatever its weight, when the read-ahead did not bring it in time (the disk is behind)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import mmap
 import time
 import weakref
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -26,6 +27,21 @@ from .reader import QUEUED, ExpertReader, ReadRequest
 
 WASTE_LIMIT = 0.3  # share of a token's prefetches left unused above which the depth shrinks
 UPGRADE_AFTER = 3  # tokens a low-bit copy serves before its chunk is read over it when the disk is idle
+
+
+def per_layer(value: float | Sequence[float], layers: int, name: str = "threshold") -> tuple[float, ...]:
+    """A threshold for each of `layers` MoE layers: one value (or a sequence of one) for all, or one per layer."""
+    values = (float(value),) if isinstance(value, (int, float)) else tuple(float(v) for v in value)
+    if len(values) == 1:
+        return values * layers
+    if len(values) != layers:
+        raise ValueError(f"{name} has {len(values)} values; the model has {layers} MoE layers")
+    return values
+
+
+def as_setting(values: tuple[float, ...]) -> float | list[float]:
+    """Per-layer thresholds as they are reported: one number when every layer has the same."""
+    return values[0] if len(set(values)) <= 1 else list(values)
 
 
 class SlotPool:
@@ -65,15 +81,24 @@ class OffloadedExperts(RoutedExperts):
 
     def __init__(self, store: ExpertStore, activation: str, slots: int, *, policy: str = "default",
                  prefetch: bool = True, workers: int = 1, direct: bool | None = None, depth: int = 1,
-                 skip_below: float = 0.0, renormalize: bool = True, low_below: float = 0.0,
-                 low_when_late: bool = False, substitute_below: float = 0.0):
+                 skip_below: float | Sequence[float] = 0.0, renormalize: bool = True,
+                 low_below: float | Sequence[float] = 0.0, low_when_late: bool = False,
+                 substitute_below: float | Sequence[float] = 0.0):
         if activation not in ACTIVATION_CODES:
             raise ValueError(f"no expert kernel for activation {activation}")
-        if (low_below > 0 or low_when_late) and store.low_layout is None:
-            raise ValueError(f"the store {store.path} has no low-bit copies of its experts")
         self.store = store
         self.activation = ACTIVATION_CODES[activation]
+        self._made = {"activation": activation, "slots": slots, "policy": policy, "prefetch": prefetch,
+                      "workers": workers, "direct": direct, "depth": depth}  # for variant()
         self.layers = list(store.moe_layers)
+        # the thresholds of approximate decoding, one per MoE layer (by position)
+        n = len(self.layers)
+        self._skip = per_layer(skip_below, n, "skip_below")
+        self._sub = per_layer(substitute_below, n, "substitute_below")
+        self._lowb = per_layer(low_below, n, "low_below")
+        self._light = tuple(map(max, self._skip, self._sub))
+        if (max(self._lowb) > 0 or low_when_late) and store.low_layout is None:
+            raise ValueError(f"the store {store.path} has no low-bit copies of its experts")
         self.pos = {layer: i for i, layer in enumerate(self.layers)}
         self.top_k = 0  # experts a token uses per layer, from the decoder
         self.capacity = slots
@@ -85,17 +110,17 @@ class OffloadedExperts(RoutedExperts):
         self.decoder: Lookahead | None = None  # set by attach
         self.prefetch = prefetch
         self.depth = max(1, min(MAX_PREFETCH_DEPTH, depth))
-        # approximate decoding: a decoded token's expert that is not in memory and weighs less than skip_below is
-        # left out, the other experts' weights scaled back to the routing's sum when renormalize
-        self.skip_below, self.renormalize = skip_below, renormalize
+        # approximate decoding: a decoded token's expert that is not in memory and weighs less than skip_below (of
+        # its layer) is left out, the other experts' weights scaled back to the routing's sum when renormalize
+        self.skip_below, self.renormalize = as_setting(self._skip), renormalize
         # a decoded token's expert that is not in memory and weighs less than substitute_below is replaced by the
         # layer's most probable expert in memory that the token did not choose, weighted by its own probability
         # (scaled as the routing scaled the expert it replaces); left out or read, as above, when none is in memory
-        self.substitute_below = substitute_below
+        self.substitute_below = as_setting(self._sub)
         # a decoded token's expert that is not in memory and weighs less than low_below is read from its low-bit
         # copy; a low copy serves only such tokens (a heavier one, or prefill, reads the chunk over it), and one
         # that keeps being used (UPGRADE_AFTER tokens) is upgraded to the chunk when the reader is idle
-        self.low_below = low_below
+        self.low_below = as_setting(self._lowb)
         # with low_when_late, a decoded token's expert the read-ahead did not bring (a demand read, which the
         # token waits for: the disk is behind) is read from its low-bit copy whatever its weight, and a copy in
         # the cache serves every decoded token, those that weigh it at low_below or more marking it for upgrade
@@ -116,6 +141,12 @@ class OffloadedExperts(RoutedExperts):
         self._x: torch.Tensor | None = None
         self._token_prefetches = self._token_wasted = 0
         self.reset_stats()
+
+    def variant(self, **approximate) -> OffloadedExperts:
+        """A new container like this one (store, slots, policy, read-ahead) with other settings of approximate
+        decoding (skip_below, substitute_below, low_below, low_when_late, renormalize; exact where not given)."""
+        made = dict(self._made)
+        return OffloadedExperts(self.store, made.pop("activation"), made.pop("slots"), **made, **approximate)
 
     # -- the contract with the engine -----------------------------------------------------------------------
     def attach(self, decoder: Lookahead) -> None:
@@ -217,34 +248,31 @@ class OffloadedExperts(RoutedExperts):
     # -- the layer call -------------------------------------------------------------------------------------
     def __call__(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         self._x = x
+        pos = self.pos[layer]
         chosen = idx[0].tolist() if self._decode else None
-        if self._decode and (self.low_below > 0 or self.low_when_late):
+        if self._decode and (self._lowb[pos] > 0 or self.low_when_late):
             self._weight = dict(zip(chosen, weights[0].tolist()))
-        if self._decode and self.light_below > 0:
+        if self._decode and self._light[pos] > 0:
             idx, weights = self._light_misses(layer, x, idx, weights)
         out = super().__call__(layer, x, idx, weights) if idx.shape[1] else torch.zeros_like(x)
         if self._decode:
-            self.cache.policy.observe(self.pos[layer], chosen)
+            self.cache.policy.observe(pos, chosen)
         return out
-
-    @property
-    def light_below(self) -> float:
-        """The weight below which a decoded token's missing expert is left out or replaced (0: never)."""
-        return max(self.skip_below, self.substitute_below)
 
     def _light_misses(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor):
         """idx, weights [1, K] with the experts that are neither cached nor being read and weigh less than
         substitute_below replaced by experts in memory, and those that weigh less than skip_below (and were not
-        replaced) left out."""
+        replaced) left out, with the thresholds of the layer."""
         pos = self.pos[layer]
+        skip_below, substitute_below = self._skip[pos], self._sub[pos]
         chosen, w = idx[0].tolist(), weights[0].tolist()
         light = [k for k, (e, wk) in enumerate(zip(chosen, w))
-                 if wk < self.light_below and not self.cache.contains((pos, e))]
+                 if wk < self._light[pos] and not self.cache.contains((pos, e))]
         if not light:
             return idx, weights
         probs, replaced = None, set()
         for k in light:
-            if w[k] < self.substitute_below:
+            if w[k] < substitute_below:
                 if probs is None:  # the router's probability of every expert: x is this layer's router input
                     probs = self.decoder.lookahead(layer, layer, x).probs[0].float().tolist()
                 e = chosen[k]
@@ -254,7 +282,7 @@ class OffloadedExperts(RoutedExperts):
                     chosen[k] = sub
                     replaced.add(k)
         self.substituted += len(replaced)
-        keep = [k for k in range(len(chosen)) if k not in light or k in replaced or w[k] >= self.skip_below]
+        keep = [k for k in range(len(chosen)) if k not in light or k in replaced or w[k] >= skip_below]
         self.skipped += len(chosen) - len(keep)
         new_idx = torch.tensor([chosen], dtype=idx.dtype)[:, keep]
         new_w = torch.tensor([w], dtype=weights.dtype)
@@ -296,7 +324,7 @@ class OffloadedExperts(RoutedExperts):
                     self.recall_used += 1
                     self.recall_predicted += e in self._predicted.get(pos, ())
             if slot is not None and key in self._low:
-                light = self._weight.get(e, 1.0) < self.low_below
+                light = self._weight.get(e, 1.0) < self._lowb[pos]
                 if decode and (light or self.low_when_late):
                     self.low_served += 1
                     self._low[key] += 1
@@ -329,7 +357,7 @@ class OffloadedExperts(RoutedExperts):
             slot, evicted = admitted
             if evicted is not None:
                 self._forget(evicted)
-            low = self._low_read(e, demand=True)
+            low = self._low_read(layer, e, demand=True)
             self._submit(key, layer, e, slot, demand=True, low=low)
             if low:
                 self.low_served += 1
@@ -423,14 +451,15 @@ class OffloadedExperts(RoutedExperts):
         self.reader.wait(req)
         self.stall_seconds += time.perf_counter() - t0
 
-    def _low_read(self, e: int, demand: bool) -> bool:
-        """Whether the decoded token's expert e, missing, is read from its low-bit copy."""
-        return self._decode and (self._weight.get(e, 1.0) < self.low_below or demand and self.low_when_late)
+    def _low_read(self, layer: int, e: int, demand: bool) -> bool:
+        """Whether the decoded token's expert e of the layer, missing, is read from its low-bit copy."""
+        return self._decode and (self._weight.get(e, 1.0) < self._lowb[self.pos[layer]]
+                                 or demand and self.low_when_late)
 
     def _start_scratch(self, layer: int) -> None:
         e = self._scratch_queue.pop(0)
         slot = self._scratch_free.pop()
-        low = self._low_read(e, demand=True)
+        low = self._low_read(layer, e, demand=True)
         self.low_reads += low
         self.low_served += low
         req = self.reader.submit(None, layer, e, self.pool.buffer(slot), demand=True, low=low)
@@ -528,7 +557,7 @@ class OffloadedExperts(RoutedExperts):
                 key = (j, e)
                 if self.cache.contains(key) or self.elsewhere(key):
                     continue
-                if self._decode and weights.get(e, 1.0) < self.light_below:
+                if self._decode and weights.get(e, 1.0) < self._light[j]:
                     continue  # it would be left out or replaced if still missing: reading it ahead spends the bytes
                 admitted = self.cache.admit(key, pinned=pinned)
                 if admitted is None:
@@ -537,7 +566,7 @@ class OffloadedExperts(RoutedExperts):
                 if evicted is not None:
                     self._forget(evicted)
                 self._submit(key, self.layers[j], e, slot, demand=False,
-                             low=self._decode and weights.get(e, 1.0) < self.low_below)  # not late: by weight
+                             low=self._decode and weights.get(e, 1.0) < self._lowb[j])  # not late: by weight
                 self._prefetched.add(key)
                 pinned.add(key)
                 self.prefetches += 1
