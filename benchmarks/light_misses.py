@@ -6,13 +6,16 @@ Quality: the demo model (trained on Tiny Shakespeare) converted to a q4 store in
 cache of 25% and 50% of them, scores the first --tokens held-out tokens one decode step at a time
 (`Model.logits(ids, decode=True)`, in windows of its 256-token context, each token once), against exact decoding:
 perplexity, the shares of decoded experts left out, replaced and served by copies, and the bytes read per token.
+"calibrated per layer" replaces light misses below thresholds of each layer that `edgerun.calibrate` picks for 1%
+at that budget on the --calibration-tokens held-out tokens after the scored ones.
 
 Speed: the store of `routing_trace.py` (generated in --workdir if missing, q2 or q3 copies added as each setting
 needs) with the Mixtral trace's routing and weights, `edgerun bench --ram BUDGET --cold --routing-trace TRACE`
 with each setting's options in fresh processes, budgets of 25% and 50% of its experts; --rounds interleaved
 rounds, each starting at another setting, medians. The trace gives the probabilities of the experts it chose only,
 so an expert standing in for a light miss there is one in memory with no rank (and a weight of 0): it costs what a
-real one would (a computed expert, no read) but says nothing of quality, which the demo model measures.
+real one would (a computed expert, no read) but says nothing of quality, which the demo model measures. Its 32
+layers take the demo model's calibrated thresholds by depth (the first quarter those of the demo's first layer).
 
     python benchmarks/light_misses.py --workdir ../trace-model --out light-misses.json
 """
@@ -21,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -42,6 +44,7 @@ class Setting(NamedTuple):
     late: bool = False  # low_when_late
     fmt: str | None = None  # the copies it reads
     sub: float = 0.0  # substitute_below
+    calibrated: bool = False  # substitute_below per layer, from `calibrate` on other held-out text at the budget
 
 
 # the speed runs take every setting but QUALITY_ONLY's, those with q3 copies last in each round, with the store's
@@ -50,7 +53,7 @@ SETTINGS = [Setting("exact"), Setting("skip 0.2", skip=0.2), Setting("skip 0.25"
             Setting("skip 0.3", skip=0.3), Setting("skip 0.35", skip=0.35), Setting("skip 0.4", skip=0.4),
             Setting("substitute 0.25", sub=0.25), Setting("substitute 0.3", sub=0.3),
             Setting("substitute 0.35", sub=0.35), Setting("substitute 0.4", sub=0.4),
-            Setting("substitute 0.5", sub=0.5),
+            Setting("substitute 0.5", sub=0.5), Setting("calibrated per layer", calibrated=True),
             Setting("q3 below 0.5", low=0.5, fmt="q3"), Setting("q3 all misses", low=0.999, fmt="q3"),
             Setting("q3 when late", late=True, fmt="q3"),
             Setting("q3 when late, skip 0.25", skip=0.25, late=True, fmt="q3"),
@@ -64,10 +67,10 @@ QUALITY_ONLY = {"q3 below 0.5", "q3 all misses"}  # measured for speed in q2 ins
 
 def quality(a: argparse.Namespace, report: dict) -> None:
     sys.path.insert(0, str(ROOT / "training"))
-    import numpy as np
     import train_demo
 
     import edgerun
+    from edgerun.calibrate import calibrate, score
     from edgerun.demo_model import demo_model_dir
     from edgerun.runtime.offload import OffloadedExperts
     from edgerun.store.convert import convert
@@ -79,40 +82,35 @@ def quality(a: argparse.Namespace, report: dict) -> None:
         convert(demo_model_dir(), path, quant="q4", progress=False)
     model = edgerun.load(path, context_length=257)
     _, held = train_demo.split_text((ROOT / "training" / "tinyshakespeare.txt").read_text(encoding="utf-8"))
-    ids = train_demo.encode(lambda t: model.tokenizer.encode(t, add_special_tokens=False), held)[0][:a.tokens]
+    held_ids = train_demo.encode(lambda t: model.tokenizer.encode(t, add_special_tokens=False), held)[0].tolist()
+    ids = held_ids[:a.tokens]  # scored
+    calibration_ids = held_ids[a.tokens:a.tokens + a.calibration_tokens]  # what calibration scores: other text
     for fmt in (None, "q3", "q2"):
         if fmt:
             add_low_copies(path, fmt, progress=False)
         store = ExpertStore(path)
         total = len(store.moe_layers) * store.num_experts
         for share in a.shares:
+            slots = max(4, round(share * total))
             for st in a.settings:
                 if st.fmt != fmt:
                     continue
-                slots = max(4, round(share * total))
+                sub = st.sub
+                if st.calibrated:
+                    model.use_experts(OffloadedExperts(store, model.spec.activation, slots)).close()
+                    c = calibrate(model, calibration_ids, bos=train_demo.BOS,
+                                  log=lambda line: print(f"calibration {share:.0%}: {line}", file=sys.stderr))
+                    report["calibration"][str(share)] = {"substitute_below": c.thresholds, "loss": c.loss,
+                                                         "tokens": c.exact.tokens, "trials": c.trials}
+                    sub = c.thresholds
                 experts = OffloadedExperts(store, model.spec.activation, slots, skip_below=st.skip, low_below=st.low,
-                                           low_when_late=st.late, substitute_below=st.sub)
+                                           low_when_late=st.late, substitute_below=sub)
                 model.use_experts(experts).close()
-                nll, count, skipped, substituted, served, accesses, read = 0.0, 0, 0, 0, 0, 0, 0
-                for start in range(0, len(ids), 255):  # BOS and 255 tokens fill the 256-token context
-                    window = [train_demo.BOS] + ids[start:start + 255].tolist()
-                    logits = model.logits(window, decode=True)[:-1].astype(np.float64)
-                    top = logits.max(-1, keepdims=True)
-                    logp = logits - np.log(np.exp(logits - top).sum(-1, keepdims=True)) - top
-                    target = np.asarray(window[1:])
-                    nll -= logp[np.arange(len(target)), target].sum()
-                    count += len(target)
-                    s = model.stats()  # of this window's decode steps, one per target
-                    skipped += s["skipped_experts"]
-                    substituted += s["substituted_experts"]
-                    served += s["low_served"]
-                    accesses += len(target) * len(store.moe_layers) * model.spec.top_k
-                    read += s["decode_bytes_read"]
+                s = score(model, ids, bos=train_demo.BOS)  # in windows of BOS and 255 tokens: the 256-token context
                 row = {"share": share, "slots": slots, "setting": st.name, "skip_below": st.skip, "low_below": st.low,
-                       "low_when_late": st.late, "substitute_below": st.sub,
-                       "perplexity": math.exp(nll / count), "tokens": count, "skipped_rate": skipped / accesses,
-                       "substituted_rate": substituted / accesses, "low_served_rate": served / accesses,
-                       "bytes_read_per_token": read / count}
+                       "low_when_late": st.late, "substitute_below": sub, "perplexity": s.perplexity,
+                       "tokens": s.tokens, "skipped_rate": s.skipped_rate, "substituted_rate": s.substituted_rate,
+                       "low_served_rate": s.low_served_rate, "bytes_read_per_token": s.bytes_per_token}
                 report["quality"].append(row)
                 print(f"quality {share:.0%} ({slots} slots) {st.name}: perplexity {row['perplexity']:.3f}, "
                       f"{row['skipped_rate']:.1%} left out, {row['substituted_rate']:.1%} substituted, "
@@ -122,6 +120,7 @@ def quality(a: argparse.Namespace, report: dict) -> None:
 
 
 def speed(a: argparse.Namespace, report: dict, t0: float) -> None:
+    from edgerun.commands.run import layer_weights_text
     from edgerun.store.lowbit import add_low_copies
     from edgerun.store.store import ExpertStore
 
@@ -147,9 +146,13 @@ def speed(a: argparse.Namespace, report: dict, t0: float) -> None:
                 copies(st.fmt)
             for share in a.shares:
                 budget, slots = budgets[share]
+                sub = str(st.sub)
+                if st.calibrated:  # the demo model's layers stretched over the store's 32, by depth
+                    demo = report["calibration"][str(share)]["substitute_below"]
+                    sub = layer_weights_text([demo[j * len(demo) // 32] for j in range(32)])
                 r = routing_trace.bench(store, ["--ram", str(budget), "--cold", "--routing-trace",
                                                 str(routing_trace.TRACE), "--skip-below", str(st.skip),
-                                                "--substitute-below", str(st.sub), "--low-below", str(st.low)]
+                                                "--substitute-below", sub, "--low-below", str(st.low)]
                                         + (["--low-when-late"] if st.late else []), a)
                 report["speed"].append({"round": rnd, "share": share, "slots": r["expert_slots"], "setting": st.name,
                                         **{k: r[k] for k in ("decode_tokens_per_s", "bytes_read_per_token",
@@ -171,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="write the results here as JSON")
     p.add_argument("--shares", type=float, nargs="+", default=[0.25, 0.5])
     p.add_argument("--tokens", type=int, default=4096, help="held-out tokens scored (default 4096)")
+    p.add_argument("--calibration-tokens", type=int, default=2048,
+                   help="held-out tokens after those scored that calibration scores (default 2048)")
     p.add_argument("--rounds", type=int, default=3, help="speed: rounds over every setting (default 3)")
     p.add_argument("--repeats", type=int, default=1, help="speed: generations per run (default 1)")
     p.add_argument("--skip-speed", action="store_true", help="quality only")
@@ -181,9 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     a.settings = [s for s in SETTINGS if a.settings is None or s.name == "exact" or s.name in a.settings]
     t0 = time.perf_counter()
-    report: dict = {"args": vars(a), "quality": [], "speed": []}
+    report: dict = {"args": vars(a), "quality": [], "speed": [], "calibration": {}}
     if a.reuse_quality:
-        report["quality"] = json.loads(Path(a.out).read_text())["quality"]
+        earlier = json.loads(Path(a.out).read_text())
+        report["quality"], report["calibration"] = earlier["quality"], earlier.get("calibration", {})
     else:
         quality(a, report)
     Path(a.out).write_text(json.dumps(report, indent=2) + "\n")

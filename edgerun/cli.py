@@ -7,7 +7,7 @@ import sys
 
 from .errors import EdgerunError
 
-COMMANDS = ("run", "demo", "chat", "serve", "convert", "bench", "trace", "profile", "plan")
+COMMANDS = ("run", "demo", "chat", "serve", "convert", "bench", "calibrate", "trace", "profile", "plan")
 
 
 class _Parser(argparse.ArgumentParser):
