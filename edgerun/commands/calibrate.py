@@ -34,6 +34,16 @@ def _count(text: str) -> int:
     return value
 
 
+def _groups(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 1 <= value <= 8:
+        raise argparse.ArgumentTypeError(f"from 1 to at most 8 groups of layers, got {value}")
+    return value
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("calibrate", help="per-layer thresholds of approximate decoding, measured on your text",
                        description=__doc__)
@@ -45,7 +55,7 @@ def add_parser(sub) -> None:
                    help="tokens of the text scored per setting (default 2048; about 25 settings are scored)")
     p.add_argument("--max-loss", type=_percent, default=0.01, metavar="PCT",
                    help="perplexity allowed above exact decoding, in percent (default 1)")
-    p.add_argument("--groups", type=_count, default=4, metavar="G",
+    p.add_argument("--groups", type=_groups, default=4, metavar="G",
                    help="runs of consecutive MoE layers given one threshold each (default 4, at most 8)")
     p.add_argument("--quant", default=None, choices=["q8", "q4"], help="convert a checkpoint first (cached)")
     p.add_argument("--ctx", type=_count, default=512, metavar="N", help="tokens per scored window (default 512)")
@@ -67,6 +77,10 @@ def main(args: argparse.Namespace) -> int:
     if len(ids) < args.tokens:
         print(f"note: the text has {len(ids)} tokens, fewer than --tokens {args.tokens}", file=sys.stderr)
     log = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
+    experts = model.experts
+    if log and hasattr(experts, "capacity"):
+        log(f"{experts.capacity} of {len(experts.layers) * experts.store.num_experts} experts in RAM under this "
+            f"budget; scoring {len(ids)} tokens per setting")
     c = calibrate(model, ids, max_loss=args.max_loss, groups=args.groups, bos=model.spec.bos_token_id, log=log)
     flag = layer_weights_text(c.thresholds)
     if args.json:
