@@ -87,17 +87,14 @@ def score(model, ids: Sequence[int], bos: int | None = None) -> Score:
         logp = logits - np.log(np.exp(logits - top).sum(-1, keepdims=True)) - top
         target = np.asarray(window[1:])
         nll.append(-logp[np.arange(len(target)), target])
-        s = model.stats()  # of this window's decode steps
-        if not s.get("offload"):
-            raise ArgumentError("every expert is in RAM at this budget: approximate decoding only changes experts "
-                                "that miss, so there is nothing to calibrate (give a smaller --ram)")
-        read += s["decode_bytes_read"]
-        uses += (len(window) - 1) * len(model.experts.layers) * model.experts.top_k  # a decode step per target
-        counts += (s["substituted_experts"], s["skipped_experts"], s["low_served"])
+        s = model.stats()  # of this window's decode steps (a model without offloading reads and replaces nothing)
+        read += s.get("decode_bytes_read", 0)
+        uses += (len(window) - 1) * len(model.spec.moe_layers) * model.spec.top_k  # a decode step per target
+        counts += (s.get("substituted_experts", 0), s.get("skipped_experts", 0), s.get("low_served", 0))
     if not nll:
         raise ArgumentError("the text is too short to score: give at least two tokens")
     nll = np.concatenate(nll)
-    return Score(math.exp(nll.mean()), len(nll), read / len(nll), *(counts / uses), nll=nll)
+    return Score(math.exp(nll.mean()), len(nll), read / len(nll), *(counts / max(1, uses)), nll=nll)
 
 
 def _layers(part: list[int]) -> str:
@@ -122,16 +119,16 @@ def pick(trials: dict[tuple[int, float], tuple[float, float]], groups: int, max_
                                      for t in ladder if (g, t) in trials] for g in range(groups)]
     best, best_saved = None, -1.0
 
-    def walk(g: int, chosen: tuple, loss: float, saved: float) -> None:
+    def walk(g: int, chosen: tuple, spent: float, saved: float) -> None:
         nonlocal best, best_saved
-        if loss > max_loss:
+        if spent > max_loss:
             return
         if g == groups:
             if saved > best_saved and chosen not in exclude:
                 best, best_saved = chosen, saved
             return
         for t, dl, ds in options[g]:
-            walk(g + 1, chosen + (t,), loss + dl, saved + ds)
+            walk(g + 1, chosen + (t,), spent + dl, saved + ds)
     walk(0, (), 0.0, 0.0)
     return best
 

@@ -86,6 +86,8 @@ def test_score_is_the_perplexity_of_every_token_once(store):
     assert s.perplexity == pytest.approx(math.exp(want_nll / len(IDS)), rel=2e-3)  # decode steps: int8 input
     assert s.bytes_per_token == 0 and s.substituted_rate == 0
     assert score(model, IDS).tokens == len(IDS) - 1  # without a bos the first token is only context
+    resident = edgerun.load(store, context_length=24)  # no offloading: the same perplexity, nothing read
+    assert score(resident, IDS, bos=1).perplexity == pytest.approx(s.perplexity, rel=1e-6)
 
 
 def test_pick_saves_the_most_bytes_within_the_budget():
