@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..errors import ArgumentError
 from ..units import format_size
+from . import int_range
 from .run import layer_weights_text
 
 
@@ -24,26 +25,6 @@ def _percent(text: str) -> float:
     return value / 100
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"must be at least 2, got {value}")
-    return value
-
-
-def _groups(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not 1 <= value <= 8:
-        raise argparse.ArgumentTypeError(f"from 1 to at most 8 groups of layers, got {value}")
-    return value
-
-
 def add_parser(sub) -> None:
     p = sub.add_parser("calibrate", help="per-layer thresholds of approximate decoding, measured on your text",
                        description=__doc__)
@@ -51,14 +32,14 @@ def add_parser(sub) -> None:
     p.add_argument("--ram", required=True, metavar="SIZE",
                    help="the memory budget you will run with, e.g. 12GiB: it decides which experts miss")
     p.add_argument("--text", required=True, metavar="FILE", help="plain text like what you will run (UTF-8)")
-    p.add_argument("--tokens", type=_count, default=2048, metavar="N",
+    p.add_argument("--tokens", type=int_range(2), default=2048, metavar="N",
                    help="tokens of the text scored per setting (default 2048; about 25 settings are scored)")
     p.add_argument("--max-loss", type=_percent, default=0.01, metavar="PCT",
                    help="perplexity allowed above exact decoding, in percent (default 1)")
-    p.add_argument("--groups", type=_groups, default=4, metavar="G",
+    p.add_argument("--groups", type=int_range(1, 8, " groups of layers"), default=4, metavar="G",
                    help="runs of consecutive MoE layers given one threshold each (default 4, at most 8)")
     p.add_argument("--quant", default=None, choices=["q8", "q4"], help="convert a checkpoint first (cached)")
-    p.add_argument("--ctx", type=_count, default=512, metavar="N", help="tokens per scored window (default 512)")
+    p.add_argument("--ctx", type=int_range(2), default=512, metavar="N", help="tokens per scored window (default 512)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(main=main)
 

@@ -6,15 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+from . import int_range
 
 
 def _fraction(text: str) -> float:
@@ -36,7 +28,7 @@ def add_parser(sub) -> None:
     r = actions.add_parser("replay", help="replay a trace against an expert cache", description=__doc__)
     r.add_argument("file", metavar="FILE.jsonl", help="routing trace (JSON lines)")
     size = r.add_mutually_exclusive_group(required=True)
-    size.add_argument("--capacity", type=_positive_int, metavar="N", help="expert slots in the cache")
+    size.add_argument("--capacity", type=int_range(1), metavar="N", help="expert slots in the cache")
     size.add_argument("--capacity-frac", type=_fraction, metavar="F",
                       help="expert slots as a fraction of all the trace's experts (0 < F <= 1)")
     r.add_argument("--policy", default="default", choices=POLICIES, help="eviction policy (default: default)")
