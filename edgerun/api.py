@@ -513,16 +513,17 @@ def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, pref
                 substitute_below: Thresholds) -> Model:
     from . import native
     from .hw.settings import best_threads, local_profile
+    from .runtime.offload import OffloadedExperts, per_layer
     from .runtime.quantized import QuantizedExperts, QuantizedMatrix, StoreTensorExperts, as_tensor
     from .store.layout import PASSTHROUGH, QUANTIZED
     from .store.store import ExpertStore
 
     store = ExpertStore(path)
-    layers = len(store.moe_layers)
     for name, values in (("skip_below", skip_below), ("low_below", low_below), ("substitute_below", substitute_below)):
-        if len(values) not in (1, layers):
-            raise ArgumentError(f"{name} has {len(values)} values; {path} has {layers} MoE layers (give one value, "
-                                f"or one per layer)")
+        try:
+            per_layer(values, len(store.moe_layers), name)  # the rule the offloading container applies
+        except ValueError as e:
+            raise ArgumentError(f"{path}: {e} (give one value, or one per layer)") from None
     if (any(low_below) or low_when_late) and store.low_layout is None:
         what = "low_below" if any(low_below) else "low_when_late"
         raise ArgumentError(f"{path} has no low-bit copies of its experts for {what}; make them with "
@@ -576,8 +577,6 @@ def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, pref
         raise BudgetError(f"{path} keeps its experts in {layout.expert_format}, which run only fully resident "
                           f"({plan.describe()}); convert with --quant q4 or q8 to run with this budget")
     else:
-        from .runtime.offload import OffloadedExperts
-
         if profile is None:
             profile, profile_source = local_profile(measure=True)
         settings = placement.runtime_settings(profile, layout)

@@ -172,12 +172,12 @@ def calibrate(model, ids: Sequence[int], *, max_loss: float = 0.01, groups: int 
             for t in sorted(ladder):
                 thresholds = [t if i in part else 0.0 for i in range(layers)]
                 s = run(thresholds)
-                bound, saved = loss(s, exact, margin), exact.bytes_per_token - s.bytes_per_token
-                trials[g, t] = (bound, saved)
+                measured, bound = loss(s, exact), loss(s, exact, margin)
+                trials[g, t] = (bound, exact.bytes_per_token - s.bytes_per_token)
                 rows.append({"group": g, "layers": part, "threshold": t, "perplexity": s.perplexity,
-                             "loss": loss(s, exact), "bound": bound, "bytes_per_token": s.bytes_per_token,
+                             "loss": measured, "bound": bound, "bytes_per_token": s.bytes_per_token,
                              "substituted_rate": s.substituted_rate})
-                say(f"{_layers(part)} below {t}: {loss(s, exact):+.2%} perplexity (at most {bound:+.2%}), "
+                say(f"{_layers(part)} below {t}: {measured:+.2%} perplexity (at most {bound:+.2%}), "
                     f"{format_size(s.bytes_per_token)} read per token")
                 if bound > max_loss:
                     break  # higher thresholds of this group cost more still
@@ -188,9 +188,10 @@ def calibrate(model, ids: Sequence[int], *, max_loss: float = 0.01, groups: int 
                 break
             thresholds = [chosen[g] for g, part in enumerate(parts) for _ in part]
             s = run(thresholds)
-            say(f"together {', '.join(map(str, chosen))}: {loss(s, exact):+.2%} perplexity, "
+            measured = loss(s, exact)
+            say(f"together {', '.join(map(str, chosen))}: {measured:+.2%} perplexity, "
                 f"{format_size(s.bytes_per_token)} read per token")
-            if loss(s, exact) <= max_loss:
+            if measured <= max_loss:
                 return Calibration(thresholds, parts, exact, s, max_loss, rows)
             refused.append(chosen)
         return Calibration([0.0] * layers, parts, exact, exact, max_loss, rows)
