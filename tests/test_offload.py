@@ -163,6 +163,43 @@ def test_prefetch_predicts_with_the_next_routers(stores):
     experts.close(), plain.close()
 
 
+def test_a_token_whose_experts_are_all_in_memory_takes_one_kernel_call(stores, monkeypatch):
+    import torch
+
+    from edgerun import native
+    from edgerun.runtime.experts import RoutedExperts
+
+    want = edgerun.load(stores["mixtral"]).generate_ids(PROMPT, 6, temperature=0, ignore_eos=True)
+    model = edgerun.load(stores["mixtral"])
+    experts = offload(model, slots=32)  # every expert of the 4 MoE layers
+    assert model.generate_ids(PROMPT, 6, temperature=0, ignore_eos=True) == want  # reads what it uses
+    calls = {"routed": 0, "one": 0}
+    routed, ffn = native.routed_experts, native.expert_ffn
+
+    def count_routed(*a, **k):
+        calls["routed"] += 1
+        return routed(*a, **k)
+
+    def count_ffn(x, *a, **k):
+        calls["one"] += x.shape[0] == 1
+        return ffn(x, *a, **k)
+    monkeypatch.setattr(native, "routed_experts", count_routed)
+    monkeypatch.setattr(native, "expert_ffn", count_ffn)
+    assert model.generate_ids(PROMPT, 6, temperature=0, ignore_eos=True) == want
+    steps = experts.decode_tokens  # of this generation (the prompt's last token, reused, is one more step)
+    assert calls["one"] == 0 and calls["routed"] >= 4 * steps > 0 and calls["routed"] % 4 == 0  # one call a layer
+    # the same sum as expert by expert
+    x, idx, w = torch.randn(1, 64), torch.tensor([[5, 2]]), torch.tensor([[0.7, 0.3]])
+    assert torch.allclose(experts(0, x, idx, w), RoutedExperts.__call__(experts, 0, x, idx, w), atol=1e-5)
+    # a token with an expert to read computes expert by expert, as its reads arrive
+    tight = edgerun.load(stores["mixtral"])
+    offload(tight, slots=4)
+    calls.update(routed=0, one=0)
+    assert tight.generate_ids(PROMPT, 6, temperature=0, ignore_eos=True) == want
+    assert calls["one"] > 0
+    experts.close()
+
+
 # -- the reader ----------------------------------------------------------------------------------------------
 def buffers(store: ExpertStore, n: int) -> list[np.ndarray]:
     import mmap

@@ -225,7 +225,12 @@ def test_a_trace_routes_every_layer_and_the_read_ahead_foresees_it(store32):
     # a forecast from layer 3 for the next token gives layer 9's experts of trace token 7, and moves nothing on
     x = torch.randn(1, 64)
     assert model.decoder.lookahead(3, 9, x).idx.tolist() == [given[(0, 7, 9)][0]]
-    assert model.decoder.lookahead(3, 9, x).idx.tolist() == [given[(0, 7, 9)][0]]
+    ahead = model.decoder.lookahead(3, 9, x)
+    assert ahead.idx.tolist() == [given[(0, 7, 9)][0]]
+    probs = [0.0] * 8  # the forecast's probabilities: the trace's weights, 0 for the experts it did not choose
+    for e, p in zip(*given[(0, 7, 9)]):
+        probs[e] = p
+    assert ahead.probs.tolist() == [pytest.approx(probs)] and ahead.weights.dtype == x.dtype
 
 
 def test_a_trace_needs_a_model_of_its_shape_and_complete_tokens(store32, tmp_path):

@@ -84,6 +84,7 @@ class Decoder(Part):
         for part in self.moe.values():
             part.observers = self.observers
         self._ropes: dict = {}  # rotary tables by schedule and device, shared by every forward call
+        self._norm_ratios: dict = {}  # lookahead's factors between two layers' FFN norms, by layers, dtype, device
         self.dtype = torch.float32  # of activations and the cache: the embedding's, once bound
         # a decoded token's layers in one call (runtime/fused.py), set by the engine where its parts allow it; it
         # returns None where they no longer do
@@ -120,6 +121,7 @@ class Decoder(Part):
 
     def bind(self, weights: Mapping[str, Weight]) -> None:
         super().bind(weights)
+        self._norm_ratios.clear()
         self.lm_head = self.w["embed"] if self.spec.tie_word_embeddings else self.w["lm_head"]
         self.dtype = self.w["embed"].dtype
 
@@ -186,7 +188,11 @@ class Decoder(Part):
         """The routing of MoE layer `to_layer` for x, the FFN input of `from_layer`, as if the residual stream
         did not change in between: x is brought from one FFN norm to the other, then routed by that layer's own
         router (with the experts every token of that layer uses)."""
-        here = self.blocks[from_layer].ffn_norm.weight.float()
-        there = self.blocks[to_layer].ffn_norm.weight.float()
-        h = (x.float() * (there / torch.where(here == 0, 1.0, here))).to(x.dtype)
+        key = (from_layer, to_layer, x.dtype, x.device)
+        scale = self._norm_ratios.get(key)
+        if scale is None:  # a decode step asks for the same pairs at every token
+            here = self.blocks[from_layer].ffn_norm.weight.float()
+            there = self.blocks[to_layer].ffn_norm.weight.float()
+            scale = self._norm_ratios[key] = (there / torch.where(here == 0, 1.0, here)).to(x.device)
+        h = x * scale if x.dtype == torch.float32 else (x.float() * scale).to(x.dtype)
         return self.moe[to_layer].route(h)

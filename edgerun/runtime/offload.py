@@ -254,10 +254,37 @@ class OffloadedExperts(RoutedExperts):
             self._weight = dict(zip(chosen, weights[0].tolist()))
         if self._decode and self._light[pos] > 0:
             idx, weights = self._light_misses(layer, x, idx, weights)
-        out = super().__call__(layer, x, idx, weights) if idx.shape[1] else torch.zeros_like(x)
+        if not idx.shape[1]:
+            out = torch.zeros_like(x)
+        elif x.shape[0] == 1:
+            out = self._one_token(layer, x, idx, weights)
+        else:
+            out = super().__call__(layer, x, idx, weights)
         if self._decode:
             self.cache.policy.observe(pos, chosen)
         return out
+
+    def _one_token(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """A token's experts: in one kernel call when the schedule finds every one of them in memory, else one by
+        one as their reads arrive (RoutedExperts)."""
+        chosen = idx[0].tolist()
+        order = self.schedule(layer, chosen)
+        pos = self.pos[layer]
+        if any(e in self._scratch or not self._complete((pos, e)) for e in order):
+            ys = {e: self.expert(layer, e, x) for e in order}
+            out = torch.zeros_like(x)
+            for e, w in zip(chosen, weights[0]):
+                out += ys[e] * w.to(x.dtype)
+            return out
+        experts = []
+        for e in chosen:
+            slot, _ = self._acquire(layer, e)
+            (gu_qs, gu_scales), (d_qs, d_scales) = self.pool.views(slot)
+            experts.append((gu_qs, gu_scales, d_qs, d_scales, *(self.pool.biases(slot) or (None, None))))
+        out = np.empty((1, x.shape[1]), dtype=np.float32)
+        native.routed_experts(x.to(torch.float32).contiguous().numpy(), experts,
+                              weights[0].to(torch.float32).numpy(), self.activation, out)
+        return torch.from_numpy(out).to(x.dtype)
 
     def _light_misses(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor):
         """idx, weights [1, K] with the experts that are neither cached nor being read and weigh less than
@@ -540,10 +567,11 @@ class OffloadedExperts(RoutedExperts):
         out = {}
         for j in range(pos + 1, min(len(self.layers), pos + 1 + self.depth)):
             routing = self.decoder.lookahead(self.layers[pos], self.layers[j], x)
-            one = routing.probs.shape[0] == 1
-            probs = routing.probs[0].tolist() if one else None
-            weights = dict(zip(routing.idx[0].tolist(), routing.weights[0].float().tolist())) if one else {}
-            out[j] = (routing.idx.unique().tolist(), probs, weights)
+            if routing.probs.shape[0] == 1:
+                top = routing.idx[0].tolist()
+                out[j] = (top, routing.probs[0].tolist(), dict(zip(top, routing.weights[0].tolist())))
+            else:
+                out[j] = (routing.idx.unique().tolist(), None, {})
         return out
 
     def _prefetch(self, pos: int, needed: set) -> None:

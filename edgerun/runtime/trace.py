@@ -273,6 +273,7 @@ class TracedRouting:
         self.idx = torch.tensor([[layers[layer][0] for layer in range(L)] for layers in rows])  # [N, L, K]
         self.weights = torch.tensor([[layers[layer][1] for layer in range(L)] for layers in rows])  # [N, L, K]
         self.num_experts = trace.num_experts
+        self.probs: torch.Tensor | None = None  # [N, L, E] once installed, E the model's experts
         self.cursor = [0] * L  # per MoE layer, the trace token its next call starts at
 
     def install(self, decoder) -> None:
@@ -284,6 +285,8 @@ class TracedRouting:
             raise TraceError(f"the trace routes {L} MoE layers to {K} of at least {self.num_experts} experts; this "
                              f"model has {len(decoder.moe_layers)} MoE layers routing to {spec.top_k} of "
                              f"{spec.num_experts}")
+        # each chosen expert's weight, 0 for the others: what forecasts read as the routers' probabilities
+        self.probs = torch.zeros(N, L, spec.num_experts).scatter_(2, self.idx, self.weights)
         pos = {layer: i for i, layer in enumerate(decoder.moe_layers)}
         for layer, part in decoder.moe.items():
             part.router = _TracedRouter(self, pos[layer], spec.num_experts)
@@ -301,7 +304,10 @@ class _TracedRouter:
         from ..models.routers import Routing
 
         r = self.routing
+        if x.shape[0] == 1 and x.device.type == "cpu":  # a decode step: the trace's row, copied
+            row, p = r.cursor[self.pos] % r.idx.shape[0], self.pos
+            return Routing(r.idx[row, p][None].clone(), r.weights[row, p][None].to(x.dtype, copy=True),
+                           r.probs[row, p][None].clone())
         rows = (r.cursor[self.pos] + torch.arange(x.shape[0])) % r.idx.shape[0]
         idx, weights = r.idx[rows, self.pos], r.weights[rows, self.pos]
-        probs = torch.zeros(x.shape[0], self.num_experts).scatter_(1, idx, weights)
-        return Routing(idx.to(x.device), weights.to(x.device, x.dtype), probs.to(x.device))
+        return Routing(idx.to(x.device), weights.to(x.device, x.dtype), r.probs[rows, self.pos].to(x.device))
