@@ -93,11 +93,7 @@ class RoutedExperts:
     def __call__(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 1:  # one token: no grouping needed
             chosen = idx[0].tolist()
-            ys = {e: self.expert(layer, e, x) for e in self.schedule(layer, chosen)}
-            out = torch.zeros_like(x)
-            for e, w in zip(chosen, weights[0]):
-                out += ys[e] * w.to(x.dtype)
-            return out
+            return self.one_by_one(layer, x, chosen, self.schedule(layer, chosen), weights)
         K = idx.shape[1]
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)
@@ -108,6 +104,15 @@ class RoutedExperts:
         out = torch.zeros_like(x)
         for e, sel in groups.items():
             out.index_add_(0, sel // K, ys[e] * w[sel, None].to(x.dtype))
+        return out
+
+    def one_by_one(self, layer: int, x: torch.Tensor, chosen: list[int], order: list[int],
+                   weights: torch.Tensor) -> torch.Tensor:
+        """One token's experts `chosen` (weights [1, K]), computed in `order` and summed in routing order."""
+        ys = {e: self.expert(layer, e, x) for e in order}
+        out = torch.zeros_like(x)
+        for e, w in zip(chosen, weights[0]):
+            out += ys[e] * w.to(x.dtype)
         return out
 
     def attach(self, decoder: Lookahead) -> None:

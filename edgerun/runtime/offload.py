@@ -271,11 +271,7 @@ class OffloadedExperts(RoutedExperts):
         order = self.schedule(layer, chosen)
         pos = self.pos[layer]
         if any(e in self._scratch or not self._complete((pos, e)) for e in order):
-            ys = {e: self.expert(layer, e, x) for e in order}
-            out = torch.zeros_like(x)
-            for e, w in zip(chosen, weights[0]):
-                out += ys[e] * w.to(x.dtype)
-            return out
+            return self.one_by_one(layer, x, chosen, order, weights)
         experts = []
         for e in chosen:
             slot, _ = self._acquire(layer, e)
