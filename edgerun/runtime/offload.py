@@ -266,7 +266,7 @@ class OffloadedExperts(RoutedExperts):
 
     def _one_token(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """A token's experts: in one kernel call when the schedule finds every one of them in memory, else one by
-        one as their reads arrive (RoutedExperts)."""
+        one as their reads arrive (RoutedExperts.one_by_one)."""
         chosen = idx[0].tolist()
         order = self.schedule(layer, chosen)
         pos = self.pos[layer]
