@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import native
 from ..models.parts import gated_fn
 from ..models.routers import Routing
 
@@ -114,6 +115,14 @@ class RoutedExperts:
         for e, w in zip(chosen, weights[0]):
             out += ys[e] * w.to(x.dtype)
         return out
+
+    def in_one_call(self, x: torch.Tensor, experts: list[tuple], weights: torch.Tensor) -> torch.Tensor:
+        """One token's experts of a layer, each as native.routed_experts takes it (self.activation's kernel), summed
+        with weights [1, K] in one kernel call."""
+        out = np.empty((1, x.shape[1]), dtype=np.float32)
+        native.routed_experts(x.to(torch.float32).contiguous().numpy(), experts,
+                              weights[0].to(torch.float32).numpy(), self.activation, out)
+        return torch.from_numpy(out).to(x.dtype)
 
     def attach(self, decoder: Lookahead) -> None:
         pass

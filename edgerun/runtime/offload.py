@@ -277,10 +277,7 @@ class OffloadedExperts(RoutedExperts):
             slot, _ = self._acquire(layer, e)
             (gu_qs, gu_scales), (d_qs, d_scales) = self.pool.views(slot)
             experts.append((gu_qs, gu_scales, d_qs, d_scales, *(self.pool.biases(slot) or (None, None))))
-        out = np.empty((1, x.shape[1]), dtype=np.float32)
-        native.routed_experts(x.to(torch.float32).contiguous().numpy(), experts,
-                              weights[0].to(torch.float32).numpy(), self.activation, out)
-        return torch.from_numpy(out).to(x.dtype)
+        return self.in_one_call(x, experts, weights)
 
     def _light_misses(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor):
         """idx, weights [1, K] with the experts that are neither cached nor being read and weigh less than

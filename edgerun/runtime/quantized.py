@@ -81,11 +81,7 @@ class QuantizedExperts(RoutedExperts):
         if x.shape[0] != 1:
             return super().__call__(layer, x, idx, weights)
         # one token: the layer's experts in one kernel call
-        experts = [self._arrays(layer, e) for e in idx[0].tolist()]
-        out = np.empty((1, x.shape[1]), dtype=np.float32)
-        native.routed_experts(x.to(torch.float32).contiguous().numpy(), experts,
-                              weights[0].to(torch.float32).numpy(), self.activation, out)
-        return torch.from_numpy(out).to(x.dtype)
+        return self.in_one_call(x, [self._arrays(layer, e) for e in idx[0].tolist()], weights)
 
     def _arrays(self, layer: int, e: int) -> tuple:
         """An expert as native.routed_experts takes it."""

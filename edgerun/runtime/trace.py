@@ -289,7 +289,7 @@ class TracedRouting:
         self.probs = torch.zeros(N, L, spec.num_experts).scatter_(2, self.idx, self.weights)
         pos = {layer: i for i, layer in enumerate(decoder.moe_layers)}
         for layer, part in decoder.moe.items():
-            part.router = _TracedRouter(self, pos[layer], spec.num_experts)
+            part.router = _TracedRouter(self, pos[layer])
 
         def advance(layer: int, idx: torch.Tensor, weights: torch.Tensor) -> None:
             self.cursor[pos[layer]] += idx.shape[0]
@@ -297,8 +297,8 @@ class TracedRouting:
 
 
 class _TracedRouter:
-    def __init__(self, routing: TracedRouting, pos: int, num_experts: int):
-        self.routing, self.pos, self.num_experts = routing, pos, num_experts
+    def __init__(self, routing: TracedRouting, pos: int):
+        self.routing, self.pos = routing, pos
 
     def __call__(self, x: torch.Tensor):
         from ..models.routers import Routing
