@@ -579,6 +579,9 @@ def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, pref
     else:
         if profile is None:
             profile, profile_source = local_profile(measure=True)
+            if not threads:
+                torch.set_num_threads(best_threads(profile, layout.expert_format))
+                native.set_threads(torch.get_num_threads())
         settings = placement.runtime_settings(profile, layout)
         experts = OffloadedExperts(store, spec.activation, plan.slots, policy=policy, prefetch=prefetch,
                                    workers=settings["readers"], depth=settings["prefetch_depth"],

@@ -204,19 +204,30 @@ def test_threads_are_the_fewest_at_full_kernel_speed():
     assert best_threads(profile, "q4") == 8  # a format the profile lacks falls back to q8's figures
 
 
-def test_local_profile_is_measured_once_when_missing(tmp_path, monkeypatch):
+def test_local_profile_is_measured_once_when_missing_in_a_child_process(tmp_path, monkeypatch):
+    import edgerun.hw.profile as profile_module
     import edgerun.hw.settings as settings
 
-    monkeypatch.setenv("EDGERUN_CONFIG", str(tmp_path))
-    calls = []
-    measured = settings.load_profile(
-        __import__("pathlib").Path(__file__).parent.parent / "profiles" / "minipc-cpu-32gb.json")
+    monkeypatch.setenv("EDGERUN_CONFIG", str(tmp_path / "config"))
+    monkeypatch.setenv("EDGERUN_CACHE", str(tmp_path / "cache"))
 
-    def fake_measure(quick, log):
-        calls.append(quick)
-        return measured
+    def in_this_process(*args, **kwargs):
+        raise AssertionError("measured in the process that loads the model")
 
-    monkeypatch.setattr(settings, "measure_profile", fake_measure)
+    monkeypatch.setattr(profile_module, "measure_profile", in_this_process)
     profile, source = settings.local_profile()
-    assert calls == [True] and profile == measured and source.startswith(str(tmp_path))
-    assert settings.local_profile() == (measured, source) and calls == [True]  # saved: not measured again
+    assert source == str(tmp_path / "config" / "profiles" / f"{profile['hostname']}.json")
+    assert profile["quick"] and profile["source"] == "measured with edgerun profile"
+    assert profile["disk"]["path"] == str(tmp_path / "cache") and profile["cpu"]["kernels"]["q4"]["gemv_gbps"]
+    mtime = Path(source).stat().st_mtime_ns
+    assert settings.local_profile() == (profile, source) and Path(source).stat().st_mtime_ns == mtime  # saved once
+    assert settings.local_profile(measure=False) == (profile, source)
+
+
+def test_a_failed_measurement_is_one_line(tmp_path, monkeypatch):
+    import edgerun.hw.settings as settings
+
+    monkeypatch.setattr(settings, "_MEASURE", "raise SystemExit('no disk to measure')")
+    with pytest.raises(EdgerunError, match=r"^measuring this machine failed: no disk to measure \(run"):
+        settings.measure_apart(tmp_path / "profile.json")
+    assert not (tmp_path / "profile.json").exists()

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import functools
 import math
+import subprocess
 import sys
+from pathlib import Path
 
 from ..errors import EdgerunError
 from ..runtime.reader import PIECE
 from ..runtime.tier import MissCosts
-from .profile import default_profile_path, load_profile, measure_gpu, measure_profile, save_profile
+from .profile import default_profile_path, load_profile, measure_gpu
 
 PARALLEL_GAIN = 1.5  # a second reader pays off only when parallel reads are half again as fast as one
 MAX_READERS = 4  # more readers than this only split the same bandwidth on consumer SSDs
@@ -30,9 +32,22 @@ def local_profile(measure: bool = True) -> tuple[dict | None, str]:
         return None, "no profile"
     print("edgerun: measuring this machine once for the expert reader (edgerun profile --quick)...",
           file=sys.stderr)
-    profile = measure_profile(quick=True, log=lambda line: None)
-    save_profile(profile, path)
-    return profile, str(path)
+    measure_apart(path)
+    return load_profile(path), str(path)
+
+
+_MEASURE = ("import sys; from edgerun.hw.profile import measure_profile, save_profile; "
+            "save_profile(measure_profile(quick=True, log=lambda line: None), sys.argv[1])")
+
+
+def measure_apart(path: Path) -> None:
+    """Measure this machine quickly in a child process and save the profile at path. The measurement's buffers
+    (a few hundred MiB to time RAM and the kernels) then never count in the memory of the process that loads a
+    model, whose budget would otherwise be exceeded by them on the first run."""
+    done = subprocess.run([sys.executable, "-c", _MEASURE, str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+        raise EdgerunError(f"measuring this machine failed: {lines[-1]} (run `edgerun profile` to see why)")
 
 
 def _nearest(table: dict, size: int) -> dict:
