@@ -598,6 +598,11 @@ def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, pref
                              misses=misses)
         settings.update(device=str(device), misses=misses)
     settings.update(threads=torch.get_num_threads(), profile=profile_source)
+    asked = any(skip_below) or any(substitute_below) or any(low_below) or low_when_late
+    if asked and (plan.all_resident or plan.gpu is not None):  # the options are taken, and change nothing
+        settings["approximate_inactive"] = (
+            "every expert is in RAM" if plan.all_resident else
+            "the experts run behind a GPU tier, where approximate decoding does not apply yet")
     decoder = layout.decoder
     decoder.bind(weights)
     if plan.all_resident and not on_device:

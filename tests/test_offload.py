@@ -474,8 +474,18 @@ def test_run_and_bench_take_the_substitution_threshold(stores, capsys, monkeypat
     out = capsys.readouterr().out
     assert "replaced by experts in memory (weight below 0.999)" in out
     assert main(["run", str(stores["mixtral"]), *args, "-p", "Hi", "-n", "6", "--temp", "0"]) == 0
-    figures = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "% substituted" in figures and "expert hits" in figures
+    err = capsys.readouterr().err
+    figures = err.strip().splitlines()[-1]
+    assert "% substituted" in figures and "expert hits" in figures and "note:" not in err
+    # with every expert in RAM the option is taken, changes nothing, and the run says so in one line
+    assert main(["run", str(stores["mixtral"]), "--ctx", "64", "--substitute-below", "0.5", "--low-when-late", "-p",
+                 "Hi", "-n", "2", "--temp", "0"]) == 2  # low_when_late needs a store's low-bit copies
+    capsys.readouterr()
+    assert main(["run", str(stores["mixtral"]), "--ctx", "64", "--substitute-below", "0.5", "--skip-below", "0.2",
+                 "-p", "Hi", "-n", "2", "--temp", "0"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "note:" in line]
+    assert notes == ["edgerun: note: every expert is in RAM, so decoding stays exact: --skip-below and "
+                     "--substitute-below change nothing"]
     assert main(["run", str(stores["mixtral"]), "--substitute-below", "2", "-p", "Hi"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "routing weights go from 0 up to 1" in err[0]

@@ -11,7 +11,7 @@ import statistics
 import sys
 
 from ..units import format_size
-from .run import add_approximate_args, add_gpu_args, approximate_kwargs, gpu_kwargs, layer_weights_text
+from .run import add_approximate_args, add_gpu_args, approximate_kwargs, gpu_kwargs, layer_weights_text, note_exact
 
 
 def add_parser(sub) -> None:
@@ -135,6 +135,7 @@ def main(args: argparse.Namespace) -> int:
     model = edgerun.load(args.model, quant=args.quant, threads=args.threads, ram=args.ram, policy=args.policy,
                          prefetch=not args.no_prefetch, context_length=ctx, **approximate_kwargs(args),
                          **gpu_kwargs(args))
+    note_exact(model, args)
     if routing is not None:
         routing.install(model.decoder)
     result = measure_model(model, args.prompt_tokens, args.tokens, max(1, args.repeats), args.temp, args.cold)
