@@ -356,20 +356,21 @@ def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None
         when asked for), or "cpu" (the CPU standing in for a GPU, which needs `gpu`: for tests and comparisons).
     skip_below: approximate decoding under a RAM budget: a decoded token's expert that is neither in RAM nor being
         read, and whose routing weight is below this, is left out (the others' weights scaled back to the
-        routing's sum) instead of read from disk. 0 (default): exact. It applies to the RAM tier's own decoding,
-        not (yet) behind a GPU tier.
+        routing's sum) instead of read from disk. 0 (default): exact. Behind a GPU tier, an expert the GPU holds is
+        not missing.
     substitute_below: approximate decoding under a RAM budget: a decoded token's expert that is neither in RAM nor
         being read, and whose routing weight is below this, is replaced by the most probable expert of its layer
-        that is in RAM and that the token did not choose, weighted by its own probability; with none in RAM it is
-        left out (below skip_below) or read. 0 (default): exact. Applies where skip_below does.
+        that is in RAM (or on the GPU) and that the token did not choose, weighted by its own probability; with
+        none there it is left out (below skip_below) or read. 0 (default): exact. Applies where skip_below does.
     low_below: approximate decoding with a store's low-bit copies of its experts (`edgerun convert STORE
         --low-bits q2`): a decoded token's expert that is not in RAM and weighs less than this is read from its
         2- or 3-bit copy (about half or three quarters of the bytes); a copy used again is upgraded to the
-        exact expert when the disk is idle. 0 (default): exact. Applies where skip_below does.
+        exact expert when the disk is idle. 0 (default): exact. Not behind a GPU tier, which would keep the copy's
+        values on the GPU for every later token.
     low_when_late: with low-bit copies, also read a decoded token's expert from its copy, whatever its weight, when
         the read-ahead did not bring it in time (the token waits for that read: the disk is behind). Experts read
         ahead stay exact unless they weigh less than low_below; a copy that a token weighs at low_below or more is
-        upgraded to the exact expert when the disk is idle. False (default): exact.
+        upgraded to the exact expert when the disk is idle. False (default): exact. Not behind a GPU tier either.
     skip_below, substitute_below and low_below each take one weight for every MoE layer or a list of one per MoE
         layer (`edgerun calibrate` measures which layers a model can spare).
     misses: where an expert missing from the GPU runs: "auto" (copied over or computed on the CPU, whichever the
@@ -583,10 +584,11 @@ def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, pref
                 torch.set_num_threads(best_threads(profile, layout.expert_format))
                 native.set_threads(torch.get_num_threads())
         settings = placement.runtime_settings(profile, layout)
+        behind = plan.gpu is not None  # a GPU tier copies what the RAM tier holds: no low-bit copy may be there
         experts = OffloadedExperts(store, spec.activation, plan.slots, policy=policy, prefetch=prefetch,
                                    workers=settings["readers"], depth=settings["prefetch_depth"],
-                                   skip_below=skip_below, low_below=low_below, low_when_late=low_when_late,
-                                   substitute_below=substitute_below)
+                                   skip_below=skip_below, low_below=0.0 if behind else low_below,
+                                   low_when_late=low_when_late and not behind, substitute_below=substitute_below)
         settings["direct_io"] = experts.reader.direct
     if plan.gpu is not None:
         from .hw.settings import miss_costs
@@ -598,11 +600,10 @@ def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, pref
                              misses=misses)
         settings.update(device=str(device), misses=misses)
     settings.update(threads=torch.get_num_threads(), profile=profile_source)
-    asked = any(skip_below) or any(substitute_below) or any(low_below) or low_when_late
-    if asked and (plan.all_resident or plan.gpu is not None):  # the options are taken, and change nothing
-        settings["approximate_inactive"] = (
-            "every expert is in RAM" if plan.all_resident else
-            "the experts run behind a GPU tier, where approximate decoding does not apply yet")
+    inactive = _inactive_options(plan, skip_below=any(skip_below), substitute_below=any(substitute_below),
+                                 low_below=any(low_below), low_when_late=low_when_late)
+    if inactive:  # taken, and changing nothing
+        settings["approximate_inactive"] = inactive
     decoder = layout.decoder
     decoder.bind(weights)
     if plan.all_resident and not on_device:
@@ -620,6 +621,17 @@ def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, pref
 
         model._warmer = PageCacheWarmer(store_files(store, dense=not on_device))
     return model
+
+
+def _inactive_options(plan, **asked: bool) -> dict[str, str]:
+    """The options of approximate decoding that were given but change nothing under this placement, and why."""
+    if plan.all_resident:
+        why = {name: "every expert is in RAM" for name in asked}
+    elif plan.gpu is not None:
+        why = dict.fromkeys(("low_below", "low_when_late"), "low-bit copies are not read behind a GPU tier")
+    else:
+        why = {}
+    return {name: why[name] for name, given in asked.items() if given and name in why}
 
 
 def _gpu_request(device: torch.device, budget: int | None) -> placement.GpuRequest:

@@ -171,6 +171,76 @@ def test_the_next_layers_experts_are_copied_ahead(stores, exact):
     assert stats["gpu_hit_rate"] + stats["gpu_prefetch_hit_rate"] > 0.3
 
 
+@pytest.mark.parametrize("misses", ["copy", "cpu"])
+def test_light_misses_behind_the_tier_are_replaced_by_what_either_tier_holds(stores, misses, exact):
+    """substitute_below applies behind a device tier: a light expert that neither the device nor RAM holds is
+    replaced by the most probable expert either holds, and is never read; skip_below leaves the rest out."""
+    model = edgerun.load(stores["mixtral-q4"], context_length=CONTEXT)
+    ids = model.generate_ids(PROMPT, NEW, temperature=0, ignore_eos=True)
+    want = model.logits(PROMPT + ids)
+    store, act = ExpertStore(model.path), model.spec.activation
+    host = OffloadedExperts(store, act, 4, prefetch=False, substitute_below=0.999)  # every miss but a lone expert's
+    experts = DeviceTier(host, store.expert_layout, act, "cpu", 3, None, misses=misses)
+    model.use_experts(experts).close()
+    real, seen = host._light_misses, {"substituted": 0, "from_the_device": 0, "reads": 0}
+
+    def checked(layer, x, idx, weights):
+        pos = host.pos[layer]
+        in_ram = {e for e in range(8) if host._complete((pos, e))}
+        on_device = {e for e in range(8) if experts.cache.contains((pos, e))}
+        got_idx, got_w = real(layer, x, idx, weights)
+        probs = model.decoder.lookahead(layer, layer, x).probs[0]
+        chosen = idx[0].tolist()
+        for k, (e, sub) in enumerate(zip(chosen, got_idx[0].tolist())):
+            held = in_ram | on_device
+            free = [c for c in held if c not in chosen and c not in got_idx[0, :k].tolist()]
+            if e in held or host.cache.contains((pos, e)) or not free:
+                assert sub == e  # held (or being read), or nothing to stand in: as routed
+                seen["reads"] += not host.cache.contains((pos, e)) and e not in on_device
+                continue
+            assert sub == max(free, key=lambda c: float(probs[c]))  # the most probable expert either tier holds
+            seen["substituted"] += 1
+            seen["from_the_device"] += sub not in in_ram
+        return got_idx, got_w
+    host._light_misses = checked
+    got = model.logits(PROMPT + ids, decode=True)
+    stats = model.stats()
+    assert stats["substituted_experts"] == seen["substituted"] > 0 and seen["from_the_device"] > 0
+    assert stats["decode_bytes_read"] == seen["reads"] * store.chunk_bytes  # a replaced expert is never read
+    assert np.allclose(got[0], want[0], atol=1e-4) and not np.allclose(got, want, atol=1e-3)
+    experts.close()
+    # with skip_below as well, what nothing stands in for is left out: decoding reads nothing from the store
+    host = OffloadedExperts(store, act, 4, prefetch=False, substitute_below=0.999, skip_below=0.999)
+    model.use_experts(DeviceTier(host, store.expert_layout, act, "cpu", 3, None, misses=misses)).close()
+    model.logits(PROMPT + ids, decode=True)
+    stats = model.stats()
+    assert stats["decode_bytes_read"] == 0 and stats["substituted_experts"] > 0 and stats["skipped_experts"] > 0
+    model.experts.close()
+
+
+def test_low_bit_copies_are_not_read_behind_the_tier_and_a_run_says_so(stores, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from test_offload import budget_for
+
+    store = shutil.copytree(stores["mixtral-q4"], tmp_path / "with-copies")
+    assert main(["convert", str(store), "--low-bits", "q2"]) == 0
+    budget = budget_for(store, 6, monkeypatch)
+    model = edgerun.load(store, context_length=CONTEXT, ram=budget, gpu="1MB", device="cpu", low_below=0.5,
+                         low_when_late=True, substitute_below=0.3)
+    stats = model.stats()
+    assert stats["offload"] and stats["gpu_expert_slots"] > 0  # both tiers
+    # the device would keep a copy's values for every later token: behind it the RAM tier reads chunks only
+    assert stats["low_below"] == 0 and not stats["low_when_late"] and stats["substitute_below"] == 0.3
+    why = "low-bit copies are not read behind a GPU tier"
+    assert stats["runtime_settings"]["approximate_inactive"] == {"low_below": why, "low_when_late": why}
+    capsys.readouterr()
+    assert main(["run", str(store), "--ctx", str(CONTEXT), "--ram", str(budget), "--gpu", "1MB", "--device", "cpu",
+                 "--low-below", "0.5", "--substitute-below", "0.3", "-p", "12 7 3", "-n", "2", "--temp", "0"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "note:" in line]
+    assert notes == [f"edgerun: note: {why}, so --low-below changes nothing"]
+
+
 # -- the kernels -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("fmt", ["q4", "q8"])
 def test_the_device_expert_kernel_matches_the_reference(fmt):

@@ -135,7 +135,7 @@ def main(args: argparse.Namespace) -> int:
     model = edgerun.load(args.model, quant=args.quant, threads=args.threads, ram=args.ram, policy=args.policy,
                          prefetch=not args.no_prefetch, context_length=ctx, **approximate_kwargs(args),
                          **gpu_kwargs(args))
-    note_exact(model, args)
+    note_exact(model)
     if routing is not None:
         routing.install(model.decoder)
     result = measure_model(model, args.prompt_tokens, args.tokens, max(1, args.repeats), args.temp, args.cold)

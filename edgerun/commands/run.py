@@ -95,21 +95,14 @@ def approximate_kwargs(args: argparse.Namespace) -> dict:
             "low_when_late": args.low_when_late}
 
 
-def note_exact(model, args: argparse.Namespace) -> None:
-    """One line on stderr when approximate decoding was asked for but cannot apply to this model's placement."""
-    why = model.stats().get("runtime_settings", {}).get("approximate_inactive")
-    if why:
-        asked = [flag for flag, on in (("--skip-below", any_weight(args.skip_below)),
-                                       ("--substitute-below", any_weight(args.substitute_below)),
-                                       ("--low-below", any_weight(args.low_below)),
-                                       ("--low-when-late", args.low_when_late)) if on]
-        listed = ", ".join(asked[:-1]) + " and " + asked[-1] if len(asked) > 1 else asked[0]
-        print(f"edgerun: note: {why}, so decoding stays exact: {listed} change{'s' if len(asked) == 1 else ''} "
-              f"nothing", file=sys.stderr)
-
-
-def any_weight(value: float | list[float]) -> bool:
-    return any(value) if isinstance(value, (list, tuple)) else bool(value)
+def note_exact(model) -> None:
+    """One line on stderr for each reason that options of approximate decoding given change nothing."""
+    reasons: dict[str, list[str]] = {}
+    for name, why in model.stats().get("runtime_settings", {}).get("approximate_inactive", {}).items():
+        reasons.setdefault(why, []).append("--" + name.replace("_", "-"))
+    for why, flags in reasons.items():
+        listed = ", ".join(flags[:-1]) + " and " + flags[-1] if len(flags) > 1 else flags[0]
+        print(f"edgerun: note: {why}, so {listed} change{'s' if len(flags) == 1 else ''} nothing", file=sys.stderr)
 
 
 def gpu_kwargs(args: argparse.Namespace) -> dict:
@@ -194,7 +187,7 @@ def main(args: argparse.Namespace) -> int:
     model = edgerun.load(args.model, quant=args.quant, context_length=args.ctx, dtype=args.dtype,
                          threads=args.threads, ram=args.ram, policy=args.policy, **approximate_kwargs(args),
                          **gpu_kwargs(args))
-    note_exact(model, args)
+    note_exact(model)
     if args.trace_out:
         with model.record_routing(args.trace_out):
             stream_answer(model, prompt, args)

@@ -167,6 +167,12 @@ class RoutedExperts:
     def observe(self, layer: int, experts: list[int]) -> None:
         """A decoded token used `experts` at this layer, which was computed by a tier in front."""
 
+    def light_misses(self, layer: int, x: torch.Tensor, idx: torch.Tensor,
+                     weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decoded token's choices idx, weights [1, K] with approximate decoding applied where this tier would
+        have to read an expert that neither it nor a tier in front holds (exact here: as they are)."""
+        return idx, weights
+
     def elsewhere(self, key: tuple[int, int]) -> bool:
         """Whether a tier in front holds `key` ((MoE position, expert)), so that reading it ahead is needless; the
         tier in front replaces this."""

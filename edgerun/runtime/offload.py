@@ -252,8 +252,7 @@ class OffloadedExperts(RoutedExperts):
         chosen = idx[0].tolist() if self._decode else None
         if self._decode and (self._lowb[pos] > 0 or self.low_when_late):
             self._weight = dict(zip(chosen, weights[0].tolist()))
-        if self._decode and self._light[pos] > 0:
-            idx, weights = self._light_misses(layer, x, idx, weights)
+        idx, weights = self.light_misses(layer, x, idx, weights)
         if not idx.shape[1]:
             out = torch.zeros_like(x)
         elif x.shape[0] == 1:
@@ -279,15 +278,21 @@ class OffloadedExperts(RoutedExperts):
             experts.append((gu_qs, gu_scales, d_qs, d_scales, *(self.pool.biases(slot) or (None, None))))
         return self.in_one_call(x, experts, weights)
 
+    def light_misses(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor):
+        pos = self.pos[layer]
+        if not self._decode or self._light[pos] <= 0 or idx.shape[0] != 1:
+            return idx, weights
+        return self._light_misses(layer, x, idx, weights)
+
     def _light_misses(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor):
-        """idx, weights [1, K] with the experts that are neither cached nor being read and weigh less than
-        substitute_below replaced by experts in memory, and those that weigh less than skip_below (and were not
-        replaced) left out, with the thresholds of the layer."""
+        """idx, weights [1, K] with the experts that are neither cached (here or in a tier in front) nor being
+        read and weigh less than substitute_below replaced by experts in memory, and those that weigh less than
+        skip_below (and were not replaced) left out, with the thresholds of the layer."""
         pos = self.pos[layer]
         skip_below, substitute_below = self._skip[pos], self._sub[pos]
         chosen, w = idx[0].tolist(), weights[0].tolist()
         light = [k for k, (e, wk) in enumerate(zip(chosen, w))
-                 if wk < self._light[pos] and not self.cache.contains((pos, e))]
+                 if wk < self._light[pos] and not self.cache.contains((pos, e)) and not self.elsewhere((pos, e))]
         if not light:
             return idx, weights
         probs, replaced = None, set()
@@ -312,12 +317,12 @@ class OffloadedExperts(RoutedExperts):
         return new_idx, kept
 
     def _substitute(self, pos: int, chosen: list[int], probs: list[float]) -> int | None:
-        """The most probable expert of layer position pos whose whole chunk is in memory (not a low-bit copy, not
-        being read) and that is not among `chosen`, or None."""
+        """The most probable expert of layer position pos whose whole chunk is in memory (in a tier in front, or
+        here and neither a low-bit copy nor being read) and that is not among `chosen`, or None."""
         best = None
         for e, p in enumerate(probs):
             key = (pos, e)
-            if e in chosen or key in self._low or not self._complete(key):
+            if e in chosen or not self.elsewhere(key) and (key in self._low or not self._complete(key)):
                 continue
             if best is None or p > probs[best]:
                 best = e

@@ -245,7 +245,13 @@ class DeviceTier:
 
     def __call__(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         pos = self.pos[layer]
+        chosen = idx[0].tolist() if self._decode else None  # the routing's own choices, for the policies
+        if self._decode:  # light experts that neither tier holds: left out or replaced, as the RAM tier's options say
+            idx, weights = self.host.light_misses(layer, x, idx, weights)
         T, K = idx.shape
+        if not K:
+            self._observe(pos, layer, chosen)
+            return torch.zeros_like(x)
         flat = idx.reshape(-1).cpu()
         order = torch.argsort(flat, stable=True)
         experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
@@ -299,12 +305,15 @@ class DeviceTier:
                             [e for e in order_ram if e in on_cpu])
         if self.cache is not None and on_cpu:
             self._fill(pos, layer, on_cpu, needed)
-        if self._decode:
-            chosen = idx[0].tolist()
+        self._observe(pos, layer, chosen)
+        return out
+
+    def _observe(self, pos: int, layer: int, chosen: list[int] | None) -> None:
+        """A decoded token's choices at this layer, for both tiers' policies."""
+        if chosen is not None:
             if self.cache is not None:
                 self.cache.policy.observe(pos, chosen)
             self.host.observe(layer, chosen)
-        return out
 
     def _compute(self, layer: int, pos: int, x: torch.Tensor, w: torch.Tensor, groups: dict, K: int,
                  on_device: list[int], copied: list[int], on_cpu: list[int]) -> torch.Tensor:
