@@ -2,8 +2,10 @@
 their low-bit copies (`low_below`, copies made by `edgerun convert STORE --low-bits q2|q3`): what each costs in
 quality and what it buys in speed, setting by setting.
 
-Quality: the demo model (trained on Tiny Shakespeare) converted to a q4 store in --workdir, its experts in a RAM
-cache of 25% and 50% of them, scores the first --tokens held-out tokens one decode step at a time
+Quality: the demo model (trained on Tiny Shakespeare) converted to a q4 store in --workdir (or, with --model
+larger, a larger model trained for this by training/train_demo.py in the same way: 8 layers, hidden size 256,
+expert width 512, 28M parameters, about 12 minutes on 2 cores; trained into --workdir if missing), its experts in a
+RAM cache of 25% and 50% of them, scores the first --tokens held-out tokens one decode step at a time
 (`Model.logits(ids, decode=True)`, in windows of its 256-token context, each token once), against exact decoding:
 perplexity, the shares of decoded experts left out, replaced and served by copies, and the bytes read per token.
 "calibrated per layer" replaces light misses below thresholds of each layer that `edgerun.calibrate` picks for 1%
@@ -15,9 +17,15 @@ with each setting's options in fresh processes, budgets of 25% and 50% of its ex
 rounds, each starting at another setting, medians. The trace gives the probabilities of the experts it chose only,
 so an expert standing in for a light miss there is one in memory with no rank (and a weight of 0): it costs what a
 real one would (a computed expert, no read) but says nothing of quality, which the demo model measures. Its 32
-layers take the demo model's calibrated thresholds by depth (the first quarter those of the demo's first layer).
+layers take the calibrated thresholds of the model measured for quality by depth (with the demo model's 4 MoE
+layers, the first quarter those of its first layer).
 
     python benchmarks/light_misses.py --workdir ../trace-model --out light-misses.json
+    python benchmarks/light_misses.py --workdir ../trace-model --out larger.json --model larger --skip-speed \
+        --settings "skip 0.2" "skip 0.25" "skip 0.3" "substitute 0.25" "substitute 0.3" "substitute 0.35" \
+        "substitute 0.4" "substitute 0.5" "calibrated per layer" "q3 all misses" "q2 below 0.5"
+    python benchmarks/light_misses.py --workdir ../trace-model --out larger.json --model larger --reuse-quality \
+        --settings "calibrated per layer"    # speed of its calibrated thresholds on the trace store
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -63,6 +72,30 @@ SETTINGS = [Setting("exact"), Setting("skip 0.2", skip=0.2), Setting("skip 0.25"
             Setting("q2 when late", late=True, fmt="q2"),
             Setting("q2 when late, skip 0.25", skip=0.25, late=True, fmt="q2")]
 QUALITY_ONLY = {"q3 below 0.5", "q3 all misses"}  # measured for speed in q2 instead
+# the larger model: the demo's recipe (data, tokenizer, steps, optimizer, seed) at twice the depth, 1.6x the width
+LARGER = ["--layers", "8", "--hidden", "256", "--inter", "512"]
+
+
+def quality_model(a: argparse.Namespace) -> Path:
+    """The q4 store of the model whose quality is measured: the demo model's, or the larger model's (trained first
+    when --workdir has none)."""
+    from edgerun.demo_model import demo_model_dir
+    from edgerun.store.convert import convert
+    from edgerun.store.store import is_store
+
+    work = Path(a.workdir)
+    path = work / f"{a.model}-q4"
+    if is_store(path):
+        return path
+    source = demo_model_dir()
+    if a.model == "larger":
+        source = work / "larger-model"
+        if not (source / "metrics.json").is_file():
+            print(f"training the larger model into {source}", file=sys.stderr, flush=True)
+            subprocess.run([sys.executable, str(ROOT / "training" / "train_demo.py"), "--out", str(source), *LARGER],
+                           check=True)
+    convert(source, path, quant="q4", progress=False)
+    return path
 
 
 def quality(a: argparse.Namespace, report: dict) -> None:
@@ -71,16 +104,14 @@ def quality(a: argparse.Namespace, report: dict) -> None:
 
     import edgerun
     from edgerun.calibrate import calibrate, score
-    from edgerun.demo_model import demo_model_dir
     from edgerun.runtime.offload import OffloadedExperts
-    from edgerun.store.convert import convert
     from edgerun.store.lowbit import add_low_copies
-    from edgerun.store.store import ExpertStore, is_store
+    from edgerun.store.store import ExpertStore
 
-    path = Path(a.workdir) / "demo-q4"
-    if not is_store(path):
-        convert(demo_model_dir(), path, quant="q4", progress=False)
+    path = quality_model(a)
     model = edgerun.load(path, context_length=257)
+    report["model"] = {"name": a.model, **{k: getattr(model.spec, k) for k in (
+        "num_layers", "hidden_size", "moe_intermediate_size", "num_experts", "top_k")}}
     _, held = train_demo.split_text((ROOT / "training" / "tinyshakespeare.txt").read_text(encoding="utf-8"))
     held_ids = train_demo.encode(lambda t: model.tokenizer.encode(t, add_special_tokens=False), held)[0].tolist()
     ids = held_ids[:a.tokens]  # scored
@@ -147,9 +178,9 @@ def speed(a: argparse.Namespace, report: dict, t0: float) -> None:
             for share in a.shares:
                 budget, slots = budgets[share]
                 sub = str(st.sub)
-                if st.calibrated:  # the demo model's layers stretched over the store's 32, by depth
-                    demo = report["calibration"][str(share)]["substitute_below"]
-                    sub = layer_weights_text([demo[j * len(demo) // 32] for j in range(32)])
+                if st.calibrated:  # the measured model's layers stretched over the store's 32, by depth
+                    picked = report["calibration"][str(share)]["substitute_below"]
+                    sub = layer_weights_text([picked[j * len(picked) // 32] for j in range(32)])
                 r = routing_trace.bench(store, ["--ram", str(budget), "--cold", "--routing-trace",
                                                 str(routing_trace.TRACE), "--skip-below", str(st.skip),
                                                 "--substitute-below", sub, "--low-below", str(st.low)]
@@ -172,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="where routing_trace.py's store is (made if missing)")
     p.add_argument("--out", required=True, help="write the results here as JSON")
+    p.add_argument("--model", choices=["demo", "larger"], default="demo",
+                   help="the model whose quality is measured and whose calibration the speed runs take (see above)")
     p.add_argument("--shares", type=float, nargs="+", default=[0.25, 0.5])
     p.add_argument("--tokens", type=int, default=4096, help="held-out tokens scored (default 4096)")
     p.add_argument("--calibration-tokens", type=int, default=2048,
@@ -190,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.reuse_quality:
         earlier = json.loads(Path(a.out).read_text())
         report["quality"], report["calibration"] = earlier["quality"], earlier.get("calibration", {})
+        report["model"] = earlier.get("model", {"name": a.model})
     else:
         quality(a, report)
     Path(a.out).write_text(json.dumps(report, indent=2) + "\n")
