@@ -405,7 +405,9 @@ def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None
         if ram is not None or gpu_budget:
             raise ArgumentError("memory budgets (RAM, GPU) apply to converted models: add quant='q4' or 'q8' (--quant "
                                 "on the command line), or convert the model with `edgerun convert` and load the store")
-        return _load_hf(source, dtype, progress, context_length, t0)
+        inactive = {name: "every expert is in RAM" for name, given in (  # a checkpoint runs whole from RAM
+            ("skip_below", any(skip_below)), ("substitute_below", any(substitute_below))) if given}
+        return _load_hf(source, dtype, progress, context_length, t0, inactive)
     from .store.convert import cached_store_path, convert
 
     src = locate(path)
@@ -488,7 +490,7 @@ def _model(spec: ModelSpec, decoder: Decoder, experts: ExpertsContainer, context
 
 
 def _load_hf(source: Checkpoint, dtype: str, progress: bool | None, context_length: int | None,
-             t0: float) -> Model:
+             t0: float, inactive: dict[str, str] | None = None) -> Model:
     family, spec = source.family, source.spec
     ctx = placement.context_length(spec, context_length)
     reader = source.reader()
@@ -505,6 +507,8 @@ def _load_hf(source: Checkpoint, dtype: str, progress: bool | None, context_leng
     weights_bytes = sum(t.nbytes for t in weights.values()) + sum(t.nbytes for t in held if t is not None)
     info = {"path": source.dir, "tokenizer_dir": source.tokenizer_dir, "tokenizer_defaults": source.tokenizer_defaults,
             "quant": "none", "weights_bytes": weights_bytes}
+    if inactive:  # options of approximate decoding, taken and changing nothing
+        info["runtime_settings"] = {"offload": False, "approximate_inactive": inactive}
     return _model(spec, decoder, experts, ctx, None, source.generation_config, info, t0)
 
 

@@ -460,6 +460,8 @@ def test_chat_command_rejects_bad_arguments(paths, tmp_path, capsys):
         (["chat", str(tmp_path / "nowhere")], "nowhere"),
         (["chat", str(paths["q4"]), "--ram", "1MiB"], "minimum"),
         (["chat", "--share", "maybe"], "invalid choice"),
+        (["chat", "--substitute-below", "2"], "routing weights go from 0 up to 1"),
+        (["chat", "--server", "http://127.0.0.1:9/v1", "--skip-below", "0.2"], "options of approximate decoding"),
     ]
     def one_error_line(expected: str) -> None:
         err = capsys.readouterr().err.strip().splitlines()
@@ -482,7 +484,8 @@ def test_chat_command_serves_the_page(paths):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # Ctrl+C as a terminal delivers it: with SIGINT's default action, which a shell running the tests in the
     # background leaves ignored (and Python then never raises KeyboardInterrupt)
-    proc = subprocess.Popen([sys.executable, "-m", "edgerun.cli", "chat", str(paths["hf"]), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "edgerun.cli", "chat", str(paths["hf"]), "--port", str(port),
+                             "--skip-below", "0.2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
@@ -503,6 +506,7 @@ def test_chat_command_serves_the_page(paths):
             proc.wait()
     err = proc.stderr.read()
     assert proc.returncode == 130 and "interrupted" in err, (proc.returncode, err[-2000:])
+    assert "note: every expert is in RAM, so --skip-below changes nothing" in err  # the option reached the model
 
 
 # -- the page in a real browser ----------------------------------------------------------------------------------

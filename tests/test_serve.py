@@ -240,6 +240,10 @@ def test_the_command_checks_its_port_and_warns_when_open_to_the_network(monkeypa
     assert main(["serve", "--host", "0.0.0.0", "--port", str(free_port()), "--ctx", "64"]) == 0
     err = capsys.readouterr().err
     assert ran["host"] == "0.0.0.0" and "without --api-key" in err and "demo-model at http://0.0.0.0" in err
+    assert "note:" not in err
+    # the options of approximate decoding reach edgerun.load (which says they change nothing with every expert in RAM)
+    assert main(["serve", "--port", str(free_port()), "--ctx", "64", "--substitute-below", "0.3"]) == 0
+    assert "edgerun: note: every expert is in RAM, so --substitute-below changes nothing" in capsys.readouterr().err
 
 
 # -- the chat page's remote model ---------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import sys
 import time
 
 from ..errors import EdgerunError
-from .run import add_gpu_args, gpu_kwargs
+from .run import add_approximate_args, add_gpu_args, any_weight, approximate_kwargs, gpu_kwargs, note_exact
 from .serve import LOOPBACK
 
 
@@ -24,6 +24,7 @@ def add_parser(sub) -> None:
     p.add_argument("--ram", default=None, metavar="SIZE",
                    help="memory budget of the whole process, e.g. 12GiB (default: what the machine has)")
     add_gpu_args(p)
+    add_approximate_args(p)
     p.add_argument("--port", type=int, default=None, metavar="N",
                    help="port to serve on (default: the first free one from 7860)")
     p.add_argument("--host", default="127.0.0.1", metavar="ADDR",
@@ -52,8 +53,9 @@ def main(args: argparse.Namespace) -> int:
     import edgerun
 
     if args.server:
-        if args.model or args.quant or args.ram:
-            raise EdgerunError("--server chats with the server's model: leave out MODEL, --quant and --ram")
+        if args.model or args.quant or args.ram or any(map(any_weight, approximate_kwargs(args).values())):
+            raise EdgerunError("--server chats with the server's model: leave out MODEL, --quant, --ram and the "
+                               "options of approximate decoding (give those to `edgerun serve`)")
         from ..remote import RemoteModel
 
         remote = RemoteModel(args.server, api_key=args.api_key)  # an unreachable server fails before the page opens
@@ -71,7 +73,7 @@ def main(args: argparse.Namespace) -> int:
 
         source = demo_model_dir()
     quant = None if args.quant in (None, "none") else args.quant
-    options = {"context_length": args.ctx, "threads": args.threads, **gpu_kwargs(args)}
+    options = {"context_length": args.ctx, "threads": args.threads, **approximate_kwargs(args), **gpu_kwargs(args)}
     app = chat.ChatApp(None, (args.model or "", args.quant or "none", args.ram or ""), options)
     try:
         page, url = app.launch(host=args.host, port=args.port, share=args.share == "yes")
@@ -84,6 +86,7 @@ def main(args: argparse.Namespace) -> int:
     except BaseException:
         _close(page)
         raise
+    note_exact(app.model)
     print(f"edgerun chat: serving {app.model.path} at {url}", flush=True)
     return _serve_page(page, args)
 

@@ -105,6 +105,11 @@ def note_exact(model) -> None:
         print(f"edgerun: note: {why}, so {listed} change{'s' if len(flags) == 1 else ''} nothing", file=sys.stderr)
 
 
+def any_weight(value: float | bool | list[float]) -> bool:
+    """Whether an option of approximate decoding is on (a threshold above 0 for some layer, or a flag)."""
+    return any(value) if isinstance(value, (list, tuple)) else bool(value)
+
+
 def gpu_kwargs(args: argparse.Namespace) -> dict:
     return {"gpu": args.gpu, "device": args.device, "misses": args.misses}
 

@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from ..errors import EdgerunError
-from .run import add_gpu_args, gpu_kwargs
+from .run import add_approximate_args, add_gpu_args, approximate_kwargs, gpu_kwargs, note_exact
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -22,6 +22,7 @@ def add_parser(sub) -> None:
     p.add_argument("--ram", default=None, metavar="SIZE",
                    help="memory budget of the whole process, e.g. 12GiB (default: what the machine has)")
     add_gpu_args(p)
+    add_approximate_args(p)
     p.add_argument("--host", default="127.0.0.1", metavar="ADDR",
                    help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, metavar="N", help="port to listen on (default 8000)")
@@ -60,7 +61,8 @@ def main(args: argparse.Namespace) -> int:
     quant = None if args.quant in (None, "none") else args.quant
     print(f"edgerun serve: loading {source}", file=sys.stderr)
     model = edgerun.load(source, quant=quant, ram=args.ram, context_length=args.ctx, threads=args.threads,
-                         **gpu_kwargs(args))
+                         **approximate_kwargs(args), **gpu_kwargs(args))
+    note_exact(model)
     name = args.model_name or model.path.name
     if args.host not in LOOPBACK and not args.api_key:
         print(f"edgerun serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
