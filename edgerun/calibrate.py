@@ -144,8 +144,8 @@ def calibrate(model, ids: Sequence[int], *, max_loss: float = 0.01, groups: int 
     base = model.experts
     if not isinstance(base, OffloadedExperts):
         raise ArgumentError("nothing to calibrate: approximate decoding changes only experts that miss, and this "
-                            "model's are not offloaded (give a RAM budget below its size: --ram, or ram=; behind a "
-                            "GPU tier it does not apply)")
+                            "model's are not offloaded (give a RAM budget below its size: --ram, or ram=; calibrate "
+                            "without a GPU tier, gpu=0, and use the thresholds with one)")
     if not 0 < max_loss < 1:
         raise ArgumentError(f"max_loss must be a fraction of perplexity between 0 and 1, got {max_loss!r}")
     if not ladder or any(not 0 < t < 1 for t in ladder):
