@@ -206,6 +206,7 @@ def test_light_misses_behind_the_tier_are_replaced_by_what_either_tier_holds(sto
     got = model.logits(PROMPT + ids, decode=True)
     stats = model.stats()
     assert stats["substituted_experts"] == seen["substituted"] > 0 and seen["from_the_device"] > 0
+    assert stats["substituted_rate"] == pytest.approx(seen["substituted"] / experts.accesses)  # of every decoded one
     assert stats["decode_bytes_read"] == seen["reads"] * store.chunk_bytes  # a replaced expert is never read
     assert np.allclose(got[0], want[0], atol=1e-4) and not np.allclose(got, want, atol=1e-3)
     experts.close()
@@ -215,6 +216,7 @@ def test_light_misses_behind_the_tier_are_replaced_by_what_either_tier_holds(sto
     model.logits(PROMPT + ids, decode=True)
     stats = model.stats()
     assert stats["decode_bytes_read"] == 0 and stats["substituted_experts"] > 0 and stats["skipped_experts"] > 0
+    assert 0 < stats["skipped_rate"] < 1 and 0 < stats["substituted_rate"] < 1
     model.experts.close()
 
 

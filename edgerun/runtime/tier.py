@@ -222,6 +222,10 @@ class DeviceTier:
         })
         if not host_offload:  # every expert in RAM: the RAM tier reads nothing
             out.update(hit_rate=1.0, bytes_read=0, bytes_read_per_token=0.0)
+        else:  # shares of all the decoded experts, not of those the RAM tier was asked for
+            skipped, n = host["skipped_experts"], self.accesses
+            out.update(substituted_rate=host["substituted_experts"] / n if n else 0.0,
+                       skipped_rate=skipped / (skipped + n) if skipped + n else 0.0)
         return out
 
     def residency(self) -> Residency:
