@@ -78,6 +78,13 @@ def render_stats(stats: dict, generating: bool) -> str:
             _card("read from disk", format_size(stats.get("bytes_read", 0)), "",
                   f"{format_size(stats.get('bytes_read_per_token', 0.0))} per token"),
         ]
+        approximate = [(share, what) for share, what in (
+            (stats.get("substituted_rate", 0.0), "replaced"), (stats.get("skipped_rate", 0.0), "left out"),
+            (stats.get("low_served_rate", 0.0), "from low-bit copies")) if share]
+        if any(stats.get(k) for k in ("substitute_below", "skip_below", "low_below", "low_when_late")):
+            cards.append(_card("approximate", f"{100 * sum(share for share, _ in approximate):.0f}", "%",
+                               "of decoded experts: " + (", ".join(f"{100 * share:.0f}% {what}"
+                                                                   for share, what in approximate) or "none yet")))
     else:
         cards += [
             _card("expert hits", "100", "%", "every expert in memory"),

@@ -85,9 +85,9 @@ def served(model):
         yield app, page, url
 
 
-def offload(model: edgerun.Model, slots: int) -> OffloadedExperts:
+def offload(model: edgerun.Model, slots: int, **approximate) -> OffloadedExperts:
     """Put the model's experts behind a cache of `slots` expert slots over its store."""
-    experts = OffloadedExperts(ExpertStore(model.path), model.spec.activation, slots)
+    experts = OffloadedExperts(ExpertStore(model.path), model.spec.activation, slots, **approximate)
     model.use_experts(experts).close()
     return experts
 
@@ -235,6 +235,15 @@ def test_live_panel_of_an_offloaded_model(paths):
     for label in ("resident weights", "KV cache", "expert slots", "expert hits", "prefetch recall", "read from disk"):
         assert label in stats_html
     assert f"{len(experts.cache.resident())} of 32 experts in RAM" in heat_html
+    assert "approximate" not in stats_html  # exact decoding
+    experts.close()
+    experts = offload(small, slots=6, substitute_below=0.999, skip_below=0.999)
+    small.generate_ids(small.tokenizer.encode("Hello"), 10, temperature=0.8, seed=4, ignore_eos=True)
+    stats = small.stats()
+    _, stats_html, _ = chat.ChatApp(small).live()
+    replaced, left_out = round(100 * stats["substituted_rate"]), round(100 * stats["skipped_rate"])
+    assert replaced > 0 and f"{replaced}% replaced" in stats_html and "approximate" in stats_html
+    assert left_out == 0 or f"{left_out}% left out" in stats_html
     experts.close()
 
 
