@@ -405,8 +405,8 @@ def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None
         if ram is not None or gpu_budget:
             raise ArgumentError("memory budgets (RAM, GPU) apply to converted models: add quant='q4' or 'q8' (--quant "
                                 "on the command line), or convert the model with `edgerun convert` and load the store")
-        inactive = {name: "every expert is in RAM" for name, given in (  # a checkpoint runs whole from RAM
-            ("skip_below", any(skip_below)), ("substitute_below", any(substitute_below))) if given}
+        inactive = _inactive_options(True, False, skip_below=any(skip_below),  # a checkpoint runs whole from RAM
+                                     substitute_below=any(substitute_below))
         return _load_hf(source, dtype, progress, context_length, t0, inactive)
     from .store.convert import cached_store_path, convert
 
@@ -551,11 +551,15 @@ def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, pref
         device = None
     request = _gpu_request(device, gpu_budget) if device is not None else None
 
-    profile, profile_source = local_profile(measure=False)
-    if quantized and not threads and profile is not None:
-        torch.set_num_threads(best_threads(profile, layout.expert_format))
-    if quantized:
+    def kernel_threads() -> None:
+        """The profile's best thread count for these kernels, unless the caller gave one."""
+        if not threads and profile is not None:
+            torch.set_num_threads(best_threads(profile, layout.expert_format))
         native.set_threads(torch.get_num_threads())
+
+    profile, profile_source = local_profile(measure=False)
+    if quantized:
+        kernel_threads()
         native.warmup()  # compile (or load the compiled kernels) now, not inside the first token
     baseline = current_rss()  # the process before the model's weights: interpreter, torch, kernels
     plan = placement.place(layout, budget=budget, context=ctx, baseline=baseline,
@@ -584,9 +588,7 @@ def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, pref
     else:
         if profile is None:
             profile, profile_source = local_profile(measure=True)
-            if not threads:
-                torch.set_num_threads(best_threads(profile, layout.expert_format))
-                native.set_threads(torch.get_num_threads())
+            kernel_threads()  # measured just now: its figures apply from this first run on
         settings = placement.runtime_settings(profile, layout)
         behind = plan.gpu is not None  # a GPU tier copies what the RAM tier holds: no low-bit copy may be there
         experts = OffloadedExperts(store, spec.activation, plan.slots, policy=policy, prefetch=prefetch,
@@ -604,8 +606,9 @@ def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, pref
                              misses=misses)
         settings.update(device=str(device), misses=misses)
     settings.update(threads=torch.get_num_threads(), profile=profile_source)
-    inactive = _inactive_options(plan, skip_below=any(skip_below), substitute_below=any(substitute_below),
-                                 low_below=any(low_below), low_when_late=low_when_late)
+    inactive = _inactive_options(plan.all_resident, plan.gpu is not None, skip_below=any(skip_below),
+                                 substitute_below=any(substitute_below), low_below=any(low_below),
+                                 low_when_late=low_when_late)
     if inactive:  # taken, and changing nothing
         settings["approximate_inactive"] = inactive
     decoder = layout.decoder
@@ -627,11 +630,12 @@ def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, pref
     return model
 
 
-def _inactive_options(plan, **asked: bool) -> dict[str, str]:
-    """The options of approximate decoding that were given but change nothing under this placement, and why."""
-    if plan.all_resident:
+def _inactive_options(all_in_ram: bool, behind_gpu: bool, **asked: bool) -> dict[str, str]:
+    """The options of approximate decoding that were given but change nothing with every expert in RAM, or (the
+    low-bit copies) with the experts behind a GPU tier, and why."""
+    if all_in_ram:
         why = {name: "every expert is in RAM" for name in asked}
-    elif plan.gpu is not None:
+    elif behind_gpu:
         why = dict.fromkeys(("low_below", "low_when_late"), "low-bit copies are not read behind a GPU tier")
     else:
         why = {}
