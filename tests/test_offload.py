@@ -18,7 +18,9 @@ from edgerun.runtime import reader as reader_module
 from edgerun.runtime import placement
 from edgerun.runtime.placement import SAFETY_MIN, BudgetError, choose_prefill_chunk, split_budget
 from edgerun.units import parse_size
+from edgerun.runtime import offload as offload_module
 from edgerun.runtime.offload import OffloadedExperts
+from edgerun.runtime.policy import ForecastPolicy
 from edgerun.runtime.reader import CANCELLED, DONE, ExpertReader
 from edgerun.runtime.trace import read_trace
 from edgerun.store.convert import convert
@@ -161,6 +163,34 @@ def test_prefetch_predicts_with_the_next_routers(stores):
     no_prefetch.generate_ids(PROMPT, 16, temperature=0, ignore_eos=True)
     assert plain.prefetches == 0 and no_prefetch.stats()["prefetch_recall"] == 0
     experts.close(), plain.close()
+
+
+def test_the_policy_reads_forecast_hints_from_at_most_two_layers_back(stores, monkeypatch):
+    """Every hint is given here (HINTED_LAYERS raised), and each one the policy reads is recorded with the layer
+    it was forecast from: none is read from further back than HINTED_LAYERS, so not giving those changes no
+    eviction."""
+    monkeypatch.setattr(offload_module, "HINTED_LAYERS", 99)
+    source, given, read = {}, [], []
+    predict, expected = ForecastPolicy.predict, ForecastPolicy.expected_next_use
+
+    def recording_predict(self, layer, probs):
+        source[layer] = self._layer  # the layer being computed: its schedule forecasts the later ones
+        given.append(layer - self._layer)
+        predict(self, layer, probs)
+
+    def recording_expected(self):
+        nxt = self._layer + 1
+        if nxt in self._forecast:
+            read.append(nxt - source[nxt])
+        return expected(self)
+    monkeypatch.setattr(ForecastPolicy, "predict", recording_predict)
+    monkeypatch.setattr(ForecastPolicy, "expected_next_use", recording_expected)
+    model = edgerun.load(stores["mixtral"])
+    experts = offload(model, slots=12, depth=4)
+    model.generate_ids(PROMPT, 24, temperature=0, ignore_eos=True)
+    assert max(given) >= 3  # hints from three layers back were given
+    assert read and max(read) <= 2, read
+    experts.close()
 
 
 def test_a_token_whose_experts_are_all_in_memory_takes_one_kernel_call(stores, monkeypatch):

@@ -27,6 +27,7 @@ from .reader import QUEUED, ExpertReader, ReadRequest
 
 WASTE_LIMIT = 0.3  # share of a token's prefetches left unused above which the depth shrinks
 UPGRADE_AFTER = 3  # tokens a low-bit copy serves before its chunk is read over it when the disk is idle
+HINTED_LAYERS = 2  # layers ahead whose forecast probabilities the cache policy is given
 
 
 def per_layer(value: float | Sequence[float], layers: int, name: str = "threshold") -> tuple[float, ...]:
@@ -560,14 +561,18 @@ class OffloadedExperts(RoutedExperts):
 
     def forecast(self, pos: int, x: torch.Tensor) -> dict[int, tuple[list[int], list[float] | None, dict]]:
         """For the MoE layers after position pos (up to the prefetch depth): the experts their routers pick for x,
-        the input of layer pos, and, for one token, every expert's probability (the cache policy's hint) and the
-        routing weight of each expert picked ({} for several tokens)."""
+        the input of layer pos, and, for one token, the routing weight of each expert picked ({} for several
+        tokens) and, for the next two layers, every expert's probability (the cache policy's hint; None beyond).
+
+        The policy reads a layer's hint only while the layer before it runs (ForecastPolicy.expected_next_use),
+        so a hint for layer pos + 3 or later would be replaced, by a forecast from nearer, before it is read."""
         out = {}
         for j in range(pos + 1, min(len(self.layers), pos + 1 + self.depth)):
             routing = self.decoder.lookahead(self.layers[pos], self.layers[j], x)
             if routing.probs.shape[0] == 1:
                 top = routing.idx[0].tolist()
-                out[j] = (top, routing.probs[0].tolist(), dict(zip(top, routing.weights[0].tolist())))
+                probs = routing.probs[0].tolist() if j <= pos + HINTED_LAYERS else None
+                out[j] = (top, probs, dict(zip(top, routing.weights[0].tolist())))
             else:
                 out[j] = (routing.idx.unique().tolist(), None, {})
         return out
