@@ -68,6 +68,12 @@ def warmup() -> None:
             matmul(x, *gate_up, np.empty((n_tok, 64), np.float32))
             expert_ffn(x, *gate_up, *down, SWIGLU_OAI, np.empty((n_tok, 64), np.float32),
                        np.zeros(64, np.float32), np.zeros(64, np.float32))
+        from ..runtime.policy import ForecastPolicy  # the expert cache policy's arithmetic
+
+        policy = ForecastPolicy(2, 4, 1)
+        policy.access((0, 1), False)
+        policy.observe(0, [1])
+        policy.victim([(1, 2)], (0, 3))
     except Exception as e:  # a numba/LLVM that cannot compile them: keep running, on NumPy
         config.fall_back(e)
         _kernels, BACKEND, INT_DOT = None, "numpy", False
@@ -377,6 +383,24 @@ def low_to_q4(sections: list[np.ndarray], fmt: str, quarter: int, qs: np.ndarray
     else:
         _kernels.low_q3_to_q4(sections[0].reshape(-1).view(np.uint32), sections[1].reshape(-1).view(np.uint32),
                               qs.reshape(-1).view(np.uint32), quarter // 8)
+    return True
+
+
+def policy_observe(*args) -> bool:
+    """kernels.policy_observe (ForecastPolicy.observe's counts, in place); False, nothing done, without the numba
+    kernels."""
+    if _kernels is None:
+        return False
+    _kernels.policy_observe(*args)
+    return True
+
+
+def policy_next_use(*args) -> bool:
+    """kernels.policy_next_use (ForecastPolicy.expected_next_use, in place); False, nothing done, without the numba
+    kernels."""
+    if _kernels is None:
+        return False
+    _kernels.policy_next_use(*args)
     return True
 
 

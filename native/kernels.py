@@ -1448,3 +1448,119 @@ def low_q3_to_q4(words, plane, out, per_block):
             out[dst + per_block + j] = ((w1 & low_bits) << one) | (((p >> one) & ones) << three)
             out[dst + 2 * per_block + j] = ((w0 & high_bits) >> one) | (((p >> np.uint32(2)) & ones) << three)
             out[dst + 3 * per_block + j] = ((w1 & high_bits) >> one) | (((p >> three) & ones) << three)
+
+
+# ---------------------------------------------------------------- the expert cache policy's arithmetic
+# runtime/policy.ForecastPolicy's observe and expected_next_use on one layer's small arrays, in one call each instead
+# of some forty NumPy calls (the policy's NumPy code is the reference; no fastmath: its choices must match).
+
+@njit(cache=True, nogil=True)
+def _policy_logit(p):
+    return math.log(p / (1.0 - p))
+
+
+@njit(cache=True, nogil=True)
+def _policy_row(recency, gap, freq, trans, trans_total, cond, n_cond, lp, freq_weight, temporal_weight, out):
+    """ForecastPolicy._row into out."""
+    for e in range(out.shape[0]):
+        v = recency[gap[e]] + freq_weight * (_policy_logit(freq[e]) - lp)
+        if n_cond:
+            p = 0.0
+            for i in range(n_cond):
+                a = cond[i]
+                p += trans[a, e] / trans_total[a]
+            v += temporal_weight * (_policy_logit(p / n_cond) - lp)
+        out[e] = v
+
+
+@njit(cache=True, nogil=True)
+def _policy_waits(logodds, uses, tokens, prior, strength, slack, num_layers, q_floor, out):
+    """ForecastPolicy._waits(logodds, _long_run_wait(uses, tokens)) into out (which may be logodds)."""
+    top = (1.0 - q_floor) / q_floor
+    for e in range(out.shape[0]):
+        rate = (uses[e] + strength * prior) / (tokens + strength)
+        long_run = slack * num_layers * (1.0 - rate) / rate
+        out[e] = min(num_layers * min(math.exp(-logodds[e]), top), long_run)
+
+
+@njit(cache=True, nogil=True)
+def policy_observe(t, last_use, uses, freq, gap_total, gap_hits, trans, trans_total, prev, n_prev, cross, cross_total,
+                   prev_before, n_before, used, cap, alpha, q_floor):
+    """ForecastPolicy.observe's counts for one layer whose t-th token used `used`: last_use, uses, freq are the
+    layer's rows; trans, trans_total and prev[:n_prev] its transitions and last experts; cross, cross_total and
+    prev_before[:n_before] those of the layer before (n_before 0: not the same token's)."""
+    for e in range(last_use.shape[0]):
+        gap_total[min(t - last_use[e], cap)] += 1
+    for u in used:
+        gap_hits[min(t - last_use[u], cap)] += 1
+    for e in range(freq.shape[0]):
+        freq[e] *= 1 - alpha
+    for u in used:
+        last_use[u] = t
+        uses[u] += 1
+        freq[u] += alpha
+    for e in range(freq.shape[0]):
+        freq[e] = min(max(freq[e], q_floor), 1 - q_floor)
+    for i in range(n_prev):
+        trans_total[prev[i]] += 1
+        for u in used:
+            trans[prev[i], u] += 1
+    for i in range(n_before):
+        cross_total[prev_before[i]] += 1
+        for u in used:
+            cross[prev_before[i], u] += 1
+
+
+@njit(cache=True, nogil=True)
+def policy_next_use(eta, ahead, wait, logodds, max_wait, recency, gap_hits, gap_total, stale, tokens, last_use, freq,
+                    uses, trans, trans_total, cross, cross_total, prev, n_prev, cur, step, in_step, forecast,
+                    prior, lp, cap, strength, slack, alpha, q_floor, freq_weight, temporal_weight, cross_weight):
+    """ForecastPolicy.expected_next_use into eta [L, E]: the rows of the stale layers brought up to date (recency
+    first, when any is), then every key's wait from the current layer cur, its in-step row and the next layer's."""
+    L, E = eta.shape
+    gap = np.empty(E, np.int64)
+    if stale.shape[0]:
+        for g in range(recency.shape[0]):
+            recency[g] = _policy_logit((gap_hits[g] + strength * prior) / (gap_total[g] + strength))
+        for layer in stale:
+            for e in range(E):
+                gap[e] = min(tokens[layer] - last_use[layer, e], cap)
+            _policy_row(recency, gap, freq[layer], trans[layer], trans_total[layer], prev[layer], n_prev[layer], lp,
+                        freq_weight, temporal_weight, logodds[layer])
+            for e in range(E):
+                rate = (uses[layer, e] + strength * prior) / (tokens[layer] + strength)
+                max_wait[layer, e] = slack * L * (1.0 - rate) / rate
+            _policy_waits(logodds[layer], uses[layer], tokens[layer], prior, strength, slack, L, q_floor, wait[layer])
+    for layer in range(L):
+        for e in range(E):
+            eta[layer, e] = ahead[layer] + wait[layer, e]
+    row = np.empty(E)
+    if in_step:
+        f = np.empty(E)
+        u = np.empty(E)
+        for e in range(E):
+            gap[e] = min(tokens[cur] + 1 - last_use[cur, e], cap)
+            f[e] = freq[cur, e] * (1 - alpha)
+            u[e] = uses[cur, e]
+        for s in step:
+            gap[s] = 1
+            f[s] += alpha
+            u[s] += 1
+        _policy_row(recency, gap, f, trans[cur], trans_total[cur], step, step.shape[0], lp, freq_weight,
+                    temporal_weight, row)
+        _policy_waits(row, u, tokens[cur] + 1, prior, strength, slack, L, q_floor, row)
+        for e in range(E):
+            eta[cur, e] = L + row[e]
+    nxt = cur + 1
+    if nxt < L and (step.shape[0] or forecast.shape[0]):
+        for e in range(E):
+            if forecast.shape[0]:
+                p = forecast[e]
+            else:
+                p = 0.0
+                for s in step:
+                    p += cross[cur, s, e] / cross_total[cur, s]
+                p /= step.shape[0]
+            row[e] = logodds[nxt, e] + cross_weight * (_policy_logit(p) - lp)
+        for e in range(E):
+            eta[nxt, e] = 1 + min(L * min(math.exp(-row[e]), (1.0 - q_floor) / q_floor), max_wait[nxt, e])

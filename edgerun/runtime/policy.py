@@ -12,6 +12,8 @@ from collections.abc import Collection, Sequence
 
 import numpy as np
 
+from .. import native
+
 Key = tuple[int, int]
 
 # Forecast policy parameters. Probabilities are combined as log-odds around the prior top_k/num_experts.
@@ -24,6 +26,7 @@ CROSS_WEIGHT = 0.5       # layer-to-layer co-use is noisier: it only ranks the n
 LONG_RUN_SLACK = 1.0     # context fades: no wait is predicted beyond what the long-run use rate gives
 Q_FLOOR = 1e-3           # keeps the expected time to next use finite
 PREDICT_CLIP = 1e-3      # a router forecast is never taken as certain either way
+_NONE = np.empty(0)      # no forecast, for the kernels
 
 
 class Policy:
@@ -119,7 +122,7 @@ class ForecastPolicy(Policy):
         self._step: list[int] = []       # experts the current layer has used for the current token
         self._in_step = False            # the current layer's accesses are not observed yet
         self._observed = -1              # layer of the latest observe
-        self._tokens = [0] * L           # tokens each layer has finished
+        self._tokens = np.zeros(L, np.int64)  # tokens each layer has finished
         self._uses = np.zeros((L, E))    # tokens that used each key
         # token index of each key's last use; never used counts as idle for the longest gap
         self._last_use = np.full((L, E), -RECENCY_CAP, np.int64)
@@ -132,6 +135,8 @@ class ForecastPolicy(Policy):
         self._cross = np.full((L, E, E), seed)       # [l, a, b]: b used at l+1 after a at l (l < L-1)
         self._cross_total = np.full((L, E), PRIOR_STRENGTH)
         self._prev: list[list[int]] = [[] for _ in range(L)]  # each layer's experts at its last token
+        self._prev_ids = np.zeros((L, E), np.int64)  # the same for the kernels: the first _prev_n[l] of row l
+        self._prev_n = np.zeros(L, np.int64)
         # per layer, as of its last token: log-odds of use at the next chance, the cap on the wait
         # (both without the next-layer term) and the expected wait itself
         self._logodds = np.full((L, E), self._logit_prior)
@@ -153,26 +158,38 @@ class ForecastPolicy(Policy):
 
     def observe(self, layer: int, experts: Sequence[int]) -> None:
         used = [int(e) for e in experts]
-        t = self._tokens[layer]
+        t = int(self._tokens[layer])
+        before = layer > 0 and self._observed == layer - 1  # the same token's previous layer
+        if not native.policy_observe(
+                t, self._last_use[layer], self._uses[layer], self._freq[layer], self._gap_total, self._gap_hits,
+                self._trans[layer], self._trans_total[layer], self._prev_ids[layer], self._prev_n[layer],
+                self._cross[layer - 1], self._cross_total[layer - 1], self._prev_ids[layer - 1],
+                self._prev_n[layer - 1] if before else 0, np.array(used, np.int64), RECENCY_CAP, FREQ_ALPHA, Q_FLOOR):
+            self._observe_counts(layer, used, t, before)
+        self._tokens[layer] = t + 1
+        self._prev[layer] = used
+        self._prev_ids[layer, :len(used)] = used
+        self._prev_n[layer] = len(used)
+        self._observed = layer
+        self._layer, self._step, self._in_step = layer, used, False
+        self._forecast.pop(layer, None)
+        self._stale.add(layer)
+
+    def _observe_counts(self, layer: int, used: list[int], t: int, before: bool) -> None:
+        """observe's counts in NumPy (kernels.policy_observe computes the same)."""
         gap = np.minimum(t - self._last_use[layer], RECENCY_CAP)
         self._gap_total += np.bincount(gap, minlength=RECENCY_CAP + 1)
         for g in gap[used].tolist():
             self._gap_hits[g] += 1
         self._last_use[layer, used] = t
-        self._tokens[layer] = t + 1
         self._uses[layer, used] += 1
         freq = self._freq[layer]
         freq *= 1 - FREQ_ALPHA
         freq[used] += FREQ_ALPHA
         np.clip(freq, Q_FLOOR, 1 - Q_FLOOR, out=freq)  # keeps its log-odds finite
         self._count(self._trans[layer], self._trans_total[layer], self._prev[layer], used)
-        if layer > 0 and self._observed == layer - 1:  # the same token's previous layer
+        if before:
             self._count(self._cross[layer - 1], self._cross_total[layer - 1], self._prev[layer - 1], used)
-        self._prev[layer] = used
-        self._observed = layer
-        self._layer, self._step, self._in_step = layer, used, False
-        self._forecast.pop(layer, None)
-        self._stale.add(layer)
 
     @staticmethod
     def _count(table: np.ndarray, totals: np.ndarray, before: list[int], after: list[int]) -> None:
@@ -192,13 +209,29 @@ class ForecastPolicy(Policy):
         keys = list(resident)
         if not keys:
             return None
-        best = keys[int(eta[[layer * E + expert for layer, expert in keys]].argmax())]
+        best = keys[int(eta[np.fromiter((layer * E + expert for layer, expert in keys), np.intp, len(keys))].argmax())]
         if eta[incoming[0] * E + incoming[1]] > eta[best[0] * E + best[1]]:
             return None
         return best
 
     def expected_next_use(self) -> np.ndarray:
         """[L, E] expected number of layer steps until each key is next used."""
+        L, cur, step = self.num_layers, self._layer, self._step
+        eta = np.empty((L, self.num_experts))
+        forecast = self._forecast.get(cur + 1, _NONE)
+        if native.policy_next_use(
+                eta, self._ahead[cur, :, 0], self._wait, self._logodds, self._max_wait, self._recency,
+                self._gap_hits, self._gap_total, np.array(sorted(self._stale), np.int64), self._tokens,
+                self._last_use, self._freq, self._uses, self._trans, self._trans_total, self._cross,
+                self._cross_total, self._prev_ids, self._prev_n, cur, np.array(step, np.int64), self._in_step,
+                forecast, self._prior, self._logit_prior, RECENCY_CAP, PRIOR_STRENGTH, LONG_RUN_SLACK, FREQ_ALPHA,
+                Q_FLOOR, FREQ_WEIGHT, TEMPORAL_WEIGHT, CROSS_WEIGHT):
+            self._stale.clear()
+            return eta
+        return self._next_use()
+
+    def _next_use(self) -> np.ndarray:
+        """expected_next_use in NumPy (kernels.policy_next_use computes the same)."""
         L, cur, step = self.num_layers, self._layer, self._step
         if self._stale:
             s = PRIOR_STRENGTH
