@@ -208,3 +208,15 @@ def test_forecast_policy_kernels_match_its_numpy_code(monkeypatch):
             np.testing.assert_allclose(a, b, rtol=1e-12)
         else:
             assert a == b
+
+
+def test_forecast_policy_refuses_keys_outside_its_shape():
+    """The kernels index without bounds checks: a key outside the policy's layers and experts is refused first."""
+    policy = ForecastPolicy(3, 4, 2)
+    with pytest.raises(ValueError, match=r"no key \(0, 4\) in a policy of 3 layers x 4 experts"):
+        policy.access((0, 4), False)
+    with pytest.raises(ValueError, match=r"layer 3 experts \[1\] are not all in a policy of 3 layers x 4 experts"):
+        policy.observe(3, [1])
+    with pytest.raises(ValueError, match="are not all in"):
+        policy.observe(0, [1, -1])
+    policy.observe(0, [1, 3])

@@ -151,6 +151,8 @@ class ForecastPolicy(Policy):
 
     def access(self, key: Key, hit: bool) -> None:
         layer, expert = key
+        if not (0 <= layer < self.num_layers and 0 <= expert < self.num_experts):  # the kernels do not check
+            raise ValueError(f"no key {key} in a policy of {self.num_layers} layers x {self.num_experts} experts")
         if layer != self._layer or not self._in_step:
             self._layer, self._step, self._in_step = layer, [], True
         if expert not in self._step:
@@ -158,6 +160,9 @@ class ForecastPolicy(Policy):
 
     def observe(self, layer: int, experts: Sequence[int]) -> None:
         used = [int(e) for e in experts]
+        if not 0 <= layer < self.num_layers or used and not 0 <= min(used) <= max(used) < self.num_experts:
+            raise ValueError(f"layer {layer} experts {used} are not all in a policy of {self.num_layers} layers x "
+                             f"{self.num_experts} experts")
         t = int(self._tokens[layer])
         before = layer > 0 and self._observed == layer - 1  # the same token's previous layer
         if not native.policy_observe(
