@@ -243,6 +243,10 @@ class Model:
         out.update({k: str(v) if isinstance(v, Path) else v for k, v in self._info.items()
                     if not k.startswith("tokenizer_")})
         out.update(self._engine.experts.stats())
+        if out.get("decode_read_seconds") is not None and out["decode_seconds"]:
+            # the share of decoding the disk spent reading: near 1, reading sets the pace; well below 1 with read
+            # stalls, the reads are not started early enough; well below 1 without, computing sets it
+            out["read_busy_share"] = out["decode_read_seconds"] / out["decode_seconds"]
         if self._warmer is not None:
             out["warmup"] = self._warmer.stats()
         out["peak_rss_bytes"] = peak_rss()

@@ -252,6 +252,28 @@ def test_reader_reads_chunks_with_and_without_direct_io(stores):
         reader.close()
 
 
+def test_reader_counts_the_time_its_reads_take(stores, monkeypatch):
+    """read_seconds is the time spent in read calls: with each call made to take 20 ms, two chunks read in a piece
+    each count 40 ms or more, and waiting for them with the disk idle counts nothing."""
+    store = ExpertStore(stores["mixtral"])
+    real = os.preadv
+
+    def slow_preadv(fd, bufs, offset):
+        time.sleep(0.02)
+        return real(fd, bufs, offset)
+    monkeypatch.setattr(reader_module.os, "preadv", slow_preadv)
+    reader = ExpertReader(store, direct=False)
+    bufs = buffers(store, 2)
+    start = time.perf_counter()
+    for i, e in enumerate((3, 5)):
+        reader.wait(reader.submit(None, 1, e, bufs[i], demand=True))
+    busy = reader.read_seconds
+    assert 0.04 <= busy <= time.perf_counter() - start
+    time.sleep(0.05)
+    assert reader.read_seconds == busy
+    reader.close()
+
+
 def gated_preadv(monkeypatch):
     """Make the reader's first read block until the returned event is set, and log each read's file."""
     gate, log = threading.Event(), []
@@ -362,6 +384,10 @@ def test_bench_with_a_budget_reports_the_offload_figures(stores, capsys, monkeyp
         assert key in result, key
     assert result["offload"] and result["expert_slots"] == 8 and result["bytes_read"] > 0
     assert result["ram_budget_bytes"] == budget
+    # the disk's share of the decode time (one reader thread: at most all of it), its rate, the waits per token
+    assert 0 < result["read_busy_share"] <= 1 and result["decode_read_bytes_per_s"] > 0
+    # 8 new tokens: the first from the prompt's pass, then 7 decode steps
+    assert result["read_stall_per_token"] * 7 == pytest.approx(result["read_stall_seconds"])
 
 
 def test_a_store_that_fits_is_read_into_the_page_cache_after_loading(stores, monkeypatch, capsys):

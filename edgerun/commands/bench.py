@@ -85,7 +85,8 @@ def measure_model(model, prompt_tokens: int, tokens: int, repeats: int, temperat
     if last["offload"]:
         for key in ("hit_rate", "prefetch_hit_rate", "late_prefetch_rate", "demand_read_rate", "prefetch_recall",
                     "prefetch_precision", "bytes_read", "skipped_rate", "substituted_rate", "low_served_rate",
-                    "decode_bytes_read", "bytes_read_per_token", "read_stall_seconds"):
+                    "decode_bytes_read", "bytes_read_per_token", "read_stall_seconds", "read_stall_per_token",
+                    "read_busy_share", "decode_read_bytes_per_s"):
             out[key] = med(key)
         for key in ("policy", "expert_slots", "experts_total", "prefetch_depth", "expert_bytes_per_token",
                     "ideal_bytes_per_token", "direct_io", "skip_below", "substitute_below", "low_below",
@@ -180,6 +181,9 @@ def main(args: argparse.Namespace) -> int:
               f"{result['prefetch_depth']}), read {format_size(result['bytes_read_per_token'])} per token (ideal "
               f"{format_size(result['ideal_bytes_per_token'])}), "
               f"{'direct' if result['direct_io'] else 'buffered'} reads")
+        print(f"disk       reading {100 * result['read_busy_share']:.0f}% of the decode time, at "
+              f"{format_size(result['decode_read_bytes_per_s'])}/s; a token waited "
+              f"{1e3 * result['read_stall_per_token']:.1f} ms for reads")
     else:
         print(f"memory     peak RSS {format_size(result['peak_rss_bytes'])}, all experts resident")
     if "gpu_hit_rate" in result:

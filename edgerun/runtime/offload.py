@@ -179,6 +179,7 @@ class OffloadedExperts(RoutedExperts):
             self.decode_tokens += 1
             if self._decode_bytes0 is None:
                 self._decode_bytes0 = self.reader.bytes_read
+                self._decode_read0 = self.reader.read_seconds
 
     # -- statistics -----------------------------------------------------------------------------------------
     def reset_stats(self) -> None:
@@ -193,12 +194,14 @@ class OffloadedExperts(RoutedExperts):
         self.low_reads = self.low_served = self.upgrades = self.read_overs = 0  # low_below
         self._bytes0 = self.reader.bytes_read
         self._decode_bytes0: int | None = None  # bytes read when the first decode step began
+        self._decode_read0 = 0.0  # the reader's read_seconds then
 
     def stats(self) -> dict:
         size = self.store.chunk_bytes
         total = len(self.layers) * self.store.num_experts
         bytes_read = self.reader.bytes_read - self._bytes0
         decode_bytes = 0 if self._decode_bytes0 is None else self.reader.bytes_read - self._decode_bytes0
+        decode_read = 0.0 if self._decode_bytes0 is None else self.reader.read_seconds - self._decode_read0
         used_per_token = len(self.layers) * self.top_k * size
 
         def rate(n: int) -> float:
@@ -220,7 +223,10 @@ class OffloadedExperts(RoutedExperts):
             "bytes_read_per_token": decode_bytes / self.decode_tokens if self.decode_tokens else 0.0,
             "expert_bytes_per_token": used_per_token,
             "ideal_bytes_per_token": used_per_token * max(0.0, 1 - self.capacity / total),
-            "read_stall_seconds": self.stall_seconds,
+            "read_stall_seconds": self.stall_seconds,  # decode steps waiting for reads
+            "read_stall_per_token": self.stall_seconds / self.decode_tokens if self.decode_tokens else 0.0,
+            "decode_read_seconds": decode_read,  # the disk reading while decoding (see Model.stats' read_busy_share)
+            "decode_read_bytes_per_s": decode_bytes / decode_read if decode_read else 0.0,
             "skip_below": self.skip_below,
             "skipped_experts": self.skipped,
             "skipped_rate": self.skipped / (self.skipped + self.accesses) if self.skipped + self.accesses else 0.0,
@@ -470,12 +476,12 @@ class OffloadedExperts(RoutedExperts):
 
     # -- helpers --------------------------------------------------------------------------------------------
     def _wait(self, req: ReadRequest) -> None:
-        if req.done.is_set():
+        if req.done.is_set() or not self._decode:
             self.reader.wait(req)
             return
         t0 = time.perf_counter()
         self.reader.wait(req)
-        self.stall_seconds += time.perf_counter() - t0
+        self.stall_seconds += time.perf_counter() - t0  # a decode step waiting
 
     def _low_read(self, layer: int, e: int, demand: bool) -> bool:
         """Whether the decoded token's expert e of the layer, missing, is read from its low-bit copy."""

@@ -18,6 +18,7 @@ import heapq
 import mmap
 import os
 import threading
+import time
 
 import numpy as np
 
@@ -74,6 +75,7 @@ class ExpertReader:
         self._seq = 0
         self._closed = False
         self.bytes_read = 0
+        self.read_seconds = 0.0  # time the workers spent in read calls, summed over them
         self.reads = 0
         self._staging = threading.local()  # each worker's buffer for low reads
         self._threads = [threading.Thread(target=self._work, name=f"edgerun-reader-{i}", daemon=True)
@@ -191,7 +193,9 @@ class ExpertReader:
                         heapq.heappush(self._heap, req)
                         return False
                 end = min(size, req.offset + PIECE)
+                t0 = time.perf_counter()
                 n = os.preadv(fd, [view[req.offset:end]], req.offset)
+                self.read_seconds += time.perf_counter() - t0
                 if n <= 0:
                     raise CheckpointError(f"store {self.store.path}: layer {req.layer} expert {req.expert} is "
                                           f"shorter than a chunk ({req.offset} of {size} bytes; file damaged?)")
