@@ -386,21 +386,13 @@ def low_to_q4(sections: list[np.ndarray], fmt: str, quarter: int, qs: np.ndarray
     return True
 
 
-def policy_observe(*args) -> bool:
-    """kernels.policy_observe (ForecastPolicy.observe's counts, in place); False, nothing done, without the numba
+def policy(step: str, *args) -> bool:
+    """The cache policy's arithmetic, in place: kernels.policy_observe (step "observe": ForecastPolicy.observe's
+    counts) or kernels.policy_next_use ("next_use": its expected_next_use); False, nothing done, without the numba
     kernels."""
     if _kernels is None:
         return False
-    _kernels.policy_observe(*args)
-    return True
-
-
-def policy_next_use(*args) -> bool:
-    """kernels.policy_next_use (ForecastPolicy.expected_next_use, in place); False, nothing done, without the numba
-    kernels."""
-    if _kernels is None:
-        return False
-    _kernels.policy_next_use(*args)
+    getattr(_kernels, "policy_" + step)(*args)
     return True
 
 

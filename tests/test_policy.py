@@ -198,8 +198,7 @@ def test_forecast_policy_kernels_match_its_numpy_code(monkeypatch):
         return out
 
     fast = run_policy(3)
-    monkeypatch.setattr(native, "policy_observe", lambda *args: False)
-    monkeypatch.setattr(native, "policy_next_use", lambda *args: False)
+    monkeypatch.setattr(native, "policy", lambda *args: False)
     slow = run_policy(3)
     victims = [(a, b) for a, b in zip(fast, slow) if not isinstance(a, np.ndarray)]
     assert sum(a is not None for a, _ in victims) > 10  # evictions were chosen, not only declined

@@ -165,10 +165,10 @@ class ForecastPolicy(Policy):
                              f"{self.num_experts} experts")
         t = int(self._tokens[layer])
         before = layer > 0 and self._observed == layer - 1  # the same token's previous layer
-        if not native.policy_observe(
-                t, self._last_use[layer], self._uses[layer], self._freq[layer], self._gap_total, self._gap_hits,
-                self._trans[layer], self._trans_total[layer], self._prev_ids[layer], self._prev_n[layer],
-                self._cross[layer - 1], self._cross_total[layer - 1], self._prev_ids[layer - 1],
+        if not native.policy(
+                "observe", t, self._last_use[layer], self._uses[layer], self._freq[layer], self._gap_total,
+                self._gap_hits, self._trans[layer], self._trans_total[layer], self._prev_ids[layer],
+                self._prev_n[layer], self._cross[layer - 1], self._cross_total[layer - 1], self._prev_ids[layer - 1],
                 self._prev_n[layer - 1] if before else 0, np.array(used, np.int64), RECENCY_CAP, FREQ_ALPHA, Q_FLOOR):
             self._observe_counts(layer, used, t, before)
         self._tokens[layer] = t + 1
@@ -224,8 +224,8 @@ class ForecastPolicy(Policy):
         L, cur, step = self.num_layers, self._layer, self._step
         eta = np.empty((L, self.num_experts))
         forecast = self._forecast.get(cur + 1, _NONE)
-        if native.policy_next_use(
-                eta, self._ahead[cur, :, 0], self._wait, self._logodds, self._max_wait, self._recency,
+        if native.policy(
+                "next_use", eta, self._ahead[cur, :, 0], self._wait, self._logodds, self._max_wait, self._recency,
                 self._gap_hits, self._gap_total, np.array(sorted(self._stale), np.int64), self._tokens,
                 self._last_use, self._freq, self._uses, self._trans, self._trans_total, self._cross,
                 self._cross_total, self._prev_ids, self._prev_n, cur, np.array(step, np.int64), self._in_step,
