@@ -45,6 +45,8 @@ def warmup() -> None:
     if _ready:
         return
     _ready = True  # the calls below take the JIT path
+    if _kernels is not None:
+        config.compile_apart("kernels", "native.warmup()")  # the first time here: the compiler's memory is not ours
     try:
         rng = np.random.default_rng(0)
         for fmt in quant.FORMATS:
@@ -77,6 +79,8 @@ def warmup() -> None:
     except Exception as e:  # a numba/LLVM that cannot compile them: keep running, on NumPy
         config.fall_back(e)
         _kernels, BACKEND, INT_DOT = None, "numpy", False
+        return
+    config.mark_compiled("kernels")
 
 
 def warmup_decode() -> None:
@@ -273,6 +277,23 @@ def routed_experts(x: np.ndarray, experts: list[tuple], weights: np.ndarray, act
         _kernels.routed_experts(*args, n_threads)
 
 
+def warmup_routed(top_k: int, fmt: str) -> None:
+    """Compile routed_experts (one token's experts of a layer in one call, specialised for their number) for top_k
+    experts in fmt (q8, q4, mxfp4), or load it from the disk cache: at load, not inside the first token (in a child
+    process first, the first time on this machine: see config.compile_apart)."""
+    if _kernels is None:
+        return
+    what = f"routed-{fmt}-{top_k}"
+    config.compile_apart(what, f"native.warmup_routed({top_k}, {fmt!r})")
+    rng = np.random.default_rng(0)
+    d = 64
+    gate_up = quantize(rng.standard_normal((2 * d, d)).astype(np.float32), fmt)
+    down = quantize(rng.standard_normal((d, d)).astype(np.float32), fmt)
+    routed_experts(rng.standard_normal((1, d)).astype(np.float32), [(*gate_up, *down, None, None)] * top_k,
+                   np.ones(top_k, np.float32), SILU, np.empty((1, d), np.float32))
+    config.mark_compiled(what)
+
+
 _NO_BIAS = np.empty(0, np.float32)
 
 
@@ -415,7 +436,11 @@ def typed_set(items, i: int, item) -> None:
 
 def warmup_layers(dense_dtype, expert_dtype) -> None:
     """Compile decode_layers for dense matrices and experts of these qs dtypes (uint8: q4, int8: q8), or load it
-    from the disk cache: at load, not inside the first token. A tiny model of one layer runs through it."""
+    from the disk cache: at load, not inside the first token. A tiny model of one layer runs through it (in a child
+    process first, the first time on this machine: see config.compile_apart)."""
+    dense, experts = np.dtype(dense_dtype).name, np.dtype(expert_dtype).name
+    what = f"layers-{dense}-{experts}"
+    config.compile_apart(what, f"native.warmup_layers(np.{dense}, np.{experts})")
     rng = np.random.default_rng(0)
     d, dh, heads, n_exp = 64, 16, 2, 2
     typed = typed_list  # the lists are made as the decoder's are
@@ -439,6 +464,7 @@ def warmup_layers(dense_dtype, expert_dtype) -> None:
                       np.float32(0.0), 1, True, typed([gu[0]] * n_exp), typed([gu[1]] * n_exp), typed([dn[0]] * n_exp),
                       typed([dn[1]] * n_exp), int8 and expert_dtype == np.uint8, SILU, 0, False,
                       np.zeros((1, 1), np.int64), np.zeros((1, 1), np.float32))
+    config.mark_compiled(what)
 
 
 def decode_layers(h: np.ndarray, norms: np.ndarray, eps, qkv_qs, qkv_scales, o_qs, o_scales, dense_int8: bool,

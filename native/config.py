@@ -13,14 +13,17 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import warnings
+from pathlib import Path
 from types import ModuleType
 
 from ..paths import cache_dir
 
 NO_JIT_ENV = "EDGERUN_NO_JIT"
 NO_INT_DOT_ENV = "EDGERUN_NO_INT_DOT"
+COMPILING_ENV = "EDGERUN_COMPILING"  # set in the child process that compiles the kernels
 
 _threads = 0  # 0: not set, numba's default
 
@@ -77,6 +80,45 @@ def load_kernels() -> ModuleType | None:
         fall_back(e)
         return None
     return kernels
+
+
+def compiled_marker(what: str) -> Path:
+    """A file in numba's compile cache saying that compiling `what` ("kernels", or one variant of the fused decode
+    step) finished there for these kernels, this numba and this Python: later processes load it from the cache."""
+    import llvmlite
+    import numba
+
+    from . import kernels  # only once load_kernels has succeeded
+
+    source = os.stat(kernels.__file__)
+    key = (f"{source.st_mtime_ns}-{source.st_size}-numba{numba.__version__}-llvmlite{llvmlite.__version__}-"
+           f"py{sys.version_info.major}.{sys.version_info.minor}")
+    return Path(os.environ.get("NUMBA_CACHE_DIR") or cache_dir() / "numba") / f"edgerun-{what}-{key}.done"
+
+
+def compile_apart(what: str, code: str) -> None:
+    """Run `code` (Python that compiles `what` into the disk cache) in a child process, the first time on this
+    machine: compiling the kernels takes some 300 MB more than loading them, which would otherwise stay in this
+    process and count against its RAM budget on the first run only. Nothing is done when `what` was compiled
+    before (or in that child); a failure is left to the warmup that follows here, which compiles it itself or
+    falls back to NumPy."""
+    if os.environ.get(COMPILING_ENV) or compiled_marker(what).exists():
+        return
+    try:
+        subprocess.run([sys.executable, "-c", "import numpy as np\nfrom edgerun import native\n" + code],
+                       env={**os.environ, COMPILING_ENV: "1"}, capture_output=True)
+    except OSError:  # no interpreter to start: compiled here, as before
+        pass
+
+
+def mark_compiled(what: str) -> None:
+    """Record that `what` is in the compile cache (see compiled_marker)."""
+    marker = compiled_marker(what)
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    except OSError:  # a read-only cache: the next process compiles apart again, and loads what numba cached
+        pass
 
 
 def fall_back(reason: BaseException) -> None:

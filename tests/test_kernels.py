@@ -92,6 +92,43 @@ def test_warmup_compiles_every_kernel():
     assert [len(kernel.signatures) for kernel in kernels] == compiled
 
 
+def test_kernels_compile_in_a_child_process_the_first_time_only(monkeypatch, tmp_path):
+    """Compiling the kernels costs some 300 MB that loading them does not: the first time on a machine (no marker in
+    the compile cache) a child process compiles them; once marked, and in that child itself, none is started."""
+    native.warmup()
+    if native.BACKEND != "numba":
+        pytest.skip("NumPy backend")
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))  # where the markers go (numba itself has read it already)
+    monkeypatch.delenv(config.COMPILING_ENV, raising=False)
+    started = []
+    monkeypatch.setattr(config.subprocess, "run", lambda cmd, env, **kw: started.append((cmd, env)))
+    config.compile_apart("routed-q4-3", "native.warmup_routed(3, 'q4')")
+    (cmd, env), = started
+    assert cmd[0] == sys.executable and cmd[-1].endswith("native.warmup_routed(3, 'q4')")
+    assert env[config.COMPILING_ENV] == "1"  # the child compiles there and then, without a child of its own
+    config.mark_compiled("routed-q4-3")
+    assert config.compiled_marker("routed-q4-3").parent == tmp_path
+    config.compile_apart("routed-q4-3", "native.warmup_routed(3, 'q4')")
+    monkeypatch.setenv(config.COMPILING_ENV, "1")
+    config.compile_apart("routed-q8-5", "native.warmup_routed(5, 'q8')")
+    assert len(started) == 1
+
+
+def test_warmup_routed_leaves_nothing_to_compile_for_a_token():
+    """The one-token kernel of a layer's experts is specialised for their number: warmup_routed compiles (or loads)
+    it at load, so that a token of that many experts compiles nothing."""
+    native.warmup()
+    if native.BACKEND != "numba":
+        pytest.skip("NumPy backend")
+    native.warmup_routed(3, "q4")
+    kernel = native._kernels.routed_experts_int8 if native.INT_DOT else native._kernels.routed_experts
+    compiled = len(kernel.signatures)
+    experts = [(*matrix("q4", 96, 128), *matrix("q4", 128, 48), None, None) for _ in range(3)]
+    native.routed_experts(gaussian((1, 128)), experts, np.ones(3, np.float32), native.SILU,
+                          np.empty((1, 128), np.float32))
+    assert compiled and len(kernel.signatures) == compiled
+
+
 @pytest.mark.parametrize("fmt", quant.FORMATS)
 @pytest.mark.parametrize("tokens", [1, 2, 5, 17, 64])  # GEMV; GEMM streaming token pairs; GEMM tiles
 @pytest.mark.parametrize("shape", [(1, 48), (3, 100), (129, 4128), (129, 48), (3, 4128)])

@@ -68,6 +68,8 @@ class TokenLayers:
         return cls(decoder, experts, dense_dtype)
 
     def __init__(self, decoder, experts: QuantizedExperts, dense_dtype):
+        qs_dtype = np.uint8 if experts.store.expert_layout.fmt == "q4" else np.int8
+        native.warmup_layers(dense_dtype, qs_dtype)  # first: it compiles (or loads) the typed lists' code too
         typed = native.typed_list
         self.decoder, self.experts, self.store = decoder, experts, experts.store
         blocks = decoder.blocks
@@ -95,7 +97,6 @@ class TokenLayers:
         self.activation = experts.activation
         self.num_experts = decoder.spec.num_experts
         n = len(blocks) * self.num_experts
-        qs_dtype = np.uint8 if layout.fmt == "q4" else np.int8
         empty_qs, empty_scales = np.empty((0, 0), qs_dtype), np.empty((0, 0), np.uint16)
         self.gu_qs, self.gu_scales = typed([empty_qs] * n), typed([empty_scales] * n)
         self.d_qs, self.d_scales = typed([empty_qs] * n), typed([empty_scales] * n)
@@ -103,7 +104,6 @@ class TokenLayers:
         self.idx = np.zeros((len(blocks), self.top_k), np.int64)
         self.weights = np.zeros((len(blocks), self.top_k), np.float32)
         self._caches: dict[int, tuple] = {}  # id(DecoderCache) -> (the cache, its typed lists)
-        native.warmup_layers(dense_dtype, qs_dtype)
 
     def _map(self, layer: int) -> None:
         """Map the experts the routing of `layer` chose that are not mapped yet."""

@@ -161,6 +161,7 @@ class OffloadedExperts(RoutedExperts):
             self.cache = ExpertCache(slots, make_policy(self.policy_name, len(self.layers), self.store.num_experts, k))
             self.pool = SlotPool(slots + k, self.store)  # the last k are scratch for experts the cache declines
             self._scratch_free = list(range(slots, slots + k))
+            native.warmup_routed(k, self.store.expert_layout.fmt)  # the one-token kernel, now: not in a token
 
     def begin_step(self, phase: Phase, tokens: int) -> None:
         decode = phase == "decode"
