@@ -1,7 +1,8 @@
 """The one place where numba is configured and the kernel backend is chosen.
 
 - numba's compile cache goes to `cache_dir() / "numba"` (NUMBA_CACHE_DIR, unless the user set it), so the
-  kernels compile once per machine and later processes load them from disk.
+  kernels compile once per machine and later processes load them from disk; that once, a child process compiles
+  them (compile_apart), so that the compiler's memory never counts in a process's RAM budget.
 - EDGERUN_NO_JIT=1 selects the NumPy reference kernels without importing numba.
 - If numba cannot be imported or the kernels fail to compile, edgerun falls back to the NumPy
   references and says why in one warning.
@@ -83,8 +84,9 @@ def load_kernels() -> ModuleType | None:
 
 
 def compiled_marker(what: str) -> Path:
-    """A file in numba's compile cache saying that compiling `what` ("kernels", or one variant of the fused decode
-    step) finished there for these kernels, this numba and this Python: later processes load it from the cache."""
+    """A file in numba's compile cache saying that compiling `what` ("kernels", or a variant such as "routed-q4-2"
+    or "layers-int8-uint8") finished there for these kernels, this numba and this Python: later processes load it
+    from the cache."""
     import llvmlite
     import numba
 
