@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -528,11 +529,12 @@ def test_run_and_bench_take_the_substitution_threshold(stores, capsys, monkeypat
     assert main(["bench", str(stores["mixtral"]), *args, "--tokens", "8", "--prompt-tokens", "8", "--repeats", "1",
                  "--no-kernels"]) == 0
     out = capsys.readouterr().out
-    assert "replaced by experts in memory (weight below 0.999)" in out
+    assert "replaced by experts in memory (weight below 0.999)" in out and "\ndisk       reading " in out
     assert main(["run", str(stores["mixtral"]), *args, "-p", "Hi", "-n", "6", "--temp", "0"]) == 0
     err = capsys.readouterr().err
     figures = err.strip().splitlines()[-1]
     assert "% substituted" in figures and "expert hits" in figures and "note:" not in err
+    assert re.search(r", disk busy \d+% of decode", figures)
     # with every expert in RAM the option is taken, changes nothing, and the run says so in one line
     assert main(["run", str(stores["mixtral"]), "--ctx", "64", "--substitute-below", "0.5", "--low-when-late", "-p",
                  "Hi", "-n", "2", "--temp", "0"]) == 2  # low_when_late needs a store's low-bit copies

@@ -176,6 +176,7 @@ def format_stats(s: dict) -> str:
             f"first token {s['time_to_first_token_s'] * 1000:.0f} ms"
             + (f" | expert hits {100 * s['hit_rate']:.0f}%, read {format_size(s['bytes_read'])}"
                if s["offload"] else "")
+            + (f", disk busy {100 * s['read_busy_share']:.0f}% of decode" if "read_busy_share" in s else "")
             + (f", {100 * s['skipped_rate']:.0f}% left out" if s.get("skip_below") else "")
             + (f", {100 * s['substituted_rate']:.0f}% substituted" if s.get("substitute_below") else "")
             + (f", {100 * s['low_served_rate']:.0f}% from {s['low_format']} copies"
