@@ -73,10 +73,7 @@ class QuantizedExperts(RoutedExperts):
 
     def attach(self, decoder) -> None:
         # the one-token kernel is compiled for the number of experts a token uses: compile (or load) it now
-        layer, k = decoder.moe_layers[0], decoder.experts_per_token
-        native.warmup_routed(k, self.store.expert_layout.fmt)
-        self(layer, torch.zeros(1, self.store.expert_layout.hidden), torch.zeros((1, k), dtype=torch.long),
-             torch.zeros(1, k))
+        native.warmup_routed(decoder.experts_per_token, self.store.expert_layout.fmt)
 
     def __call__(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if x.shape[0] != 1:
