@@ -134,8 +134,8 @@ class ForecastPolicy(Policy):
         self._trans_total = np.full((L, E), PRIOR_STRENGTH)
         self._cross = np.full((L, E, E), seed)       # [l, a, b]: b used at l+1 after a at l (l < L-1)
         self._cross_total = np.full((L, E), PRIOR_STRENGTH)
-        self._prev: list[list[int]] = [[] for _ in range(L)]  # each layer's experts at its last token
-        self._prev_ids = np.zeros((L, E), np.int64)  # the same for the kernels: the first _prev_n[l] of row l
+        # each layer's experts at its last token: the first _prev_n[l] of row l
+        self._prev_ids = np.zeros((L, E), np.int64)
         self._prev_n = np.zeros(L, np.int64)
         # per layer, as of its last token: log-odds of use at the next chance, the cap on the wait
         # (both without the next-layer term) and the expected wait itself
@@ -172,7 +172,6 @@ class ForecastPolicy(Policy):
                 self._prev_n[layer - 1] if before else 0, np.array(used, np.int64), RECENCY_CAP, FREQ_ALPHA, Q_FLOOR):
             self._observe_counts(layer, used, t, before)
         self._tokens[layer] = t + 1
-        self._prev[layer] = used
         self._prev_ids[layer, :len(used)] = used
         self._prev_n[layer] = len(used)
         self._observed = layer
@@ -192,9 +191,13 @@ class ForecastPolicy(Policy):
         freq *= 1 - FREQ_ALPHA
         freq[used] += FREQ_ALPHA
         np.clip(freq, Q_FLOOR, 1 - Q_FLOOR, out=freq)  # keeps its log-odds finite
-        self._count(self._trans[layer], self._trans_total[layer], self._prev[layer], used)
+        self._count(self._trans[layer], self._trans_total[layer], self._prev(layer), used)
         if before:
-            self._count(self._cross[layer - 1], self._cross_total[layer - 1], self._prev[layer - 1], used)
+            self._count(self._cross[layer - 1], self._cross_total[layer - 1], self._prev(layer - 1), used)
+
+    def _prev(self, layer: int) -> list[int]:
+        """The experts `layer` used at its last token."""
+        return self._prev_ids[layer, :self._prev_n[layer]].tolist()
 
     @staticmethod
     def _count(table: np.ndarray, totals: np.ndarray, before: list[int], after: list[int]) -> None:
@@ -243,7 +246,7 @@ class ForecastPolicy(Policy):
             self._recency = _logit((self._gap_hits + s * self._prior) / (self._gap_total + s))
             for layer in self._stale:
                 gap = np.minimum(self._tokens[layer] - self._last_use[layer], RECENCY_CAP)
-                self._logodds[layer] = self._row(layer, self._prev[layer], gap, self._freq[layer])
+                self._logodds[layer] = self._row(layer, self._prev(layer), gap, self._freq[layer])
                 self._max_wait[layer] = self._long_run_wait(self._uses[layer], self._tokens[layer])
                 self._wait[layer] = self._waits(self._logodds[layer], self._max_wait[layer])
             self._stale.clear()
