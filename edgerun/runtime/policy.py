@@ -26,6 +26,7 @@ CROSS_WEIGHT = 0.5       # layer-to-layer co-use is noisier: it only ranks the n
 LONG_RUN_SLACK = 1.0     # context fades: no wait is predicted beyond what the long-run use rate gives
 Q_FLOOR = 1e-3           # keeps the expected time to next use finite
 PREDICT_CLIP = 1e-3      # a router forecast is never taken as certain either way
+PROTECT_FACTOR = 0.25    # a protected layer's keys count as needed this much sooner when choosing what to evict
 _NONE = np.empty(0)      # no forecast, for the kernels
 
 
@@ -48,9 +49,14 @@ class Policy:
     def predict(self, layer: int, probs: Sequence[float]) -> None:
         """Hint: the probability of each expert of `layer` being used by the current token."""
 
-    def victim(self, resident: Collection[Key], incoming: Key) -> Key | None:
-        """The resident key to evict so that `incoming` gets a slot, or None to not cache `incoming`."""
+    def victim(self, resident: Collection[Key], incoming: Key, due: float | None = None) -> Key | None:
+        """The resident key to evict so that `incoming` gets a slot, or None to not cache `incoming`. `due`, where
+        the caller knows it (a forecast read ahead), is the layer steps until `incoming` is used."""
         raise NotImplementedError
+
+    def protect(self, layers: int) -> None:
+        """Hint: a miss in MoE layers 0..layers-1 stalls the token (nothing reads their experts ahead in time)
+        while the disk has time for the others' misses; keep their experts rather than others. 0: none."""
 
 
 class LRUPolicy(Policy):
@@ -67,7 +73,7 @@ class LRUPolicy(Policy):
         self._clock += 1
         self._last[key] = self._clock
 
-    def victim(self, resident: Collection[Key], incoming: Key) -> Key | None:
+    def victim(self, resident: Collection[Key], incoming: Key, due: float | None = None) -> Key | None:
         last = self._last
         return min(resident, key=lambda k: last.get(k, 0), default=None)
 
@@ -87,7 +93,7 @@ class LFUPolicy(Policy):
         count = self._stats.get(key, (0, 0))[0]
         self._stats[key] = (count + 1, self._clock)
 
-    def victim(self, resident: Collection[Key], incoming: Key) -> Key | None:
+    def victim(self, resident: Collection[Key], incoming: Key, due: float | None = None) -> Key | None:
         stats = self._stats
         return min(resident, key=lambda k: stats.get(k, (0, 0)), default=None)
 
@@ -144,6 +150,7 @@ class ForecastPolicy(Policy):
         self._wait = self._waits(self._logodds, self._max_wait)
         self._stale: set[int] = set()    # layers observed since their rows were computed
         self._forecast: dict[int, np.ndarray] = {}
+        self._protect = 0                # layers 0.._protect-1 are protected (see protect)
         # [current layer] -> steps until each layer comes again, as a column
         ahead = (np.arange(L)[None, :] - np.arange(L)[:, None]) % L
         ahead[ahead == 0] = L
@@ -211,14 +218,20 @@ class ForecastPolicy(Policy):
             raise ValueError(f"expected {self.num_experts} expert probabilities for layer {layer}, got {p.shape}")
         self._forecast[layer] = np.clip(p, PREDICT_CLIP, 1 - PREDICT_CLIP)
 
-    def victim(self, resident: Collection[Key], incoming: Key) -> Key | None:
+    def protect(self, layers: int) -> None:
+        self._protect = max(0, min(self.num_layers, int(layers)))
+
+    def victim(self, resident: Collection[Key], incoming: Key, due: float | None = None) -> Key | None:
         E = self.num_experts
-        eta = self.expected_next_use().ravel()
+        eta = self.expected_next_use()  # a new array
+        if self._protect:
+            eta[:self._protect] *= PROTECT_FACTOR
+        eta = eta.ravel()
         keys = list(resident)
         if not keys:
             return None
         best = keys[int(eta[np.fromiter((layer * E + expert for layer, expert in keys), np.intp, len(keys))].argmax())]
-        if eta[incoming[0] * E + incoming[1]] > eta[best[0] * E + best[1]]:
+        if (eta[incoming[0] * E + incoming[1]] if due is None else due) > eta[best[0] * E + best[1]]:
             return None
         return best
 
@@ -324,9 +337,9 @@ class ExpertCache:
         self.policy.access(key, hit)
         return slot
 
-    def admit(self, key: Key, pinned: Collection[Key] = ()) -> tuple[int, Key | None] | None:
+    def admit(self, key: Key, pinned: Collection[Key] = (), due: float | None = None) -> tuple[int, Key | None] | None:
         """Give `key` a slot: (slot, evicted key or None) for the caller to fill, or None when the
-        policy declines or every resident key is pinned. Free slots are used first."""
+        policy declines or every resident key is pinned. Free slots are used first. `due`: see Policy.victim."""
         if key in self._slots:
             raise ValueError(f"expert {key} is already cached")
         if self._free:
@@ -336,7 +349,7 @@ class ExpertCache:
         candidates = [k for k in self._slots if k not in pinned] if pinned else list(self._slots)
         if not candidates:
             return None
-        evicted = self.policy.victim(candidates, key)
+        evicted = self.policy.victim(candidates, key, due)
         if evicted is None:
             return None
         slot = self._slots.pop(evicted)
