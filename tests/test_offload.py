@@ -211,12 +211,12 @@ def test_the_cache_favours_early_reads_while_the_disk_has_time_to_spare(stores, 
     monkeypatch.setattr(ForecastPolicy, "protect", recording_protect)
     monkeypatch.setattr(ExpertCache, "admit", recording_admit)
 
-    def decode(share=None, busy=False):
+    def decode(share=None, busy=False, prefetch=True):
         protected.clear(), dues.clear()
         if share is not None:
             monkeypatch.setattr(offload_module, "PROTECTED_SHARE", share)
         model = edgerun.load(stores["mixtral"])
-        experts = offload(model, slots=16, depth=2)
+        experts = offload(model, slots=16, depth=2, prefetch=prefetch)
         if busy:
             monkeypatch.setattr(type(experts.reader), "read_seconds", property(lambda self: time.perf_counter(),
                                                                               lambda self, value: None), raising=False)
@@ -232,6 +232,8 @@ def test_the_cache_favours_early_reads_while_the_disk_has_time_to_spare(stores, 
     experts, due = decode(share=0.25)
     assert experts._slack and set(protected) == {0} and due  # forecasts still come with when they are due
     experts, due = decode(share=1.0, busy=True)
+    assert not experts._slack and protected and set(protected) == {0} and not due
+    experts, due = decode(share=1.0, prefetch=False)  # without read-ahead every miss stalls: nothing is favoured
     assert not experts._slack and protected and set(protected) == {0} and not due
 
 

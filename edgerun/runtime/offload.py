@@ -198,12 +198,13 @@ class OffloadedExperts(RoutedExperts):
           outgrow the disk's spare time);
         - a forecast expert takes a slot from any expert expected to be used after it, where the policy's own
           estimate of its next use, which knows nothing of the forecast beyond the next layer, would decline it.
-        Otherwise the policy keeps what it expects to be used soonest, to read the fewest bytes."""
+        Otherwise, and without read-ahead (where every miss stalls), the policy keeps what it expects to be used
+        soonest, to read the fewest bytes."""
         now, read = time.perf_counter(), self.reader.read_seconds
         if decode and self._clock is not None and now > self._clock[0]:
             busy = min(1.0, (read - self._clock[1]) / (now - self._clock[0]))
             self._busy = 0.5 * (self._busy + busy)
-            self._slack = self._busy < SLACK_LIMIT
+            self._slack = self.prefetch and self._busy < SLACK_LIMIT
             fit = int(PROTECTED_SHARE * self.capacity / self.store.num_experts)
             self.cache.policy.protect(min(self.depth, fit) if self._slack else 0)
         self._clock = (now, read) if decode else None
