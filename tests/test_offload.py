@@ -21,7 +21,7 @@ from edgerun.runtime.placement import SAFETY_MIN, BudgetError, choose_prefill_ch
 from edgerun.units import parse_size
 from edgerun.runtime import offload as offload_module
 from edgerun.runtime.offload import OffloadedExperts
-from edgerun.runtime.policy import ExpertCache, ForecastPolicy
+from edgerun.runtime.policy import ForecastPolicy
 from edgerun.runtime.reader import CANCELLED, DONE, ExpertReader
 from edgerun.runtime.trace import read_trace
 from edgerun.store.convert import convert
@@ -194,27 +194,21 @@ def test_the_policy_reads_forecast_hints_from_at_most_two_layers_back(stores, mo
     experts.close()
 
 
-def test_the_cache_favours_early_reads_while_the_disk_has_time_to_spare(stores, monkeypatch):
+def test_the_first_layers_are_protected_while_the_disk_has_time_to_spare(stores, monkeypatch):
     """Decoding with a disk that is mostly idle (a tiny store), the policy is told to keep the layers the read-ahead
-    cannot reach, as many as the budget allows, and forecast experts come with when they are due; with a disk that
-    reads all the time (its read time made to follow the clock), neither."""
-    protected, dues = [], []
-    protect, admit = ForecastPolicy.protect, ExpertCache.admit
+    cannot reach, as many as the budget allows; with a disk that reads all the time (its read time made to follow
+    the clock), or without read-ahead, none."""
+    protected = []
+    protect = ForecastPolicy.protect
 
     def recording_protect(self, layers):
         protected.append(layers)
         protect(self, layers)
-
-    def recording_admit(self, key, pinned=(), due=None):
-        dues.append(due)
-        return admit(self, key, pinned, due)
     monkeypatch.setattr(ForecastPolicy, "protect", recording_protect)
-    monkeypatch.setattr(ExpertCache, "admit", recording_admit)
 
-    def decode(share=None, busy=False, prefetch=True):
-        protected.clear(), dues.clear()
-        if share is not None:
-            monkeypatch.setattr(offload_module, "PROTECTED_SHARE", share)
+    def decode(share, busy=False, prefetch=True):
+        protected.clear()
+        monkeypatch.setattr(offload_module, "PROTECTED_SHARE", share)
         model = edgerun.load(stores["mixtral"])
         experts = offload(model, slots=16, depth=2, prefetch=prefetch)
         if busy:
@@ -222,19 +216,15 @@ def test_the_cache_favours_early_reads_while_the_disk_has_time_to_spare(stores, 
                                                                               lambda self, value: None), raising=False)
         model.generate_ids(PROMPT, 12, temperature=0, ignore_eos=True)
         experts.close()
-        return experts, [d for d in dues if d is not None]
-    # 16 slots of 8-expert layers: the layers of 2 fill a whole cache, of 1 half of it, of none a quarter
-    experts, due = decode(share=1.0)
-    assert experts._slack and protected and protected[-1] == 2 <= experts.depth  # the depth adapts
-    assert due and all(1 <= d <= 2 / 0.05 for d in due)  # layer steps ahead over the forecasts' precision
-    experts, due = decode(share=0.5)
-    assert experts._slack and protected[-1] == 1
-    experts, due = decode(share=0.25)
-    assert experts._slack and set(protected) == {0} and due  # forecasts still come with when they are due
-    experts, due = decode(share=1.0, busy=True)
-    assert not experts._slack and protected and set(protected) == {0} and not due
-    experts, due = decode(share=1.0, prefetch=False)  # without read-ahead every miss stalls: nothing is favoured
-    assert not experts._slack and protected and set(protected) == {0} and not due
+        assert len(protected) >= 10  # told at every decoded token after the first
+        return experts
+    # 16 slots of 8-expert layers: all the experts of 2 layers fill a whole cache, of 1 half of it
+    experts = decode(1.0)
+    assert protected[-1] == 2 <= experts.depth  # the depth adapts; the budget allows 2
+    assert decode(0.5) and protected[-1] == 1
+    assert decode(0.25) and set(protected) == {0}  # none at a quarter
+    assert decode(1.0, busy=True) and set(protected) == {0}
+    assert decode(1.0, prefetch=False) and set(protected) == {0}  # without read-ahead every miss stalls
 
 
 def test_a_token_whose_experts_are_all_in_memory_takes_one_kernel_call(stores, monkeypatch):

@@ -106,19 +106,6 @@ def test_forecast_prefers_evicting_what_comes_back_last():
     assert policy.victim([(2, 0), (1, 0), (0, 0)], (1, 3)) == (1, 0)
 
 
-def test_a_forecast_due_soon_takes_the_slot_of_what_comes_back_last(uncapped):
-    policy = fresh_after_layer_1()
-    policy.access((1, 2), False)
-    assert policy.victim([(2, 0)], (1, 2)) is None  # expert 2 of layer 1: not before the next token, by history
-    # a forecast says when it is due: it takes the slot of a key due later, not of one due sooner
-    assert policy.victim([(2, 0)], (1, 2), due=2.0) == (2, 0)  # (2, 0) is expected in 1 + 12 steps
-    assert policy.victim([(2, 0)], (1, 2), due=20.0) is None
-    assert policy.victim([(2, 0), (1, 0)], (1, 2), due=2.0) == (1, 0)  # the latest of them goes
-    cache = ExpertCache(1, make_policy("default", 4, 4, 1))
-    cache.admit((2, 0))
-    assert cache.admit((3, 1)) is None and cache.admit((3, 1), due=0.5) == (0, (2, 0))
-
-
 def test_protected_layers_keep_their_experts():
     policy = fresh_after_layer_1()
     # layer 0 comes back last of layers 2, 3, 0: it is evicted first ...

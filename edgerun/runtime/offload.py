@@ -28,7 +28,7 @@ from .reader import QUEUED, ExpertReader, ReadRequest
 WASTE_LIMIT = 0.3  # share of a token's prefetches left unused above which the depth shrinks
 UPGRADE_AFTER = 3  # tokens a low-bit copy serves before its chunk is read over it when the disk is idle
 HINTED_LAYERS = 2  # layers ahead whose forecast probabilities the cache policy is given
-SLACK_LIMIT = 0.85  # share of the decoded tokens' time the disk reads below which the cache favours latency
+SLACK_LIMIT = 0.85  # share of the decoded tokens' time the disk reads below which the first layers are protected
 PROTECTED_SHARE = 0.25  # of the slots, at most what the protected layers' experts fill when all are kept
 
 
@@ -145,7 +145,6 @@ class OffloadedExperts(RoutedExperts):
         self._token_prefetches = self._token_wasted = 0
         self._clock: tuple[float, float] | None = None  # (time, reader's read_seconds) when this token began
         self._busy = 1.0  # share of the decoded tokens' time the disk read, averaged over the last few
-        self._slack = False  # whether that share is below SLACK_LIMIT (see _favour_latency)
         self.reset_stats()
 
     def variant(self, **approximate) -> OffloadedExperts:
@@ -177,7 +176,7 @@ class OffloadedExperts(RoutedExperts):
             elif idle and self.late:
                 self.depth = min(MAX_PREFETCH_DEPTH, self.depth + 1)
         self._token_prefetches = self._token_wasted = 0
-        self._favour_latency(decode)
+        self._protect_unreachable(decode)
         self._predicted.clear()
         self._prefetched.clear()  # what arrived and was not used stays cached as any resident expert
         self._decode = decode
@@ -188,25 +187,21 @@ class OffloadedExperts(RoutedExperts):
                 self._decode_bytes0 = self.reader.bytes_read
                 self._decode_read0 = self.reader.read_seconds
 
-    def _favour_latency(self, decode: bool) -> None:
-        """While the disk has time to spare, a miss that is read ahead costs the token nothing and one that is not
-        stalls it; where the disk sets the pace, every miss costs its read. So while the last decoded tokens left
-        the disk idle for more than 1 - SLACK_LIMIT of their time, the cache trades hits for reads started early:
-        - the policy keeps the experts of the layers the read-ahead cannot reach in time (the first `depth`: they
-          are known only once the token is) rather than others, as many of those layers as fill PROTECTED_SHARE of
-          the slots with all their experts (none under a budget that small: there the others' misses would
-          outgrow the disk's spare time);
-        - a forecast expert takes a slot from any expert expected to be used after it, where the policy's own
-          estimate of its next use, which knows nothing of the forecast beyond the next layer, would decline it.
-        Otherwise, and without read-ahead (where every miss stalls), the policy keeps what it expects to be used
-        soonest, to read the fewest bytes."""
+    def _protect_unreachable(self, decode: bool) -> None:
+        """While the last decoded tokens left the disk idle for more than 1 - SLACK_LIMIT of their time, tell the
+        policy to keep the experts of the layers the read-ahead cannot reach in time (the first `depth`: they are
+        known only once the token is) rather than others: there a miss in a later layer is read ahead while others
+        compute, and one in these layers stalls the token. As many of those layers as fill PROTECTED_SHARE of the
+        slots with all their experts, none under a budget that small (the others' extra misses would outgrow the
+        disk's spare time). Where the disk sets the pace every miss costs its read, and without read-ahead every
+        miss stalls: there the policy keeps what it expects to be used soonest."""
         now, read = time.perf_counter(), self.reader.read_seconds
         if decode and self._clock is not None and now > self._clock[0]:
             busy = min(1.0, (read - self._clock[1]) / (now - self._clock[0]))
             self._busy = 0.5 * (self._busy + busy)
-            self._slack = self.prefetch and self._busy < SLACK_LIMIT
             fit = int(PROTECTED_SHARE * self.capacity / self.store.num_experts)
-            self.cache.policy.protect(min(self.depth, fit) if self._slack else 0)
+            slack = self.prefetch and self._busy < SLACK_LIMIT
+            self.cache.policy.protect(min(self.depth, fit) if slack else 0)
         self._clock = (now, read) if decode else None
 
     # -- statistics -----------------------------------------------------------------------------------------
@@ -614,9 +609,6 @@ class OffloadedExperts(RoutedExperts):
     def _prefetch(self, pos: int, needed: set) -> None:
         """Read the experts the next layers' routers pick for this layer's input."""
         pinned = self._pinned(needed)
-        # while the disk has time to spare, a forecast expert is due in j - pos layer steps, if the forecast is
-        # right, as often as forecasts were (see _favour_latency); otherwise the policy's own estimate counts
-        precision = (self.prefetches_used + 1) / (self.prefetches + 1) if self._slack and self._decode else None
         for j, (top, probs, weights) in self.forecast(pos, self._x).items():
             if probs is not None:
                 self.cache.policy.predict(j, probs)
@@ -627,8 +619,7 @@ class OffloadedExperts(RoutedExperts):
                     continue
                 if self._decode and weights.get(e, 1.0) < self._light[j]:
                     continue  # it would be left out or replaced if still missing: reading it ahead spends the bytes
-                due = None if precision is None else (j - pos) / max(precision, 0.05)
-                admitted = self.cache.admit(key, pinned=pinned, due=due)
+                admitted = self.cache.admit(key, pinned=pinned)
                 if admitted is None:
                     continue
                 slot, evicted = admitted
