@@ -28,7 +28,7 @@ from .reader import QUEUED, ExpertReader, ReadRequest
 WASTE_LIMIT = 0.3  # share of a token's prefetches left unused above which the depth shrinks
 UPGRADE_AFTER = 3  # tokens a low-bit copy serves before its chunk is read over it when the disk is idle
 HINTED_LAYERS = 2  # layers ahead whose forecast probabilities the cache policy is given
-SLACK_LIMIT = 0.85  # share of the decoded tokens' time the disk reads below which the first layers are protected
+SLACK_LIMIT = 0.7  # share of the decoded tokens' time the disk reads below which the first layers are protected
 PROTECTED_SHARE = 0.25  # of the slots, at most what the protected layers' experts fill when all are kept
 
 
