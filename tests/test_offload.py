@@ -195,9 +195,9 @@ def test_the_policy_reads_forecast_hints_from_at_most_two_layers_back(stores, mo
 
 
 def test_the_first_layers_are_protected_while_the_disk_has_time_to_spare(stores, monkeypatch):
-    """Decoding with a disk that is mostly idle (a tiny store), the policy is told to keep the layers the read-ahead
-    cannot reach, as many as the budget allows; with a disk that reads all the time (its read time made to follow
-    the clock), or without read-ahead, none."""
+    """Decoding with a disk that is idle (its reads made to take no time), the policy is told to keep the layers the
+    read-ahead cannot reach, as many as the budget allows; with a disk that reads all the time (its read time made
+    to follow the clock), or without read-ahead, none."""
     protected = []
     protect = ForecastPolicy.protect
 
@@ -211,9 +211,9 @@ def test_the_first_layers_are_protected_while_the_disk_has_time_to_spare(stores,
         monkeypatch.setattr(offload_module, "PROTECTED_SHARE", share)
         model = edgerun.load(stores["mixtral"])
         experts = offload(model, slots=16, depth=2, prefetch=prefetch)
-        if busy:
-            monkeypatch.setattr(type(experts.reader), "read_seconds", property(lambda self: time.perf_counter(),
-                                                                              lambda self, value: None), raising=False)
+        read_seconds = (lambda self: time.perf_counter()) if busy else (lambda self: 0.0)
+        monkeypatch.setattr(type(experts.reader), "read_seconds", property(read_seconds, lambda self, value: None),
+                            raising=False)
         model.generate_ids(PROMPT, 12, temperature=0, ignore_eos=True)
         experts.close()
         assert len(protected) >= 10  # told at every decoded token after the first
