@@ -1474,13 +1474,19 @@ def _policy_row(recency, gap, freq, trans, trans_total, cond, n_cond, lp, freq_w
 
 
 @njit(cache=True, nogil=True)
-def _policy_waits(logodds, uses, tokens, prior, strength, slack, num_layers, q_floor, out):
-    """ForecastPolicy._waits(logodds, _long_run_wait(uses, tokens)) into out (which may be logodds)."""
-    top = (1.0 - q_floor) / q_floor
+def _policy_long_run(uses, tokens, prior, strength, slack, num_layers, out):
+    """ForecastPolicy._long_run_wait(uses, tokens) into out."""
     for e in range(out.shape[0]):
         rate = (uses[e] + strength * prior) / (tokens + strength)
-        long_run = slack * num_layers * (1.0 - rate) / rate
-        out[e] = min(num_layers * min(math.exp(-logodds[e]), top), long_run)
+        out[e] = slack * num_layers * (1.0 - rate) / rate
+
+
+@njit(cache=True, nogil=True)
+def _policy_waits(logodds, max_wait, num_layers, q_floor, out):
+    """ForecastPolicy._waits(logodds, max_wait) into out (which may be logodds)."""
+    top = (1.0 - q_floor) / q_floor
+    for e in range(out.shape[0]):
+        out[e] = min(num_layers * min(math.exp(-logodds[e]), top), max_wait[e])
 
 
 @njit(cache=True, nogil=True)
@@ -1527,10 +1533,8 @@ def policy_next_use(eta, ahead, wait, logodds, max_wait, recency, gap_hits, gap_
                 gap[e] = min(tokens[layer] - last_use[layer, e], cap)
             _policy_row(recency, gap, freq[layer], trans[layer], trans_total[layer], prev[layer], n_prev[layer], lp,
                         freq_weight, temporal_weight, logodds[layer])
-            for e in range(E):
-                rate = (uses[layer, e] + strength * prior) / (tokens[layer] + strength)
-                max_wait[layer, e] = slack * L * (1.0 - rate) / rate
-            _policy_waits(logodds[layer], uses[layer], tokens[layer], prior, strength, slack, L, q_floor, wait[layer])
+            _policy_long_run(uses[layer], tokens[layer], prior, strength, slack, L, max_wait[layer])
+            _policy_waits(logodds[layer], max_wait[layer], L, q_floor, wait[layer])
     for layer in range(L):
         for e in range(E):
             eta[layer, e] = ahead[layer] + wait[layer, e]
@@ -1548,7 +1552,8 @@ def policy_next_use(eta, ahead, wait, logodds, max_wait, recency, gap_hits, gap_
             u[s] += 1
         _policy_row(recency, gap, f, trans[cur], trans_total[cur], step, step.shape[0], lp, freq_weight,
                     temporal_weight, row)
-        _policy_waits(row, u, tokens[cur] + 1, prior, strength, slack, L, q_floor, row)
+        _policy_long_run(u, tokens[cur] + 1, prior, strength, slack, L, u)  # u: its uses, then its cap
+        _policy_waits(row, u, L, q_floor, row)
         for e in range(E):
             eta[cur, e] = L + row[e]
     nxt = cur + 1
@@ -1562,5 +1567,6 @@ def policy_next_use(eta, ahead, wait, logodds, max_wait, recency, gap_hits, gap_
                     p += cross[cur, s, e] / cross_total[cur, s]
                 p /= step.shape[0]
             row[e] = logodds[nxt, e] + cross_weight * (_policy_logit(p) - lp)
+        _policy_waits(row, max_wait[nxt], L, q_floor, row)
         for e in range(E):
-            eta[nxt, e] = 1 + min(L * min(math.exp(-row[e]), (1.0 - q_floor) / q_floor), max_wait[nxt, e])
+            eta[nxt, e] = 1 + row[e]
