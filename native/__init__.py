@@ -463,7 +463,7 @@ def warmup_layers(dense_dtype, expert_dtype) -> None:
                       np.zeros(dh // 2, np.float32), typed([router]),
                       np.float32(0.0), 1, True, typed([gu[0]] * n_exp), typed([gu[1]] * n_exp), typed([dn[0]] * n_exp),
                       typed([dn[1]] * n_exp), int8 and expert_dtype == np.uint8, SILU, 0, False,
-                      np.zeros((1, 1), np.int64), np.zeros((1, 1), np.float32))
+                      np.zeros((1, 1), np.int64), np.zeros((1, 1), np.float32), False, np.empty((1, d), np.float32))
     config.mark_compiled(what)
 
 
@@ -471,16 +471,17 @@ def decode_layers(h: np.ndarray, norms: np.ndarray, eps, qkv_qs, qkv_scales, o_q
                   heads: int, kv_heads: int, k_caches, v_caches, pos: int, windows: np.ndarray, scale, cap,
                   temperature, sinks, cos: np.ndarray, sin: np.ndarray, routers, router_cap, top_k: int,
                   renormalize: bool, gu_qs, gu_scales, d_qs, d_scales, expert_int8: bool, activation: int, first: int,
-                  resume_moe: bool, idx: np.ndarray, weights: np.ndarray) -> int:
+                  resume_moe: bool, idx: np.ndarray, weights: np.ndarray, stop_moe: bool, x: np.ndarray) -> int:
     """Layers first.. of one decoded token in one call (kernels.decode_layers, which says what each argument is;
     the lists are numba typed lists, the scales float16 bits as uint16). h [1, D] float32 is updated in place.
-    Returns -1 when done, or the layer whose chosen experts are not mapped yet. The caller (runtime/fused.py)
-    checks the shapes once, when it builds the lists."""
+    Returns -1 when done, or the layer whose chosen experts are not mapped yet, or with stop_moe the layer whose
+    FFN input is in x [1, D]. The caller (runtime/fused.py) checks the shapes once, when it builds the lists."""
     n_threads = _threads()
     return _kernels.decode_layers(h, norms, eps, qkv_qs, qkv_scales, o_qs, o_scales, dense_int8, heads, kv_heads,
                                   k_caches, v_caches, pos, windows, scale, cap, temperature, sinks, cos, sin, routers,
                                   router_cap, top_k, renormalize, gu_qs, gu_scales, d_qs, d_scales, expert_int8,
-                                  activation, _kernels.F16_TO_F32, n_threads, first, resume_moe, idx, weights)
+                                  activation, _kernels.F16_TO_F32, n_threads, first, resume_moe, idx, weights,
+                                  stop_moe, x)
 
 
 def attend_one(q: np.ndarray, k: np.ndarray, v: np.ndarray, cos: np.ndarray, sin: np.ndarray, k_cache: np.ndarray,

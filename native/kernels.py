@@ -1366,18 +1366,21 @@ def route_one(x, router, cap, top_k, renormalize, probs, idx, weights):
 def decode_layers(h, norms, eps, qkv_qs, qkv_scales, o_qs, o_scales, dense_int8, heads, kv_heads, k_caches,
                   v_caches, pos, windows, scale, cap, temperature, sinks, cos, sin, routers, router_cap, top_k,
                   renormalize, gu_qs, gu_scales, d_qs, d_scales, expert_int8, activation, lut, n_threads, first,
-                  resume_moe, idx, weights):
+                  resume_moe, idx, weights, stop_moe, x):
     """Layers first.. of one decoded token, h [1, D] updated in place: h += o(attention(norm_a(h))), then
     h += sum_k w_k expert_k(norm_f(h)) with the router's choice, stored in idx and weights [L, K]. norms [2L, D] are
-    each layer's attention and FFN norm weights; qkv_qs[l] holds q, k and v rows stacked; windows[l] 0 for none;
-    sinks[l] empty for none. Returns -1 when done, or the layer whose chosen experts are not all mapped (its routing
-    stored): call again with first = that layer and resume_moe once they are, which routes it again (the same)."""
-    n_layers = len(qkv_qs)
+    each layer's attention and FFN norm weights; qkv_qs[l] holds q, k and v rows stacked, or qkv_qs[3l..3l+2] each
+    of them (3L matrices); windows[l] 0 for none;
+    sinks[l] empty for none; x [1, D] is scratch for the FFN input. Returns -1 when done, or the layer whose chosen
+    experts are not all mapped (its routing stored): call again with first = that layer and resume_moe once they
+    are, which routes it again (the same). With stop_moe, every layer returns once its FFN input is in x, before
+    routing: the caller adds the layer's FFN output to h and calls again with first = the next layer."""
+    n_layers = len(o_qs)
+    per_layer = len(qkv_qs) // n_layers  # q, k and v stacked in one matrix, or one each
     dim = h.shape[1]
     dh = k_caches[0].shape[2]
     nq, nkv = heads * dh, kv_heads * dh
     n_experts = routers[0].shape[0]
-    x = np.empty((1, dim), np.float32)
     y = np.empty((1, dim), np.float32)
     ye = np.empty((1, dim), np.float32)
     att = np.empty((heads, dh), np.float32)
@@ -1387,7 +1390,16 @@ def decode_layers(h, norms, eps, qkv_qs, qkv_scales, o_qs, o_scales, dense_int8,
         if not (layer == first and resume_moe):
             rms_norm(h[0], norms[2 * layer], eps, x[0])
             qkv = np.empty((1, nq + 2 * nkv), np.float32)
-            _gemv_one(x, qkv_qs[layer], qkv_scales[layer], lut, qkv, dense_int8)
+            if per_layer == 1:
+                _gemv_one(x, qkv_qs[layer], qkv_scales[layer], lut, qkv, dense_int8)
+            else:
+                start = 0
+                for j in range(3):
+                    m = 3 * layer + j
+                    part = np.empty((1, qkv_qs[m].shape[0]), np.float32)
+                    _gemv_one(x, qkv_qs[m], qkv_scales[m], lut, part, dense_int8)
+                    qkv[0, start:start + part.shape[1]] = part[0]
+                    start += part.shape[1]
             q = qkv[0, :nq].copy().reshape((heads, dh))
             k = qkv[0, nq:nq + nkv].copy().reshape((kv_heads, dh))
             v = qkv[0, nq + nkv:].copy().reshape((kv_heads, dh))
@@ -1399,6 +1411,8 @@ def decode_layers(h, norms, eps, qkv_qs, qkv_scales, o_qs, o_scales, dense_int8,
             for i in range(dim):
                 h[0, i] += y[0, i]
         rms_norm(h[0], norms[2 * layer + 1], eps, x[0])
+        if stop_moe:
+            return layer
         route_one(x[0], routers[layer], router_cap, top_k, renormalize, logits, idx[layer], weights[layer])
         base = layer * n_experts
         for j in range(top_k):

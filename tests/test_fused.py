@@ -1,5 +1,6 @@
-"""A decoded token through every layer in one kernel call (runtime/fused.py): where it applies, what it computes
-(the parts' own logits, bit for bit) and where it steps aside."""
+"""A decoded token through every layer in one kernel call (runtime/fused.py), or one call a layer where the layers'
+own FFN parts compute the FFN: where each applies, what it computes (the parts' own logits, bit for bit) and where
+it steps aside."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ def counting(monkeypatch) -> list:
     kernel = native.decode_layers
 
     def count(*args):
-        calls.append(args[-4:-2])  # (the first layer of the call, whether it resumes that layer's experts)
+        # (the first layer of the call, whether it resumes that layer's experts, whether it stops at every FFN)
+        calls.append((args[-6], args[-5], args[-2]))
         return kernel(*args)
     monkeypatch.setattr(native, "decode_layers", count)
     return calls
@@ -47,8 +49,9 @@ def test_a_decoded_token_is_one_call_with_the_parts_logits_bit_for_bit(mixtral_s
     calls = counting(monkeypatch)
     fused = model.logits(PROMPT, decode=True)
     # one call a one-token step (the first token's too), and one more from the layer of an expert mapped on first use
-    resumed = [first for first, resume in calls if resume]
+    resumed = [first for first, resume, _ in calls if resume]
     assert len(calls) - len(resumed) == len(PROMPT) and 0 < len(resumed) <= step._mapped.sum()
+    assert step.routes and not any(stop for *_, stop in calls)
     decoder.token_layers = None
     parts = model.logits(PROMPT, decode=True)
     assert np.array_equal(fused, parts)
@@ -83,29 +86,54 @@ def test_observers_see_the_fused_routing(mixtral_src, tmp_path):
         step(torch.zeros(1, model.spec.hidden_size), Positions(cache.context_length, 1, torch.float32, {}), cache)
 
 
-def test_the_parts_path_stays_where_the_step_does_not_apply(mixtral_src, hf_dirs_fused, tmp_path, monkeypatch):
+def stepped_against_parts(model, monkeypatch) -> tuple[list, dict]:
+    """Decode PROMPT's tokens through the stepped calls and through the parts, check they give the same logits bit
+    for bit and the same greedy tokens, and return the stepped calls and the stepped generation's stats."""
+    decoder = model._engine.decoder
+    step = decoder.token_layers
+    assert step is not None and not step.current()
+    calls = counting(monkeypatch)
+    stepped = model.logits(PROMPT, decode=True)
+    ids = model.generate_ids(PROMPT, 6, temperature=0, ignore_eos=True)
+    stats = model.stats()
+    decoder.token_layers = None
+    assert np.array_equal(stepped, model.logits(PROMPT, decode=True))
+    assert model.generate_ids(PROMPT, 6, temperature=0, ignore_eos=True) == ids
+    decoder.token_layers = step
+    return calls, stats
+
+
+def test_experts_streamed_through_a_cache_are_computed_between_stepped_calls(mixtral_src, tmp_path, monkeypatch):
     from test_offload import budget_for
 
     path = convert(mixtral_src[None], tmp_path / "s", quant="q4", progress=False)
-    # experts streamed through a cache under a budget
-    assert edgerun.load(path, context_length=64, ram=budget_for(path, 4, monkeypatch))._engine.decoder.token_layers \
-        is None
-    # families with parts it does not cover (q/k norms, biases, shared experts), and float weights
+    model = edgerun.load(path, context_length=64, ram=budget_for(path, 4, monkeypatch))
+    assert model.stats()["offload"] and not model._engine.decoder.token_layers.routes
+    calls, stats = stepped_against_parts(model, monkeypatch)
+    layers = len(model._engine.decoder.blocks)
+    # each one-token step (the prompt's tokens one by one, then the last prompt token and 5 decode steps): one call
+    # a layer, stopping at its FFN, and the cache saw every decoded token's experts (misses read, hits counted)
+    assert calls == [(layer, False, True) for layer in range(layers)] * (len(PROMPT) + 6)
+    assert stats["generated_tokens"] == 6 and stats["hit_rate"] + stats["prefetch_hit_rate"] < 1 < stats["bytes_read"]
+
+
+def test_the_parts_path_stays_where_the_step_does_not_apply(mixtral_src, hf_dirs_fused, tmp_path, monkeypatch):
+    path = convert(mixtral_src[None], tmp_path / "s", quant="q4", progress=False)
+    # families with parts it does not cover (q/k norms, biases), and float weights
     for name, src in hf_dirs_fused.items():
         assert edgerun.load(convert(src, tmp_path / name, quant="q4", progress=False))._engine.decoder.token_layers \
             is None, name
     assert edgerun.load(mixtral_src[None])._engine.decoder.token_layers is None
-    # routers replaced after loading (as a routing trace does): the parts' path, which follows them
+    # routers replaced after loading (as a routing trace does): stepped calls, whose FFN parts follow them
     model = edgerun.load(path)
-    calls = counting(monkeypatch)
     assert model._engine.decoder.token_layers.current()
     seen = []
     model.decoder.observers.append(lambda layer, idx, w: seen.append(idx.tolist()))
     for part in model._engine.decoder.moe.values():
         part.router = _FixedRouter(part.router)
-    assert not model._engine.decoder.token_layers.current()
-    model.generate_ids(PROMPT, 3, temperature=0, ignore_eos=True)
-    assert calls == [] and seen == [[[0, 1]] * len(PROMPT)] * 2 + [[[0, 1]]] * 4
+    calls, _ = stepped_against_parts(model, monkeypatch)
+    assert calls and all(stop and not resume for _, resume, stop in calls)
+    assert seen and all(idx == [[0, 1]] * len(idx) for idx in seen)
 
 
 class _FixedRouter:

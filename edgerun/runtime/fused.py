@@ -4,10 +4,16 @@ The parts (models/) compute a token layer by layer, a few kernel calls each, wit
 resident model of 16 layers that costs about 2 ms of a 20 ms token. `TokenLayers` hands a decode step's layers to
 `native.decode_layers` instead, which calls the same kernels in the same order. It applies when every layer is
 RMSNorm, grouped-query attention (no biases, q/k norms or clipping; soft caps, sinks, windows and Grok-2's
-temperature are taken), RMSNorm and routed experts of a softmax top-k router (no biases, no shared experts), the
-matrices q8/q4 in host memory, the experts resident in a store (QuantizedExperts). Prompts, other decoders and
-other experts containers keep the parts' path. An expert not mapped yet makes the call return at its layer: it is
-mapped (and checked, as the parts' path does on first use) and the call goes on from there.
+temperature are taken) and RMSNorm before its FFN, the matrices q8/q4 in host memory. Prompts and other decoders keep
+the parts' path.
+
+Two ways through the layers:
+- whole: the kernel routes and computes the experts too, where every FFN is routed experts of a softmax top-k router
+  (no biases, no shared experts) resident in a store (QuantizedExperts). An expert not mapped yet makes the call
+  return at its layer: it is mapped (and checked, as the parts' path does on first use) and the call goes on.
+- stepped, otherwise (experts streamed through a cache, routers replaced by a routing trace, other FFN parts): the
+  kernel returns at every layer with the FFN's input, the layer's own FFN part computes its output as on the parts'
+  path (routing, cache, read-ahead), and it is added before the next call goes on from the next layer.
 """
 
 from __future__ import annotations
@@ -25,68 +31,96 @@ from .quantized import QuantizedExperts, QuantizedMatrix
 
 
 class TokenLayers:
-    """Every layer of a decoded token in one `native.decode_layers` call (see the module's note)."""
+    """Every layer of a decoded token in `native.decode_layers` calls (see the module's note)."""
 
     @classmethod
     def build(cls, decoder, experts) -> TokenLayers | None:
         """The fused step for decoder computing its experts with `experts`, or None where it does not apply."""
-        if type(experts) is not QuantizedExperts or decoder.dtype != torch.float32 or not native.fusable():
-            return None
-        store = experts.store
-        if store.expert_layout.fmt not in ("q4", "q8") or store.expert_layout.biases:
+        if decoder.dtype != torch.float32 or not native.fusable():
             return None
         blocks = decoder.blocks
-        if list(decoder.moe_layers) != list(range(len(blocks))) or list(store.moe_layers) != decoder.moe_layers:
-            return None
         attn = blocks[0].attention
+        stacked = getattr(attn, "qkv", None) is not None  # q, k and v in one matrix (all resident), else one each
         dense_dtype = None
         for b in blocks:
-            a, f = b.attention, b.ffn
+            a = b.attention
             if (b.post_attn_norm is not None or b.post_ffn_norm is not None or type(a) is not Attention
-                    or a.qkv is None or a.qkv_bias or a.o_bias or a.qk_norm or a.clip is not None
-                    or type(f) is not MoE or type(f.router) is not SoftmaxTopK
-                    or f.experts is not experts or not isinstance(a.w["o"], QuantizedMatrix)):
-                return None
-            whole, o = a.qkv[0], a.w["o"]
-            if (dense_dtype not in (None, whole.qs.dtype) or o.qs.dtype != whole.qs.dtype
-                    or whole.scales.dtype != np.float16 or o.scales.dtype != np.float16
-                    or whole.padded_in != whole.in_features or o.padded_in != o.in_features
+                    or (a.qkv is not None) != stacked or a.qkv_bias or a.o_bias or a.qk_norm or a.clip is not None
                     or (a.heads, a.kv_heads, a.head_dim, a.scale, a.cap, a.temperature_len, a.sinks, a.rope,
                         a.eps) != (attn.heads, attn.kv_heads, attn.head_dim, attn.scale, attn.cap,
                                    attn.temperature_len, attn.sinks, attn.rope, attn.eps)
-                    or (f.router.cap, f.router.renormalize, f.top_k) != (
-                        blocks[0].ffn.router.cap, blocks[0].ffn.router.renormalize, blocks[0].ffn.top_k)
                     or b.ffn_norm.eps != attn.eps or b.attn_norm.eps != attn.eps):
                 return None
-            dense_dtype = whole.qs.dtype
-            for t in (b.attn_norm.weight, b.ffn_norm.weight, f.router.w["router"]):
-                if t.dtype != torch.float32 or t.device.type != "cpu":
+            for m in cls._matrices(a):
+                if (not isinstance(m, QuantizedMatrix) or dense_dtype not in (None, m.qs.dtype)
+                        or m.scales.dtype != np.float16 or m.padded_in != m.in_features):
                     return None
-        layout = store.expert_layout
-        if padded_in_features(layout.hidden, layout.group) != layout.hidden:
-            return None  # the experts would take x padded
-        return cls(decoder, experts, dense_dtype)
+                dense_dtype = m.qs.dtype
+            if any(n.weight.dtype != torch.float32 or n.weight.device.type != "cpu" for n in (b.attn_norm, b.ffn_norm)):
+                return None
+        return cls(decoder, experts, dense_dtype, cls._routes(decoder, experts))
 
-    def __init__(self, decoder, experts: QuantizedExperts, dense_dtype):
-        qs_dtype = np.uint8 if experts.store.expert_layout.fmt == "q4" else np.int8
+    @staticmethod
+    def _matrices(a: Attention) -> list:
+        """The attention's matrices as the kernel takes them: q, k and v (stacked, or each), then o."""
+        return [a.qkv[0], a.w["o"]] if a.qkv is not None else [a.w["q"], a.w["k"], a.w["v"], a.w["o"]]
+
+    @staticmethod
+    def _routes(decoder, experts) -> bool:
+        """Whether the kernel can route and compute the experts too (the whole way; see the module's note)."""
+        if type(experts) is not QuantizedExperts or decoder.expert_biases:
+            return False
+        store = experts.store
+        layout, blocks = store.expert_layout, decoder.blocks
+        if layout.fmt not in ("q4", "q8") or layout.biases or padded_in_features(layout.hidden, layout.group) != \
+                layout.hidden:  # the experts would take x padded
+            return False
+        if list(decoder.moe_layers) != list(range(len(blocks))) or list(store.moe_layers) != decoder.moe_layers:
+            return False
+        f0 = blocks[0].ffn
+        for b in blocks:
+            f = b.ffn
+            if (type(f) is not MoE or type(f.router) is not SoftmaxTopK or f.experts is not experts
+                    or (f.router.cap, f.router.renormalize, f.top_k) != (f0.router.cap, f0.router.renormalize,
+                                                                         f0.top_k)):
+                return False
+            w = f.router.w["router"]
+            if w.dtype != torch.float32 or w.device.type != "cpu":
+                return False
+        return True
+
+    def __init__(self, decoder, experts, dense_dtype, routes: bool):
+        qs_dtype = np.int8 if routes and experts.store.expert_layout.fmt == "q8" else np.uint8
         native.warmup_layers(dense_dtype, qs_dtype)  # first: it compiles (or loads) the typed lists' code too
         typed = native.typed_list
-        self.decoder, self.experts, self.store = decoder, experts, experts.store
+        self.decoder, self.experts, self.routes = decoder, experts, routes
         blocks = decoder.blocks
         first = blocks[0]
-        a, f = first.attention, first.ffn
+        a = first.attention
         self.attention = a
         self.norms = np.stack([n.weight.numpy() for b in blocks for n in (b.attn_norm, b.ffn_norm)])
         self.eps = np.float32(a.eps)
-        self.qkv_qs = typed([b.attention.qkv[0].qs for b in blocks])
-        self.qkv_scales = typed([b.attention.qkv[0].scales.view(np.uint16) for b in blocks])
+        qkv = [m for b in blocks for m in self._matrices(b.attention)[:-1]]
+        self.qkv_qs, self.qkv_scales = typed([m.qs for m in qkv]), typed([m.scales.view(np.uint16) for m in qkv])
         self.o_qs = typed([b.attention.w["o"].qs for b in blocks])
         self.o_scales = typed([b.attention.w["o"].scales.view(np.uint16) for b in blocks])
-        self.dense_int8 = all(native.int_dot(m.qs, m.scales)
-                              for b in blocks for m in (b.attention.qkv[0], b.attention.w["o"]))
+        self.dense_int8 = all(native.int_dot(m.qs, m.scales) for b in blocks for m in self._matrices(b.attention))
         self.windows = np.array([b.attention.window or 0 for b in blocks], np.int64)
         no_sinks = np.empty(0, np.float32)
         self.sinks = typed([b.attention.w["sinks"].float().numpy() if a.sinks else no_sinks for b in blocks])
+        self.x = np.empty((1, decoder.spec.hidden_size), np.float32)  # the FFN input of the layer a call stopped at
+        self._caches: dict[int, tuple] = {}  # id(DecoderCache) -> (the cache, its typed lists)
+        empty_qs, empty_scales = np.empty((0, 0), qs_dtype), np.empty((0, 0), np.uint16)
+        if not routes:  # the kernel computes no FFN: lists of the types it is compiled for, never read
+            self.routers = typed([np.zeros((1, decoder.spec.hidden_size), np.float32)])
+            self.router_cap, self.top_k, self.renormalize, self.expert_int8, self.activation = np.float32(0), 1, \
+                False, False, 0
+            self.gu_qs = self.d_qs = typed([empty_qs])
+            self.gu_scales = self.d_scales = typed([empty_scales])
+            self.idx, self.weights = np.zeros((1, 1), np.int64), np.zeros((1, 1), np.float32)
+            return
+        self.store = experts.store
+        f = first.ffn
         self.routers = typed([b.ffn.router.w["router"].numpy() for b in blocks])
         self._routers = [b.ffn.router for b in blocks]
         self.router_cap = np.float32(f.router.cap or 0.0)
@@ -97,13 +131,11 @@ class TokenLayers:
         self.activation = experts.activation
         self.num_experts = decoder.spec.num_experts
         n = len(blocks) * self.num_experts
-        empty_qs, empty_scales = np.empty((0, 0), qs_dtype), np.empty((0, 0), np.uint16)
         self.gu_qs, self.gu_scales = typed([empty_qs] * n), typed([empty_scales] * n)
         self.d_qs, self.d_scales = typed([empty_qs] * n), typed([empty_scales] * n)
         self._mapped = np.zeros(n, bool)
         self.idx = np.zeros((len(blocks), self.top_k), np.int64)
         self.weights = np.zeros((len(blocks), self.top_k), np.float32)
-        self._caches: dict[int, tuple] = {}  # id(DecoderCache) -> (the cache, its typed lists)
 
     def _map(self, layer: int) -> None:
         """Map the experts the routing of `layer` chose that are not mapped yet."""
@@ -126,16 +158,13 @@ class TokenLayers:
         return held[1], held[2]
 
     def current(self) -> bool:
-        """Whether the decoder still has the routers and experts this step was built for (a routing trace, for
-        one, replaces the routers)."""
-        return all(b.ffn.router is r and b.ffn.experts is self.experts
-                   for b, r in zip(self.decoder.blocks, self._routers))
+        """Whether the kernel can still route and compute the experts (the whole way): the decoder still has the
+        routers and experts this step was built for (a routing trace, for one, replaces the routers)."""
+        return self.routes and all(b.ffn.router is r and b.ffn.experts is self.experts
+                                   for b, r in zip(self.decoder.blocks, self._routers))
 
-    def __call__(self, h: torch.Tensor, pos, cache) -> torch.Tensor | None:
-        """h [1, D] float32 after the embedding -> after the last layer, the token stored in the caches; None
-        (nothing done) where the decoder's parts have changed since this step was built."""
-        if not self.current():
-            return None
+    def __call__(self, h: torch.Tensor, pos, cache) -> torch.Tensor:
+        """h [1, D] float32 after the embedding -> after the last layer, the token stored in the caches."""
         if not 0 <= pos.start < cache.context_length:  # the kernel writes the caches at pos.start unchecked
             raise ContextLengthError(f"position {pos.start} is outside the context of {cache.context_length}")
         a = self.attention
@@ -144,20 +173,26 @@ class TokenLayers:
         k_caches, v_caches = self._cache_lists(cache)
         x = h.to(torch.float32).contiguous().numpy().copy()
         cos, sin = cos[0].contiguous().numpy(), sin[0].contiguous().numpy()
+        whole = self.current()
+        blocks = self.decoder.blocks
         first, resume = 0, False
-        while True:
+        while first < len(blocks):
             first = native.decode_layers(
                 x, self.norms, self.eps, self.qkv_qs, self.qkv_scales, self.o_qs, self.o_scales, self.dense_int8,
                 a.heads, a.kv_heads, k_caches, v_caches, pos.start, self.windows, np.float32(a.scale),
                 np.float32(a.cap or 0.0), np.float32(temperature), self.sinks, cos, sin, self.routers,
                 self.router_cap, self.top_k, self.renormalize, self.gu_qs, self.gu_scales, self.d_qs, self.d_scales,
-                self.expert_int8, self.activation, first, resume, self.idx, self.weights)
+                self.expert_int8, self.activation, first, resume, self.idx, self.weights, not whole, self.x)
             if first < 0:
                 break
-            self._map(first)
-            resume = True
+            if whole:
+                self._map(first)
+                resume = True
+                continue
+            x += blocks[first].ffn(torch.from_numpy(self.x.copy())).numpy()  # as Block adds it
+            first += 1
         observers = self.decoder.observers
-        if observers:
+        if whole and observers:  # the stepped calls' FFN parts told them
             idx, weights = torch.from_numpy(self.idx), torch.from_numpy(self.weights)
             for pos_, layer in enumerate(self.decoder.moe_layers):
                 for observe in observers:
