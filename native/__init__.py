@@ -96,6 +96,7 @@ def warmup_decode() -> None:
         attend_one(q, kv, kv, rot, rot, cache, cache.copy(), 1, 1.0, sinks=rot[:1].repeat(4))
         rms_norm(q[0], q[1], 1e-5)
         route_one(q[0], q, 1.0, 2, True)
+        route_ahead(q[0], typed_list([q, q]), np.ones((2, 8), np.float32), 1.0, 2, True)
     except Exception as e:  # as in warmup: keep running, on NumPy
         config.fall_back(e)
         _kernels, BACKEND, INT_DOT = None, "numpy", False
@@ -415,6 +416,26 @@ def policy(step: str, *args) -> bool:
         return False
     getattr(_kernels, "policy_" + step)(*args)
     return True
+
+
+def route_ahead(x: np.ndarray, routers, scales: np.ndarray, cap: float | None, top_k: int,
+                renormalize: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """route_one of x [D] * scales[j] by routers[j] for each of the n routers (a typed list of float32 C-contiguous
+    [E, D], scales float32 [n, D]): (idx int64 [n, K], weights float32 [n, K], probs float32 [n, E]), as n route_one
+    calls on the products would give them; None without the numba kernels. A decode step's read-ahead of n later
+    layers in one call."""
+    if _kernels is None:
+        return None
+    n, experts = len(routers), routers[0].shape[0]
+    if x.dtype != np.float32 or scales.dtype != np.float32 or scales.shape != (n, x.shape[0]) or not (
+            0 < top_k <= experts):
+        raise ValueError(f"route_ahead takes float32 x [D] and scales [{n}, D] with 0 < top_k <= {experts}; got "
+                         f"{x.dtype} {x.shape}, {scales.dtype} {scales.shape}, top_k {top_k}")
+    probs, idx, weights = np.empty((n, experts), np.float32), np.empty((n, top_k), np.int64), np.empty(
+        (n, top_k), np.float32)
+    _kernels.route_ahead(np.ascontiguousarray(x), routers, scales, np.float32(cap or 0.0), top_k,
+                         bool(renormalize), probs, idx, weights)
+    return idx, weights, probs
 
 
 def fusable() -> bool:

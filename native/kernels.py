@@ -1363,6 +1363,17 @@ def route_one(x, router, cap, top_k, renormalize, probs, idx, weights):
 
 
 @njit(**_OPTS)
+def route_ahead(x, routers, scales, cap, top_k, renormalize, probs, idx, weights):
+    """route_one of x [D] scaled by scales[j] [D] (one float32 product each) by routers[j], for each of the n
+    routers: probs [n, E], idx and weights [n, K]."""
+    xs = np.empty(x.shape[0], np.float32)
+    for j in range(len(routers)):
+        for i in range(x.shape[0]):
+            xs[i] = x[i] * scales[j, i]
+        route_one(xs, routers[j], cap, top_k, renormalize, probs[j], idx[j], weights[j])
+
+
+@njit(**_OPTS)
 def decode_layers(h, norms, eps, qkv_qs, qkv_scales, o_qs, o_scales, dense_int8, heads, kv_heads, k_caches,
                   v_caches, pos, windows, scale, cap, temperature, sinks, cos, sin, routers, router_cap, top_k,
                   renormalize, gu_qs, gu_scales, d_qs, d_scales, expert_int8, activation, lut, n_threads, first,

@@ -118,6 +118,8 @@ def test_experts_streamed_through_a_cache_are_computed_between_stepped_calls(mix
 
 
 def test_the_parts_path_stays_where_the_step_does_not_apply(mixtral_src, hf_dirs_fused, tmp_path, monkeypatch):
+    from test_offload import FixedRouter
+
     path = convert(mixtral_src[None], tmp_path / "s", quant="q4", progress=False)
     # families with parts it does not cover (q/k norms, biases), and float weights
     for name, src in hf_dirs_fused.items():
@@ -130,26 +132,10 @@ def test_the_parts_path_stays_where_the_step_does_not_apply(mixtral_src, hf_dirs
     seen = []
     model.decoder.observers.append(lambda layer, idx, w: seen.append(idx.tolist()))
     for part in model._engine.decoder.moe.values():
-        part.router = _FixedRouter(part.router)
+        part.router = FixedRouter(part.router)
     calls, _ = stepped_against_parts(model, monkeypatch)
     assert calls and all(stop and not resume for _, resume, stop in calls)
     assert seen and all(idx == [[0, 1]] * len(idx) for idx in seen)
-
-
-class _FixedRouter:
-    """A router that always picks experts 0 and 1, equally."""
-
-    def __init__(self, router):
-        self.router = router
-
-    def __call__(self, x):
-        import torch
-
-        from edgerun.models.routers import Routing
-
-        r = self.router(x)
-        idx = torch.tensor([[0, 1]] * x.shape[0])
-        return Routing(idx, torch.full(idx.shape, 0.5), r.probs)
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import edgerun
 from edgerun.cli import main
 from edgerun.errors import CheckpointError, EdgerunError
+from edgerun.models.routers import Routing
 from edgerun.runtime import reader as reader_module
 from edgerun.runtime import placement
 from edgerun.runtime.placement import SAFETY_MIN, BudgetError, choose_prefill_chunk, split_budget
@@ -164,6 +166,42 @@ def test_prefetch_predicts_with_the_next_routers(stores):
     no_prefetch.generate_ids(PROMPT, 16, temperature=0, ignore_eos=True)
     assert plain.prefetches == 0 and no_prefetch.stats()["prefetch_recall"] == 0
     experts.close(), plain.close()
+
+
+def test_the_read_ahead_routes_the_next_layers_in_one_call_as_each_router_would(stores, monkeypatch):
+    from edgerun import native
+
+    model = edgerun.load(stores["mixtral"])
+    decoder = model.decoder
+    layers = decoder.moe_layers
+    calls = []
+    kernel = native.route_ahead
+    monkeypatch.setattr(native, "route_ahead", lambda *args: calls.append(len(args[1])) or kernel(*args))
+    torch.manual_seed(0)
+    for _ in range(4):
+        x = torch.randn(1, model.spec.hidden_size)
+        rows = decoder.lookahead_many(layers[0], layers[1:], x)
+        for i, layer in enumerate(layers[1:]):
+            one = decoder.lookahead(layers[0], layer, x)
+            for name in ("idx", "weights", "probs"):
+                assert torch.equal(getattr(rows, name)[i:i + 1], getattr(one, name)), name
+    assert calls == ([len(layers) - 1] * 4 if native.fusable() else [])
+    # a router of another kind: one by one, the same rows
+    decoder.moe[layers[-1]].router = FixedRouter(decoder.moe[layers[-1]].router)
+    rows = decoder.lookahead_many(layers[0], layers[1:], x)
+    assert rows.idx[-1].tolist() == [0, 1] and len(calls) == 4 * (native.fusable())
+
+
+class FixedRouter:
+    """A router that always picks experts 0 and 1, equally."""
+
+    def __init__(self, router):
+        self.router = router
+
+    def __call__(self, x):
+        r = self.router(x)
+        idx = torch.tensor([[0, 1]] * x.shape[0])
+        return Routing(idx, torch.full(idx.shape, 0.5), r.probs)
 
 
 def test_the_policy_reads_forecast_hints_from_at_most_two_layers_back(stores, monkeypatch):

@@ -231,6 +231,12 @@ def test_a_trace_routes_every_layer_and_the_read_ahead_foresees_it(store32):
     for e, p in zip(*given[(0, 7, 9)]):
         probs[e] = p
     assert ahead.probs.tolist() == [pytest.approx(probs)] and ahead.weights.dtype == x.dtype
+    # the read-ahead's forecasts of several layers at once: the same, as rows
+    rows = model.decoder.lookahead_many(3, [9, 4, 30], x)
+    for i, layer in enumerate([9, 4, 30]):
+        one = model.decoder.lookahead(3, layer, x)
+        assert all(torch.equal(getattr(rows, n)[i:i + 1], getattr(one, n)) for n in ("idx", "weights", "probs"))
+    assert rows.idx[0].tolist() == given[(0, 7, 9)][0]
 
 
 def test_a_trace_needs_a_model_of_its_shape_and_complete_tokens(store32, tmp_path):

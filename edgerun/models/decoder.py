@@ -15,10 +15,11 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
+from .. import native
 from .attention import Positions
 from .ffn import ExpertsCall, MoE, RoutingObserver
-from .parts import F32, Part, RMSNorm, TensorSpec, Weight, linear, softcap
-from .routers import Routing
+from .parts import F32, Part, RMSNorm, TensorSpec, Weight, in_host_memory, linear, softcap
+from .routers import Routing, SoftmaxTopK
 from .spec import ModelSpec
 
 RESIDUAL_COPIES = 16  # hidden-sized float32 activations alive at once in a layer (residual, norms, q/k/v/o, ...)
@@ -85,6 +86,7 @@ class Decoder(Part):
             part.observers = self.observers
         self._ropes: dict = {}  # rotary tables by schedule and device, shared by every forward call
         self._norm_ratios: dict = {}  # lookahead's factors between two layers' FFN norms, by layers, dtype, device
+        self._ahead: dict = {}  # lookahead_many's routers and factors, by layers
         self.dtype = torch.float32  # of activations and the cache: the embedding's, once bound
         # a decoded token's layers in one call (runtime/fused.py), set by the engine where its parts allow it; it
         # returns None where they no longer do
@@ -122,6 +124,7 @@ class Decoder(Part):
     def bind(self, weights: Mapping[str, Weight]) -> None:
         super().bind(weights)
         self._norm_ratios.clear()
+        self._ahead.clear()
         self.lm_head = self.w["embed"] if self.spec.tie_word_embeddings else self.w["lm_head"]
         self.dtype = self.w["embed"].dtype
 
@@ -188,11 +191,56 @@ class Decoder(Part):
         """The routing of MoE layer `to_layer` for x, the FFN input of `from_layer`, as if the residual stream
         did not change in between: x is brought from one FFN norm to the other, then routed by that layer's own
         router (with the experts every token of that layer uses)."""
+        scale = self.lookahead_scale(from_layer, to_layer, x)
+        h = x * scale if x.dtype == torch.float32 else (x.float() * scale).to(x.dtype)
+        return self.moe[to_layer].route(h)
+
+    def lookahead_scale(self, from_layer: int, to_layer: int, x: torch.Tensor) -> torch.Tensor:
+        """The factors [D] that bring x from one FFN norm to the other (float32, on x's device)."""
         key = (from_layer, to_layer, x.dtype, x.device)
         scale = self._norm_ratios.get(key)
         if scale is None:  # a decode step asks for the same pairs at every token
             here = self.blocks[from_layer].ffn_norm.weight.float()
             there = self.blocks[to_layer].ffn_norm.weight.float()
             scale = self._norm_ratios[key] = (there / torch.where(here == 0, 1.0, here)).to(x.device)
-        h = x * scale if x.dtype == torch.float32 else (x.float() * scale).to(x.dtype)
-        return self.moe[to_layer].route(h)
+        return scale
+
+    def lookahead_many(self, from_layer: int, to_layers: list[int], x: torch.Tensor) -> Routing:
+        """For one token x [1, D]: lookahead(from_layer, j, x) for each j of to_layers, as the rows of one Routing
+        (idx and weights [n, K], probs [n, E]). In one kernel call where those layers route with plain softmax top-k
+        routers and x is float32 in host memory (a decode step's read-ahead): the same routings."""
+        ahead = None
+        if x.dtype == torch.float32 and in_host_memory(x):
+            ahead = self._ahead_of(from_layer, to_layers, x)
+        out = None if ahead is None else native.route_ahead(x.numpy()[0], *ahead)
+        if out is not None:
+            return Routing(*(torch.from_numpy(a) for a in out))
+        routers = [self.moe[j].router for j in to_layers]
+        many = getattr(routers[0], "ahead", None)  # routers whose choice does not depend on x (a routing trace's)
+        if many is not None and all(self.moe[j].always == 0 and type(self.moe[j]).extend is MoE.extend
+                                    for j in to_layers):
+            rows = many(routers, x)
+            if rows is not None:
+                return rows
+        rows = [self.lookahead(from_layer, j, x) for j in to_layers]
+        return Routing(*(torch.cat([getattr(r, name) for r in rows]) for name in ("idx", "weights", "probs")))
+
+    def _ahead_of(self, from_layer: int, to_layers: list[int], x: torch.Tensor) -> tuple | None:
+        """route_ahead's arguments but x for these layers, or None where their routers are not all plain softmax
+        top-k ones (float32, in host memory) of one kind, or a layer adds experts every token uses."""
+        routers = [self.moe[j].router for j in to_layers]
+        key = (from_layer, tuple(to_layers))
+        held = self._ahead.get(key)
+        if held is not None and all(a is b for a, b in zip(held[0], routers)):
+            return held[1]
+        first = routers[0]
+        args = None
+        if all(type(r) is SoftmaxTopK and type(self.moe[j]).extend is MoE.extend and self.moe[j].always == 0
+               and (r.cap, r.top_k, r.renormalize) == (first.cap, first.top_k, first.renormalize)
+               and r.w["router"].dtype == torch.float32 and in_host_memory(r.w["router"])
+               and r.w["router"].is_contiguous() for j, r in zip(to_layers, routers)) and native.fusable():
+            scales = torch.stack([self.lookahead_scale(from_layer, j, x) for j in to_layers])
+            args = (native.typed_list([r.w["router"].numpy() for r in routers]), scales.numpy(), first.cap,
+                    first.top_k, first.renormalize)
+        self._ahead[key] = (routers, args)
+        return args

@@ -58,6 +58,10 @@ class Lookahead(Protocol):
     def lookahead(self, from_layer: int, to_layer: int, x: torch.Tensor) -> Routing:
         """The routing `to_layer` would give x, the FFN input of `from_layer` (see Decoder.lookahead)."""
 
+    def lookahead_many(self, from_layer: int, to_layers: list[int], x: torch.Tensor) -> Routing:
+        """For one token x: lookahead for each of `to_layers`, as the rows of one Routing (see
+        Decoder.lookahead_many)."""
+
 
 class ExpertsContainer(Protocol):
     """Everything the decoder, the engine and the API call on an experts container."""

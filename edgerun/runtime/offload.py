@@ -595,16 +595,17 @@ class OffloadedExperts(RoutedExperts):
 
         The policy reads a layer's hint only while the layer before it runs (ForecastPolicy.expected_next_use),
         so a hint for layer pos + 3 or later would be replaced, by a forecast from nearer, before it is read."""
-        out = {}
-        for j in range(pos + 1, min(len(self.layers), pos + 1 + self.depth)):
-            routing = self.decoder.lookahead(self.layers[pos], self.layers[j], x)
-            if routing.probs.shape[0] == 1:
-                top = routing.idx[0].tolist()
-                probs = routing.probs[0].tolist() if j <= pos + HINTED_LAYERS else None
-                out[j] = (top, probs, dict(zip(top, routing.weights[0].tolist())))
-            else:
-                out[j] = (routing.idx.unique().tolist(), None, {})
-        return out
+        ahead = range(pos + 1, min(len(self.layers), pos + 1 + self.depth))
+        if not ahead:
+            return {}
+        if x.shape[0] != 1:
+            return {j: (self.decoder.lookahead(self.layers[pos], self.layers[j], x).idx.unique().tolist(), None, {})
+                    for j in ahead}
+        rows = self.decoder.lookahead_many(self.layers[pos], [self.layers[j] for j in ahead], x)
+        tops, weights = rows.idx.tolist(), rows.weights.tolist()
+        probs = rows.probs[:HINTED_LAYERS].tolist()
+        return {j: (top, probs[i] if i < HINTED_LAYERS else None, dict(zip(top, w)))
+                for i, (j, top, w) in enumerate(zip(ahead, tops, weights))}
 
     def _prefetch(self, pos: int, needed: set) -> None:
         """Read the experts the next layers' routers pick for this layer's input."""

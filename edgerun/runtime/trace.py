@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
+import numpy as np
 import torch
 
 from ..errors import TraceError
@@ -274,6 +275,7 @@ class TracedRouting:
         self.weights = torch.tensor([[layers[layer][1] for layer in range(L)] for layers in rows])  # [N, L, K]
         self.num_experts = trace.num_experts
         self.probs: torch.Tensor | None = None  # [N, L, E] once installed, E the model's experts
+        self.arrays: tuple = ()  # idx, weights and probs as NumPy arrays, once installed
         self.cursor = [0] * L  # per MoE layer, the trace token its next call starts at
 
     def install(self, decoder) -> None:
@@ -287,6 +289,7 @@ class TracedRouting:
                              f"{spec.num_experts}")
         # each chosen expert's weight, 0 for the others: what forecasts read as the routers' probabilities
         self.probs = torch.zeros(N, L, spec.num_experts).scatter_(2, self.idx, self.weights)
+        self.arrays = self.idx.numpy(), self.weights.numpy(), self.probs.numpy()  # for _TracedRouter.ahead
         pos = {layer: i for i, layer in enumerate(decoder.moe_layers)}
         for layer, part in decoder.moe.items():
             part.router = _TracedRouter(self, pos[layer])
@@ -300,14 +303,27 @@ class _TracedRouter:
     def __init__(self, routing: TracedRouting, pos: int):
         self.routing, self.pos = routing, pos
 
+    def ahead(self, routers: list, x: torch.Tensor):
+        """For a decode step (x [1, D]): what each of `routers` (this trace's) will give, as the rows of one Routing
+        (Decoder.lookahead_many); None otherwise."""
+        from ..models.routers import Routing
+
+        r = self.routing
+        if x.shape[0] != 1 or x.device.type != "cpu" or any(getattr(o, "routing", None) is not r for o in routers):
+            return None
+        layers = [o.pos for o in routers]
+        at = np.array([r.cursor[p] % r.idx.shape[0] for p in layers]), np.array(layers)
+        idx, weights, probs = (torch.from_numpy(a[at]) for a in r.arrays)
+        return Routing(idx, weights.to(x.dtype), probs)
+
     def __call__(self, x: torch.Tensor):
         from ..models.routers import Routing
 
         r = self.routing
         if x.shape[0] == 1 and x.device.type == "cpu":  # a decode step: the trace's row, copied
-            row, p = r.cursor[self.pos] % r.idx.shape[0], self.pos
-            return Routing(r.idx[row, p][None].clone(), r.weights[row, p][None].to(x.dtype, copy=True),
-                           r.probs[row, p][None].clone())
+            at = r.cursor[self.pos] % r.idx.shape[0], slice(self.pos, self.pos + 1)
+            idx, weights, probs = (torch.from_numpy(a[at].copy()) for a in r.arrays)  # NumPy's indexing is quicker
+            return Routing(idx, weights.to(x.dtype), probs)
         rows = (r.cursor[self.pos] + torch.arange(x.shape[0])) % r.idx.shape[0]
         idx, weights = r.idx[rows, self.pos], r.weights[rows, self.pos]
         return Routing(idx.to(x.device), weights.to(x.device, x.dtype), r.probs[rows, self.pos].to(x.device))
