@@ -1385,7 +1385,9 @@ def decode_layers(h, norms, eps, qkv_qs, qkv_scales, o_qs, o_scales, dense_int8,
     sinks[l] empty for none; x [1, D] is scratch for the FFN input. Returns -1 when done, or the layer whose chosen
     experts are not all mapped (its routing stored): call again with first = that layer and resume_moe once they
     are, which routes it again (the same). With stop_moe, every layer returns once its FFN input is in x, before
-    routing: the caller adds the layer's FFN output to h and calls again with first = the next layer."""
+    routing: the caller either adds the layer's FFN output to h and calls again with first = the next layer, or
+    chooses the experts itself (idx[layer]: their places in the expert lists, -1 for none; weights[layer]) and calls
+    again with first = that layer and resume_moe, which computes them and goes on."""
     n_layers = len(o_qs)
     per_layer = len(qkv_qs) // n_layers  # q, k and v stacked in one matrix, or one each
     dim = h.shape[1]
@@ -1423,14 +1425,19 @@ def decode_layers(h, norms, eps, qkv_qs, qkv_scales, o_qs, o_scales, dense_int8,
                 h[0, i] += y[0, i]
         rms_norm(h[0], norms[2 * layer + 1], eps, x[0])
         if stop_moe:
-            return layer
-        route_one(x[0], routers[layer], router_cap, top_k, renormalize, logits, idx[layer], weights[layer])
-        base = layer * n_experts
-        for j in range(top_k):
-            if gu_qs[base + idx[layer, j]].shape[0] == 0:
+            if not (layer == first and resume_moe):
                 return layer
+            base = 0  # the caller's choice: idx[layer] holds places in the lists, -1 for none
+        else:
+            route_one(x[0], routers[layer], router_cap, top_k, renormalize, logits, idx[layer], weights[layer])
+            base = layer * n_experts
+            for j in range(top_k):
+                if gu_qs[base + idx[layer, j]].shape[0] == 0:
+                    return layer
         y[0, :] = 0
         for j in range(top_k):
+            if idx[layer, j] < 0:
+                continue
             e = base + idx[layer, j]
             _expert_one(x, gu_qs[e], gu_scales[e], d_qs[e], d_scales[e], no_bias, activation, lut, ye, n_threads,
                         expert_int8)

@@ -28,9 +28,11 @@ def counting(monkeypatch) -> list:
     kernel = native.decode_layers
 
     def count(*args):
-        # (the first layer of the call, whether it resumes that layer's experts, whether it stops at every FFN)
-        calls.append((args[-6], args[-5], args[-2]))
-        return kernel(*args)
+        # (the first layer of the call, whether it resumes that layer's experts, whether it stops at every FFN, the
+        # layer it returned at or -1)
+        out = kernel(*args)
+        calls.append((args[-6], args[-5], args[-2], out))
+        return out
     monkeypatch.setattr(native, "decode_layers", count)
     return calls
 
@@ -49,9 +51,9 @@ def test_a_decoded_token_is_one_call_with_the_parts_logits_bit_for_bit(mixtral_s
     calls = counting(monkeypatch)
     fused = model.logits(PROMPT, decode=True)
     # one call a one-token step (the first token's too), and one more from the layer of an expert mapped on first use
-    resumed = [first for first, resume, _ in calls if resume]
+    resumed = [first for first, resume, *_ in calls if resume]
     assert len(calls) - len(resumed) == len(PROMPT) and 0 < len(resumed) <= step._mapped.sum()
-    assert step.routes and not any(stop for *_, stop in calls)
+    assert step.routes and not any(stop for _, _, stop, _ in calls)
     decoder.token_layers = None
     parts = model.logits(PROMPT, decode=True)
     assert np.array_equal(fused, parts)
@@ -108,12 +110,28 @@ def test_experts_streamed_through_a_cache_are_computed_between_stepped_calls(mix
 
     path = convert(mixtral_src[None], tmp_path / "s", quant="q4", progress=False)
     model = edgerun.load(path, context_length=64, ram=budget_for(path, 4, monkeypatch))
-    assert model.stats()["offload"] and not model._engine.decoder.token_layers.routes
+    step = model._engine.decoder.token_layers
+    assert model.stats()["offload"] and not step.routes and step.in_slots
     calls, stats = stepped_against_parts(model, monkeypatch)
     layers = len(model._engine.decoder.blocks)
-    # each one-token step (the prompt's tokens one by one, then the last prompt token and 5 decode steps): one call
-    # a layer, stopping at its FFN, and the cache saw every decoded token's experts (misses read, hits counted)
-    assert calls == [(layer, False, True) for layer in range(layers)] * (len(PROMPT) + 6)
+    # each one-token step (the prompt's tokens one by one, then the last prompt token and 5 decode steps) stops at
+    # every layer's FFN; there the layer's experts are computed by the kernel, resuming that layer, where they are
+    # all whole in slots, else by the container (reads under way), and the next call starts at the next layer
+    tokens, kernel_computed, container_computed, stopped = 0, 0, 0, None
+    for first, resume, stop, out in calls:
+        assert stop
+        if resume:
+            assert first == stopped
+            kernel_computed += 1
+        elif first == 0:
+            assert stopped in (None, -1, layers - 1)
+            tokens += 1
+        else:
+            assert first == stopped + 1
+            container_computed += 1
+        assert out == (first + resume if first + resume < layers else -1)
+        stopped = out
+    assert tokens == len(PROMPT) + 6 and kernel_computed and container_computed
     assert stats["generated_tokens"] == 6 and stats["hit_rate"] + stats["prefetch_hit_rate"] < 1 < stats["bytes_read"]
 
 
@@ -134,7 +152,7 @@ def test_the_parts_path_stays_where_the_step_does_not_apply(mixtral_src, hf_dirs
     for part in model._engine.decoder.moe.values():
         part.router = FixedRouter(part.router)
     calls, _ = stepped_against_parts(model, monkeypatch)
-    assert calls and all(stop and not resume for _, resume, stop in calls)
+    assert calls and all(stop and not resume for _, resume, stop, _ in calls)
     assert seen and all(idx == [[0, 1]] * len(idx) for idx in seen)
 
 

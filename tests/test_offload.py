@@ -287,9 +287,18 @@ def test_a_token_whose_experts_are_all_in_memory_takes_one_kernel_call(stores, m
         return ffn(x, *a, **k)
     monkeypatch.setattr(native, "routed_experts", count_routed)
     monkeypatch.setattr(native, "expert_ffn", count_ffn)
+    resumed = []
+    layers = native.decode_layers
+    monkeypatch.setattr(native, "decode_layers", lambda *a: resumed.append(a[-5]) or layers(*a))
+    # through the decode step's calls (runtime/fused.py), the layers kernel computes them from their slots
+    assert model._engine.decoder.token_layers.in_slots
     assert model.generate_ids(PROMPT, 6, temperature=0, ignore_eos=True) == want
     steps = experts.decode_tokens  # of this generation (the prompt's last token, reused, is one more step)
-    assert calls["one"] == 0 and calls["routed"] >= 4 * steps > 0 and calls["routed"] % 4 == 0  # one call a layer
+    assert calls == {"routed": 0, "one": 0} and sum(resumed) >= 4 * steps > 0 and sum(resumed) % 4 == 0
+    # through the parts: one call of the container's a layer
+    model._engine.decoder.token_layers = None
+    assert model.generate_ids(PROMPT, 6, temperature=0, ignore_eos=True) == want
+    assert calls["one"] == 0 and calls["routed"] >= 4 * steps > 0 and calls["routed"] % 4 == 0
     # the same sum as expert by expert
     x, idx, w = torch.randn(1, 64), torch.tensor([[5, 2]]), torch.tensor([[0.7, 0.3]])
     assert torch.allclose(experts(0, x, idx, w), RoutedExperts.__call__(experts, 0, x, idx, w), atol=1e-5)

@@ -107,11 +107,16 @@ class MoE(Part):
         """What the container is handed for x (read-ahead forecasts with this)."""
         return self.extend(self.router(x))
 
-    def routed_experts(self, x: torch.Tensor) -> torch.Tensor:
+    def routing(self, x: torch.Tensor) -> Routing:
+        """The router's choice for x, told to the observers, with the experts every token uses added: what the
+        container computes."""
         r = self.router(x)
         for observe in self.observers:  # the router's own choices
             observe(self.layer, r.idx, r.weights)
-        r = self.extend(r)
+        return self.extend(r)
+
+    def routed_experts(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.routing(x)
         return self.experts(self.layer, x, r.idx, r.weights)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ from ..models.attention import Attention
 from ..models.ffn import MoE
 from ..models.routers import SoftmaxTopK
 from ..store.quant import padded_in_features
+from .offload import OffloadedExperts
 from .quantized import QuantizedExperts, QuantizedMatrix
 
 
@@ -89,8 +90,19 @@ class TokenLayers:
                 return False
         return True
 
+    @staticmethod
+    def _kernel_experts(decoder, experts) -> bool:
+        """Whether the kernel can compute the experts of a cache's slots (OffloadedExperts.in_slots), as the
+        container's own kernel call would."""
+        if not isinstance(experts, OffloadedExperts) or experts.pool is None or decoder.expert_biases:
+            return False
+        layout = experts.store.expert_layout
+        return layout.fmt in ("q4", "q8") and not layout.biases and padded_in_features(
+            layout.hidden, layout.group) == layout.hidden
+
     def __init__(self, decoder, experts, dense_dtype, routes: bool):
-        qs_dtype = np.int8 if routes and experts.store.expert_layout.fmt == "q8" else np.uint8
+        in_slots = not routes and self._kernel_experts(decoder, experts)
+        qs_dtype = np.int8 if (routes or in_slots) and experts.store.expert_layout.fmt == "q8" else np.uint8
         native.warmup_layers(dense_dtype, qs_dtype)  # first: it compiles (or loads) the typed lists' code too
         typed = native.typed_list
         self.decoder, self.experts, self.routes = decoder, experts, routes
@@ -111,13 +123,24 @@ class TokenLayers:
         self.x = np.empty((1, decoder.spec.hidden_size), np.float32)  # the FFN input of the layer a call stopped at
         self._caches: dict[int, tuple] = {}  # id(DecoderCache) -> (the cache, its typed lists)
         empty_qs, empty_scales = np.empty((0, 0), qs_dtype), np.empty((0, 0), np.uint16)
-        if not routes:  # the kernel computes no FFN: lists of the types it is compiled for, never read
+        self.in_slots = in_slots  # the kernel computes the experts of the cache's slots
+        if not routes:  # the kernel routes no token: lists of the types it is compiled for, never read
             self.routers = typed([np.zeros((1, decoder.spec.hidden_size), np.float32)])
-            self.router_cap, self.top_k, self.renormalize, self.expert_int8, self.activation = np.float32(0), 1, \
-                False, False, 0
+            self.router_cap, self.renormalize, self.expert_int8, self.activation = np.float32(0), False, False, 0
+            self.top_k = decoder.experts_per_token if in_slots else 1
             self.gu_qs = self.d_qs = typed([empty_qs])
             self.gu_scales = self.d_scales = typed([empty_scales])
-            self.idx, self.weights = np.zeros((1, 1), np.int64), np.zeros((1, 1), np.float32)
+            if in_slots:  # one entry per slot of the pool, whose views never change
+                layout, pool = experts.store.expert_layout, experts.pool
+                views = [pool.views(slot) for slot in range(pool.count)]
+                self.gu_qs, self.gu_scales = typed([g[0] for g, _ in views]), typed([g[1].view(np.uint16)
+                                                                                      for g, _ in views])
+                self.d_qs, self.d_scales = typed([d[0] for _, d in views]), typed([d[1].view(np.uint16)
+                                                                                    for _, d in views])
+                self.expert_int8 = native.INT_DOT and layout.fmt == "q4" and layout.group == 32
+                self.activation = experts.activation
+            self.idx = np.zeros((len(blocks), self.top_k), np.int64)
+            self.weights = np.zeros((len(blocks), self.top_k), np.float32)
             return
         self.store = experts.store
         f = first.ffn
@@ -189,7 +212,22 @@ class TokenLayers:
                 self._map(first)
                 resume = True
                 continue
-            x += blocks[first].ffn(torch.from_numpy(self.x.copy())).numpy()  # as Block adds it
+            resume = False  # a resumed call computed its layer's experts and stopped at the next layer
+            ffn = blocks[first].ffn
+            xt = torch.from_numpy(self.x.copy())
+            if self.in_slots and type(ffn) is MoE and ffn.experts is self.experts:
+                r = ffn.routing(xt)
+                got = self.experts.in_slots(ffn.layer, xt, r.idx, r.weights)
+                if isinstance(got, tuple):  # the kernel computes them, as the container's own call would
+                    slots, w = got
+                    self.idx[first] = -1
+                    self.idx[first, :len(slots)] = slots
+                    self.weights[first, :len(slots)] = w.numpy()
+                    resume = True
+                    continue
+                x += got.numpy()
+            else:
+                x += ffn(xt).numpy()  # as Block adds it
             first += 1
         observers = self.decoder.observers
         if whole and observers:  # the stepped calls' FFN parts told them

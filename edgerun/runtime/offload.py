@@ -53,6 +53,7 @@ class SlotPool:
     Anonymous memory: a slot costs RAM only once something was read into it."""
 
     def __init__(self, count: int, store: ExpertStore):
+        self.count = count
         self.size = store.chunk_bytes
         self._mem = mmap.mmap(-1, max(1, count) * self.size)
         self.data = np.frombuffer(self._mem, dtype=np.uint8)
@@ -277,6 +278,16 @@ class OffloadedExperts(RoutedExperts):
 
     # -- the layer call -------------------------------------------------------------------------------------
     def __call__(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self._routed(layer, x, idx, weights)
+
+    def in_slots(self, layer: int, x: torch.Tensor, idx: torch.Tensor,
+                 weights: torch.Tensor) -> tuple[list[int], torch.Tensor] | torch.Tensor:
+        """What the call computes for one token x [1, D], up to the experts: where each of them is whole in a cache
+        slot once the schedule is done, their slots and weights [K'] (after light misses) for the caller to compute
+        (the decode step's kernel: runtime/fused.py); otherwise the output, as the call gives it."""
+        return self._routed(layer, x, idx, weights, in_slots=True)
+
+    def _routed(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, in_slots: bool = False):
         self._x = x
         pos = self.pos[layer]
         chosen = idx[0].tolist() if self._decode else None
@@ -286,24 +297,26 @@ class OffloadedExperts(RoutedExperts):
         if not idx.shape[1]:
             out = torch.zeros_like(x)
         elif x.shape[0] == 1:
-            out = self._one_token(layer, x, idx, weights)
+            out = self._one_token(layer, x, idx, weights, in_slots)
         else:
             out = super().__call__(layer, x, idx, weights)
         if self._decode:
             self.cache.policy.observe(pos, chosen)
         return out
 
-    def _one_token(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """A token's experts: in one kernel call when the schedule finds every one of them in memory, else one by
-        one as their reads arrive (RoutedExperts.one_by_one)."""
+    def _one_token(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, in_slots: bool):
+        """A token's experts: in one kernel call when the schedule finds every one of them in memory (or, in_slots,
+        their slots and weights), else one by one as their reads arrive (RoutedExperts.one_by_one)."""
         chosen = idx[0].tolist()
         order = self.schedule(layer, chosen)
         pos = self.pos[layer]
         if any(e in self._scratch or not self._complete((pos, e)) for e in order):
             return self.one_by_one(layer, x, chosen, order, weights)
+        slots = [self._acquire(layer, e)[0] for e in chosen]
+        if in_slots:
+            return slots, weights[0]
         experts = []
-        for e in chosen:
-            slot, _ = self._acquire(layer, e)
+        for slot in slots:
             (gu_qs, gu_scales), (d_qs, d_scales) = self.pool.views(slot)
             experts.append((gu_qs, gu_scales, d_qs, d_scales, *(self.pool.biases(slot) or (None, None))))
         return self.in_one_call(x, experts, weights)
