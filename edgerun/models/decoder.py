@@ -88,9 +88,8 @@ class Decoder(Part):
         self._norm_ratios: dict = {}  # lookahead's factors between two layers' FFN norms, by layers, dtype, device
         self._ahead: dict = {}  # lookahead_many's routers and factors, by layers
         self.dtype = torch.float32  # of activations and the cache: the embedding's, once bound
-        # a decoded token's layers in one call (runtime/fused.py), set by the engine where its parts allow it; it
-        # returns None where they no longer do
-        self.token_layers: Callable[[torch.Tensor, Positions, DecoderCache], torch.Tensor | None] | None = None
+        # a decoded token's layers in the layers kernel (runtime/fused.py), set by the engine where its parts allow it
+        self.token_layers: Callable[[torch.Tensor, Positions, DecoderCache], torch.Tensor] | None = None
 
     @property
     def moe_layers(self) -> list[int]:
@@ -172,9 +171,8 @@ class Decoder(Part):
         if spec.embedding_multiplier != 1.0:
             h = h * spec.embedding_multiplier
         pos = Positions(cache.length, tokens.shape[0], self.dtype, self._ropes, tokens.device)
-        fused = self.token_layers(h, pos, cache) if tokens.shape[0] == 1 and self.token_layers is not None else None
-        if fused is not None:
-            h = fused
+        if tokens.shape[0] == 1 and self.token_layers is not None:
+            h = self.token_layers(h, pos, cache)
         else:
             for block, layer_cache in zip(self.blocks, cache.layers):
                 h = block(h, pos, layer_cache)

@@ -13,7 +13,10 @@ Two ways through the layers:
   return at its layer: it is mapped (and checked, as the parts' path does on first use) and the call goes on.
 - stepped, otherwise (experts streamed through a cache, routers replaced by a routing trace, other FFN parts): the
   kernel returns at every layer with the FFN's input, the layer's own FFN part computes its output as on the parts'
-  path (routing, cache, read-ahead), and it is added before the next call goes on from the next layer.
+  path (routing, cache, read-ahead), and it is added before the next call goes on from the next layer. For experts
+  streamed through a cache (OffloadedExperts) the container does all but the computing where the layer's experts are
+  all whole in slots once their reads are scheduled: it gives their slots, and the next call computes them from
+  there, as the container's own kernel call would, before it goes on.
 """
 
 from __future__ import annotations
