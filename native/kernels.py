@@ -1381,8 +1381,8 @@ def decode_layers(h, norms, eps, qkv_qs, qkv_scales, o_qs, o_scales, dense_int8,
     """Layers first.. of one decoded token, h [1, D] updated in place: h += o(attention(norm_a(h))), then
     h += sum_k w_k expert_k(norm_f(h)) with the router's choice, stored in idx and weights [L, K]. norms [2L, D] are
     each layer's attention and FFN norm weights; qkv_qs[l] holds q, k and v rows stacked, or qkv_qs[3l..3l+2] each
-    of them (3L matrices); windows[l] 0 for none;
-    sinks[l] empty for none; x [1, D] is scratch for the FFN input. Returns -1 when done, or the layer whose chosen
+    of them (3L matrices); windows[l] 0 for none; sinks[l] empty for none; x [1, D] is scratch for the FFN input.
+    Returns -1 when done, or the layer whose chosen
     experts are not all mapped (its routing stored): call again with first = that layer and resume_moe once they
     are, which routes it again (the same). With stop_moe, every layer returns once its FFN input is in x, before
     routing: the caller either adds the layer's FFN output to h and calls again with first = the next layer, or

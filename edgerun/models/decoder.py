@@ -207,36 +207,40 @@ class Decoder(Part):
         """For one token x [1, D]: lookahead(from_layer, j, x) for each j of to_layers, as the rows of one Routing
         (idx and weights [n, K], probs [n, E]). In one kernel call where those layers route with plain softmax top-k
         routers and x is float32 in host memory (a decode step's read-ahead): the same routings."""
+        routers = [self.moe[j].router for j in to_layers]
         ahead = None
         if x.dtype == torch.float32 and in_host_memory(x):
-            ahead = self._ahead_of(from_layer, to_layers, x)
+            ahead = self._ahead_of(from_layer, to_layers, routers, x)
         out = None if ahead is None else native.route_ahead(x.numpy()[0], *ahead)
         if out is not None:
             return Routing(*(torch.from_numpy(a) for a in out))
-        routers = [self.moe[j].router for j in to_layers]
         many = getattr(routers[0], "ahead", None)  # routers whose choice does not depend on x (a routing trace's)
-        if many is not None and all(self.moe[j].always == 0 and type(self.moe[j]).extend is MoE.extend
-                                    for j in to_layers):
+        if many is not None and self._routed_alone(to_layers):
             rows = many(routers, x)
             if rows is not None:
                 return rows
         rows = [self.lookahead(from_layer, j, x) for j in to_layers]
         return Routing(*(torch.cat([getattr(r, name) for r in rows]) for name in ("idx", "weights", "probs")))
 
-    def _ahead_of(self, from_layer: int, to_layers: list[int], x: torch.Tensor) -> tuple | None:
-        """route_ahead's arguments but x for these layers, or None where their routers are not all plain softmax
-        top-k ones (float32, in host memory) of one kind, or a layer adds experts every token uses."""
-        routers = [self.moe[j].router for j in to_layers]
+    def _routed_alone(self, layers: list[int]) -> bool:
+        """Whether these MoE layers hand the container their router's choice as it is (no experts every token
+        uses added)."""
+        return all(self.moe[j].always == 0 and type(self.moe[j]).extend is MoE.extend for j in layers)
+
+    def _ahead_of(self, from_layer: int, to_layers: list[int], routers: list, x: torch.Tensor) -> tuple | None:
+        """route_ahead's arguments but x for these layers and their routers, or None where the routers are not all
+        plain softmax top-k ones (float32, in host memory) of one kind, or a layer adds experts every token uses."""
         key = (from_layer, tuple(to_layers))
         held = self._ahead.get(key)
         if held is not None and all(a is b for a, b in zip(held[0], routers)):
             return held[1]
         first = routers[0]
+        kind = (first.cap, first.top_k, first.renormalize) if type(first) is SoftmaxTopK else None
         args = None
-        if all(type(r) is SoftmaxTopK and type(self.moe[j]).extend is MoE.extend and self.moe[j].always == 0
-               and (r.cap, r.top_k, r.renormalize) == (first.cap, first.top_k, first.renormalize)
-               and r.w["router"].dtype == torch.float32 and in_host_memory(r.w["router"])
-               and r.w["router"].is_contiguous() for j, r in zip(to_layers, routers)) and native.fusable():
+        if self._routed_alone(to_layers) and native.fusable() and all(
+                type(r) is SoftmaxTopK and (r.cap, r.top_k, r.renormalize) == kind
+                and r.w["router"].dtype == torch.float32 and in_host_memory(r.w["router"])
+                and r.w["router"].is_contiguous() for r in routers):
             scales = torch.stack([self.lookahead_scale(from_layer, j, x) for j in to_layers])
             args = (native.typed_list([r.w["router"].numpy() for r in routers]), scales.numpy(), first.cap,
                     first.top_k, first.renormalize)

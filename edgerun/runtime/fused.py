@@ -70,16 +70,21 @@ class TokenLayers:
         return [a.qkv[0], a.w["o"]] if a.qkv is not None else [a.w["q"], a.w["k"], a.w["v"], a.w["o"]]
 
     @staticmethod
-    def _routes(decoder, experts) -> bool:
+    def _kernel_layout(decoder, experts) -> bool:
+        """Whether the kernel's expert computation is the container's own for these experts: q8/q4 without biases,
+        taking x unpadded."""
+        layout = experts.store.expert_layout
+        return not decoder.expert_biases and layout.fmt in ("q4", "q8") and not layout.biases and \
+            padded_in_features(layout.hidden, layout.group) == layout.hidden
+
+    @classmethod
+    def _routes(cls, decoder, experts) -> bool:
         """Whether the kernel can route and compute the experts too (the whole way; see the module's note)."""
-        if type(experts) is not QuantizedExperts or decoder.expert_biases:
+        if type(experts) is not QuantizedExperts or not cls._kernel_layout(decoder, experts):
             return False
-        store = experts.store
-        layout, blocks = store.expert_layout, decoder.blocks
-        if layout.fmt not in ("q4", "q8") or layout.biases or padded_in_features(layout.hidden, layout.group) != \
-                layout.hidden:  # the experts would take x padded
-            return False
-        if list(decoder.moe_layers) != list(range(len(blocks))) or list(store.moe_layers) != decoder.moe_layers:
+        blocks = decoder.blocks
+        if list(decoder.moe_layers) != list(range(len(blocks))) or list(experts.store.moe_layers) != \
+                decoder.moe_layers:
             return False
         f0 = blocks[0].ffn
         for b in blocks:
@@ -93,22 +98,16 @@ class TokenLayers:
                 return False
         return True
 
-    @staticmethod
-    def _kernel_experts(decoder, experts) -> bool:
-        """Whether the kernel can compute the experts of a cache's slots (OffloadedExperts.in_slots), as the
-        container's own kernel call would."""
-        if not isinstance(experts, OffloadedExperts) or experts.pool is None or decoder.expert_biases:
-            return False
-        layout = experts.store.expert_layout
-        return layout.fmt in ("q4", "q8") and not layout.biases and padded_in_features(
-            layout.hidden, layout.group) == layout.hidden
-
     def __init__(self, decoder, experts, dense_dtype, routes: bool):
-        in_slots = not routes and self._kernel_experts(decoder, experts)
-        qs_dtype = np.int8 if (routes or in_slots) and experts.store.expert_layout.fmt == "q8" else np.uint8
+        # with streamed experts, the kernel computes the experts of the cache's slots (OffloadedExperts.in_slots)
+        in_slots = not routes and isinstance(experts, OffloadedExperts) and experts.pool is not None and \
+            self._kernel_layout(decoder, experts)
+        computes = routes or in_slots  # the kernel computes experts
+        layout = experts.store.expert_layout if computes else None
+        qs_dtype = np.int8 if computes and layout.fmt == "q8" else np.uint8
         native.warmup_layers(dense_dtype, qs_dtype)  # first: it compiles (or loads) the typed lists' code too
         typed = native.typed_list
-        self.decoder, self.experts, self.routes = decoder, experts, routes
+        self.decoder, self.experts, self.routes, self.in_slots = decoder, experts, routes, in_slots
         blocks = decoder.blocks
         first = blocks[0]
         a = first.attention
@@ -125,41 +124,34 @@ class TokenLayers:
         self.sinks = typed([b.attention.w["sinks"].float().numpy() if a.sinks else no_sinks for b in blocks])
         self.x = np.empty((1, decoder.spec.hidden_size), np.float32)  # the FFN input of the layer a call stopped at
         self._caches: dict[int, tuple] = {}  # id(DecoderCache) -> (the cache, its typed lists)
+        # what the kernel does not use is given as the types it is compiled for, and never read
+        self.routers = typed([np.zeros((1, decoder.spec.hidden_size), np.float32)])
+        self.router_cap, self.renormalize, self.top_k, self.expert_int8, self.activation = np.float32(0), False, 1, \
+            False, 0
         empty_qs, empty_scales = np.empty((0, 0), qs_dtype), np.empty((0, 0), np.uint16)
-        self.in_slots = in_slots  # the kernel computes the experts of the cache's slots
-        if not routes:  # the kernel routes no token: lists of the types it is compiled for, never read
-            self.routers = typed([np.zeros((1, decoder.spec.hidden_size), np.float32)])
-            self.router_cap, self.renormalize, self.expert_int8, self.activation = np.float32(0), False, False, 0
-            self.top_k = decoder.experts_per_token if in_slots else 1
-            self.gu_qs = self.d_qs = typed([empty_qs])
-            self.gu_scales = self.d_scales = typed([empty_scales])
-            if in_slots:  # one entry per slot of the pool, whose views never change
-                layout, pool = experts.store.expert_layout, experts.pool
-                views = [pool.views(slot) for slot in range(pool.count)]
-                self.gu_qs, self.gu_scales = typed([g[0] for g, _ in views]), typed([g[1].view(np.uint16)
-                                                                                      for g, _ in views])
-                self.d_qs, self.d_scales = typed([d[0] for _, d in views]), typed([d[1].view(np.uint16)
-                                                                                    for _, d in views])
-                self.expert_int8 = native.INT_DOT and layout.fmt == "q4" and layout.group == 32
-                self.activation = experts.activation
-            self.idx = np.zeros((len(blocks), self.top_k), np.int64)
-            self.weights = np.zeros((len(blocks), self.top_k), np.float32)
-            return
-        self.store = experts.store
-        f = first.ffn
-        self.routers = typed([b.ffn.router.w["router"].numpy() for b in blocks])
-        self._routers = [b.ffn.router for b in blocks]
-        self.router_cap = np.float32(f.router.cap or 0.0)
-        self.top_k, self.renormalize = f.top_k, bool(f.router.renormalize)
-        layout = self.store.expert_layout
-        # native.int_dot's rule, from the layout (q4 scales are float16): as routed_experts chooses for a token
-        self.expert_int8 = native.INT_DOT and layout.fmt == "q4" and layout.group == 32
-        self.activation = experts.activation
-        self.num_experts = decoder.spec.num_experts
-        n = len(blocks) * self.num_experts
-        self.gu_qs, self.gu_scales = typed([empty_qs] * n), typed([empty_scales] * n)
-        self.d_qs, self.d_scales = typed([empty_qs] * n), typed([empty_scales] * n)
-        self._mapped = np.zeros(n, bool)
+        self.gu_qs = self.d_qs = typed([empty_qs])
+        self.gu_scales = self.d_scales = typed([empty_scales])
+        if computes:
+            self.top_k = decoder.experts_per_token
+            # native.int_dot's rule, from the layout (q4 scales are float16): as routed_experts chooses for a token
+            self.expert_int8 = native.INT_DOT and layout.fmt == "q4" and layout.group == 32
+            self.activation = experts.activation
+        if in_slots:  # one entry per slot of the pool, whose views never change
+            views = [experts.pool.views(slot) for slot in range(experts.pool.count)]
+            self.gu_qs, self.gu_scales = typed([g[0] for g, _ in views]), typed([g[1].view(np.uint16)
+                                                                                  for g, _ in views])
+            self.d_qs, self.d_scales = typed([d[0] for _, d in views]), typed([d[1].view(np.uint16) for _, d in views])
+        elif routes:  # one entry per expert of each layer, mapped on first use
+            self.store = experts.store
+            f = first.ffn
+            self.routers = typed([b.ffn.router.w["router"].numpy() for b in blocks])
+            self._routers = [b.ffn.router for b in blocks]
+            self.router_cap, self.renormalize = np.float32(f.router.cap or 0.0), bool(f.router.renormalize)
+            self.num_experts = decoder.spec.num_experts
+            n = len(blocks) * self.num_experts
+            self.gu_qs, self.gu_scales = typed([empty_qs] * n), typed([empty_scales] * n)
+            self.d_qs, self.d_scales = typed([empty_qs] * n), typed([empty_scales] * n)
+            self._mapped = np.zeros(n, bool)
         self.idx = np.zeros((len(blocks), self.top_k), np.int64)
         self.weights = np.zeros((len(blocks), self.top_k), np.float32)
 

@@ -313,7 +313,7 @@ class _TracedRouter:
             return None
         layers = [o.pos for o in routers]
         at = np.array([r.cursor[p] % r.idx.shape[0] for p in layers]), np.array(layers)
-        idx, weights, probs = (torch.from_numpy(a[at]) for a in r.arrays)
+        idx, weights, probs = (torch.from_numpy(a[at]) for a in r.arrays)  # copies; NumPy's indexing is quicker
         return Routing(idx, weights.to(x.dtype), probs)
 
     def __call__(self, x: torch.Tensor):
@@ -321,8 +321,9 @@ class _TracedRouter:
 
         r = self.routing
         if x.shape[0] == 1 and x.device.type == "cpu":  # a decode step: the trace's row, copied
+            # by basic indexing: ahead([self], x) gives the same at twice the cost, once a layer
             at = r.cursor[self.pos] % r.idx.shape[0], slice(self.pos, self.pos + 1)
-            idx, weights, probs = (torch.from_numpy(a[at].copy()) for a in r.arrays)  # NumPy's indexing is quicker
+            idx, weights, probs = (torch.from_numpy(a[at].copy()) for a in r.arrays)
             return Routing(idx, weights.to(x.dtype), probs)
         rows = (r.cursor[self.pos] + torch.arange(x.shape[0])) % r.idx.shape[0]
         idx, weights = r.idx[rows, self.pos], r.weights[rows, self.pos]
