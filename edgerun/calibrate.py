@@ -12,7 +12,10 @@ measured with less certainty than one that changes many a little (on the demo mo
 below 0.75 in its last layer measured +0.67% on 2048 calibration tokens and cost +1.9% on 4096 others, counted
 without it). The pick is then scored as a whole: losses add up to more than their sum when several groups replace
 experts (on the demo model, +1.44% together for a sum of +0.94%), so a pick whose perplexity is over the budget is
-refused, and the next is sought within a smaller sum.
+refused, and the next is sought within a smaller sum. They can also add up to less (on the larger model at a 50%
+budget, +0.22% together for a sum of bounds of +0.98%): a pick within the budget then climbs, one group one rung up
+the ladder at a time, the group that saves the most bytes alone first, keeping each step whose loss together, with
+its standard error, stays within the budget.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ LADDER = (0.2, 0.3, 0.4, 0.5, 0.75, 0.99)  # thresholds tried in each group (0.9
 VERIFY = 5  # picks scored as a whole before giving up on the budget
 MARGIN = 1.0  # standard errors of a measured loss counted against the budget
 SHRINK = 0.7  # after a pick over the budget as a whole, the next keeps its summed losses within this much less
+CLIMB = 8  # steps up the ladder scored as a whole after a pick within the budget
 
 
 @dataclass
@@ -133,6 +137,41 @@ def pick(trials: dict[tuple[int, float], tuple[float, float]], groups: int, max_
     return best
 
 
+def climb(trials: dict[tuple[int, float], tuple[float, float]], chosen: tuple[float, ...], scored: Score,
+          run: Callable[[tuple[float, ...]], Score], exact: Score, max_loss: float, margin: float = MARGIN,
+          steps: int = CLIMB, log: Callable[[str], None] | None = None) -> tuple[tuple[float, ...], Score]:
+    """From a pick of thresholds by group, scored as a whole within the budget, raise one group at a time to its next
+    threshold measured alone within the budget (the one that saves the most bytes alone first), scoring each step
+    as a whole with `run`; a step is kept if its loss with `margin` standard errors stays within max_loss and it
+    reads fewer bytes, else its group stays where it is. At most `steps` are scored. Returns the last kept pick and
+    its score."""
+    say = log or (lambda text: None)
+    groups = len(chosen)
+    ladder = sorted({t for _, t in trials})
+    held: set[int] = set()  # groups whose next step was refused
+    for _ in range(steps):
+        options = []
+        for g in range(groups):
+            up = [t for t in ladder if t > chosen[g] and (g, t) in trials and trials[g, t][0] <= max_loss]
+            if g not in held and up:
+                here = trials[g, chosen[g]][1] if chosen[g] else 0.0
+                options.append((trials[g, up[0]][1] - here, g, up[0]))
+        if not options:
+            break
+        _, g, t = max(options)
+        step = chosen[:g] + (t,) + chosen[g + 1:]
+        s = run(step)
+        bound = loss(s, exact, margin)
+        kept = bound <= max_loss and s.bytes_per_token < scored.bytes_per_token
+        say(f"climb {', '.join(map(str, step))}: {loss(s, exact):+.2%} perplexity (at most {bound:+.2%}), "
+            f"{format_size(s.bytes_per_token)} read per token{'' if kept else ', refused'}")
+        if kept:
+            chosen, scored = step, s
+        else:
+            held.add(g)
+    return chosen, scored
+
+
 def calibrate(model, ids: Sequence[int], *, max_loss: float = 0.01, groups: int = 4,
               ladder: Sequence[float] = LADDER, bos: int | None = None, margin: float = MARGIN,
               log: Callable[[str], None] | None = None) -> Calibration:
@@ -155,6 +194,9 @@ def calibrate(model, ids: Sequence[int], *, max_loss: float = 0.01, groups: int 
     layers = len(base.layers)
     parts = layer_groups(layers, min(groups, layers))
     say = log or (lambda text: None)
+
+    def spread(chosen: tuple[float, ...]) -> list[float]:  # a threshold per group -> per layer
+        return [chosen[g] for g, part in enumerate(parts) for _ in part]
 
     def run(thresholds: list[float]) -> Score:
         experts = base.variant(substitute_below=thresholds)
@@ -186,13 +228,13 @@ def calibrate(model, ids: Sequence[int], *, max_loss: float = 0.01, groups: int 
             chosen = pick(trials, len(parts), max_loss * SHRINK ** attempt, refused)
             if chosen is None or not any(chosen):
                 break
-            thresholds = [chosen[g] for g, part in enumerate(parts) for _ in part]
-            s = run(thresholds)
+            s = run(spread(chosen))
             measured = loss(s, exact)
             say(f"together {', '.join(map(str, chosen))}: {measured:+.2%} perplexity, "
                 f"{format_size(s.bytes_per_token)} read per token")
             if measured <= max_loss:
-                return Calibration(thresholds, parts, exact, s, max_loss, rows)
+                chosen, s = climb(trials, chosen, s, lambda c: run(spread(c)), exact, max_loss, margin, log=say)
+                return Calibration(spread(chosen), parts, exact, s, max_loss, rows)
             refused.append(chosen)
         return Calibration([0.0] * layers, parts, exact, exact, max_loss, rows)
     finally:

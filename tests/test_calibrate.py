@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import edgerun
-from edgerun.calibrate import Score, calibrate, layer_groups, loss, pick, score
+from edgerun.calibrate import Score, calibrate, climb, layer_groups, loss, pick, score
 from edgerun.cli import main
 from edgerun.commands.run import layer_weights, layer_weights_text
 from edgerun.errors import EdgerunError
@@ -110,6 +110,34 @@ def test_a_loss_that_few_tokens_carry_counts_with_its_uncertainty():
     assert loss(few, exact) == pytest.approx(few.perplexity / exact.perplexity - 1) == pytest.approx(math.exp(0.1) - 1)
     assert loss(few, exact, margin=1.0) == pytest.approx(math.exp(0.2) - 1)
     assert loss(many, exact, margin=1.0) == pytest.approx(math.exp(0.1) - 1)
+
+
+def test_a_pick_that_costs_less_together_climbs_while_the_whole_stays_within_the_budget():
+    def scored(worse: float, read: float) -> Score:  # every token `worse` nats worse: no spread, the loss is exact
+        nll = np.full(50, 2.0 + worse)
+        return Score(math.exp(nll.mean()), len(nll), read, 0.0, 0.0, 0.0, nll=nll)
+    exact = scored(0.0, 100.0)
+    # measured alone: group 0 saves more at each rung than group 1, whose 0.75 is over the budget alone
+    trials = {(0, 0.3): (0.002, 10.0), (0, 0.5): (0.004, 30.0), (0, 0.75): (0.008, 50.0),
+              (1, 0.3): (0.001, 5.0), (1, 0.5): (0.003, 8.0), (1, 0.75): (0.02, 20.0)}
+    together = {(0.3, 0.3): (0.002, 85.0), (0.5, 0.3): (0.003, 70.0), (0.75, 0.3): (0.0125, 55.0),
+                (0.5, 0.5): (0.005, 66.0)}  # the loss in nats and the bytes read, scored as a whole
+    asked = []
+
+    def run(chosen):
+        asked.append(chosen)
+        return scored(*together[chosen])
+    chosen, s = climb(trials, (0.3, 0.3), scored(*together[0.3, 0.3]), run, exact, 0.01)
+    # group 0 up to 0.5 (kept), then to 0.75 (over the budget: refused, and group 0 stays), then group 1 up to 0.5;
+    # group 1's 0.75 is never tried: over the budget alone
+    assert asked == [(0.5, 0.3), (0.75, 0.3), (0.5, 0.5)]
+    assert chosen == (0.5, 0.5) and s.bytes_per_token == 66.0
+    assert loss(s, exact) <= 0.01
+    # a step that reads no fewer bytes is not kept, and `steps` bounds what is scored
+    together[0.5, 0.3] = (0.003, 90.0)
+    asked.clear()
+    assert climb(trials, (0.3, 0.3), scored(*together[0.3, 0.3]), run, exact, 0.01, steps=1)[0] == (0.3, 0.3)
+    assert asked == [(0.5, 0.3)]
 
 
 def test_calibrate_keeps_what_it_measures_within_the_budget(store):
