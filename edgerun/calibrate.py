@@ -13,7 +13,7 @@ below 0.75 in its last layer measured +0.67% on 2048 calibration tokens and cost
 without it). The pick is then scored as a whole: losses add up to more than their sum when several groups replace
 experts (on the demo model, +1.44% together for a sum of +0.94%), so a pick whose perplexity is over the budget is
 refused, and the next is sought within a smaller sum. They can also add up to less (on the larger model at a 50%
-budget, +0.22% together for a sum of bounds of +0.98%): a pick within the budget then climbs, one group one rung up
+budget, +0.12% together for a sum of bounds of +0.96%): a pick within the budget then climbs, one group one rung up
 the ladder at a time, the group that saves the most bytes alone first, keeping each step whose loss together, with
 its standard error, stays within the budget.
 """
