@@ -23,7 +23,7 @@ from edgerun.runtime.placement import SAFETY_MIN, BudgetError, choose_prefill_ch
 from edgerun.units import parse_size
 from edgerun.runtime import offload as offload_module
 from edgerun.runtime.offload import OffloadedExperts
-from edgerun.runtime.policy import ExpertCache, ForecastPolicy
+from edgerun.runtime.policy import ForecastPolicy
 from edgerun.runtime.reader import CANCELLED, DONE, ExpertReader
 from edgerun.runtime.trace import read_trace
 from edgerun.store.convert import convert
@@ -230,42 +230,6 @@ def test_the_policy_reads_forecast_hints_from_at_most_two_layers_back(stores, mo
     assert max(given) >= 3  # hints from three layers back were given
     assert read and max(read) <= 2, read
     experts.close()
-
-
-def test_the_read_ahead_admits_what_it_forecasts_when_first_forecast(stores, monkeypatch):
-    """A forecast expert is weighed by when the forecast expects it, not by its history alone: the read-ahead gets
-    its slots as soon as it forecasts them, `depth` layers ahead, where the policy alone would decline most of them
-    until a layer before their use (too late for their reads)."""
-    admit = ExpertCache.admit
-    prefetch = OffloadedExperts._prefetch
-    seen, where = [], {}
-
-    def recording_prefetch(self, pos, needed):
-        where["pos"] = pos
-        try:
-            return prefetch(self, pos, needed)
-        finally:
-            where.pop("pos")
-    monkeypatch.setattr(OffloadedExperts, "_prefetch", recording_prefetch)
-
-    def decode(forecast_due: bool) -> list[tuple[int, bool]]:
-        def recording_admit(self, key, pinned=(), due=None):
-            got = admit(self, key, pinned, due if forecast_due else None)
-            if "pos" in where:
-                seen.append((key[0] - where["pos"], got is not None))
-            return got
-        monkeypatch.setattr(ExpertCache, "admit", recording_admit)
-        seen.clear()
-        model = edgerun.load(stores["mixtral"])
-        experts = offload(model, slots=12, depth=3)
-        model.generate_ids(PROMPT, 24, temperature=0, ignore_eos=True)
-        experts.close()
-        return list(seen)
-    weighed, alone = decode(True), decode(False)
-    declined = [sum(not ok for _, ok in run) / len(run) for run in (weighed, alone)]
-    assert declined[0] < 0.5 * declined[1], declined
-    ahead = [sum(d for d, ok in run if ok) / sum(ok for _, ok in run) for run in (weighed, alone)]
-    assert ahead[0] > ahead[1], ahead  # admitted farther ahead of their use
 
 
 def test_the_first_layers_are_protected_while_the_disk_has_time_to_spare(stores, monkeypatch):

@@ -138,23 +138,6 @@ def test_forecast_bypasses_a_key_needed_later_than_every_resident(uncapped):
     assert cache.resident() == [(2, 0)]
 
 
-def test_a_forecast_due_soon_is_admitted_over_what_the_history_expects(uncapped):
-    policy = fresh_after_layer_1()
-    policy.access((1, 2), False)
-    assert policy.victim([(2, 0), (3, 0)], (1, 2)) is None  # by its history, needed after both residents
-    # the read-ahead forecasts it 1 step ahead: it goes in, in place of the resident needed last
-    assert policy.victim([(2, 0), (3, 0)], (1, 2), due=1.0) == (3, 0)
-    # a forecast no sooner than the policy's own estimate changes nothing
-    assert policy.victim([(2, 0), (3, 0)], (1, 2), due=1e9) is None
-    cache = ExpertCache(1, make_policy("default", 4, 4, 1))
-    assert run(cache, [(2, 0)]) == [None]
-    assert cache.admit((1, 2)) is None and cache.admit((1, 2), due=0.5) == (0, (2, 0))
-    for name in ("lru", "lfu"):  # they always admit: a due changes nothing
-        lru = ExpertCache(1, make_policy(name, 4, 4, 1))
-        run(lru, [(2, 0)])
-        assert lru.admit((1, 2), due=3.0) == (0, (2, 0))
-
-
 def test_forecast_uses_the_router_prediction_for_the_next_layer(uncapped):
     policy = fresh_after_layer_1()
     eta = policy.expected_next_use()

@@ -623,7 +623,6 @@ class OffloadedExperts(RoutedExperts):
     def _prefetch(self, pos: int, needed: set) -> None:
         """Read the experts the next layers' routers pick for this layer's input."""
         pinned = self._pinned(needed)
-        slack = self._forecast_slack()
         for j, (top, probs, weights) in self.forecast(pos, self._x).items():
             if probs is not None:
                 self.cache.policy.predict(j, probs)
@@ -634,7 +633,7 @@ class OffloadedExperts(RoutedExperts):
                     continue
                 if self._decode and weights.get(e, 1.0) < self._light[j]:
                     continue  # it would be left out or replaced if still missing: reading it ahead spends the bytes
-                admitted = self.cache.admit(key, pinned=pinned, due=j - pos + slack)
+                admitted = self.cache.admit(key, pinned=pinned)
                 if admitted is None:
                     continue
                 slot, evicted = admitted
@@ -646,14 +645,6 @@ class OffloadedExperts(RoutedExperts):
                 pinned.add(key)
                 self.prefetches += 1
                 self._token_prefetches += 1
-
-    def _forecast_slack(self) -> float:
-        """Layer steps a forecast expert is expected to wait beyond the forecast's distance, as the policy counts a
-        wait (L (1 - q) / q): q the share of the read-ahead's reads that were used (with a prior of one of two).
-        Without it the policy would weigh a forecast expert by its history alone and decline most of those a few
-        layers ahead, to admit them only a layer before their use: too late to read them in time."""
-        q = (self.prefetches_used + 1) / (self.prefetches + 2)
-        return len(self.layers) * (1 - q) / q
 
     def close(self) -> None:
         self.reader.close()

@@ -49,10 +49,8 @@ class Policy:
     def predict(self, layer: int, probs: Sequence[float]) -> None:
         """Hint: the probability of each expert of `layer` being used by the current token."""
 
-    def victim(self, resident: Collection[Key], incoming: Key, due: float | None = None) -> Key | None:
-        """The resident key to evict so that `incoming` gets a slot, or None to not cache `incoming`. due: where
-        a forecast (the read-ahead's) says when `incoming` is used, the layer steps until then, to weigh against the
-        policy's own expectation."""
+    def victim(self, resident: Collection[Key], incoming: Key) -> Key | None:
+        """The resident key to evict so that `incoming` gets a slot, or None to not cache `incoming`."""
         raise NotImplementedError
 
     def protect(self, layers: int) -> None:
@@ -74,7 +72,7 @@ class LRUPolicy(Policy):
         self._clock += 1
         self._last[key] = self._clock
 
-    def victim(self, resident: Collection[Key], incoming: Key, due: float | None = None) -> Key | None:
+    def victim(self, resident: Collection[Key], incoming: Key) -> Key | None:
         last = self._last
         return min(resident, key=lambda k: last.get(k, 0), default=None)
 
@@ -94,7 +92,7 @@ class LFUPolicy(Policy):
         count = self._stats.get(key, (0, 0))[0]
         self._stats[key] = (count + 1, self._clock)
 
-    def victim(self, resident: Collection[Key], incoming: Key, due: float | None = None) -> Key | None:
+    def victim(self, resident: Collection[Key], incoming: Key) -> Key | None:
         stats = self._stats
         return min(resident, key=lambda k: stats.get(k, (0, 0)), default=None)
 
@@ -222,7 +220,7 @@ class ForecastPolicy(Policy):
     def protect(self, layers: int) -> None:
         self._protect = max(0, min(self.num_layers, int(layers)))
 
-    def victim(self, resident: Collection[Key], incoming: Key, due: float | None = None) -> Key | None:
+    def victim(self, resident: Collection[Key], incoming: Key) -> Key | None:
         E = self.num_experts
         eta = self.expected_next_use()  # a new array
         if self._protect:
@@ -232,10 +230,7 @@ class ForecastPolicy(Policy):
         if not keys:
             return None
         best = keys[int(eta[np.fromiter((layer * E + expert for layer, expert in keys), np.intp, len(keys))].argmax())]
-        wait = eta[incoming[0] * E + incoming[1]]
-        if due is not None:  # a forecast knows more of the token in progress than the history behind eta
-            wait = min(wait, due)
-        if wait > eta[best[0] * E + best[1]]:
+        if eta[incoming[0] * E + incoming[1]] > eta[best[0] * E + best[1]]:
             return None
         return best
 
@@ -341,10 +336,9 @@ class ExpertCache:
         self.policy.access(key, hit)
         return slot
 
-    def admit(self, key: Key, pinned: Collection[Key] = (), due: float | None = None) -> tuple[int, Key | None] | None:
+    def admit(self, key: Key, pinned: Collection[Key] = ()) -> tuple[int, Key | None] | None:
         """Give `key` a slot: (slot, evicted key or None) for the caller to fill, or None when the
-        policy declines or every resident key is pinned. Free slots are used first. due: the layer steps until a
-        forecast expects `key` to be used (Policy.victim)."""
+        policy declines or every resident key is pinned. Free slots are used first."""
         if key in self._slots:
             raise ValueError(f"expert {key} is already cached")
         if self._free:
@@ -354,7 +348,7 @@ class ExpertCache:
         candidates = [k for k in self._slots if k not in pinned] if pinned else list(self._slots)
         if not candidates:
             return None
-        evicted = self.policy.victim(candidates, key, due)
+        evicted = self.policy.victim(candidates, key)
         if evicted is None:
             return None
         slot = self._slots.pop(evicted)
