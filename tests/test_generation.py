@@ -12,6 +12,7 @@ import torch
 import edgerun
 from edgerun.api import _find_stop
 from edgerun.cli import main
+from edgerun.errors import GenerationError
 from edgerun.runtime.sampling import Sampler, SamplingParams
 from hf_models import build, hf_greedy, save
 
@@ -112,6 +113,9 @@ def test_sampler_filters():
     assert torch.allclose(counts / 4000.0, torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05]), atol=0.03)
     # a very low temperature is (nearly) greedy
     assert set(draw(SamplingParams(temperature=0.01, seed=0), logits)) == {0}
+    # logits that are not numbers give a clear error, not a token
+    with pytest.raises(GenerationError, match="cannot sample: the next token's probabilities sum to nan"):
+        draw(SamplingParams(temperature=1, seed=0), [float("nan")] * 5, n=1)
 
 
 def test_repetition_penalty():

@@ -71,5 +71,9 @@ class Sampler:
         # one uniform draw through the cumulative distribution (in float64): torch.multinomial took 1.2 ms a token
         # over a 32K vocabulary, this 55 us; a token of probability 0 is never drawn (the first index past u)
         cdf = torch.cumsum(probs, 0, dtype=torch.float64)
-        u = torch.rand(1, generator=self.generator, dtype=torch.float64) * cdf[-1]
+        total = float(cdf[-1])
+        if not 0 < total < float("inf"):  # NaN too
+            raise GenerationError(f"cannot sample: the next token's probabilities sum to {total} (the model's logits "
+                                  f"are not finite)")
+        u = torch.rand(1, generator=self.generator, dtype=torch.float64) * total
         return min(int(torch.searchsorted(cdf, u, right=True)), probs.shape[0] - 1)
