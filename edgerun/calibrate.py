@@ -101,6 +101,11 @@ def score(model, ids: Sequence[int], bos: int | None = None) -> Score:
     return Score(math.exp(nll.mean()), len(nll), read / len(nll), *(counts / max(1, uses)), nll=nll)
 
 
+def _scored(measured: float, bound: float, s: Score) -> str:
+    """How a setting scored, as calibration reports each one."""
+    return f"{measured:+.2%} perplexity (at most {bound:+.2%}), {format_size(s.bytes_per_token)} read per token"
+
+
 def _layers(part: list[int]) -> str:
     return f"layer {part[0]}" if len(part) == 1 else f"layers {part[0]}-{part[-1]}"
 
@@ -163,8 +168,7 @@ def climb(trials: dict[tuple[int, float], tuple[float, float]], chosen: tuple[fl
         s = run(step)
         bound = loss(s, exact, margin)
         kept = bound <= max_loss and s.bytes_per_token < scored.bytes_per_token
-        say(f"climb {', '.join(map(str, step))}: {loss(s, exact):+.2%} perplexity (at most {bound:+.2%}), "
-            f"{format_size(s.bytes_per_token)} read per token{'' if kept else ', refused'}")
+        say(f"climb {', '.join(map(str, step))}: {_scored(loss(s, exact), bound, s)}{'' if kept else ', refused'}")
         if kept:
             chosen, scored = step, s
         else:
@@ -219,8 +223,7 @@ def calibrate(model, ids: Sequence[int], *, max_loss: float = 0.01, groups: int 
                 rows.append({"group": g, "layers": part, "threshold": t, "perplexity": s.perplexity,
                              "loss": measured, "bound": bound, "bytes_per_token": s.bytes_per_token,
                              "substituted_rate": s.substituted_rate})
-                say(f"{_layers(part)} below {t}: {measured:+.2%} perplexity (at most {bound:+.2%}), "
-                    f"{format_size(s.bytes_per_token)} read per token")
+                say(f"{_layers(part)} below {t}: {_scored(measured, bound, s)}")
                 if bound > max_loss:
                     break  # higher thresholds of this group cost more still
         refused: list[tuple[float, ...]] = []
