@@ -79,6 +79,19 @@ def score(model, ids: Sequence[int], bos: int | None = None) -> Score:
     per = model.context_length - 1 - (bos is not None)  # a prompt leaves one place in the cache
     if per < 2:
         raise ArgumentError(f"a context of {model.context_length} tokens is too short to score text")
+    # the bytes a setting reads are those it needs: no speculative reads (they take disk time that would go unused)
+    host = getattr(model.experts, "host", model.experts)  # a device tier's RAM tier
+    speculate = getattr(host, "speculate", False)
+    if speculate:
+        host.speculate = False
+    try:
+        return _score(model, ids, bos, per)
+    finally:
+        if speculate:
+            host.speculate = True
+
+
+def _score(model, ids: Sequence[int], bos: int | None, per: int) -> Score:
     nll, read, uses = [], 0, 0
     counts = np.zeros(3)  # experts replaced, left out, served by copies
     step = per - 1 if bos is None else per

@@ -33,8 +33,8 @@ def store(tmp_path_factory):
 
 def offloaded(store, slots: int, **kwargs) -> edgerun.Model:
     model = edgerun.load(store, context_length=24)
-    model.use_experts(OffloadedExperts(ExpertStore(store), model.spec.activation, slots, prefetch=False,
-                                       **kwargs)).close()
+    model.use_experts(OffloadedExperts(ExpertStore(store), model.spec.activation, slots,
+                                       **{"prefetch": False, **kwargs})).close()
     return model
 
 
@@ -88,6 +88,21 @@ def test_score_is_the_perplexity_of_every_token_once(store):
     assert score(model, IDS).tokens == len(IDS) - 1  # without a bos the first token is only context
     resident = edgerun.load(store, context_length=24)  # no offloading: the same perplexity, nothing read
     assert score(resident, IDS, bos=1).perplexity == pytest.approx(s.perplexity, rel=1e-6)
+
+
+def test_score_counts_the_bytes_a_setting_needs_without_speculative_reads(store, monkeypatch):
+    from edgerun.runtime import offload
+
+    monkeypatch.setattr(offload, "SPECULATE_PRECISION", 0.0)  # read ahead whatever the routers forecast
+    model = offloaded(store, 4, prefetch=True)
+    experts, reads = model.experts, []
+    read_ahead = experts._read_ahead
+    monkeypatch.setattr(experts, "_read_ahead", lambda key: reads.append(key) or read_ahead(key))
+    s = score(model, IDS, bos=1)
+    assert s.bytes_per_token > 0 and not reads and experts.speculate
+    for start in range(0, len(IDS), 20):
+        model.logits([1] + IDS[start:start + 20], decode=True)
+    assert reads  # outside scoring the cache's declined forecasts are read ahead
 
 
 def test_pick_saves_the_most_bytes_within_the_budget():

@@ -397,6 +397,76 @@ def test_demand_reads_overtake_prefetches_and_cancelled_ones_never_run(stores, m
     reader.close()
 
 
+def test_speculative_reads_make_way_for_prefetches(stores, monkeypatch):
+    store = ExpertStore(stores["mixtral"])
+    monkeypatch.setattr(reader_module, "PIECE", 4096)  # a running read yields between pieces
+    gate, log = gated_preadv(monkeypatch)
+    reader = ExpertReader(store, workers=1, direct=False)
+    bufs = buffers(store, 3)
+    guess = reader.submit(None, 0, 0, bufs[0], demand=False, speculative=True)  # running, held at its first piece
+    while not log:
+        time.sleep(0.001)
+    later = reader.submit(None, 0, 1, bufs[1], demand=False, speculative=True)
+    prefetch = reader.submit(None, 0, 2, bufs[2], demand=False)
+    gate.set()
+    for req in (prefetch, guess, later):
+        reader.wait(req)
+    order = [p for i, p in enumerate(log) if i == 0 or p != log[i - 1]]
+    chunk = lambda e: str(expert_chunk_path(store.path, 0, e))  # noqa: E731
+    assert order[:2] == [chunk(0), chunk(2)]  # the prefetch paused the running speculative read
+    assert order.index(chunk(2)) < order.index(chunk(1))  # ... and went ahead of the queued one
+    for e in range(3):
+        assert np.array_equal(bufs[e], store.map_expert(0, e))
+    reader.close()
+
+
+def test_forecasts_the_cache_declines_are_read_into_scratch_slots_and_change_nothing_it_holds(stores, monkeypatch):
+    monkeypatch.setattr(offload_module, "SPECULATE_PRECISION", 0.0)  # whatever the tiny model's routers forecast
+    # a policy and a read-ahead depth that do not change with the disk's pace
+    monkeypatch.setattr(offload_module, "PROTECTED_SHARE", 0.0)
+    monkeypatch.setattr(offload_module, "MAX_PREFETCH_DEPTH", 2)
+    resident = edgerun.load(stores["mixtral"])
+    want = resident.generate_ids(PROMPT, 10, temperature=0, ignore_eos=True)
+    want_logits = resident.logits(PROMPT[:6] + want, decode=True)
+
+    def run(speculate: bool):
+        model = edgerun.load(stores["mixtral"])
+        experts = offload(model, slots=6, depth=2)
+        experts.speculate = speculate
+        held, now = [], {}
+        schedule, admit = experts.schedule, experts.cache.admit
+
+        def scheduled(layer, chosen):  # what the cache holds as each layer begins
+            now["pos"] = experts.pos[layer]
+            held.append(sorted(experts.cache.resident()))
+            return schedule(layer, chosen)
+
+        def admit_now(key, pinned=()):  # the cache takes the layer being computed only: it declines every forecast
+            return admit(key, pinned) if key[0] == now.get("pos") else None
+        monkeypatch.setattr(experts, "schedule", scheduled)
+        monkeypatch.setattr(experts.cache, "admit", admit_now)
+        assert model.generate_ids(PROMPT, 10, temperature=0, ignore_eos=True) == want
+        stats = model.stats()
+        logits = model.logits(PROMPT[:6] + want, decode=True)
+        return model, experts, stats, held, logits
+
+    model, experts, stats, held, logits = run(True)
+    plain_model, plain, plain_stats, plain_held, plain_logits = run(False)
+    assert np.array_equal(logits, want_logits) and np.array_equal(plain_logits, want_logits)
+    assert plain_stats["speculative_reads"] == 0
+    assert 0 < stats["speculative_reads_used"] <= stats["speculative_reads"]
+    assert stats["demand_read_rate"] < plain_stats["demand_read_rate"]  # they were read ahead instead
+    assert held == plain_held  # a read ahead is cached only where the policy takes it, as its demand read would be
+    # a cache that declines every expert: the layer's own reads take the scratch slots, stopping reads ahead
+    monkeypatch.setattr(experts.cache, "admit", lambda key, pinned=(): None)
+    steals = []
+    drop = experts._drop_ahead
+    monkeypatch.setattr(experts, "_drop_ahead", lambda key: steals.append(key) or drop(key))
+    assert np.array_equal(model.logits(PROMPT[:6] + want, decode=True), want_logits)
+    assert model.stats()["speculative_reads"] > 0 and steals
+    experts.close(), plain.close()
+
+
 def test_read_errors_surface_without_hanging(stores, monkeypatch):
     store = ExpertStore(stores["mixtral"])
 

@@ -30,6 +30,8 @@ UPGRADE_AFTER = 3  # tokens a low-bit copy serves before its chunk is read over 
 HINTED_LAYERS = 2  # layers ahead whose forecast probabilities the cache policy is given
 SLACK_LIMIT = 0.7  # share of the decoded tokens' time the disk reads below which the first layers are protected
 PROTECTED_SHARE = 0.25  # of the slots, at most what the protected layers' experts fill when all are kept
+SPECULATE_PRECISION = 0.5  # share of a distance's forecast experts used, from which the cache's declines are read
+PRECISION_RATE = 0.05  # weight of each layer's forecasts in the running share per distance
 
 
 def per_layer(value: float | Sequence[float], layers: int, name: str = "threshold") -> tuple[float, ...]:
@@ -113,6 +115,7 @@ class OffloadedExperts(RoutedExperts):
         weakref.finalize(self, self.reader.close)  # the reader's threads end with the model
         self.decoder: Lookahead | None = None  # set by attach
         self.prefetch = prefetch
+        self.speculate = True  # forecasts the cache declines are read into free scratch slots
         self.depth = max(1, min(MAX_PREFETCH_DEPTH, depth))
         # approximate decoding: a decoded token's expert that is not in memory and weighs less than skip_below (of
         # its layer) is left out, the other experts' weights scaled back to the routing's sum when renormalize
@@ -138,7 +141,11 @@ class OffloadedExperts(RoutedExperts):
         self._scratch_free: list[int] = []
         self._scratch_queue: list[int] = []
         self._scratch: dict[int, tuple[int, ReadRequest]] = {}  # expert -> (scratch slot, read)
+        self._ahead: dict[tuple[int, int], tuple[int, ReadRequest]] = {}  # forecasts the cache declined, being read
         self._predicted: dict[int, set[int]] = {}  # layer position -> experts predicted for the current token
+        self._forecasts: dict[int, dict[int, set[int]]] = {}  # layer position -> {layers ahead: experts forecast}
+        # by layers ahead, the share of the decoded tokens' forecast experts that their layer used (running)
+        self._precision = [1.0] * (MAX_PREFETCH_DEPTH + 1)
         self._held: dict[tuple[int, int], int] = {}  # chunks a device tier is copying out of their slots
         self._decode = False  # the phase of the current step
         self._steps = 0  # steps begun
@@ -177,8 +184,11 @@ class OffloadedExperts(RoutedExperts):
             elif idle and self.late:
                 self.depth = min(MAX_PREFETCH_DEPTH, self.depth + 1)
         self._token_prefetches = self._token_wasted = 0
+        for key in list(self._ahead):
+            self._drop_ahead(key)
         self._protect_unreachable(decode)
         self._predicted.clear()
+        self._forecasts.clear()
         self._prefetched.clear()  # what arrived and was not used stays cached as any resident expert
         self._decode = decode
         self._steps += 1
@@ -216,6 +226,7 @@ class OffloadedExperts(RoutedExperts):
         self.skipped = 0  # decoded tokens' experts left out (skip_below)
         self.substituted = 0  # decoded tokens' experts replaced by one in memory (substitute_below)
         self.low_reads = self.low_served = self.upgrades = self.read_overs = 0  # low_below
+        self.ahead_reads = self.ahead_used = 0  # forecasts the cache declined, read into scratch slots
         self._bytes0 = self.reader.bytes_read
         self._decode_bytes0: int | None = None  # bytes read when the first decode step began
         self._decode_read0 = 0.0  # the reader's read_seconds then
@@ -265,6 +276,9 @@ class OffloadedExperts(RoutedExperts):
             "low_served_rate": rate(self.low_served),
             "low_upgrades": self.upgrades,  # in the background, of copies in steady use
             "low_read_overs": self.read_overs,  # copies a heavier token or a prefill needed the chunk of
+            "speculative_reads": self.ahead_reads,  # forecasts the cache declined, read into scratch slots
+            "speculative_reads_used": self.ahead_used,
+            "forecast_precision": [round(p, 3) for p in self._precision[1:self.depth + 1]],  # by layers ahead
             "direct_io": self.reader.direct,
         }
 
@@ -378,6 +392,9 @@ class OffloadedExperts(RoutedExperts):
         decode = self._decode
         needed = {(pos, e) for e in experts}
         self._cancel_stale(pos, needed)
+        if decode:
+            for d, top in self._forecasts.pop(pos, {}).items():
+                self._precision[d] += PRECISION_RATE * (len(top.intersection(experts)) / len(top) - self._precision[d])
         ready, loading = [], []
         for e in experts:
             key = (pos, e)
@@ -418,6 +435,17 @@ class OffloadedExperts(RoutedExperts):
                 else:
                     ready.append(e)
                 continue
+            if key in self._ahead:  # read ahead into a scratch slot: kept in the cache if the policy takes it now
+                self.ahead_used += 1
+                if decode:
+                    if self._ahead[key][1].done.is_set():
+                        self.prefetch_hits += 1
+                    else:
+                        self.late += 1
+                if not self._adopt(key, self._pinned(needed)):
+                    self._scratch[e] = self._ahead.pop(key)
+                loading.append(e)
+                continue
             admitted = self.cache.admit(key, pinned=self._pinned(needed))
             if admitted is None:
                 self._scratch_queue.append(e)
@@ -431,6 +459,8 @@ class OffloadedExperts(RoutedExperts):
                 self.low_served += 1
                 self._low[key] = 1
             loading.append(e)
+        while len(self._scratch_queue) > len(self._scratch_free) and self._ahead:  # speculation makes way
+            self._drop_ahead(max(self._ahead))
         for _ in range(min(len(self._scratch_free), len(self._scratch_queue))):
             self._start_scratch(layer)
         if self.prefetch and self.decoder is not None:
@@ -591,6 +621,8 @@ class OffloadedExperts(RoutedExperts):
         """Prefetches for this layer that routing did not choose, or for layers already passed."""
         stale = [k for k in self._pending
                  if (k[0] < pos or (k[0] == pos and k not in needed)) and k not in self._upgrading]
+        for key in [k for k in self._ahead if k[0] < pos or k[0] == pos and k not in needed]:
+            self._drop_ahead(key)
         for key in stale:
             req = self._pending.pop(key)
             self.reader.cancel(req)
@@ -627,24 +659,68 @@ class OffloadedExperts(RoutedExperts):
             if probs is not None:
                 self.cache.policy.predict(j, probs)
             self._predicted.setdefault(j, set()).update(top)
+            if self._decode and top:
+                self._forecasts.setdefault(j, {})[j - pos] = set(top)
+            speculate = (self.speculate and self._decode and self._busy < SLACK_LIMIT
+                         and self._precision[j - pos] >= SPECULATE_PRECISION)
             for e in top:
                 key = (j, e)
                 if self.cache.contains(key) or self.elsewhere(key):
                     continue
                 if self._decode and weights.get(e, 1.0) < self._light[j]:
                     continue  # it would be left out or replaced if still missing: reading it ahead spends the bytes
+                low = self._decode and weights.get(e, 1.0) < self._lowb[j]
+                if key in self._ahead:  # the policy may take it from nearer: a prefetch from then on
+                    if self._adopt(key, pinned):
+                        self._prefetched.add(key)
+                        pinned.add(key)
+                        self.prefetches += 1
+                        self._token_prefetches += 1
+                    continue
                 admitted = self.cache.admit(key, pinned=pinned)
                 if admitted is None:
+                    if speculate and not low and self._scratch_free:
+                        self._read_ahead(key)
                     continue
                 slot, evicted = admitted
                 if evicted is not None:
                     self._forget(evicted)
-                self._submit(key, self.layers[j], e, slot, demand=False,
-                             low=self._decode and weights.get(e, 1.0) < self._lowb[j])  # not late: by weight
+                self._submit(key, self.layers[j], e, slot, demand=False, low=low)  # not late: by weight
                 self._prefetched.add(key)
                 pinned.add(key)
                 self.prefetches += 1
                 self._token_prefetches += 1
+
+    def _read_ahead(self, key: tuple[int, int]) -> None:
+        """Read a forecast expert the cache declined into a scratch slot, behind every other read."""
+        slot = self._scratch_free.pop()
+        req = self.reader.submit(None, self.layers[key[0]], key[1], self.pool.buffer(slot), demand=False,
+                                 speculative=True)
+        self._ahead[key] = (slot, req)
+        self.ahead_reads += 1
+
+    def _adopt(self, key: tuple[int, int], pinned: set) -> bool:
+        """Move a read ahead into the cache, in its scratch slot, if the policy now takes it; the slot the cache
+        gives up (free, or its victim's) becomes scratch."""
+        slot, req = self._ahead[key]
+        got = self.cache.adopt(key, slot, pinned=pinned)
+        if got is None:
+            return False
+        del self._ahead[key]
+        freed, evicted = got
+        if evicted is not None:
+            self._forget(evicted)
+        self._scratch_free.append(freed)
+        req.key = key
+        self._pending[key] = req
+        self._low.pop(key, None)
+        return True
+
+    def _drop_ahead(self, key: tuple[int, int]) -> None:
+        """Stop a read ahead (stale, or its slot is needed) and free its scratch slot."""
+        slot, req = self._ahead.pop(key)
+        self.reader.cancel(req)
+        self._scratch_free.append(slot)
 
     def close(self) -> None:
         self.reader.close()

@@ -355,6 +355,14 @@ class ExpertCache:
         self._slots[key] = slot
         return slot, evicted
 
+    def adopt(self, key: Key, slot: int, pinned: Collection[Key] = ()) -> tuple[int, Key | None] | None:
+        """Admit `key` already held in `slot`, a slot outside the cache: (the slot the cache gives up in exchange,
+        evicted key or None), or None as admit declines."""
+        got = self.admit(key, pinned)
+        if got is not None:
+            self._slots[key] = slot
+        return got
+
     def remove(self, key: Key) -> None:
         """Forget `key` (e.g. its read failed) and free its slot."""
         slot = self._slots.pop(key, None)

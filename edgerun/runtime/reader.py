@@ -1,11 +1,11 @@
 """Background reads of expert chunks from the store into caller-owned slot buffers.
 
 A request reads one chunk in pieces of PIECE bytes. Demand reads (the layer is waiting) go ahead of
-prefetches, also of a prefetch already under way: between two pieces a worker hands a prefetch back to the
-queue when a demand read is waiting. A queued or running prefetch can be cancelled; a cancelled read stops
-at the next piece. Chunks are read with O_DIRECT where the filesystem allows (no second copy in the page
-cache), else buffered, dropping the pages from the page cache after each chunk. Nothing is allocated per
-read besides the request object: the buffers are the cache's slots.
+prefetches, and prefetches ahead of speculative reads, also of one already under way: between two pieces a
+worker hands a read back to the queue when one of a higher priority is waiting. A queued or running prefetch
+can be cancelled; a cancelled read stops at the next piece. Chunks are read with O_DIRECT where the filesystem
+allows (no second copy in the page cache), else buffered, dropping the pages from the page cache after each
+chunk. Nothing is allocated per read besides the request object: the buffers are the cache's slots.
 
 A low read takes an expert's low-bit copy (store/lowbit.py) instead: the worker reads it into its own staging
 buffer, in one go (it is smaller than a chunk, so it never makes way for a demand read), and expands it into the
@@ -26,7 +26,7 @@ from ..errors import CheckpointError
 from ..store.store import ExpertStore
 
 PIECE = 4 << 20  # bytes per read call: how long a demand read may wait behind a running prefetch
-DEMAND, PREFETCH = 0, 1
+DEMAND, PREFETCH, SPECULATIVE = 0, 1, 2  # priorities: a speculative read goes after every prefetch
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = range(5)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
@@ -84,13 +84,16 @@ class ExpertReader:
             t.start()
 
     # -- client side ------------------------------------------------------------------------------------------
-    def submit(self, key, layer: int, expert: int, buf: np.ndarray, demand: bool, low: bool = False) -> ReadRequest:
-        """Read the chunk of layer's expert (or its low-bit copy, expanded) into buf."""
+    def submit(self, key, layer: int, expert: int, buf: np.ndarray, demand: bool, low: bool = False,
+               speculative: bool = False) -> ReadRequest:
+        """Read the chunk of layer's expert (or its low-bit copy, expanded) into buf: a demand read, a prefetch, or
+        (speculative) a read behind every prefetch that makes way for them as a prefetch makes way for a demand."""
         with self._cv:
             if self._closed:
                 raise RuntimeError("the reader is closed")
             self._seq += 1
-            req = ReadRequest(key, layer, expert, buf, DEMAND if demand else PREFETCH, self._seq, low)
+            priority = DEMAND if demand else SPECULATIVE if speculative else PREFETCH
+            req = ReadRequest(key, layer, expert, buf, priority, self._seq, low)
             heapq.heappush(self._heap, req)
             self._cv.notify()
         return req
@@ -188,7 +191,7 @@ class ExpertReader:
                     if req.state == CANCELLED:
                         req.done.set()
                         return False
-                    if not low and req.priority == PREFETCH and self._heap and self._heap[0].priority == DEMAND:
+                    if not low and self._heap and self._heap[0].priority < req.priority:
                         req.state = QUEUED  # make way; resumes at req.offset
                         heapq.heappush(self._heap, req)
                         return False
