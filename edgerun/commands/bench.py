@@ -86,11 +86,12 @@ def measure_model(model, prompt_tokens: int, tokens: int, repeats: int, temperat
         for key in ("hit_rate", "prefetch_hit_rate", "late_prefetch_rate", "demand_read_rate", "prefetch_recall",
                     "prefetch_precision", "bytes_read", "skipped_rate", "substituted_rate", "low_served_rate",
                     "decode_bytes_read", "bytes_read_per_token", "read_stall_seconds", "read_stall_per_token",
-                    "read_busy_share", "decode_read_bytes_per_s"):
+                    "read_busy_share", "decode_read_bytes_per_s", "speculative_reads", "speculative_reads_used"):
             out[key] = med(key)
         for key in ("policy", "expert_slots", "experts_total", "prefetch_depth", "expert_bytes_per_token",
                     "ideal_bytes_per_token", "direct_io", "skip_below", "substitute_below", "low_below",
-                    "low_when_late", "low_format", "low_reads", "low_upgrades", "low_read_overs"):
+                    "low_when_late", "low_format", "low_reads", "low_upgrades", "low_read_overs",
+                    "forecast_precision"):
             out[key] = last[key]
     else:
         out.update(hit_rate=1.0, bytes_read=0, prefetch_recall=None)
@@ -180,7 +181,10 @@ def main(args: argparse.Namespace) -> int:
               f"{100 * result['prefetch_recall']:.1f}% (precision {100 * result['prefetch_precision']:.1f}%, depth "
               f"{result['prefetch_depth']}), read {format_size(result['bytes_read_per_token'])} per token (ideal "
               f"{format_size(result['ideal_bytes_per_token'])}), "
-              f"{'direct' if result['direct_io'] else 'buffered'} reads")
+              f"{'direct' if result['direct_io'] else 'buffered'} reads"
+              + (f"; {result['speculative_reads'] / result['decode_tokens']:.1f} speculative reads per token, "
+                 f"{100 * result['speculative_reads_used'] / result['speculative_reads']:.0f}% used"
+                 if result.get("speculative_reads") else ""))
         print(f"disk       reading {100 * result['read_busy_share']:.0f}% of the decode time, at "
               f"{format_size(result['decode_read_bytes_per_s'])}/s; a token waited "
               f"{1e3 * result['read_stall_per_token']:.1f} ms for reads")

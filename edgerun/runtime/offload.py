@@ -277,7 +277,7 @@ class OffloadedExperts(RoutedExperts):
             "low_upgrades": self.upgrades,  # in the background, of copies in steady use
             "low_read_overs": self.read_overs,  # copies a heavier token or a prefill needed the chunk of
             "speculative_reads": self.ahead_reads,  # forecasts the cache declined, read into scratch slots
-            "speculative_reads_used": self.ahead_used,
+            "speculative_reads_used": self.ahead_used,  # used from their scratch slots, or taken into the cache
             "forecast_precision": [round(p, 3) for p in self._precision[1:self.depth + 1]],  # by layers ahead
             "direct_io": self.reader.direct,
         }
@@ -674,6 +674,7 @@ class OffloadedExperts(RoutedExperts):
                     if self._adopt(key, pinned):
                         self._prefetched.add(key)
                         pinned.add(key)
+                        self.ahead_used += 1
                         self.prefetches += 1
                         self._token_prefetches += 1
                     continue
