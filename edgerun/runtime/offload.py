@@ -661,8 +661,7 @@ class OffloadedExperts(RoutedExperts):
             self._predicted.setdefault(j, set()).update(top)
             if self._decode and top:
                 self._forecasts.setdefault(j, {})[j - pos] = set(top)
-            speculate = (self.speculate and self._decode and self._busy < SLACK_LIMIT
-                         and self._precision[j - pos] >= SPECULATE_PRECISION)
+            speculate = self.speculate and self._decode and self._precision[j - pos] >= SPECULATE_PRECISION
             for e in top:
                 key = (j, e)
                 if self.cache.contains(key) or self.elsewhere(key):

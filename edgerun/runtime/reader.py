@@ -1,11 +1,11 @@
 """Background reads of expert chunks from the store into caller-owned slot buffers.
 
-A request reads one chunk in pieces of PIECE bytes. Demand reads (the layer is waiting) go ahead of
-prefetches, and prefetches ahead of speculative reads, also of one already under way: between two pieces a
-worker hands a read back to the queue when one of a higher priority is waiting. A queued or running prefetch
-can be cancelled; a cancelled read stops at the next piece. Chunks are read with O_DIRECT where the filesystem
-allows (no second copy in the page cache), else buffered, dropping the pages from the page cache after each
-chunk. Nothing is allocated per read besides the request object: the buffers are the cache's slots.
+A request reads one chunk in pieces of PIECE bytes (a speculative read in smaller ones). Demand reads (the layer
+is waiting) go ahead of prefetches, and prefetches ahead of speculative reads, also of one already under way:
+between two pieces a worker hands a read back to the queue when one of a higher priority is waiting. A queued
+or running prefetch can be cancelled; a cancelled read stops at the next piece. Chunks are read with O_DIRECT
+where the filesystem allows (no second copy in the page cache), else buffered, dropping the pages from the page
+cache after each chunk. Nothing is allocated per read besides the request object: the buffers are the cache's slots.
 
 A low read takes an expert's low-bit copy (store/lowbit.py) instead: the worker reads it into its own staging
 buffer, in one go (it is smaller than a chunk, so it never makes way for a demand read), and expands it into the
@@ -26,6 +26,7 @@ from ..errors import CheckpointError
 from ..store.store import ExpertStore
 
 PIECE = 4 << 20  # bytes per read call: how long a demand read may wait behind a running prefetch
+SPECULATIVE_PIECE = 1 << 20  # the same behind a running speculative read
 DEMAND, PREFETCH, SPECULATIVE = 0, 1, 2  # priorities: a speculative read goes after every prefetch
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = range(5)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
@@ -195,7 +196,7 @@ class ExpertReader:
                         req.state = QUEUED  # make way; resumes at req.offset
                         heapq.heappush(self._heap, req)
                         return False
-                end = min(size, req.offset + PIECE)
+                end = min(size, req.offset + (SPECULATIVE_PIECE if req.priority == SPECULATIVE else PIECE))
                 t0 = time.perf_counter()
                 n = os.preadv(fd, [view[req.offset:end]], req.offset)
                 self.read_seconds += time.perf_counter() - t0
