@@ -425,10 +425,8 @@ class OffloadedExperts(RoutedExperts):
                 if decode:
                     if not prefetched:
                         self.hits += 1  # resident before this token asked for it
-                    elif req is None or req.done.is_set():
-                        self.prefetch_hits += 1
                     else:
-                        self.late += 1
+                        self._count_arrival(req)
                 if req is not None:
                     self.reader.promote(req)
                     loading.append(e)
@@ -438,10 +436,7 @@ class OffloadedExperts(RoutedExperts):
             if key in self._ahead:  # read ahead into a scratch slot: kept in the cache if the policy takes it now
                 self.ahead_used += 1
                 if decode:
-                    if self._ahead[key][1].done.is_set():
-                        self.prefetch_hits += 1
-                    else:
-                        self.late += 1
+                    self._count_arrival(self._ahead[key][1])
                 if not self._adopt(key, self._pinned(needed)):
                     self._scratch[e] = self._ahead.pop(key)
                 loading.append(e)
@@ -468,6 +463,13 @@ class OffloadedExperts(RoutedExperts):
         if self._upgrade:
             self._start_upgrades(pos)
         return ready + loading + [e for e in experts if e not in ready and e not in loading]
+
+    def _count_arrival(self, req: ReadRequest | None) -> None:
+        """A decoded token's expert read ahead (req None: arrived and done with): in time, or late."""
+        if req is None or req.done.is_set():
+            self.prefetch_hits += 1
+        else:
+            self.late += 1
 
     def _acquire(self, layer: int, e: int) -> tuple[int, bool]:
         """(slot, whether it is a scratch slot) of an expert `schedule` was given, once its read is done."""
@@ -670,22 +672,19 @@ class OffloadedExperts(RoutedExperts):
                     continue  # it would be left out or replaced if still missing: reading it ahead spends the bytes
                 low = self._decode and weights.get(e, 1.0) < self._lowb[j]
                 if key in self._ahead:  # the policy may take it from nearer: a prefetch from then on
-                    if self._adopt(key, pinned):
-                        self._prefetched.add(key)
-                        pinned.add(key)
-                        self.ahead_used += 1
-                        self.prefetches += 1
-                        self._token_prefetches += 1
-                    continue
-                admitted = self.cache.admit(key, pinned=pinned)
-                if admitted is None:
-                    if speculate and not low and self._scratch_free:
-                        self._read_ahead(key)
-                    continue
-                slot, evicted = admitted
-                if evicted is not None:
-                    self._forget(evicted)
-                self._submit(key, self.layers[j], e, slot, demand=False, low=low)  # not late: by weight
+                    if not self._adopt(key, pinned):
+                        continue
+                    self.ahead_used += 1
+                else:
+                    admitted = self.cache.admit(key, pinned=pinned)
+                    if admitted is None:
+                        if speculate and not low and self._scratch_free:
+                            self._read_ahead(key)
+                        continue
+                    slot, evicted = admitted
+                    if evicted is not None:
+                        self._forget(evicted)
+                    self._submit(key, self.layers[j], e, slot, demand=False, low=low)  # not late: by weight
                 self._prefetched.add(key)
                 pinned.add(key)
                 self.prefetches += 1
