@@ -421,6 +421,34 @@ def test_speculative_reads_make_way_for_prefetches(stores, monkeypatch):
     reader.close()
 
 
+def test_reads_of_one_priority_go_in_the_order_of_their_layers(stores, monkeypatch):
+    """Behind a running read, queued prefetches go earliest layer first, whatever order they came in, and a
+    speculative read promoted to a prefetch (taken into the cache) joins them by its layer, ahead of the other
+    speculative reads."""
+    store = ExpertStore(stores["mixtral"])
+    gate, log = gated_preadv(monkeypatch)
+    reader = ExpertReader(store, workers=1, direct=False)
+    bufs = buffers(store, 6)
+    running = reader.submit(None, 0, 0, bufs[0], demand=False)  # held at its first piece
+    while not log:
+        time.sleep(0.001)
+    reqs = [reader.submit(None, 3, 1, bufs[1], demand=False), reader.submit(None, 1, 2, bufs[2], demand=False),
+            reader.submit(None, 1, 3, bufs[3], demand=False, speculative=True),
+            reader.submit(None, 2, 4, bufs[4], demand=False, speculative=True),
+            reader.submit(None, 2, 5, bufs[5], demand=False)]
+    reader.promote(reqs[3], reader_module.PREFETCH)
+    reader.promote(reqs[0], reader_module.SPECULATIVE)  # never lowers a priority
+    gate.set()
+    for req in [running, *reqs]:
+        assert req.done.wait(10)  # not reader.wait: it would make the read a demand read
+    order = [p for i, p in enumerate(log) if i == 0 or p != log[i - 1]]
+    assert order == [str(expert_chunk_path(store.path, layer, e)) for layer, e in
+                     [(0, 0), (1, 2), (2, 4), (2, 5), (3, 1), (1, 3)]]
+    for i, (layer, e) in enumerate([(0, 0), (3, 1), (1, 2), (1, 3), (2, 4), (2, 5)]):
+        assert np.array_equal(bufs[i], store.map_expert(layer, e))
+    reader.close()
+
+
 def test_forecasts_the_cache_declines_are_read_into_scratch_slots_and_change_nothing_it_holds(stores, monkeypatch):
     monkeypatch.setattr(offload_module, "SPECULATE_PRECISION", 0.0)  # whatever the tiny model's routers forecast
     # a policy and a read-ahead depth that do not change with the disk's pace

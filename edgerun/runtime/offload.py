@@ -23,7 +23,7 @@ from .experts import HeldChunk, Lookahead, Phase, Residency, RoutedExperts
 from .placement import MAX_PREFETCH_DEPTH
 from .policy import ExpertCache, make_policy
 from .quantized import ACTIVATION_CODES
-from .reader import QUEUED, ExpertReader, ReadRequest
+from .reader import PREFETCH, QUEUED, ExpertReader, ReadRequest
 
 WASTE_LIMIT = 0.3  # share of a token's prefetches left unused above which the depth shrinks
 UPGRADE_AFTER = 3  # tokens a low-bit copy serves before its chunk is read over it when the disk is idle
@@ -712,6 +712,7 @@ class OffloadedExperts(RoutedExperts):
         self._scratch_free.append(freed)
         req.key = key
         self._pending[key] = req
+        self.reader.promote(req, PREFETCH)
         self._low.pop(key, None)
         return True
 

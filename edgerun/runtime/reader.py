@@ -2,7 +2,8 @@
 
 A request reads one chunk in pieces of PIECE bytes (a speculative read in smaller ones). Demand reads (the layer
 is waiting) go ahead of prefetches, and prefetches ahead of speculative reads, also of one already under way:
-between two pieces a worker hands a read back to the queue when one of a higher priority is waiting. A queued
+between two pieces a worker hands a read back to the queue when one of a higher priority is waiting. Within a
+priority the read of the earliest layer goes first: a token needs its layers in that order. A queued
 or running prefetch can be cancelled; a cancelled read stops at the next piece. Chunks are read with O_DIRECT
 where the filesystem allows (no second copy in the page cache), else buffered, dropping the pages from the page
 cache after each chunk. Nothing is allocated per read besides the request object: the buffers are the cache's slots.
@@ -42,7 +43,7 @@ class ReadRequest:
         self.done = threading.Event()
 
     def __lt__(self, other: ReadRequest) -> bool:
-        return (self.priority, self.seq) < (other.priority, other.seq)
+        return (self.priority, self.layer, self.seq) < (other.priority, other.layer, other.seq)
 
 
 def supports_direct_io(path: str | os.PathLike) -> bool:
@@ -99,12 +100,12 @@ class ExpertReader:
             self._cv.notify()
         return req
 
-    def promote(self, req: ReadRequest) -> None:
-        """A prefetch the model now waits for becomes a demand read."""
+    def promote(self, req: ReadRequest, priority: int = DEMAND) -> None:
+        """A prefetch the model now waits for becomes a demand read (or a speculative read a prefetch)."""
         with self._cv:
-            if req.priority == DEMAND or req.state not in (QUEUED, RUNNING):
+            if req.priority <= priority or req.state not in (QUEUED, RUNNING):
                 return
-            req.priority = DEMAND
+            req.priority = priority
             if req.state == QUEUED:
                 heapq.heapify(self._heap)
             self._cv.notify()
