@@ -223,6 +223,42 @@ def test_forecast_policy_kernels_match_its_numpy_code(monkeypatch):
             assert a == b
 
 
+def test_forecast_victims_between_accesses_are_those_of_a_policy_that_computes_every_one_afresh():
+    """victim keeps its expected next uses until an access, observe, forecast of the next layer or protection
+    changes them: on a random run of all of those, with several admissions between them, it picks what a policy
+    recomputing them for every admission picks."""
+    L, E, K = 6, 8, 2
+
+    def run_policy(seed: int, afresh: bool) -> list:
+        rng = np.random.default_rng(seed)
+        policy, out = ForecastPolicy(L, E, K), []
+        def admissions(layer: int, rounds: int) -> None:
+            for _ in range(rounds):
+                for j in range(layer + 1, min(L, layer + 4)):  # the read-ahead's
+                    if rng.random() < 0.5:
+                        policy.predict(j, rng.dirichlet(np.ones(E)).tolist())
+                    if rng.random() < 0.2:
+                        policy.protect(int(rng.integers(3)))
+                    resident = [(int(k) // E, int(k) % E) for k in rng.choice(L * E, 14, replace=False)]
+                    if afresh:
+                        policy._eta = None
+                    out.append(policy.victim(resident, (j % L, int(rng.integers(E)))))
+
+        for _ in range(20):
+            for layer in range(L):
+                used = rng.choice(E, K, replace=False).tolist()
+                for e in used:
+                    policy.access((layer, e), bool(rng.random() < 0.5))
+                    admissions(layer, 2)
+                policy.observe(layer, used)
+                admissions(layer - 1, 1)  # after the layer is observed, before the next one's accesses
+        return out
+
+    cached, afresh = run_policy(5, False), run_policy(5, True)
+    assert sum(v is not None for v in cached) > 100 and sum(v is None for v in cached) > 10  # both kinds of answer
+    assert cached == afresh
+
+
 def test_forecast_policy_refuses_keys_outside_its_shape():
     """The kernels index without bounds checks: a key outside the policy's layers and experts is refused first."""
     policy = ForecastPolicy(3, 4, 2)

@@ -149,6 +149,7 @@ class ForecastPolicy(Policy):
         self._wait = self._waits(self._logodds, self._max_wait)
         self._stale: set[int] = set()    # layers observed since their rows were computed
         self._forecast: dict[int, np.ndarray] = {}
+        self._eta: np.ndarray | None = None  # victim's flat expected next uses, until the state they read changes
         self._protect = 0                # layers 0.._protect-1 are protected (see protect)
         # [current layer] -> steps until each layer comes again, as a column
         ahead = (np.arange(L)[None, :] - np.arange(L)[:, None]) % L
@@ -163,6 +164,7 @@ class ForecastPolicy(Policy):
             self._layer, self._step, self._in_step = layer, [], True
         if expert not in self._step:
             self._step.append(expert)
+            self._eta = None
 
     def observe(self, layer: int, experts: Sequence[int]) -> None:
         used = [int(e) for e in experts]
@@ -184,6 +186,7 @@ class ForecastPolicy(Policy):
         self._layer, self._step, self._in_step = layer, used, False
         self._forecast.pop(layer, None)
         self._stale.add(layer)
+        self._eta = None
 
     def _observe_counts(self, layer: int, used: list[int], t: int, before: bool) -> None:
         """observe's counts in NumPy (kernels.policy_observe computes the same)."""
@@ -216,16 +219,22 @@ class ForecastPolicy(Policy):
         if p.shape != (self.num_experts,):
             raise ValueError(f"expected {self.num_experts} expert probabilities for layer {layer}, got {p.shape}")
         self._forecast[layer] = np.clip(p, PREDICT_CLIP, 1 - PREDICT_CLIP)
+        if layer == self._layer + 1:  # the only forecast expected_next_use reads
+            self._eta = None
 
     def protect(self, layers: int) -> None:
-        self._protect = max(0, min(self.num_layers, int(layers)))
+        protect = max(0, min(self.num_layers, int(layers)))
+        if protect != self._protect:
+            self._protect, self._eta = protect, None
 
     def victim(self, resident: Collection[Key], incoming: Key) -> Key | None:
         E = self.num_experts
-        eta = self.expected_next_use()  # a new array
-        if self._protect:
-            eta[:self._protect] *= PROTECT_FACTOR
-        eta = eta.ravel()
+        eta = self._eta
+        if eta is None:  # admissions between two accesses (a layer's read-ahead) ask the same question
+            eta = self.expected_next_use()  # a new array
+            if self._protect:
+                eta[:self._protect] *= PROTECT_FACTOR
+            eta = self._eta = eta.ravel()
         keys = list(resident)
         if not keys:
             return None
