@@ -53,6 +53,8 @@ def test_thresholds_apply_to_their_own_layer(store):
     assert s["substituted_experts"] > 0 and s["substitute_below"] == [0.0, 0.999, 0.0, 0.0]
     # one value for every layer is reported as one number; the same value per layer is the same setting
     assert experts.variant(substitute_below=[0.3] * 4).substitute_below == 0.3
+    experts.speculate = False  # a variant keeps the read-ahead's settings, speculative reads included
+    assert experts.variant(skip_below=0.2).speculate is False
     with pytest.raises(ValueError, match="has 3 values"):
         experts.variant(skip_below=[0.1, 0.2, 0.3])
     with pytest.raises(EdgerunError, match="substitute_below has 3 values; .* has 4 MoE layers"):

@@ -535,6 +535,31 @@ def test_damaged_chunk_fails_generation_with_a_clear_error(stores, tmp_path):
         model.generate_ids(PROMPT, 4, temperature=0, ignore_eos=True)
 
 
+def test_a_failed_read_into_a_scratch_slot_gives_the_slot_back(stores, monkeypatch):
+    """With a cache that declines every expert, each is read into a scratch slot; when one of those reads fails,
+    the step raises, and the next generation has every scratch slot and decodes as the resident model does."""
+    resident = edgerun.load(stores["mixtral"])
+    want = resident.generate_ids(PROMPT, 6, temperature=0, ignore_eos=True)
+    model = edgerun.load(stores["mixtral"])
+    experts = offload(model, slots=4)
+    experts.speculate = False
+    monkeypatch.setattr(experts.cache, "admit", lambda key, pinned=(): None)
+    read, calls = experts.reader._read, []
+
+    def failing_once(req):
+        calls.append(req)
+        if len(calls) == 3:
+            raise OSError(5, "Input/output error")
+        return read(req)
+    monkeypatch.setattr(experts.reader, "_read", failing_once)
+    with pytest.raises(CheckpointError, match="Input/output error"):
+        model.generate_ids(PROMPT, 6, temperature=0, ignore_eos=True)
+    assert model.generate_ids(PROMPT, 6, temperature=0, ignore_eos=True) == want
+    assert sorted(experts._scratch_free) == list(range(4, 4 + experts.top_k)) and not experts._scratch
+    assert experts.stats()["demand_read_rate"] == 1.0  # every expert was read into a scratch slot
+    experts.close()
+
+
 # -- traces and bench ----------------------------------------------------------------------------------------
 def test_run_records_a_routing_trace(stores, tmp_path, capsys):
     trace = tmp_path / "t.jsonl"

@@ -159,7 +159,9 @@ class OffloadedExperts(RoutedExperts):
         """A new container like this one (store, slots, policy, read-ahead) with other settings of approximate
         decoding (skip_below, substitute_below, low_below, low_when_late, renormalize; exact where not given)."""
         made = dict(self._made)
-        return OffloadedExperts(self.store, made.pop("activation"), made.pop("slots"), **made, **approximate)
+        out = OffloadedExperts(self.store, made.pop("activation"), made.pop("slots"), **made, **approximate)
+        out.speculate = self.speculate
+        return out
 
     # -- the contract with the engine -----------------------------------------------------------------------
     def attach(self, decoder: Lookahead) -> None:
@@ -186,6 +188,11 @@ class OffloadedExperts(RoutedExperts):
         self._token_prefetches = self._token_wasted = 0
         for key in list(self._ahead):
             self._drop_ahead(key)
+        for slot, req in self._scratch.values():  # left by a step that ended in an error
+            self.reader.cancel(req)
+            self._scratch_free.append(slot)
+        self._scratch.clear()
+        self._scratch_queue.clear()
         self._protect_unreachable(decode)
         self._predicted.clear()
         self._forecasts.clear()
@@ -477,7 +484,12 @@ class OffloadedExperts(RoutedExperts):
         scratch = self._scratch.pop(e, None)
         if scratch is not None:
             slot, req = scratch
-            self._wait(req)
+            try:
+                self._wait(req)
+            except BaseException:
+                self.reader.cancel(req)  # returns once nothing writes into the slot
+                self._scratch_free.append(slot)
+                raise
             return slot, True
         req = self._pending.pop(key, None)
         self._upgrading.discard(key)
@@ -485,6 +497,7 @@ class OffloadedExperts(RoutedExperts):
             try:
                 self._wait(req)
             except BaseException:
+                self.reader.cancel(req)
                 self.cache.remove(key)
                 raise
         return self.cache.slot_of(key), False
