@@ -189,8 +189,7 @@ class OffloadedExperts(RoutedExperts):
         for key in list(self._ahead):
             self._drop_ahead(key)
         for slot, req in self._scratch.values():  # left by a step that ended in an error
-            self.reader.cancel(req)
-            self._scratch_free.append(slot)
+            self._release_scratch(slot, req)
         self._scratch.clear()
         self._scratch_queue.clear()
         self._protect_unreachable(decode)
@@ -487,8 +486,7 @@ class OffloadedExperts(RoutedExperts):
             try:
                 self._wait(req)
             except BaseException:
-                self.reader.cancel(req)  # returns once nothing writes into the slot
-                self._scratch_free.append(slot)
+                self._release_scratch(slot, req)
                 raise
             return slot, True
         req = self._pending.pop(key, None)
@@ -731,8 +729,11 @@ class OffloadedExperts(RoutedExperts):
 
     def _drop_ahead(self, key: tuple[int, int]) -> None:
         """Stop a read ahead (stale, or its slot is needed) and free its scratch slot."""
-        slot, req = self._ahead.pop(key)
-        self.reader.cancel(req)
+        self._release_scratch(*self._ahead.pop(key))
+
+    def _release_scratch(self, slot: int, req: ReadRequest) -> None:
+        """Free a scratch slot once its read (done, failed or under way) no longer writes into it."""
+        self.reader.cancel(req)  # returns once nothing writes into the slot
         self._scratch_free.append(slot)
 
     def close(self) -> None:
