@@ -54,6 +54,7 @@ class Setting(NamedTuple):
     fmt: str | None = None  # the copies it reads
     sub: float = 0.0  # substitute_below
     calibrated: bool = False  # substitute_below per layer, from `calibrate` on other held-out text at the budget
+    # (with skip: left out below it, replaced from it up to the calibrated thresholds)
 
 
 # the speed runs take every setting but QUALITY_ONLY's, those with q3 copies last in each round, with the store's
@@ -63,6 +64,7 @@ SETTINGS = [Setting("exact"), Setting("skip 0.2", skip=0.2), Setting("skip 0.25"
             Setting("substitute 0.25", sub=0.25), Setting("substitute 0.3", sub=0.3),
             Setting("substitute 0.35", sub=0.35), Setting("substitute 0.4", sub=0.4),
             Setting("substitute 0.5", sub=0.5), Setting("calibrated per layer", calibrated=True),
+            Setting("calibrated per layer, skip 0.2", skip=0.2, calibrated=True),
             Setting("q3 below 0.5", low=0.5, fmt="q3"), Setting("q3 all misses", low=0.999, fmt="q3"),
             Setting("q3 when late", late=True, fmt="q3"),
             Setting("q3 when late, skip 0.25", skip=0.25, late=True, fmt="q3"),
@@ -99,6 +101,11 @@ def quality_model(a: argparse.Namespace) -> Path:
 
 
 def quality(a: argparse.Namespace, report: dict) -> None:
+    """The quality rows of the settings and shares that report has none of yet (calibrating at a share only where
+    report has no calibration for it)."""
+    have = {(r["share"], r["setting"]) for r in report["quality"]}
+    if all((share, st.name) in have for share in a.shares for st in a.settings):
+        return
     sys.path.insert(0, str(ROOT / "training"))
     import train_demo
 
@@ -124,10 +131,12 @@ def quality(a: argparse.Namespace, report: dict) -> None:
         for share in a.shares:
             slots = max(4, round(share * total))
             for st in a.settings:
-                if st.fmt != fmt:
+                if st.fmt != fmt or (share, st.name) in have:
                     continue
                 sub = st.sub
-                if st.calibrated:
+                if st.calibrated and str(share) in report["calibration"]:
+                    sub = report["calibration"][str(share)]["substitute_below"]
+                elif st.calibrated:
                     model.use_experts(OffloadedExperts(store, model.spec.activation, slots)).close()
                     c = calibrate(model, calibration_ids, bos=train_demo.BOS,
                                   log=lambda line: print(f"calibration {share:.0%}: {line}", file=sys.stderr))
@@ -215,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settings", nargs="+", metavar="NAME", choices=[s.name for s in SETTINGS],
                    help="measure only these settings (default: all; exact is always measured)")
     p.add_argument("--reuse-quality", action="store_true",
-                   help="take the quality rows from --out, written by an earlier run, and measure speed only")
+                   help="take the quality rows and calibration from --out, written by an earlier run, and measure "
+                        "the quality of only the settings it has none of")
     a = p.parse_args(argv)
     a.settings = [s for s in SETTINGS if a.settings is None or s.name == "exact" or s.name in a.settings]
     t0 = time.perf_counter()
@@ -224,15 +234,14 @@ def main(argv: list[str] | None = None) -> int:
         earlier = json.loads(Path(a.out).read_text())
         report["quality"], report["calibration"] = earlier["quality"], earlier.get("calibration", {})
         report["model"] = earlier.get("model", {"name": a.model})
-    else:
-        quality(a, report)
+    quality(a, report)
     Path(a.out).write_text(json.dumps(report, indent=2) + "\n")
     if not a.skip_speed:
         scored = a.tokens
         a.tokens = 64  # decoded per speed run
         speed(a, report, t0)
         a.tokens = scored
-    print(f"{'share':>6s} {'setting':>24s} {'perplexity':>10s} {'vs exact':>8s} {'left out':>8s} {'replaced':>8s} "
+    print(f"{'share':>6s} {'setting':>30s} {'perplexity':>10s} {'vs exact':>8s} {'left out':>8s} {'replaced':>8s} "
           f"{'copies':>7s} "
           f"{'KB/token':>8s} {'decode tok/s':>12s} {'vs exact':>8s} {'MB/token':>8s}")
     for share in a.shares:
@@ -245,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             speed_cols = (f"{tok:12.2f} {tok / statistics.median(base):8.2f}x "
                           f"{statistics.median(r['bytes_read_per_token'] for r in sp) / 1e6:8.0f}"
                           if sp and base else f"{'-':>12s} {'-':>9s} {'-':>8s}")
-            print(f"{share:6.0%} {name:>24s} {q['perplexity']:10.3f} {q['perplexity'] / exact - 1:+8.2%} "
+            print(f"{share:6.0%} {name:>30s} {q['perplexity']:10.3f} {q['perplexity'] / exact - 1:+8.2%} "
                   f"{q['skipped_rate']:8.1%} {q.get('substituted_rate', 0.0):8.1%} {q['low_served_rate']:7.1%} "
                   f"{q['bytes_read_per_token'] / 1e3:8.0f} "
                   f"{speed_cols}")

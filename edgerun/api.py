@@ -363,9 +363,10 @@ def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None
         routing's sum) instead of read from disk. 0 (default): exact. Behind a GPU tier, an expert the GPU holds is
         not missing.
     substitute_below: approximate decoding under a RAM budget: a decoded token's expert that is neither in RAM nor
-        being read, and whose routing weight is below this, is replaced by the most probable expert of its layer
-        that is in RAM (or on the GPU) and that the token did not choose, weighted by its own probability; with
-        none there it is left out (below skip_below) or read. 0 (default): exact. Applies where skip_below does.
+        being read, and whose routing weight is below this (and not below skip_below, which leaves it out), is
+        replaced by the most probable expert of its layer that is in RAM (or on the GPU) and that the token did not
+        choose, weighted by its own probability; with none there it is read. 0 (default): exact. Applies where
+        skip_below does.
     low_below: approximate decoding with a store's low-bit copies of its experts (`edgerun convert STORE
         --low-bits q2`): a decoded token's expert that is not in RAM and weighs less than this is read from its
         2- or 3-bit copy (about half or three quarters of the bytes); a copy used again is upgraded to the

@@ -237,7 +237,7 @@ def test_live_panel_of_an_offloaded_model(paths):
     assert f"{len(experts.cache.resident())} of 32 experts in RAM" in heat_html
     assert "approximate" not in stats_html  # exact decoding
     experts.close()
-    experts = offload(small, slots=6, substitute_below=0.999, skip_below=0.999)
+    experts = offload(small, slots=6, substitute_below=0.999, skip_below=0.3)
     small.generate_ids(small.tokenizer.encode("Hello"), 10, temperature=0.8, seed=4, ignore_eos=True)
     stats = small.stats()
     _, stats_html, _ = chat.ChatApp(small).live()

@@ -210,12 +210,12 @@ def test_light_misses_behind_the_tier_are_replaced_by_what_either_tier_holds(sto
     assert stats["decode_bytes_read"] == seen["reads"] * store.chunk_bytes  # a replaced expert is never read
     assert np.allclose(got[0], want[0], atol=1e-4) and not np.allclose(got, want, atol=1e-3)
     experts.close()
-    # with skip_below as well, what nothing stands in for is left out: decoding reads nothing from the store
-    host = OffloadedExperts(store, act, 4, prefetch=False, substitute_below=0.999, skip_below=0.999)
+    # with skip_below as well, the misses below it are left out and those from it up replaced, behind the tier too
+    host = OffloadedExperts(store, act, 4, prefetch=False, substitute_below=0.999, skip_below=0.3)
     model.use_experts(DeviceTier(host, store.expert_layout, act, "cpu", 3, None, misses=misses)).close()
     model.logits(PROMPT + ids, decode=True)
     stats = model.stats()
-    assert stats["decode_bytes_read"] == 0 and stats["substituted_experts"] > 0 and stats["skipped_experts"] > 0
+    assert stats["substituted_experts"] > 0 and stats["skipped_experts"] > 0
     assert 0 < stats["skipped_rate"] < 1 and 0 < stats["substituted_rate"] < 1
     model.experts.close()
 

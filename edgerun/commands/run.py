@@ -79,8 +79,8 @@ def add_approximate_args(p: argparse.ArgumentParser) -> None:
                         "routing weight is below W, instead of reading it (default 0: exact)." + per_layer)
     p.add_argument("--substitute-below", type=layer_weights, default=0.0, metavar="W",
                    help="approximate decoding under --ram: compute, in place of a token's expert that is not in RAM "
-                        "and whose routing weight is below W, the most probable expert of its layer that is in RAM "
-                        "(default 0: exact)." + per_layer)
+                        "and whose routing weight is below W (and not below --skip-below, which leaves it out), the "
+                        "most probable expert of its layer that is in RAM (default 0: exact)." + per_layer)
     p.add_argument("--low-below", type=layer_weights, default=0.0, metavar="W",
                    help="approximate decoding under --ram: read a token's expert that is not in RAM and whose "
                         "routing weight is below W from its low-bit copy (`edgerun convert STORE --low-bits q2`) "

@@ -120,9 +120,11 @@ class OffloadedExperts(RoutedExperts):
         # approximate decoding: a decoded token's expert that is not in memory and weighs less than skip_below (of
         # its layer) is left out, the other experts' weights scaled back to the routing's sum when renormalize
         self.skip_below, self.renormalize = as_setting(self._skip), renormalize
-        # a decoded token's expert that is not in memory and weighs less than substitute_below is replaced by the
-        # layer's most probable expert in memory that the token did not choose, weighted by its own probability
-        # (scaled as the routing scaled the expert it replaces); left out or read, as above, when none is in memory
+        # a decoded token's expert that is not in memory and weighs from skip_below up to substitute_below is
+        # replaced by the layer's most probable expert in memory that the token did not choose, weighted by its own
+        # probability (scaled as the routing scaled the expert it replaces); read when none is in memory. The
+        # lightest are left out rather than replaced: a replacement costs the compute of an expert, and where the
+        # budget holds half the experts computing, not reading, sets the pace
         self.substitute_below = as_setting(self._sub)
         # a decoded token's expert that is not in memory and weighs less than low_below is read from its low-bit
         # copy; a low copy serves only such tokens (a heavier one, or prefill, reads the chunk over it), and one
@@ -349,8 +351,8 @@ class OffloadedExperts(RoutedExperts):
 
     def _light_misses(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor):
         """idx, weights [1, K] with the experts that are neither cached (here or in a tier in front) nor being
-        read and weigh less than substitute_below replaced by experts in memory, and those that weigh less than
-        skip_below (and were not replaced) left out, with the thresholds of the layer."""
+        read and weigh less than skip_below left out, and those that weigh from skip_below up to substitute_below
+        replaced by experts in memory, with the thresholds of the layer."""
         pos = self.pos[layer]
         skip_below, substitute_below = self._skip[pos], self._sub[pos]
         chosen, w = idx[0].tolist(), weights[0].tolist()
@@ -360,7 +362,7 @@ class OffloadedExperts(RoutedExperts):
             return idx, weights
         probs, replaced = None, set()
         for k in light:
-            if w[k] < substitute_below:
+            if skip_below <= w[k] < substitute_below:
                 if probs is None:  # the router's probability of every expert: x is this layer's router input
                     probs = self.decoder.lookahead(layer, layer, x).probs[0].float().tolist()
                 e = chosen[k]
