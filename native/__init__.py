@@ -25,6 +25,8 @@ reference.matmul_int8 computes it exactly.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from ..store import quant
@@ -107,8 +109,14 @@ def set_threads(n: int) -> None:
     config.set_threads(n)
 
 
+_threads_set = threading.local()  # the number each thread last set numba to (numba's setting is per thread)
+
+
 def _threads() -> int:
-    return _kernels.use_threads(config.threads(_kernels.max_threads()))
+    n = config.threads(_kernels.max_threads())
+    if getattr(_threads_set, "n", None) != n:  # asking numba costs more than the small kernels of a decode step
+        _threads_set.n = _kernels.use_threads(n)
+    return n
 
 
 def _check_matrix(qs: np.ndarray, scales: np.ndarray, in_features: int, what: str = "matrix") -> int:

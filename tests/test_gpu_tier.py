@@ -184,21 +184,20 @@ def test_light_misses_behind_the_tier_are_replaced_by_what_either_tier_holds(sto
     model.use_experts(experts).close()
     real, seen = host._light_misses, {"substituted": 0, "from_the_device": 0, "reads": 0}
 
-    def checked(layer, x, idx, weights):
+    def checked(layer, x, chosen, weights, probs=None):
         pos = host.pos[layer]
         in_ram = {e for e in range(8) if host._complete((pos, e))}
         on_device = {e for e in range(8) if experts.cache.contains((pos, e))}
-        got_idx, got_w = real(layer, x, idx, weights)
-        probs = model.decoder.lookahead(layer, layer, x).probs[0]
-        chosen = idx[0].tolist()
-        for k, (e, sub) in enumerate(zip(chosen, got_idx[0].tolist())):
+        got_idx, got_w = real(layer, x, chosen, weights, probs)
+        router = model.decoder.lookahead(layer, layer, x).probs[0]
+        for k, (e, sub) in enumerate(zip(chosen, got_idx)):
             held = in_ram | on_device
-            free = [c for c in held if c not in chosen and c not in got_idx[0, :k].tolist()]
+            free = [c for c in held if c not in chosen and c not in got_idx[:k]]
             if e in held or host.cache.contains((pos, e)) or not free:
                 assert sub == e  # held (or being read), or nothing to stand in: as routed
                 seen["reads"] += not host.cache.contains((pos, e)) and e not in on_device
                 continue
-            assert sub == max(free, key=lambda c: float(probs[c]))  # the most probable expert either tier holds
+            assert sub == max(free, key=lambda c: float(router[c]))  # the most probable expert either tier holds
             seen["substituted"] += 1
             seen["from_the_device"] += sub not in in_ram
         return got_idx, got_w

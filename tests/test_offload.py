@@ -688,23 +688,22 @@ def test_light_experts_missing_from_ram_are_replaced_by_experts_in_memory_when_a
     experts = offload(model, slots=8, prefetch=False, substitute_below=0.999)  # every miss but a lone expert's
     real, seen = experts._light_misses, {"substituted": 0, "reads": 0}
 
-    def checked(layer, x, idx, weights):
+    def checked(layer, x, chosen, weights, probs=None):
         # what the routing asked for against what is computed, the router's probabilities computed here
         pos = experts.pos[layer]
-        probs = torch.softmax(x.float() @ model.decoder.moe[layer].router.w["router"].float().T, dim=-1)[0]
+        router = torch.softmax(x.float() @ model.decoder.moe[layer].router.w["router"].float().T, dim=-1)[0]
         cached = {e for e in range(8) if experts.cache.contains((pos, e))}
-        got_idx, got_w = real(layer, x, idx, weights)
-        assert got_idx.shape == idx.shape  # nothing left out without skip_below
-        chosen = idx[0].tolist()
-        for k, (e, w) in enumerate(zip(chosen, weights[0].tolist())):
-            sub, sub_w = int(got_idx[0, k]), float(got_w[0, k])
-            free = [c for c in cached if c not in chosen and c not in got_idx[0, :k].tolist()]
+        got_idx, got_w = real(layer, x, chosen, weights, probs)
+        assert len(got_idx) == len(chosen)  # nothing left out without skip_below
+        for k, (e, w) in enumerate(zip(chosen, weights)):
+            sub, sub_w = got_idx[k], got_w[k]
+            free = [c for c in cached if c not in chosen and c not in got_idx[:k]]
             if e in cached or not free:
                 assert (sub, sub_w) == (e, pytest.approx(w))  # in memory, or nothing to stand in: as routed
                 seen["reads"] += e not in cached
                 continue
-            assert sub == max(free, key=lambda c: float(probs[c]))  # the most probable expert in memory
-            assert sub_w == pytest.approx(w * float(probs[sub] / probs[e]), rel=1e-4)
+            assert sub == max(free, key=lambda c: float(router[c]))  # the most probable expert in memory
+            assert sub_w == pytest.approx(w * float(router[sub] / router[e]), rel=1e-4)
             seen["substituted"] += 1
         return got_idx, got_w
     experts._light_misses = checked
@@ -721,17 +720,15 @@ def test_light_experts_missing_from_ram_are_replaced_by_experts_in_memory_when_a
     experts = offload(model, slots=8, prefetch=False, substitute_below=0.999, skip_below=0.3)
     real, seen = experts._light_misses, {"left out": 0, "replaced": 0}
 
-    def banded(layer, x, idx, weights):
+    def banded(layer, x, chosen, w, probs=None):
         pos = experts.pos[layer]
-        chosen, w = idx[0].tolist(), weights[0].tolist()
         missing = [k for k, e in enumerate(chosen) if not experts.cache.contains((pos, e))]
-        got_idx, _ = real(layer, x, idx, weights)
-        got = got_idx[0].tolist()
+        got, got_w = real(layer, x, chosen, w, probs)
         lightest = [k for k in missing if w[k] < 0.3]
         assert len(got) == len(chosen) - len(lightest) and not {chosen[k] for k in lightest} & set(got)
         seen["left out"] += len(lightest)
         seen["replaced"] += sum(chosen[k] not in got for k in missing if 0.3 <= w[k])  # a stand-in is not chosen
-        return got_idx, _
+        return got, got_w
     experts._light_misses = banded
     model.logits(PROMPT + ids, decode=True)
     stats = model.stats()

@@ -212,12 +212,12 @@ class TokenLayers:
             xt = torch.from_numpy(self.x.copy())
             if self.in_slots and type(ffn) is MoE and ffn.experts is self.experts:
                 r = ffn.routing(xt)
-                got = self.experts.in_slots(ffn.layer, xt, r.idx, r.weights)
+                got = self.experts.in_slots(ffn.layer, xt, r.idx, r.weights, r.probs)
                 if isinstance(got, tuple):  # the kernel computes them, as the container's own call would
                     slots, w = got
                     self.idx[first] = -1
                     self.idx[first, :len(slots)] = slots
-                    self.weights[first, :len(slots)] = w.numpy()
+                    self.weights[first, :len(slots)] = w
                     resume = True
                     continue
                 x += got.numpy()

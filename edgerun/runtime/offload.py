@@ -302,84 +302,93 @@ class OffloadedExperts(RoutedExperts):
     def __call__(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return self._routed(layer, x, idx, weights)
 
-    def in_slots(self, layer: int, x: torch.Tensor, idx: torch.Tensor,
-                 weights: torch.Tensor) -> tuple[list[int], torch.Tensor] | torch.Tensor:
+    def in_slots(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
+                 probs: torch.Tensor | None = None) -> tuple[list[int], list[float]] | torch.Tensor:
         """What the call computes for one token x [1, D], up to the experts: where each of them is whole in a cache
-        slot once the schedule is done, their slots and weights [K'] (after light misses) for the caller to compute
-        (the decode step's kernel: runtime/fused.py); otherwise the output, as the call gives it."""
-        return self._routed(layer, x, idx, weights, in_slots=True)
+        slot once the schedule is done, their slots and weights (after light misses) for the caller to compute
+        (the decode step's kernel: runtime/fused.py); otherwise the output, as the call gives it. probs [1, E]: the
+        router's probabilities for x where the caller has them (else light misses run the router again)."""
+        return self._routed(layer, x, idx, weights, in_slots=True, probs=probs)
 
-    def _routed(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, in_slots: bool = False):
+    def _routed(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, in_slots: bool = False,
+                probs: torch.Tensor | None = None):
         self._x = x
         pos = self.pos[layer]
-        chosen = idx[0].tolist() if self._decode else None
-        if self._decode and (self._lowb[pos] > 0 or self.low_when_late):
-            self._weight = dict(zip(chosen, weights[0].tolist()))
-        idx, weights = self.light_misses(layer, x, idx, weights)
-        if not idx.shape[1]:
-            out = torch.zeros_like(x)
-        elif x.shape[0] == 1:
-            out = self._one_token(layer, x, idx, weights, in_slots)
-        else:
+        if x.shape[0] != 1:
             out = super().__call__(layer, x, idx, weights)
+            if self._decode:
+                self.cache.policy.observe(pos, idx[0].tolist())
+            return out
+        chosen, w = idx[0].tolist(), weights[0].tolist()  # one token: lists from here on
+        if self._decode and (self._lowb[pos] > 0 or self.low_when_late):
+            self._weight = dict(zip(chosen, w))
+        used, used_w = chosen, w
+        if self._decode and self._light[pos] > 0:
+            used, used_w = self._light_misses(layer, x, chosen, w, probs)
+        if not used:
+            out = torch.zeros_like(x)
+        else:
+            out = self._one_token(layer, x, used, used_w, in_slots)
         if self._decode:
             self.cache.policy.observe(pos, chosen)
         return out
 
-    def _one_token(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, in_slots: bool):
+    def _one_token(self, layer: int, x: torch.Tensor, chosen: list[int], w: list[float], in_slots: bool):
         """A token's experts: in one kernel call when the schedule finds every one of them in memory (or, in_slots,
         their slots and weights), else one by one as their reads arrive (RoutedExperts.one_by_one)."""
-        chosen = idx[0].tolist()
         order = self.schedule(layer, chosen)
         pos = self.pos[layer]
         if any(e in self._scratch or not self._complete((pos, e)) for e in order):
-            return self.one_by_one(layer, x, chosen, order, weights)
+            return self.one_by_one(layer, x, chosen, order, torch.tensor([w]))
         slots = [self._acquire(layer, e)[0] for e in chosen]
         if in_slots:
-            return slots, weights[0]
+            return slots, w
         experts = []
         for slot in slots:
             (gu_qs, gu_scales), (d_qs, d_scales) = self.pool.views(slot)
             experts.append((gu_qs, gu_scales, d_qs, d_scales, *(self.pool.biases(slot) or (None, None))))
-        return self.in_one_call(x, experts, weights)
+        return self.in_one_call(x, experts, torch.tensor([w]))
 
     def light_misses(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor):
         pos = self.pos[layer]
         if not self._decode or self._light[pos] <= 0 or idx.shape[0] != 1:
             return idx, weights
-        return self._light_misses(layer, x, idx, weights)
+        chosen, w = self._light_misses(layer, x, idx[0].tolist(), weights[0].tolist())
+        return torch.tensor([chosen], dtype=idx.dtype), torch.tensor([w], dtype=weights.dtype)
 
-    def _light_misses(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor):
-        """idx, weights [1, K] with the experts that are neither cached (here or in a tier in front) nor being
-        read and weigh less than skip_below left out, and those that weigh from skip_below up to substitute_below
-        replaced by experts in memory, with the thresholds of the layer."""
+    def _light_misses(self, layer: int, x: torch.Tensor, chosen: list[int], w: list[float],
+                      probs: torch.Tensor | None = None) -> tuple[list[int], list[float]]:
+        """A decoded token's experts `chosen` and weights `w` with those that are neither cached (here or in a tier
+        in front) nor being read and weigh less than skip_below left out, and those that weigh from skip_below up
+        to substitute_below replaced by experts in memory, with the thresholds of the layer. probs [1, E]: the
+        router's probabilities for x, if the caller has them."""
         pos = self.pos[layer]
-        skip_below, substitute_below = self._skip[pos], self._sub[pos]
-        chosen, w = idx[0].tolist(), weights[0].tolist()
+        skip_below, substitute_below, below = self._skip[pos], self._sub[pos], self._light[pos]
         light = [k for k, (e, wk) in enumerate(zip(chosen, w))
-                 if wk < self._light[pos] and not self.cache.contains((pos, e)) and not self.elsewhere((pos, e))]
+                 if wk < below and not self.cache.contains((pos, e)) and not self.elsewhere((pos, e))]
         if not light:
-            return idx, weights
-        probs, replaced = None, set()
+            return chosen, w
+        chosen, w, replaced, p = list(chosen), list(w), set(), None
         for k in light:
             if skip_below <= w[k] < substitute_below:
-                if probs is None:  # the router's probability of every expert: x is this layer's router input
-                    probs = self.decoder.lookahead(layer, layer, x).probs[0].float().tolist()
+                if p is None:  # the router's probability of every expert (x is this layer's router input)
+                    p = (self.decoder.lookahead(layer, layer, x).probs if probs is None else probs)[0].float().tolist()
                 e = chosen[k]
-                sub = self._substitute(pos, chosen, probs) if e < len(probs) else None  # not an `always` expert
+                sub = self._substitute(pos, chosen, p) if e < len(p) else None  # not an `always` expert
                 if sub is not None:
-                    w[k] = w[k] * probs[sub] / probs[e] if probs[e] > 0 else 0.0
+                    w[k] = w[k] * p[sub] / p[e] if p[e] > 0 else 0.0
                     chosen[k] = sub
                     replaced.add(k)
         self.substituted += len(replaced)
         keep = [k for k in range(len(chosen)) if k not in light or k in replaced or w[k] >= skip_below]
         self.skipped += len(chosen) - len(keep)
-        new_idx = torch.tensor([chosen], dtype=idx.dtype)[:, keep]
-        new_w = torch.tensor([w], dtype=weights.dtype)
-        kept = new_w[:, keep]
-        if self.renormalize and keep and len(keep) < len(chosen):
-            kept = kept * (new_w.sum() / kept.sum())
-        return new_idx, kept
+        if len(keep) == len(chosen):
+            return chosen, w
+        kept_w = [w[k] for k in keep]
+        if self.renormalize and sum(kept_w) > 0:
+            scale = sum(w) / sum(kept_w)
+            kept_w = [v * scale for v in kept_w]
+        return [chosen[k] for k in keep], kept_w
 
     def _substitute(self, pos: int, chosen: list[int], probs: list[float]) -> int | None:
         """The most probable expert of layer position pos whose whole chunk is in memory (in a tier in front, or
@@ -540,7 +549,7 @@ class OffloadedExperts(RoutedExperts):
         if not self.cache.contains(key):
             return False
         req = self._pending.get(key)
-        return req is None or req.done.is_set() and req.error is None and req.offset == self.store.chunk_bytes
+        return req is None or req.done.is_set() and req.error is None and req.offset == self.pool.size
 
     def _hold(self, key: tuple[int, int], slot: int) -> HeldChunk:
         """The slot's chunk, which no admission evicts until it is released."""
@@ -641,7 +650,7 @@ class OffloadedExperts(RoutedExperts):
         for key in stale:
             req = self._pending.pop(key)
             self.reader.cancel(req)
-            if req.done.is_set() and req.state != QUEUED and req.error is None and req.offset == self.store.chunk_bytes:
+            if req.done.is_set() and req.state != QUEUED and req.error is None and req.offset == self.pool.size:
                 continue  # it arrived complete: keep it cached
             self.cache.remove(key)
             self._prefetched.discard(key)
