@@ -9,7 +9,8 @@ RAM cache of 25% and 50% of them, scores the first --tokens held-out tokens one 
 (`Model.logits(ids, decode=True)`, in windows of its 256-token context, each token once), against exact decoding:
 perplexity, the shares of decoded experts left out, replaced and served by copies, and the bytes read per token.
 "calibrated per layer" replaces light misses below thresholds of each layer that `edgerun.calibrate` picks for 1%
-at that budget on the --calibration-tokens held-out tokens after the scored ones.
+at that budget on the --calibration-tokens held-out tokens after the scored ones; "calibrated per layer, skip 0.2"
+leaves out the light misses below 0.2 and replaces those from 0.2 up to the same thresholds.
 
 Speed: the store of `routing_trace.py` (generated in --workdir if missing, q2 or q3 copies added as each setting
 needs) with the Mixtral trace's routing and weights, `edgerun bench --ram BUDGET --cold --routing-trace TRACE`
@@ -25,7 +26,8 @@ layers, the first quarter those of its first layer).
         --settings "skip 0.2" "skip 0.25" "skip 0.3" "substitute 0.25" "substitute 0.3" "substitute 0.35" \
         "substitute 0.4" "substitute 0.5" "calibrated per layer" "q3 all misses" "q2 below 0.5"
     python benchmarks/light_misses.py --workdir ../trace-model --out larger.json --model larger --reuse-quality \
-        --settings "calibrated per layer"    # speed of its calibrated thresholds on the trace store
+        --settings "calibrated per layer" "calibrated per layer, skip 0.2"   # their speed on the trace store (and
+                                                                            # the quality of a setting the file lacks)
 """
 
 from __future__ import annotations
