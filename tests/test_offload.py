@@ -80,6 +80,9 @@ def test_plan_splits_the_budget():
         split_budget(budget=400 << 20, **kw)
     minimum = float(e.value.args[0].split("minimum of ")[1].split(" MiB")[0]) * (1 << 20)
     assert minimum >= (300 + 100 + 50 + 20 + 4 * 10) << 20  # what every token needs and 2 x top_k slots
+    # the line names every part of it, the process's own memory first
+    assert "(the process itself 300.00 MiB, weights 100.00 MiB, KV cache 50.00 MiB, scratch 20.00 MiB, 4 expert " \
+        "slots of 10.00 MiB, and a margin)" in e.value.args[0]
     assert split_budget(budget=int(minimum) + (1 << 20), **kw).slots >= 4
 
 

@@ -280,9 +280,9 @@ def split_budget(*, budget: int, given: bool, baseline: int, resident: int, kv_c
         where = "the budget" if given else "this machine's available RAM (less a safety margin)"
         raise BudgetError(
             f"{where} of {format_size(budget)} is below the minimum of {format_size(minimum)} for this model "
-            f"with a {context_length}-token context (weights {format_size(resident)}, KV cache "
-            f"{format_size(kv_cache)}, {min_slots} expert slots of {format_size(slot_bytes)}); give more RAM or a "
-            f"shorter context"
+            f"with a {context_length}-token context (the process itself {format_size(baseline)}, weights "
+            f"{format_size(resident)}, KV cache {format_size(kv_cache)}, scratch {format_size(scratch)}, "
+            f"{min_slots} expert slots of {format_size(slot_bytes)}, and a margin); give more RAM or a shorter context"
         )
     slots = min(total_experts, max(min_slots, (budget - fixed) // slot_bytes)) if slot_bytes else 0
     return MemoryPlan(budget, baseline, resident, kv_cache, scratch, safety, slot_bytes, int(slots), total_experts,
