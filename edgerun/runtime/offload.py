@@ -549,7 +549,11 @@ class OffloadedExperts(RoutedExperts):
         if not self.cache.contains(key):
             return False
         req = self._pending.get(key)
-        return req is None or req.done.is_set() and req.error is None and req.offset == self.pool.size
+        return req is None or self._whole(req)
+
+    def _whole(self, req: ReadRequest) -> bool:
+        """Whether a read into a cache slot is done and left its whole chunk there (no error, not stopped early)."""
+        return req.done.is_set() and req.error is None and req.offset == self.pool.size
 
     def _hold(self, key: tuple[int, int], slot: int) -> HeldChunk:
         """The slot's chunk, which no admission evicts until it is released."""
@@ -650,7 +654,7 @@ class OffloadedExperts(RoutedExperts):
         for key in stale:
             req = self._pending.pop(key)
             self.reader.cancel(req)
-            if req.done.is_set() and req.state != QUEUED and req.error is None and req.offset == self.pool.size:
+            if req.state != QUEUED and self._whole(req):
                 continue  # it arrived complete: keep it cached
             self.cache.remove(key)
             self._prefetched.discard(key)
