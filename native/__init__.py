@@ -408,7 +408,13 @@ def low_to_q4(sections: list[np.ndarray], fmt: str, quarter: int, qs: np.ndarray
     C-contiguous."""
     if _kernels is None or not all(a.flags.c_contiguous for a in (*sections[:-1], qs)):
         return False
-    if fmt == "q2":
+    if quarter == 8:  # groups of 32: the flat loops
+        if fmt == "q2":
+            _kernels.low_q2_to_q4_g32(sections[0].reshape(-1).view(np.uint64), qs.reshape(-1).view(np.uint64))
+        else:
+            _kernels.low_q3_to_q4_g32(sections[0].reshape(-1).view(np.uint64), sections[1].reshape(-1).view(np.uint32),
+                                      qs.reshape(-1).view(np.uint64))
+    elif fmt == "q2":
         _kernels.low_q2_to_q4(sections[0].reshape(-1).view(np.uint64), qs.reshape(-1).view(np.uint64), quarter // 8)
     else:
         _kernels.low_q3_to_q4(sections[0].reshape(-1).view(np.uint32), sections[1].reshape(-1).view(np.uint32),

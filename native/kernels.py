@@ -1482,6 +1482,34 @@ def low_q3_to_q4(words, plane, out, per_block):
             out[dst + 3 * per_block + j] = ((w1 & high_bits) >> one) | (((p >> three) & ones) << three)
 
 
+@njit(**_OPTS)
+def low_q2_to_q4_g32(words, out):
+    """low_q2_to_q4 for groups of 32 (one 64-bit word a group), as one flat loop the compiler vectorizes."""
+    low_bits, high_bits = np.uint64(0x3333333333333333), np.uint64(0xCCCCCCCCCCCCCCCC)
+    two = np.uint64(2)
+    for g in range(words.shape[0]):
+        w = words[g]
+        out[2 * g] = (w & low_bits) << two
+        out[2 * g + 1] = w & high_bits
+
+
+@njit(**_OPTS)
+def low_q3_to_q4_g32(words, plane, out):
+    """low_q3_to_q4 for groups of 32, two q4 blocks to a 64-bit word: a group's 2-bit words w0, w1 are one word
+    w = w0 | w1 << 32, its plane word p becomes p | p << 31 (p in the low half, p >> 1 in the high one, the bit p
+    puts at 31 masked off), and the low-half and high-half results of low_q3_to_q4 come out of the same 64-bit
+    operations (no shift moves a masked bit across the halves)."""
+    low_bits, high_bits = np.uint64(0x3333333333333333), np.uint64(0xCCCCCCCCCCCCCCCC)
+    ones = np.uint64(0x1111111111111111)
+    one, two, three, spread = np.uint64(1), np.uint64(2), np.uint64(3), np.uint64(31)
+    for g in range(plane.shape[0]):
+        w = words[g]
+        p = np.uint64(plane[g])
+        p = p | (p << spread)
+        out[2 * g] = ((w & low_bits) << one) | ((p & ones) << three)
+        out[2 * g + 1] = ((w & high_bits) >> one) | (((p >> two) & ones) << three)
+
+
 # ---------------------------------------------------------------- the expert cache policy's arithmetic
 # runtime/policy.ForecastPolicy's observe and expected_next_use on one layer's small arrays, in one call each instead
 # of some forty NumPy calls (the policy's NumPy code is the reference; no fastmath: its choices must match).

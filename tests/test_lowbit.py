@@ -71,6 +71,18 @@ def test_the_kernels_make_the_references_copy_byte_for_byte(fmt):
 
 
 @pytest.mark.parametrize("fmt", lowbit.FORMATS)
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_the_kernels_expand_a_copy_as_numpy_does_at_every_group_size(fmt, group):
+    w = np.random.default_rng(3).standard_normal((48, 256)).astype(np.float32)
+    sections = lowbit.quantize(w, fmt, group)
+    quarter = group // 4
+    got, want = np.empty((48, 128), dtype=np.uint8), np.empty((48, 128), dtype=np.uint8)
+    assert native.low_to_q4(sections, fmt, quarter, got)  # groups of 32 take their own flat loop
+    lowbit._q4_words(sections, fmt, quarter, want)
+    assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("fmt", lowbit.FORMATS)
 def test_scales_are_divided_as_float16_divides_them(fmt):
     every = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
     finite = every[np.isfinite(every)].reshape(-1, 8)
