@@ -257,6 +257,71 @@ def test_a_late_expert_is_read_from_its_copy_whatever_its_weight_and_serves_heav
     experts.close()
 
 
+def test_a_copy_in_memory_stands_in_for_a_light_miss_as_it_is(stores, monkeypatch):
+    """With copies and replacements both on, a copy in the cache stands in for a light miss as a chunk would, and is
+    computed as it is: neither read over by its chunk nor read again."""
+    monkeypatch.setattr(native, "INT_DOT", False)
+    model = edgerun.load(stores / "q4")
+    experts = offload(model, slots=4, prefetch=False, low_below=0.999, substitute_below=0.5)
+    store = experts.store
+    layer = store.moe_layers[0]
+    x = torch.randn(1, 128)
+
+    def ffn(e: int) -> np.ndarray:
+        chunk = np.zeros(store.chunk_bytes, dtype=np.uint8)
+        store.low_layout.expand(np.fromfile(store.low_path(layer, e), dtype=np.uint8), chunk)
+        (gq, gs), (dq, ds) = store.expert_layout.views(chunk)
+        out = np.empty((1, 128), dtype=np.float32)
+        native.expert_ffn(x.numpy(), gq, gs, dq, ds, experts.activation, out)
+        return out
+
+    experts.begin_step("decode", 1)
+    experts(layer, x, torch.tensor([[6, 1]]), torch.tensor([[0.8, 0.2]]))  # nothing in memory yet: both read
+    assert experts.stats()["low_reads"] == 2 and experts.stats()["substituted_experts"] == 0
+    experts.begin_step("decode", 1)
+    got = experts(layer, x, torch.tensor([[2, 3]]), torch.tensor([[0.7, 0.3]]))
+    router = torch.softmax(x @ model.decoder.moe[layer].router.w["router"].float().T, dim=-1)[0]
+    sub = max((6, 1), key=lambda e: float(router[e]))  # the more probable of the copies in memory
+    want = 0.7 * ffn(2) + 0.3 * float(router[sub] / router[3]) * ffn(sub)
+    assert np.allclose(got.numpy(), want, atol=1e-5)
+    stats = experts.stats()
+    assert stats["substituted_experts"] == 1 and stats["low_read_overs"] == 0
+    assert stats["low_reads"] == 3 and stats["bytes_read"] == 3 * store.low_layout.nbytes  # only expert 2 read
+    experts.close()
+
+
+def test_a_copy_read_ahead_into_scratch_serves_a_light_token_and_is_dropped_for_a_heavy_one(stores, monkeypatch):
+    """A forecast the cache declines is read ahead into a scratch slot as a copy when its forecast weight is below
+    low_below; the token that then weighs it below too computes the copy, one that weighs it more reads the chunk."""
+    monkeypatch.setattr(native, "INT_DOT", False)
+    model = edgerun.load(stores / "q4")
+    experts = offload(model, slots=4, prefetch=False, low_below=0.5)
+    store = experts.store
+    layer = store.moe_layers[0]
+    x = torch.randn(1, 128)
+
+    def ffn(e: int, copy: bool) -> np.ndarray:
+        chunk = store.map_expert(layer, e)
+        if copy:
+            chunk = np.zeros(store.chunk_bytes, dtype=np.uint8)
+            store.low_layout.expand(np.fromfile(store.low_path(layer, e), dtype=np.uint8), chunk)
+        (gq, gs), (dq, ds) = store.expert_layout.views(chunk)
+        out = np.empty((1, 128), dtype=np.float32)
+        native.expert_ffn(x.numpy(), gq, gs, dq, ds, experts.activation, out)
+        return out
+
+    for light, heavy in ((2, 6), (5, 1)):
+        experts.begin_step("decode", 1)
+        experts._read_ahead((0, light), low=True)
+        experts._read_ahead((0, heavy), low=True)
+        got = experts(layer, x, torch.tensor([[heavy, light]]), torch.tensor([[0.7, 0.3]]))
+        assert np.allclose(got.numpy(), 0.7 * ffn(heavy, False) + 0.3 * ffn(light, True), atol=1e-5)
+        assert not experts._ahead
+    stats = experts.stats()
+    assert stats["low_reads"] == 4 and stats["low_served"] == 2
+    experts.close()
+
+
 def test_experts_read_ahead_stay_exact_with_low_when_late(stores):
     """Decoding with read-ahead: what the read-ahead brings is read as chunks, what it missed as copies, so the
     bytes read lie between exact decoding's and that of copies for every miss."""

@@ -379,6 +379,8 @@ class OffloadedExperts(RoutedExperts):
                     w[k] = w[k] * p[sub] / p[e] if p[e] > 0 else 0.0
                     chosen[k] = sub
                     replaced.add(k)
+                    if (pos, sub) in self._low:
+                        self._weight[sub] = 0.0  # a low-bit copy standing in serves as it is: never read over
         self.substituted += len(replaced)
         keep = [k for k in range(len(chosen)) if k not in light or k in replaced or w[k] >= skip_below]
         self.skipped += len(chosen) - len(keep)
@@ -391,12 +393,13 @@ class OffloadedExperts(RoutedExperts):
         return [chosen[k] for k in keep], kept_w
 
     def _substitute(self, pos: int, chosen: list[int], probs: list[float]) -> int | None:
-        """The most probable expert of layer position pos whose whole chunk is in memory (in a tier in front, or
-        here and neither a low-bit copy nor being read) and that is not among `chosen`, or None."""
+        """The most probable expert of layer position pos that is in memory (in a tier in front, or here: its whole
+        chunk, or its low-bit copy, and not being read) and that is not among `chosen`, or None. A copy stands in as
+        well as a chunk: it is the light expert's replacement that is approximate, not the copy."""
         best = None
         for e, p in enumerate(probs):
             key = (pos, e)
-            if e in chosen or not self.elsewhere(key) and (key in self._low or not self._complete(key)):
+            if e in chosen or not self.elsewhere(key) and not self._complete(key):
                 continue
             if best is None or p > probs[best]:
                 best = e
@@ -450,8 +453,12 @@ class OffloadedExperts(RoutedExperts):
                 else:
                     ready.append(e)
                 continue
+            if key in self._ahead and self._ahead[key][1].low and not self._low_read(layer, e, demand=True):
+                self._drop_ahead(key)  # a copy read ahead that this token weighs too heavily for: read the chunk
             if key in self._ahead:  # read ahead into a scratch slot: kept in the cache if the policy takes it now
                 self.ahead_used += 1
+                if self._ahead[key][1].low:
+                    self.low_served += 1
                 if decode:
                     self._count_arrival(self._ahead[key][1])
                 if not self._adopt(key, self._pinned(needed)):
@@ -704,8 +711,8 @@ class OffloadedExperts(RoutedExperts):
                 else:
                     admitted = self.cache.admit(key, pinned=pinned)
                     if admitted is None:
-                        if speculate and not low and self._scratch_free:
-                            self._read_ahead(key)
+                        if speculate and self._scratch_free:
+                            self._read_ahead(key, low)
                         continue
                     slot, evicted = admitted
                     if evicted is not None:
@@ -716,13 +723,15 @@ class OffloadedExperts(RoutedExperts):
                 self.prefetches += 1
                 self._token_prefetches += 1
 
-    def _read_ahead(self, key: tuple[int, int]) -> None:
-        """Read a forecast expert the cache declined into a scratch slot, behind every other read."""
+    def _read_ahead(self, key: tuple[int, int], low: bool = False) -> None:
+        """Read a forecast expert the cache declined (its chunk, or its low-bit copy) into a scratch slot, behind
+        every other read."""
         slot = self._scratch_free.pop()
         req = self.reader.submit(None, self.layers[key[0]], key[1], self.pool.buffer(slot), demand=False,
-                                 speculative=True)
+                                 speculative=True, low=low)
         self._ahead[key] = (slot, req)
         self.ahead_reads += 1
+        self.low_reads += low
 
     def _adopt(self, key: tuple[int, int], pinned: set) -> bool:
         """Move a read ahead into the cache, in its scratch slot, if the policy now takes it; the slot the cache
@@ -739,7 +748,10 @@ class OffloadedExperts(RoutedExperts):
         req.key = key
         self._pending[key] = req
         self.reader.promote(req, PREFETCH)
-        self._low.pop(key, None)
+        if req.low:
+            self._low[key] = 0
+        else:
+            self._low.pop(key, None)
         return True
 
     def _drop_ahead(self, key: tuple[int, int]) -> None:
