@@ -10,7 +10,9 @@ RAM cache of 25% and 50% of them, scores the first --tokens held-out tokens one 
 perplexity, the shares of decoded experts left out, replaced and served by copies, and the bytes read per token.
 "calibrated per layer" replaces light misses below thresholds of each layer that `edgerun.calibrate` picks for 1%
 at that budget on the --calibration-tokens held-out tokens after the scored ones; "calibrated per layer, skip 0.2"
-leaves out the light misses below 0.2 and replaces those from 0.2 up to the same thresholds.
+leaves out the light misses below 0.2 and replaces those from 0.2 up to the same thresholds; "calibrated, q3 for
+the rest" (and with skip 0.2) reads every other miss from its q3 copy, read-ahead included, a copy in memory
+standing in for a light miss as a chunk would.
 
 Speed: the store of `routing_trace.py` (generated in --workdir if missing, q2 or q3 copies added as each setting
 needs) with the Mixtral trace's routing and weights, `edgerun bench --ram BUDGET --cold --routing-trace TRACE`
@@ -67,6 +69,8 @@ SETTINGS = [Setting("exact"), Setting("skip 0.2", skip=0.2), Setting("skip 0.25"
             Setting("substitute 0.35", sub=0.35), Setting("substitute 0.4", sub=0.4),
             Setting("substitute 0.5", sub=0.5), Setting("calibrated per layer", calibrated=True),
             Setting("calibrated per layer, skip 0.2", skip=0.2, calibrated=True),
+            Setting("calibrated, q3 for the rest", low=0.999, fmt="q3", calibrated=True),
+            Setting("calibrated, skip 0.2, q3 for the rest", skip=0.2, low=0.999, fmt="q3", calibrated=True),
             Setting("q3 below 0.5", low=0.5, fmt="q3"), Setting("q3 all misses", low=0.999, fmt="q3"),
             Setting("q3 when late", late=True, fmt="q3"),
             Setting("q3 when late, skip 0.25", skip=0.25, late=True, fmt="q3"),
@@ -175,12 +179,14 @@ def speed(a: argparse.Namespace, report: dict, t0: float) -> None:
             routing_trace.log(t0, f"making {fmt} copies in {store}")
             add_low_copies(store, fmt, progress=False)
             os.sync()  # the copies' writes reach the disk now, not during the next measurement
-    copies("q2")
-    budgets = {share: routing_trace.budget_for(store, share, a) for share in a.shares}
     plain = [s for s in a.settings if s.name not in QUALITY_ONLY and s.fmt != "q3"]
     q3 = [s for s in a.settings if s.name not in QUALITY_ONLY and s.fmt == "q3"]  # last, the copies made again
+    q2 = any(s.fmt == "q2" for s in plain)
+    if q2:
+        copies("q2")
+    budgets = {share: routing_trace.budget_for(store, share, a) for share in a.shares}
     for rnd in range(a.rounds):
-        if rnd:
+        if rnd and q2:
             copies("q2")
         turn = rnd * len(plain) // a.rounds  # each round starts at another setting: none always runs first
         for st in plain[turn:] + plain[:turn] + q3:
