@@ -99,7 +99,7 @@ def test_score_counts_the_bytes_a_setting_needs_without_speculative_reads(store,
     model = offloaded(store, 4, prefetch=True)
     experts, reads = model.experts, []
     read_ahead = experts._read_ahead
-    monkeypatch.setattr(experts, "_read_ahead", lambda key: reads.append(key) or read_ahead(key))
+    monkeypatch.setattr(experts, "_read_ahead", lambda key, low=False: reads.append(key) or read_ahead(key, low))
     s = score(model, IDS, bos=1)
     assert s.bytes_per_token > 0 and not reads and experts.speculate
     for start in range(0, len(IDS), 20):
