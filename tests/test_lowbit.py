@@ -186,36 +186,45 @@ def offload(model: edgerun.Model, slots: int, **kwargs) -> OffloadedExperts:
     return experts
 
 
-def test_a_light_miss_is_computed_from_its_copy_and_a_heavy_one_from_its_chunk(stores, monkeypatch):
-    monkeypatch.setattr(native, "INT_DOT", False)
+def one_layer(stores, monkeypatch, **approximate):
+    """The q4 model with its experts streaming through 4 slots (no read-ahead, the given approximate settings), its
+    first MoE layer, an input x [1, D], and out(e, copy=True): expert e's output for x, computed by the kernel from
+    its copy expanded into a q4 chunk (or, copy=False, from its chunk)."""
+    monkeypatch.setattr(native, "INT_DOT", False)  # one token at a time computes as a prefill does
     model = edgerun.load(stores / "q4")
-    experts = offload(model, slots=4, prefetch=False, low_below=0.3)
+    experts = offload(model, slots=4, prefetch=False, **approximate)
+    store, layer, x = experts.store, experts.store.moe_layers[0], torch.randn(1, 128)
+
+    def out(e: int, copy: bool = True) -> np.ndarray:
+        chunk = store.map_expert(layer, e)
+        if copy:
+            chunk = np.zeros(store.chunk_bytes, dtype=np.uint8)
+            store.low_layout.expand(np.fromfile(store.low_path(layer, e), dtype=np.uint8), chunk)
+        (gq, gs), (dq, ds) = store.expert_layout.views(chunk)
+        y = np.empty((1, x.shape[1]), dtype=np.float32)
+        native.expert_ffn(x.numpy(), gq, gs, dq, ds, experts.activation, y)
+        return y
+    return model, experts, layer, x, out
+
+
+def test_a_light_miss_is_computed_from_its_copy_and_a_heavy_one_from_its_chunk(stores, monkeypatch):
+    model, experts, layer, x, ffn = one_layer(stores, monkeypatch, low_below=0.3)
     store = experts.store
-    layer = store.moe_layers[0]
-    x = torch.randn(1, 128)
     idx, weights = torch.tensor([[6, 1]]), torch.tensor([[0.8, 0.2]])
     experts.begin_step("decode", 1)
     got = experts(layer, x, idx, weights)
 
-    def ffn(chunk: np.ndarray) -> np.ndarray:
-        (gq, gs), (dq, ds) = store.expert_layout.views(chunk)
-        out = np.empty((1, 128), dtype=np.float32)
-        native.expert_ffn(x.numpy(), gq, gs, dq, ds, experts.activation, out)
-        return out
-
-    heavy = ffn(store.map_expert(layer, 6))
-    light = np.zeros(store.chunk_bytes, dtype=np.uint8)
-    store.low_layout.expand(np.fromfile(store.low_path(layer, 1), dtype=np.uint8), light)
-    want = 0.8 * heavy + 0.2 * ffn(light)
+    heavy = ffn(6, copy=False)
+    want = 0.8 * heavy + 0.2 * ffn(1)
     assert np.allclose(got.numpy(), want, atol=1e-5)
-    assert not np.allclose(got.numpy(), 0.8 * heavy + 0.2 * ffn(store.map_expert(layer, 1)), atol=1e-4)
+    assert not np.allclose(got.numpy(), 0.8 * heavy + 0.2 * ffn(1, copy=False), atol=1e-4)
     stats = experts.stats()
     assert stats["low_reads"] == 1 and stats["low_served"] == 1 and stats["bytes_read"] == (
         store.chunk_bytes + store.low_layout.nbytes)
     # the same copy, now needed with a heavy weight, is read over by the chunk first
     experts.begin_step("decode", 1)
     got = experts(layer, x, torch.tensor([[1, 6]]), torch.tensor([[0.7, 0.3]]))
-    assert np.allclose(got.numpy(), 0.7 * ffn(store.map_expert(layer, 1)) + 0.3 * heavy, atol=1e-5)
+    assert np.allclose(got.numpy(), 0.7 * ffn(1, copy=False) + 0.3 * heavy, atol=1e-5)
     assert experts.stats()["low_read_overs"] == 1 and experts.stats()["low_served"] == 1
     experts.close()
 
@@ -223,20 +232,8 @@ def test_a_light_miss_is_computed_from_its_copy_and_a_heavy_one_from_its_chunk(s
 def test_a_late_expert_is_read_from_its_copy_whatever_its_weight_and_serves_heavier_tokens(stores, monkeypatch):
     """low_when_late: a decoded token's experts that no read-ahead brought are read from their copies, heavy or
     light; the copies then serve a heavy token too (nothing is read) and are marked for the upgrade."""
-    monkeypatch.setattr(native, "INT_DOT", False)
-    model = edgerun.load(stores / "q4")
-    experts = offload(model, slots=4, prefetch=False, low_when_late=True)
+    model, experts, layer, x, ffn = one_layer(stores, monkeypatch, low_when_late=True)
     store = experts.store
-    layer = store.moe_layers[0]
-    x = torch.randn(1, 128)
-
-    def ffn(e: int) -> np.ndarray:
-        chunk = np.zeros(store.chunk_bytes, dtype=np.uint8)
-        store.low_layout.expand(np.fromfile(store.low_path(layer, e), dtype=np.uint8), chunk)
-        (gq, gs), (dq, ds) = store.expert_layout.views(chunk)
-        out = np.empty((1, 128), dtype=np.float32)
-        native.expert_ffn(x.numpy(), gq, gs, dq, ds, experts.activation, out)
-        return out
 
     experts.begin_step("decode", 1)
     got = experts(layer, x, torch.tensor([[6, 1]]), torch.tensor([[0.8, 0.2]]))
@@ -260,20 +257,8 @@ def test_a_late_expert_is_read_from_its_copy_whatever_its_weight_and_serves_heav
 def test_a_copy_in_memory_stands_in_for_a_light_miss_as_it_is(stores, monkeypatch):
     """With copies and replacements both on, a copy in the cache stands in for a light miss as a chunk would, and is
     computed as it is: neither read over by its chunk nor read again."""
-    monkeypatch.setattr(native, "INT_DOT", False)
-    model = edgerun.load(stores / "q4")
-    experts = offload(model, slots=4, prefetch=False, low_below=0.999, substitute_below=0.5)
+    model, experts, layer, x, ffn = one_layer(stores, monkeypatch, low_below=0.999, substitute_below=0.5)
     store = experts.store
-    layer = store.moe_layers[0]
-    x = torch.randn(1, 128)
-
-    def ffn(e: int) -> np.ndarray:
-        chunk = np.zeros(store.chunk_bytes, dtype=np.uint8)
-        store.low_layout.expand(np.fromfile(store.low_path(layer, e), dtype=np.uint8), chunk)
-        (gq, gs), (dq, ds) = store.expert_layout.views(chunk)
-        out = np.empty((1, 128), dtype=np.float32)
-        native.expert_ffn(x.numpy(), gq, gs, dq, ds, experts.activation, out)
-        return out
 
     experts.begin_step("decode", 1)
     experts(layer, x, torch.tensor([[6, 1]]), torch.tensor([[0.8, 0.2]]))  # nothing in memory yet: both read
@@ -293,23 +278,7 @@ def test_a_copy_in_memory_stands_in_for_a_light_miss_as_it_is(stores, monkeypatc
 def test_a_copy_read_ahead_into_scratch_serves_a_light_token_and_is_dropped_for_a_heavy_one(stores, monkeypatch):
     """A forecast the cache declines is read ahead into a scratch slot as a copy when its forecast weight is below
     low_below; the token that then weighs it below too computes the copy, one that weighs it more reads the chunk."""
-    monkeypatch.setattr(native, "INT_DOT", False)
-    model = edgerun.load(stores / "q4")
-    experts = offload(model, slots=4, prefetch=False, low_below=0.5)
-    store = experts.store
-    layer = store.moe_layers[0]
-    x = torch.randn(1, 128)
-
-    def ffn(e: int, copy: bool) -> np.ndarray:
-        chunk = store.map_expert(layer, e)
-        if copy:
-            chunk = np.zeros(store.chunk_bytes, dtype=np.uint8)
-            store.low_layout.expand(np.fromfile(store.low_path(layer, e), dtype=np.uint8), chunk)
-        (gq, gs), (dq, ds) = store.expert_layout.views(chunk)
-        out = np.empty((1, 128), dtype=np.float32)
-        native.expert_ffn(x.numpy(), gq, gs, dq, ds, experts.activation, out)
-        return out
-
+    model, experts, layer, x, ffn = one_layer(stores, monkeypatch, low_below=0.5)
     for light, heavy in ((2, 6), (5, 1)):
         experts.begin_step("decode", 1)
         experts._read_ahead((0, light), low=True)
