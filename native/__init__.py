@@ -65,6 +65,8 @@ def warmup() -> None:
         warmup_decode()
         _kernels.low_q2_to_q4(np.zeros(2, np.uint64), np.zeros(4, np.uint64), 1)  # for low-bit copies
         _kernels.low_q3_to_q4(np.zeros(4, np.uint32), np.zeros(2, np.uint32), np.zeros(8, np.uint32), 2)
+        _kernels.low_q2_to_q4_g32(np.zeros(2, np.uint64), np.zeros(4, np.uint64))  # groups of 32
+        _kernels.low_q3_to_q4_g32(np.zeros(2, np.uint64), np.zeros(2, np.uint32), np.zeros(4, np.uint64))
         gate_up = quantize(rng.standard_normal((64, 64)).astype(np.float32), quant.MXFP4)
         down = quantize(rng.standard_normal((64, 32)).astype(np.float32), quant.MXFP4)
         for n_tok in (1, 3):
