@@ -453,14 +453,15 @@ class OffloadedExperts(RoutedExperts):
                 else:
                     ready.append(e)
                 continue
-            if key in self._ahead and self._ahead[key][1].low and not self._low_read(layer, e, demand=True):
+            ahead = self._ahead.get(key)
+            if ahead is not None and ahead[1].low and not self._low_read(layer, e, demand=True):
                 self._drop_ahead(key)  # a copy read ahead that this token weighs too heavily for: read the chunk
-            if key in self._ahead:  # read ahead into a scratch slot: kept in the cache if the policy takes it now
+                ahead = None
+            if ahead is not None:  # read ahead into a scratch slot: kept in the cache if the policy takes it now
                 self.ahead_used += 1
-                if self._ahead[key][1].low:
-                    self.low_served += 1
+                self.low_served += ahead[1].low
                 if decode:
-                    self._count_arrival(self._ahead[key][1])
+                    self._count_arrival(ahead[1])
                 if not self._adopt(key, self._pinned(needed)):
                     self._scratch[e] = self._ahead.pop(key)
                 loading.append(e)
