@@ -287,8 +287,8 @@ def test_a_copy_read_ahead_into_scratch_serves_a_light_token_and_is_dropped_for_
         assert np.allclose(got.numpy(), 0.7 * ffn(heavy, False) + 0.3 * ffn(light, True), atol=1e-5)
         assert not experts._ahead
         # the cache took the copy from its scratch slot (4 slots, nothing to evict) and knows it for a copy: a token
-        # that weighs it more reads the chunk over it
-        assert experts.cache.contains((0, light)) and (0, light) in experts._low
+        # that weighs it more reads the chunk over it; this token is the first it served (UPGRADE_AFTER counts them)
+        assert experts.cache.contains((0, light)) and experts._low[(0, light)] == 1
     stats = experts.stats()
     assert stats["low_reads"] == 4 and stats["low_served"] == 2
     experts.close()

@@ -464,6 +464,8 @@ class OffloadedExperts(RoutedExperts):
                     self._count_arrival(ahead[1])
                 if not self._adopt(key, self._pinned(needed)):
                     self._scratch[e] = self._ahead.pop(key)
+                elif ahead[1].low:
+                    self._low[key] = 1  # a copy adopted now: this token is the first it serves
                 loading.append(e)
                 continue
             admitted = self.cache.admit(key, pinned=self._pinned(needed))
