@@ -567,9 +567,8 @@ def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, pref
         kernel_threads()
         native.warmup()  # compile (or load the compiled kernels) now, not inside the first token
     baseline = current_rss()  # the process before the model's weights: interpreter, torch, kernels
-    plan = placement.place(layout, budget=budget, context=ctx, baseline=baseline,
-                           available=available_ram() + current_rss(),  # the process's own pages count as available
-                           gpu=request)
+    available = available_ram() + current_rss()  # the process's own pages count as available
+    plan = placement.place(layout, budget=budget, context=ctx, baseline=baseline, available=available, gpu=request)
     on_device = plan.gpu is not None and plan.gpu.dense
     store.huge_pages = plan.all_resident and not on_device
     weights = {}
@@ -596,6 +595,9 @@ def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, pref
             kernel_threads()  # measured just now: its figures apply from this first run on
         settings = placement.runtime_settings(profile, layout)
         behind = plan.gpu is not None  # a GPU tier copies what the RAM tier holds: no low-bit copy may be there
+        if (any(low_below) or low_when_late) and not behind:  # each reader's buffer for the copies it reads
+            plan = placement.place(layout, budget=budget, context=ctx, baseline=baseline, available=available,
+                                   gpu=request, staging=settings["readers"] * store.low_layout.nbytes)
         experts = OffloadedExperts(store, spec.activation, plan.slots, policy=policy, prefetch=prefetch,
                                    workers=settings["readers"], depth=settings["prefetch_depth"],
                                    skip_below=skip_below, low_below=0.0 if behind else low_below,

@@ -358,6 +358,25 @@ def test_a_copy_used_again_is_upgraded_when_the_disk_is_idle(stores):
     experts.close()
 
 
+def test_the_memory_plan_counts_each_readers_buffer_for_copies(stores, monkeypatch):
+    """A copy is read into its reader's own buffer before it is expanded into a slot: with copies on, the plan
+    counts one such buffer per reader among the scratch, and the slots give way to them."""
+    from test_offload import budget_for
+
+    store = ExpertStore(stores / "q4")
+    budget = budget_for(stores / "q4", 6, monkeypatch)  # half a slot above 6 slots: less than a copy's buffer
+    assert store.low_layout.nbytes > store.chunk_bytes // 2
+    plans = {}
+    for low in (0.0, 0.999):
+        model = edgerun.load(stores / "q4", context_length=64, ram=budget, low_below=low)
+        stats = model.stats()
+        plans[low] = stats["memory_plan"], stats["runtime_settings"]["readers"], model.experts.capacity
+    (exact, _, exact_slots), (copies, readers, slots) = plans[0.0], plans[0.999]
+    assert copies["scratch_bytes"] - exact["scratch_bytes"] == readers * store.low_layout.nbytes
+    assert copies["fixed_bytes"] + slots * copies["slot_bytes"] <= budget
+    assert slots == copies["slots"] < exact_slots == exact["slots"] == 6
+
+
 def test_load_and_bench_take_the_threshold(stores, capsys, monkeypatch):
     from test_offload import budget_for
 

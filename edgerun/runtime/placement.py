@@ -290,10 +290,11 @@ def split_budget(*, budget: int, given: bool, baseline: int, resident: int, kv_c
 
 
 def place(layout: ModelLayout, *, budget: int | None, context: int, baseline: int,
-          available: int | None = None, gpu: GpuRequest | None = None) -> MemoryPlan:
+          available: int | None = None, gpu: GpuRequest | None = None, staging: int = 0) -> MemoryPlan:
     """Split a RAM budget (and a GPU's, with `gpu`) for a model of `layout` with a `context`-token cache. budget
-    None: `available` (default: this machine's available RAM) less a margin. Raises BudgetError below the
-    minimum. `load` and `edgerun plan` both place a model with this."""
+    None: `available` (default: this machine's available RAM) less a margin. staging: buffers the expert readers
+    hold besides the slots (a low-bit copy is read into one before it is expanded into its slot), counted as
+    scratch. Raises BudgetError below the minimum. `load` and `edgerun plan` both place a model with this."""
     given = budget is not None
     if budget is None:
         budget = auto_budget(available if available is not None else available_ram())
@@ -302,7 +303,7 @@ def place(layout: ModelLayout, *, budget: int | None, context: int, baseline: in
                                  min(PREFILL_CHUNK, max(MIN_PREFILL_CHUNK, context)))
     device = plan_gpu(layout, gpu, context, chunk) if gpu is not None else None
     in_ram = device is None or not device.dense
-    staging = STAGING_CHUNKS * layout.chunk_bytes if device is not None else 0
+    staging += STAGING_CHUNKS * layout.chunk_bytes if device is not None else 0
     plan = split_budget(budget=budget, given=given, baseline=baseline,
                         resident=layout.resident_bytes if in_ram else 0,
                         kv_cache=layout.kv_bytes(context) if in_ram else 0,
