@@ -14,14 +14,17 @@ leaves out the light misses below 0.2 and replaces those from 0.2 up to the same
 the rest" (and with skip 0.2) reads every other miss from its q3 copy, read-ahead included, a copy in memory
 standing in for a light miss as a chunk would.
 
-Speed: the store of `routing_trace.py` (generated in --workdir if missing, q2 or q3 copies added as each setting
-needs) with the Mixtral trace's routing and weights, `edgerun bench --ram BUDGET --cold --routing-trace TRACE`
+Speed: the store of `routing_trace.py` of --hidden and --inter (by default the shape of the model measured against
+llama.cpp, hidden 2048 and expert width 5632, at the trace's 32 layers; generated in --workdir if missing, q2 or q3
+copies added as each setting needs) with the Mixtral trace's routing and weights, `edgerun bench --ram BUDGET --cold --routing-trace TRACE`
 with each setting's options in fresh processes, budgets of 25% and 50% of its experts; --rounds interleaved
 rounds, each starting at another setting, medians. The trace gives the probabilities of the experts it chose only,
 so an expert standing in for a light miss there is one in memory with no rank (and a weight of 0): it costs what a
 real one would (a computed expert, no read) but says nothing of quality, which the demo model measures. Its 32
 layers take the calibrated thresholds of the model measured for quality by depth (with the demo model's 4 MoE
-layers, the first quarter those of its first layer).
+layers, the first quarter those of its first layer). The shape matters: with a quarter of the expert size (--hidden
+1024 --inter 2816) the work of each layer that does not grow with its experts (scheduling the reads, attention)
+takes a larger share of a token, and where few bytes are read that work, not the disk, sets the pace.
 
     python benchmarks/light_misses.py --workdir ../trace-model --out light-misses.json
     python benchmarks/light_misses.py --workdir ../trace-model --out larger.json --model larger --skip-speed \
@@ -170,7 +173,7 @@ def speed(a: argparse.Namespace, report: dict, t0: float) -> None:
     from edgerun.store.lowbit import add_low_copies
     from edgerun.store.store import ExpertStore
 
-    a.hidden, a.inter, a.heads, a.kv_heads, a.prompt_tokens = 1024, 2816, 16, 4, 32
+    a.heads, a.kv_heads, a.prompt_tokens = 16, 4, 32
     store = routing_trace.make_store(Path(a.workdir), a, t0)
 
     def copies(fmt: str) -> None:
@@ -223,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", choices=["demo", "larger"], default="demo",
                    help="the model whose quality is measured and whose calibration the speed runs take (see above)")
     p.add_argument("--shares", type=float, nargs="+", default=[0.25, 0.5])
+    p.add_argument("--hidden", type=int, default=2048, help="speed: the store's hidden size (default 2048)")
+    p.add_argument("--inter", type=int, default=5632,
+                   help="speed: the store's expert width (default 5632: 19.5 MB q4 chunks, the shape of the model "
+                        "measured against llama.cpp; 2816 with --hidden 1024 gives 4.9 MB chunks)")
     p.add_argument("--tokens", type=int, default=4096, help="held-out tokens scored (default 4096)")
     p.add_argument("--calibration-tokens", type=int, default=2048,
                    help="held-out tokens after those scored that calibration scores (default 2048)")
