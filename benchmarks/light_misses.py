@@ -16,15 +16,15 @@ standing in for a light miss as a chunk would.
 
 Speed: the store of `routing_trace.py` of --hidden and --inter (by default the shape of the model measured against
 llama.cpp, hidden 2048 and expert width 5632, at the trace's 32 layers; generated in --workdir if missing, q2 or q3
-copies added as each setting needs) with the Mixtral trace's routing and weights, `edgerun bench --ram BUDGET --cold --routing-trace TRACE`
-with each setting's options in fresh processes, budgets of 25% and 50% of its experts; --rounds interleaved
-rounds, each starting at another setting, medians. The trace gives the probabilities of the experts it chose only,
-so an expert standing in for a light miss there is one in memory with no rank (and a weight of 0): it costs what a
-real one would (a computed expert, no read) but says nothing of quality, which the demo model measures. Its 32
-layers take the calibrated thresholds of the model measured for quality by depth (with the demo model's 4 MoE
-layers, the first quarter those of its first layer). The shape matters: with a quarter of the expert size (--hidden
-1024 --inter 2816) the work of each layer that does not grow with its experts (scheduling the reads, attention)
-takes a larger share of a token, and where few bytes are read that work, not the disk, sets the pace.
+copies added as each setting needs) with the Mixtral trace's routing and weights, `edgerun bench --ram BUDGET --cold
+--routing-trace TRACE` with each setting's options in fresh processes, budgets of 25% and 50% of its experts;
+--rounds interleaved rounds, each starting at another setting, medians. The trace gives the probabilities of the
+experts it chose only, so an expert standing in for a light miss there is one in memory with no rank (and a weight of
+0): it costs what a real one would (a computed expert, no read) but says nothing of quality, which the demo model
+measures. Its 32 layers take the calibrated thresholds of the model measured for quality by depth (with the demo
+model's 4 MoE layers, the first quarter those of its first layer). The shape matters: with a quarter of the expert
+size (--hidden 1024 --inter 2816) the work of each layer that does not grow with its experts (scheduling the reads,
+attention) takes a larger share of a token, and where few bytes are read that work, not the disk, sets the pace.
 
     python benchmarks/light_misses.py --workdir ../trace-model --out light-misses.json
     python benchmarks/light_misses.py --workdir ../trace-model --out larger.json --model larger --skip-speed \
