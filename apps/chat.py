@@ -35,6 +35,10 @@ REFRESH_SECONDS = 1.0  # the live panel's update interval
 UPDATE_SECONDS = 1 / 30  # the reply is sent to the page at most this often: each update costs the server time
 ACTIVITY_TOKENS = 32  # the heatmap shows the experts chosen by this many latest tokens
 DEFAULT_PORT = 7860
+# what the page's server still takes after the model loads, kept out of a RAM budget's split: with three tabs open
+# and chatting, a store run at its smallest budget without it (512 MiB) peaked at 520 MiB; with it, 2.5 MiB over its
+# smallest budget (536.5 MiB), at 510 MiB
+SERVER_RESERVE = 32 << 20
 QUANTS = ["none", "q8", "q4"]
 FINISH = {"stop": "end of text", "length": "token limit", "context": "context full", "": "-"}
 ERROR_ID = "er-error"  # the metadata id of a chat message that reports an error: shown, never sent to the model

@@ -332,7 +332,8 @@ def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None
          progress: bool | None = None, ram: str | int | None = None, policy: str = "default",
          prefetch: bool = True, gpu: str | int | None = None, device: str = "auto", misses: str = "auto",
          skip_below: float | Sequence[float] = 0.0, low_below: float | Sequence[float] = 0.0,
-         low_when_late: bool = False, substitute_below: float | Sequence[float] = 0.0) -> Model:
+         low_when_late: bool = False, substitute_below: float | Sequence[float] = 0.0,
+         reserve: str | int = 0) -> Model:
     """Open a model: a Hugging Face directory (config.json, *.safetensors, tokenizer), a repo id in the HF
     cache, Grok-1 as xai-org released it (the folder holding ckpt-0/, or ckpt-0/ itself), or an edgerun store
     made by `edgerun convert`.
@@ -350,6 +351,8 @@ def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None
     ram: memory budget of the whole process for a q8/q4 store ("12GiB", "1.5GB" or bytes; default: what the
         machine has available, less a safety margin). Experts that do not fit stay on disk and are read into
         a cache of expert slots as they are needed; a budget below the minimum raises BudgetError.
+    reserve: memory the process will still take besides the model once it is loaded (a web server's sessions, for
+        one: "32MiB" or bytes; default 0), counted with the process's own memory when the RAM budget is split.
     policy: eviction policy of the expert caches: "default" (forecasts each expert's next use), "lru", "lfu".
     prefetch: predict the experts of the next layers and read them ahead (and copy them to the GPU); when every
         expert fits the budget, read the whole store into the page cache in the background after loading.
@@ -387,6 +390,7 @@ def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None
     if threads:
         torch.set_num_threads(int(threads))
     budget = None if ram is None else parse_size(ram)
+    reserve = parse_size(reserve, zero=True)
     gpu_budget = None if gpu is None else parse_size(gpu, zero=True)
     tier = _gpu_device(device, gpu_budget)
     skip_below, low_below, substitute_below = (_thresholds(name, value) for name, value in (
@@ -395,7 +399,7 @@ def load(path: str | os.PathLike, *, quant: str | None = None, dense: str | None
         raise ArgumentError(f"low_when_late must be True or False, got {low_when_late!r}")
     offload = {"budget": budget, "policy": policy, "prefetch": prefetch, "context_length": context_length,
                "gpu": (tier, gpu_budget), "misses": misses, "skip_below": skip_below, "low_below": low_below,
-               "low_when_late": low_when_late, "substitute_below": substitute_below}
+               "low_when_late": low_when_late, "substitute_below": substitute_below, "reserve": reserve}
     if is_store(path):
         if quant not in (None, "none") or dense is not None:
             raise ArgumentError(f"{path} is already a converted store; quant and dense apply to checkpoints")
@@ -520,7 +524,7 @@ def _load_hf(source: Checkpoint, dtype: str, progress: bool | None, context_leng
 def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, prefetch: bool,
                 context_length: int | None, threads: int | None, t0: float, gpu: tuple, misses: str,
                 skip_below: Thresholds, low_below: Thresholds, low_when_late: bool,
-                substitute_below: Thresholds) -> Model:
+                substitute_below: Thresholds, reserve: int = 0) -> Model:
     from . import native
     from .hw.settings import best_threads, local_profile
     from .runtime.offload import OffloadedExperts, per_layer
@@ -566,7 +570,8 @@ def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, pref
     if quantized:
         kernel_threads()
         native.warmup()  # compile (or load the compiled kernels) now, not inside the first token
-    baseline = current_rss()  # the process before the model's weights: interpreter, torch, kernels
+    baseline = current_rss() + reserve  # the process before the model's weights (interpreter, torch, kernels), and
+    # what it will take besides the model
     available = available_ram() + current_rss()  # the process's own pages count as available
     plan = placement.place(layout, budget=budget, context=ctx, baseline=baseline, available=available, gpu=request)
     on_device = plan.gpu is not None and plan.gpu.dense

@@ -488,6 +488,26 @@ def test_chat_command_rejects_bad_arguments(paths, tmp_path, capsys):
         one_error_line("in use")
 
 
+def test_the_chat_command_keeps_room_in_the_budget_for_its_server(paths, monkeypatch, capsys):
+    """The page's server grows as tabs open and chat, after the model is planned: the command loads the model with
+    a reserve for it, and so does the page's own loader (the same options)."""
+    from edgerun.runtime.placement import BudgetError
+
+    asked = []
+
+    def load(source, **kwargs):
+        asked.append(kwargs)
+        raise BudgetError("the budget is below the minimum")
+    monkeypatch.setattr(edgerun, "load", load)
+    assert main(["chat", str(paths["q4"]), "--ram", "2GiB", "--port", str(chat.free_port(start=7950))]) == 2
+    assert "minimum" in capsys.readouterr().err
+    assert asked[0]["ram"] == "2GiB" and asked[0]["reserve"] == chat.SERVER_RESERVE > 0
+    app = chat.ChatApp(None, (str(paths["q4"]), "none", ""), {"reserve": chat.SERVER_RESERVE})
+    with pytest.warns(UserWarning):  # gr.Warning outside a request
+        app.load_model(str(paths["q4"]), "none", "3GiB")
+    assert asked[1]["ram"] == "3GiB" and asked[1]["reserve"] == chat.SERVER_RESERVE
+
+
 def test_chat_command_serves_the_page(paths):
     port = chat.free_port(start=7900)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -157,6 +157,19 @@ def test_load_with_ram_offloads_and_keeps_output(stores, monkeypatch):
     assert 0 < stats["bytes_read"] and 0 <= stats["hit_rate"] < 1
 
 
+def test_a_reserve_is_counted_with_the_process_and_the_slots_give_way(stores, monkeypatch):
+    """load(reserve=): memory the process will take besides the model (the chat page's server) is kept out of the
+    budget's split, as the process's own memory is."""
+    budget = budget_for(stores["mixtral"], 6, monkeypatch)
+    plain = edgerun.load(stores["mixtral"], context_length=64, ram=budget).stats()["memory_plan"]
+    kept = edgerun.load(stores["mixtral"], context_length=64, ram=budget,
+                        reserve=2 * plain["slot_bytes"]).stats()["memory_plan"]
+    assert kept["baseline_bytes"] == plain["baseline_bytes"] + 2 * plain["slot_bytes"]
+    assert (plain["slots"], kept["slots"]) == (6, 4)
+    with pytest.raises(EdgerunError, match="as a size"):
+        edgerun.load(stores["mixtral"], context_length=64, ram=budget, reserve="plenty")
+
+
 def test_prefetch_predicts_with_the_next_routers(stores):
     model = edgerun.load(stores["mixtral"])
     experts = offload(model, slots=16)

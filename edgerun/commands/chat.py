@@ -73,7 +73,8 @@ def main(args: argparse.Namespace) -> int:
 
         source = demo_model_dir()
     quant = None if args.quant in (None, "none") else args.quant
-    options = {"context_length": args.ctx, "threads": args.threads, **approximate_kwargs(args), **gpu_kwargs(args)}
+    options = {"context_length": args.ctx, "threads": args.threads, **approximate_kwargs(args), **gpu_kwargs(args),
+               "reserve": chat.SERVER_RESERVE}
     app = chat.ChatApp(None, (args.model or "", args.quant or "none", args.ram or ""), options)
     try:
         page, url = app.launch(host=args.host, port=args.port, share=args.share == "yes")
