@@ -100,7 +100,7 @@ def render_stats(stats: dict, generating: bool) -> str:
 
 
 TIERS = (  # (plan key, label, CSS class)
-    ("baseline_bytes", "runtime", "er-t0"),
+    ("baseline_bytes", "runtime and server", "er-t0"),  # the server: its share of the budget (SERVER_RESERVE)
     ("resident_bytes", "resident weights", "er-t1"),
     ("kv_cache_bytes", "KV cache", "er-t2"),
     ("scratch_bytes", "scratch", "er-t3"),
