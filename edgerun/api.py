@@ -524,7 +524,7 @@ def _load_hf(source: Checkpoint, dtype: str, progress: bool | None, context_leng
 def _load_store(path: Path, dtype: str, *, budget: int | None, policy: str, prefetch: bool,
                 context_length: int | None, threads: int | None, t0: float, gpu: tuple, misses: str,
                 skip_below: Thresholds, low_below: Thresholds, low_when_late: bool,
-                substitute_below: Thresholds, reserve: int = 0) -> Model:
+                substitute_below: Thresholds, reserve: int) -> Model:
     from . import native
     from .hw.settings import best_threads, local_profile
     from .runtime.offload import OffloadedExperts, per_layer

@@ -462,10 +462,8 @@ class OffloadedExperts(RoutedExperts):
                 self.low_served += ahead[1].low
                 if decode:
                     self._count_arrival(ahead[1])
-                if not self._adopt(key, self._pinned(needed)):
+                if not self._adopt(key, self._pinned(needed), serving=True):
                     self._scratch[e] = self._ahead.pop(key)
-                elif ahead[1].low:
-                    self._low[key] = 1  # a copy adopted now: this token is the first it serves
                 loading.append(e)
                 continue
             admitted = self.cache.admit(key, pinned=self._pinned(needed))
@@ -736,9 +734,10 @@ class OffloadedExperts(RoutedExperts):
         self.ahead_reads += 1
         self.low_reads += low
 
-    def _adopt(self, key: tuple[int, int], pinned: set) -> bool:
+    def _adopt(self, key: tuple[int, int], pinned: set, serving: bool = False) -> bool:
         """Move a read ahead into the cache, in its scratch slot, if the policy now takes it; the slot the cache
-        gives up (free, or its victim's) becomes scratch."""
+        gives up (free, or its victim's) becomes scratch. serving: the token asking for it now uses it (a copy
+        counts that token among those it served)."""
         slot, req = self._ahead[key]
         got = self.cache.adopt(key, slot, pinned=pinned)
         if got is None:
@@ -752,7 +751,7 @@ class OffloadedExperts(RoutedExperts):
         self._pending[key] = req
         self.reader.promote(req, PREFETCH)
         if req.low:
-            self._low[key] = 0
+            self._low[key] = int(serving)
         else:
             self._low.pop(key, None)
         return True
