@@ -11,6 +11,7 @@ import pytest
 from edgerun.cli import main
 from edgerun.errors import EdgerunError, TraceError
 from edgerun.runtime.trace import (
+    Trace,
     TracedRouting,
     TraceWriter,
     belady,
@@ -77,6 +78,42 @@ def test_belady_by_hand():
     # 2 slots: 0 1 miss; 2 evicts 1 (used after 0); 0 hits; 1 evicts 0 (never used again); 2 hits
     assert belady(steps, 2) == pytest.approx(2 / 6)
     assert replay(steps, 2, "lru")["hits"] == 0
+
+
+def test_replay_of_approximate_decoding_by_hand():
+    # one layer of 4 experts, 2 slots, lru; light below 0.5, left out below 0.2
+    routing = [((0, 1), (0.6, 0.4)),  # 0 read; 1 light but nothing in the cache to stand in: read as well
+               ((2, 3), (0.7, 0.3)),  # 2 read (evicting 1, the least recent not in use); 3 replaced by 0, a hit
+               ((1, 3), (0.85, 0.15))]  # 1 read; 3 left out
+    trace = Trace([(0, e) for e, _ in routing], 1, 4, 2, [((0, t, 0), e, w) for t, (e, w) in enumerate(routing)])
+    exact = replay(trace, 2, "lru")
+    assert (exact["reads"], exact["accesses"]) == (5, 6)  # 0 1 | 2 3 | 1 (0 and 2 evicted for 3 and 1) 3
+    r = replay(trace, 2, "lru", skip_below=0.2, substitute_below=0.5)
+    assert (r["reads"], r["accesses"], r["hits"]) == (4, 5, 1)
+    assert (r["light_reads_per_token"], r["replaced_per_token"], r["left_out_per_token"]) == (1 / 3, 1 / 3, 1 / 3)
+    assert r["reads_per_token"] == pytest.approx(4 / 3)
+    # per layer thresholds, and the weights they need
+    assert replay(trace, 2, "lru", substitute_below=[0.5])["reads"] == 4  # 3 replaced at t2 as well: 0 is cached
+    with pytest.raises(TraceError, match="substitute_below has 2 values; the trace has 1 layers"):
+        replay(trace, 2, "lru", substitute_below=[0.5, 0.5])
+    with pytest.raises(TraceError, match="routing weights"):
+        replay(list(trace), 2, "lru", skip_below=0.2)
+
+
+def test_replay_of_approximate_decoding_reads_fewer_on_the_mixtral_trace(mixtral):
+    steps = len(mixtral) * mixtral.top_k
+    for capacity in (64, 128):
+        exact = replay(mixtral, capacity)
+        skip = replay(mixtral, capacity, skip_below=0.2)
+        sub = replay(mixtral, capacity, skip_below=0.2, substitute_below=[0.2] * 8 + [0.5] * 24)
+        tokens = len(mixtral) / 32
+        for r in (skip, sub):
+            # every expert is looked up once but those left out (a replaced one's stand-in instead of it)
+            assert r["accesses"] == steps - round(r["left_out_per_token"] * tokens)
+            assert r["reads"] == r["accesses"] - r["hits"] and r["reads"] < exact["reads"]
+        assert skip["replaced_per_token"] == skip["light_reads_per_token"] == 0
+        assert sub["reads"] < skip["reads"] and sub["replaced_per_token"] > 0 and sub["light_reads_per_token"] > 0
+        assert sub["left_out_per_token"] == pytest.approx(skip["left_out_per_token"], rel=0.1)
 
 
 @pytest.mark.parametrize("capacity", [0, 257])
@@ -167,6 +204,26 @@ def test_cli_replay_text(capsys):
     assert out == "policy lru: 0.0% hits (0 of 15778 accesses), capacity 32 of 256 experts; Belady optimum 37.7%\n"
 
 
+def test_cli_replay_approximate(capsys):
+    args = ["trace", "replay", str(MIXTRAL), "--capacity-frac", "0.25", "--skip-below", "0.2", "--substitute-below",
+            "0.2x8,0.5x24"]
+    assert main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    a = out["approximate"]
+    assert a["reads_per_token"] < out["reads_per_token"] and out["accesses"] == 15778  # exact, as without options
+    assert (a["skip_below"], a["substitute_below"]) == (0.2, [0.2] * 8 + [0.5] * 24)
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("policy default: ")
+    exact, reads = out["reads_per_token"], a["reads_per_token"]
+    assert lines[1].startswith(f"approximate: {reads:.1f} experts read per token against {exact:.1f} exactly "
+                               f"({exact / reads:.2f}x fewer); ")
+    assert f"{a['light_reads_per_token']:.1f} light misses read" in lines[1]
+    assert main(["trace", "replay", str(MIXTRAL), "--capacity", "8", "--substitute-below", "0.5x16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "edgerun: error: substitute_below has 16 values; the trace has 32 layers"
+
+
 @pytest.mark.parametrize("args, message", [
     ([], "one of the arguments --capacity --capacity-frac is required"),
     (["--capacity", "0"], "--capacity: must be at least 1"),
@@ -175,6 +232,7 @@ def test_cli_replay_text(capsys):
     (["--capacity-frac", "1.5"], "--capacity-frac: must be in (0, 1]"),
     (["--capacity", "8", "--capacity-frac", "0.5"], "not allowed with"),
     (["--capacity", "8", "--policy", "fifo"], "invalid choice: 'fifo'"),
+    (["--capacity", "8", "--skip-below", "1"], "--skip-below: '1': routing weights go from 0 up to 1"),
 ])
 def test_cli_bad_arguments(capsys, args, message):
     assert main(["trace", "replay", str(MIXTRAL), *args]) == 2

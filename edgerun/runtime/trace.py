@@ -4,7 +4,8 @@
     {"problem_id": 0, "layer": 3, "experts": [7, 0], "gating_probs": [0.8, 0.2], "token_idx": 12}
 
 Other keys are allowed and ignored. Replaying a trace against an expert cache gives the hit rate a
-policy would reach with that many expert slots, next to Belady's offline optimum.
+policy would reach with that many expert slots, next to Belady's offline optimum, and, under the thresholds of
+approximate decoding, the experts it would read.
 """
 
 from __future__ import annotations
@@ -190,20 +191,69 @@ def _check_capacity(capacity: int, total: int) -> None:
         raise TraceError(f"cache capacity must be between 1 and the trace's {total} experts, got {capacity}")
 
 
-def replay(steps: Sequence[Step], capacity: int, policy_name: str = "default") -> dict:
+def replay(steps: Sequence[Step], capacity: int, policy_name: str = "default",
+           skip_below: float | Sequence[float] = 0.0, substitute_below: float | Sequence[float] = 0.0) -> dict:
     """Run the steps through an ExpertCache of `capacity` slots: every expert is looked up, a miss
-    is admitted (the step's other experts pinned), then the policy observes the step."""
+    is admitted (the step's other experts pinned), then the policy observes the step.
+
+    With skip_below or substitute_below (a routing weight, or one per layer; a Trace from read_trace, whose records
+    hold the weights), each step is a decoded token's under approximate decoding, by OffloadedExperts' rule: an
+    expert that misses and weighs less than skip_below is left out; one from skip_below up to substitute_below is
+    replaced by an expert of its layer in the cache that the step did not pick (the lowest numbered: a trace gives no
+    other expert's probability), or read when the layer has none there. `reads` counts the experts read (every
+    miss): with thresholds, the bytes a token reads are reads_per_token chunks, against the same replay's without."""
     num_layers, num_experts, top_k = _shape(steps)
     _check_capacity(capacity, num_layers * num_experts)
     cache = ExpertCache(capacity, make_policy(policy_name, num_layers, num_experts, top_k))
     policy = cache.policy
-    for layer, experts in steps:
-        keys = [(layer, e) for e in experts]
+    skip, light = _thresholds(skip_below, num_layers, "skip_below"), _thresholds(substitute_below, num_layers,
+                                                                                 "substitute_below")
+    light = [max(a, b) for a, b in zip(skip, light)]
+    approximate = any(light)
+    if approximate and len(getattr(steps, "records", ())) != len(steps):
+        raise TraceError("replaying approximate decoding needs the trace's routing weights (a trace read from a file)")
+    weights = [probs for _, _, probs in steps.records] if approximate else ()
+    left_out = replaced = light_reads = 0
+    for i, (layer, experts) in enumerate(steps):
+        used = list(experts)
+        read_anyway = set()
+        if approximate:
+            for k, (e, w) in enumerate(zip(experts, weights[i])):
+                if w >= light[layer] or cache.contains((layer, e)):
+                    continue
+                if w < skip[layer]:
+                    used[k] = None
+                    left_out += 1
+                    continue
+                stand_in = next((x for x in range(num_experts) if x not in used and cache.contains((layer, x))), None)
+                if stand_in is None:
+                    read_anyway.add(e)
+                else:
+                    used[k] = stand_in
+                    replaced += 1
+        keys = [(layer, e) for e in used if e is not None]
         for key in keys:
             if cache.lookup(key) is None:
+                light_reads += key[1] in read_anyway
                 cache.admit(key, pinned=keys)
         policy.observe(layer, experts)
-    return {"hits": cache.hits, "accesses": cache.accesses, "hit_rate": cache.hit_rate}
+    tokens = len(steps) / num_layers
+    reads = cache.accesses - cache.hits
+    result = {"hits": cache.hits, "accesses": cache.accesses, "hit_rate": cache.hit_rate, "reads": reads,
+              "reads_per_token": reads / tokens}
+    if approximate:
+        result.update(left_out_per_token=left_out / tokens, replaced_per_token=replaced / tokens,
+                      light_reads_per_token=light_reads / tokens)
+    return result
+
+
+def _thresholds(value: float | Sequence[float], layers: int, name: str) -> list[float]:
+    values = [float(value)] if isinstance(value, (int, float)) else [float(v) for v in value]
+    if len(values) == 1:
+        values *= layers
+    if len(values) != layers:
+        raise TraceError(f"{name} has {len(values)} values; the trace has {layers} layers")
+    return values
 
 
 def belady(steps: Sequence[Step], capacity: int) -> float:
