@@ -8,11 +8,12 @@ expert width 512, 28M parameters, about 12 minutes on 2 cores; trained into --wo
 RAM cache of 25% and 50% of them, scores the first --tokens held-out tokens one decode step at a time
 (`Model.logits(ids, decode=True)`, in windows of its 256-token context, each token once), against exact decoding:
 perplexity, the shares of decoded experts left out, replaced and served by copies, and the bytes read per token.
-"calibrated per layer" replaces light misses below thresholds of each layer that `edgerun.calibrate` picks for 1%
-at that budget on the --calibration-tokens held-out tokens after the scored ones; "calibrated per layer, skip 0.2"
-leaves out the light misses below 0.2 and replaces those from 0.2 up to the same thresholds; "calibrated, q3 for
-the rest" (and with skip 0.2) reads every other miss from its q3 copy, read-ahead included, a copy in memory
-standing in for a light miss as a chunk would.
+"calibrated per layer" replaces light misses below thresholds of each layer that `edgerun.calibrate` picks for 1% at
+that budget on the --calibration-tokens held-out tokens after the scored ones (a threshold for each of
+--calibration-groups runs of consecutive layers); "calibrated per layer, skip 0.2" leaves out the light misses below
+0.2 and replaces those from 0.2 up to the same thresholds; "calibrated, q3 for the rest" (and with skip 0.2) reads
+every other miss from its q3 copy, read-ahead included, a copy in memory standing in for a light miss as a chunk
+would.
 
 Speed: the store of `routing_trace.py` of --hidden and --inter (by default the shape of the model measured against
 llama.cpp, hidden 2048 and expert width 5632, at the trace's 32 layers; generated in --workdir if missing, q2 or q3
@@ -148,6 +149,7 @@ def quality(a: argparse.Namespace, report: dict) -> None:
                 elif st.calibrated:
                     model.use_experts(OffloadedExperts(store, model.spec.activation, slots)).close()
                     c = calibrate(model, calibration_ids, bos=train_demo.BOS,
+                                  groups=a.calibration_groups,
                                   log=lambda line: print(f"calibration {share:.0%}: {line}", file=sys.stderr))
                     report["calibration"][str(share)] = {"substitute_below": c.thresholds, "loss": c.loss,
                                                          "tokens": c.exact.tokens, "trials": c.trials}
@@ -233,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=4096, help="held-out tokens scored (default 4096)")
     p.add_argument("--calibration-tokens", type=int, default=2048,
                    help="held-out tokens after those scored that calibration scores (default 2048)")
+    p.add_argument("--calibration-groups", type=int, default=4,
+                   help="groups of consecutive MoE layers calibration gives a threshold each (default 4, as "
+                        "`edgerun calibrate`; 8 gives each of the larger model's layers its own)")
     p.add_argument("--rounds", type=int, default=3, help="speed: rounds over every setting (default 3)")
     p.add_argument("--repeats", type=int, default=1, help="speed: generations per run (default 1)")
     p.add_argument("--skip-speed", action="store_true", help="quality only")
