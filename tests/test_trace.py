@@ -88,6 +88,7 @@ def test_replay_of_approximate_decoding_by_hand():
     trace = Trace([(0, e) for e, _ in routing], 1, 4, 2, [((0, t, 0), e, w) for t, (e, w) in enumerate(routing)])
     exact = replay(trace, 2, "lru")
     assert (exact["reads"], exact["accesses"]) == (5, 6)  # 0 1 | 2 3 | 1 (0 and 2 evicted for 3 and 1) 3
+    assert exact["left_out_per_token"] == exact["replaced_per_token"] == exact["light_reads_per_token"] == 0
     r = replay(trace, 2, "lru", skip_below=0.2, substitute_below=0.5)
     assert (r["reads"], r["accesses"], r["hits"]) == (4, 5, 1)
     assert (r["light_reads_per_token"], r["replaced_per_token"], r["left_out_per_token"]) == (1 / 3, 1 / 3, 1 / 3)
@@ -219,6 +220,8 @@ def test_cli_replay_approximate(capsys):
     assert lines[1].startswith(f"approximate: {reads:.1f} experts read per token against {exact:.1f} exactly "
                                f"({exact / reads:.2f}x fewer); ")
     assert f"{a['light_reads_per_token']:.1f} light misses read" in lines[1]
+    assert main(["trace", "replay", str(MIXTRAL), "--capacity", "8", "--substitute-below", "0x32", "--json"]) == 0
+    assert "approximate" not in json.loads(capsys.readouterr().out)  # thresholds of 0: exact decoding
     assert main(["trace", "replay", str(MIXTRAL), "--capacity", "8", "--substitute-below", "0.5x16"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "edgerun: error: substitute_below has 16 values; the trace has 32 layers"

@@ -54,7 +54,7 @@ def main(args: argparse.Namespace) -> int:
     result = replay(trace, capacity, args.policy)
     result.update(belady_hit_rate=belady(trace, capacity), capacity=capacity, policy=args.policy,
                   num_layers=trace.num_layers, num_experts=trace.num_experts)
-    if args.skip_below or args.substitute_below:
+    if any(any(t) if isinstance(t, list) else t for t in (args.skip_below, args.substitute_below)):
         result["approximate"] = dict(replay(trace, capacity, args.policy, skip_below=args.skip_below,
                                             substitute_below=args.substitute_below),
                                      skip_below=args.skip_below, substitute_below=args.substitute_below)

@@ -201,7 +201,9 @@ def replay(steps: Sequence[Step], capacity: int, policy_name: str = "default",
     expert that misses and weighs less than skip_below is left out; one from skip_below up to substitute_below is
     replaced by an expert of its layer in the cache that the step did not pick (the lowest numbered: a trace gives no
     other expert's probability), or read when the layer has none there. `reads` counts the experts read (every
-    miss): with thresholds, the bytes a token reads are reads_per_token chunks, against the same replay's without."""
+    miss): with thresholds, the bytes a token reads are reads_per_token chunks, against the same replay's without;
+    of a token's experts, left_out_per_token are left out, replaced_per_token replaced and light_reads_per_token
+    read for want of a stand-in."""
     num_layers, num_experts, top_k = _shape(steps)
     _check_capacity(capacity, num_layers * num_experts)
     cache = ExpertCache(capacity, make_policy(policy_name, num_layers, num_experts, top_k))
@@ -239,12 +241,9 @@ def replay(steps: Sequence[Step], capacity: int, policy_name: str = "default",
         policy.observe(layer, experts)
     tokens = len(steps) / num_layers
     reads = cache.accesses - cache.hits
-    result = {"hits": cache.hits, "accesses": cache.accesses, "hit_rate": cache.hit_rate, "reads": reads,
-              "reads_per_token": reads / tokens}
-    if approximate:
-        result.update(left_out_per_token=left_out / tokens, replaced_per_token=replaced / tokens,
-                      light_reads_per_token=light_reads / tokens)
-    return result
+    return {"hits": cache.hits, "accesses": cache.accesses, "hit_rate": cache.hit_rate, "reads": reads,
+            "reads_per_token": reads / tokens, "left_out_per_token": left_out / tokens,
+            "replaced_per_token": replaced / tokens, "light_reads_per_token": light_reads / tokens}
 
 
 def _thresholds(value: float | Sequence[float], layers: int, name: str) -> list[float]:
