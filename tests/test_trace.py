@@ -95,7 +95,7 @@ def test_replay_of_approximate_decoding_by_hand():
     assert r["reads_per_token"] == pytest.approx(4 / 3)
     # per layer thresholds, and the weights they need
     assert replay(trace, 2, "lru", substitute_below=[0.5])["reads"] == 4  # 3 replaced at t2 as well: 0 is cached
-    with pytest.raises(TraceError, match="substitute_below has 2 values; the trace has 1 layers"):
+    with pytest.raises(TraceError, match="substitute_below has 2 values; the model has 1 MoE layers"):
         replay(trace, 2, "lru", substitute_below=[0.5, 0.5])
     with pytest.raises(TraceError, match="routing weights"):
         replay(list(trace), 2, "lru", skip_below=0.2)
@@ -224,7 +224,7 @@ def test_cli_replay_approximate(capsys):
     assert "approximate" not in json.loads(capsys.readouterr().out)  # thresholds of 0: exact decoding
     assert main(["trace", "replay", str(MIXTRAL), "--capacity", "8", "--substitute-below", "0.5x16"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "edgerun: error: substitute_below has 16 values; the trace has 32 layers"
+    assert err == "edgerun: error: substitute_below has 16 values; the model has 32 MoE layers"
 
 
 @pytest.mark.parametrize("args, message", [

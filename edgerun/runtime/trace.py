@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import TraceError
+from .offload import per_layer
 from .policy import ExpertCache, make_policy
 
 Step = tuple[int, tuple[int, ...]]  # (layer, experts it used), in replay order
@@ -208,8 +209,11 @@ def replay(steps: Sequence[Step], capacity: int, policy_name: str = "default",
     _check_capacity(capacity, num_layers * num_experts)
     cache = ExpertCache(capacity, make_policy(policy_name, num_layers, num_experts, top_k))
     policy = cache.policy
-    skip, light = _thresholds(skip_below, num_layers, "skip_below"), _thresholds(substitute_below, num_layers,
-                                                                                 "substitute_below")
+    try:
+        skip, light = (per_layer(v, num_layers, name) for name, v in (("skip_below", skip_below),
+                                                                      ("substitute_below", substitute_below)))
+    except ValueError as e:
+        raise TraceError(str(e)) from None
     light = [max(a, b) for a, b in zip(skip, light)]
     approximate = any(light)
     if approximate and len(getattr(steps, "records", ())) != len(steps):
@@ -244,15 +248,6 @@ def replay(steps: Sequence[Step], capacity: int, policy_name: str = "default",
     return {"hits": cache.hits, "accesses": cache.accesses, "hit_rate": cache.hit_rate, "reads": reads,
             "reads_per_token": reads / tokens, "left_out_per_token": left_out / tokens,
             "replaced_per_token": replaced / tokens, "light_reads_per_token": light_reads / tokens}
-
-
-def _thresholds(value: float | Sequence[float], layers: int, name: str) -> list[float]:
-    values = [float(value)] if isinstance(value, (int, float)) else [float(v) for v in value]
-    if len(values) == 1:
-        values *= layers
-    if len(values) != layers:
-        raise TraceError(f"{name} has {len(values)} values; the trace has {layers} layers")
-    return values
 
 
 def belady(steps: Sequence[Step], capacity: int) -> float:
