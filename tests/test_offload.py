@@ -512,6 +512,61 @@ def test_forecasts_the_cache_declines_are_read_into_scratch_slots_and_change_not
     experts.close(), plain.close()
 
 
+def test_when_the_layers_read_ahead_need_nothing_the_first_further_layer_that_does_is_read_into_scratch(
+        stores, monkeypatch):
+    """Layers 1 and 2 replace every light miss, so a read-ahead of depth 1 from layer 1 finds nothing to read: the
+    experts that layer 3 will need are read then, into scratch slots, instead of when layer 2 runs."""
+    monkeypatch.setattr(offload_module, "SPECULATE_PRECISION", 0.0)  # whatever the tiny model's routers forecast
+    monkeypatch.setattr(offload_module, "MAX_PREFETCH_DEPTH", 1)  # a depth that does not grow
+    monkeypatch.setattr(offload_module, "PROTECTED_SHARE", 0.0)
+    monkeypatch.setattr(offload_module, "SLACK_LIMIT", 0.0)  # as if the disk set the pace, as it does not here
+    sub = [0.0, 0.99, 0.99, 0.0]
+
+    def run(speculate: bool):
+        model = edgerun.load(stores["mixtral"])
+        experts = offload(model, slots=6, depth=1, substitute_below=sub)
+        experts.speculate = speculate
+        far, now = [], {"further": False}
+        read_ahead, read_further = experts._read_ahead, experts._read_further
+
+        def further(pos):
+            now["pos"], now["further"] = pos, True
+            try:
+                read_further(pos)
+            finally:
+                now["further"] = False
+
+        def read(key, low=False):  # reads ahead into scratch past the depth (not those of forecasts within it)
+            if now["further"]:
+                far.append((now["pos"], key))
+            return read_ahead(key, low)
+        monkeypatch.setattr(experts, "_read_further", further)
+        monkeypatch.setattr(experts, "_read_ahead", read)
+        tokens = model.generate_ids(PROMPT, 12, temperature=0, ignore_eos=True)
+        return model, experts, tokens, model.stats(), far
+
+    model, experts, tokens, stats, far = run(True)
+    plain_model, plain, plain_tokens, plain_stats, plain_far = run(False)
+    assert tokens == plain_tokens  # what a token computes does not depend on when its experts were read
+    assert not plain_far and plain_stats["speculative_reads"] == 0
+    # read from layer 1 for layer 3, past the depth: layer 2 replaces its light misses and reads nothing
+    assert far and all(key[0] - pos > 1 for pos, key in far)
+    assert {pos for pos, _ in far} <= {0, 1} and any(key[0] == 3 for _, key in far)
+    assert 0 < stats["speculative_reads_used"] <= stats["speculative_reads"]
+    # nothing is read from that far where forecasts from there do not come true often enough, nor where the disk
+    # does not set the pace (it reads less than SLACK_LIMIT of the decoded tokens' time)
+    for name in ("SPECULATE_PRECISION", "SLACK_LIMIT"):
+        with monkeypatch.context() as m:
+            m.setattr(offload_module, name, 1.01)
+            far.clear()
+            model.generate_ids(PROMPT, 4, temperature=0, ignore_eos=True)
+            assert not far
+    far.clear()
+    model.generate_ids(PROMPT, 4, temperature=0, ignore_eos=True)
+    assert far
+    experts.close(), plain.close()
+
+
 def test_read_errors_surface_without_hanging(stores, monkeypatch):
     store = ExpertStore(stores["mixtral"])
 

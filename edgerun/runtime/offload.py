@@ -147,7 +147,7 @@ class OffloadedExperts(RoutedExperts):
         self._predicted: dict[int, set[int]] = {}  # layer position -> experts predicted for the current token
         self._forecasts: dict[int, dict[int, set[int]]] = {}  # layer position -> {layers ahead: experts forecast}
         # by layers ahead, the share of the decoded tokens' forecast experts that their layer used (running)
-        self._precision = [1.0] * (MAX_PREFETCH_DEPTH + 1)
+        self._precision = [1.0] * (n + 1)
         self._held: dict[tuple[int, int], int] = {}  # chunks a device tier is copying out of their slots
         self._decode = False  # the phase of the current step
         self._steps = 0  # steps begun
@@ -723,6 +723,35 @@ class OffloadedExperts(RoutedExperts):
                 pinned.add(key)
                 self.prefetches += 1
                 self._token_prefetches += 1
+        if self._decode and self.speculate and self._scratch_free and self._busy >= SLACK_LIMIT \
+                and self._x.shape[0] == 1 and not self.reader.queued():
+            self._read_further(pos)
+
+    def _read_further(self, pos: int) -> None:
+        """The disk sets the pace of decoding, and the reader has nothing queued: the layers within the read-ahead's
+        depth need nothing more read (their experts are in memory, or light enough to be left out or replaced), and
+        the disk would idle until the token reaches layers further on. Read the forecast experts of the first of
+        those that the token will need into the free scratch slots, behind every other read, from as far as
+        forecasts come true at least SPECULATE_PRECISION of the time: a wrong forecast costs disk time that would go
+        unused, and evicts nothing. The layers further on are routed a read-ahead's depth at a time, up to the first
+        that needs a read."""
+        step = MAX_PREFETCH_DEPTH
+        for start in range(pos + 1 + self.depth, len(self.layers), step):
+            far = range(start, min(len(self.layers), start + step))
+            if self._precision[start - pos] < SPECULATE_PRECISION:
+                return
+            rows = self.decoder.lookahead_many(self.layers[pos], [self.layers[j] for j in far], self._x)
+            for j, top, weights in zip(far, rows.idx.tolist(), rows.weights.tolist()):
+                if self._precision[j - pos] < SPECULATE_PRECISION:
+                    return
+                self._forecasts.setdefault(j, {})[j - pos] = set(top)  # how far forecasts come true
+                wanted = [(e, w) for e, w in zip(top, weights) if w >= self._light[j]
+                          and not self.cache.contains((j, e)) and (j, e) not in self._ahead
+                          and not self.elsewhere((j, e))]
+                for e, w in wanted[:len(self._scratch_free)]:
+                    self._read_ahead((j, e), low=w < self._lowb[j])
+                if wanted:
+                    return
 
     def _read_ahead(self, key: tuple[int, int], low: bool = False) -> None:
         """Read a forecast expert the cache declined (its chunk, or its low-bit copy) into a scratch slot, behind
