@@ -63,6 +63,7 @@ class Setting(NamedTuple):
     sub: float = 0.0  # substitute_below
     calibrated: bool = False  # substitute_below per layer, from `calibrate` on other held-out text at the budget
     # (with skip: left out below it, replaced from it up to the calibrated thresholds)
+    given: bool = False  # substitute_below per layer, given for each budget by --given
 
 
 # the speed runs take every setting but QUALITY_ONLY's, those with q3 copies last in each round, with the store's
@@ -73,6 +74,7 @@ SETTINGS = [Setting("exact"), Setting("skip 0.2", skip=0.2), Setting("skip 0.25"
             Setting("substitute 0.35", sub=0.35), Setting("substitute 0.4", sub=0.4),
             Setting("substitute 0.5", sub=0.5), Setting("calibrated per layer", calibrated=True),
             Setting("calibrated per layer, skip 0.2", skip=0.2, calibrated=True),
+            Setting("given per layer, skip 0.2", skip=0.2, given=True),
             Setting("calibrated, q3 for the rest", low=0.999, fmt="q3", calibrated=True),
             Setting("calibrated, skip 0.2, q3 for the rest", skip=0.2, low=0.999, fmt="q3", calibrated=True),
             Setting("q3 below 0.5", low=0.5, fmt="q3"), Setting("q3 all misses", low=0.999, fmt="q3"),
@@ -143,7 +145,7 @@ def quality(a: argparse.Namespace, report: dict) -> None:
             for st in a.settings:
                 if st.fmt != fmt or (share, st.name) in have:
                     continue
-                sub = st.sub
+                sub = a.given[share] if st.given else st.sub
                 if st.calibrated and str(share) in report["calibration"]:
                     sub = report["calibration"][str(share)]["substitute_below"]
                 elif st.calibrated:
@@ -200,8 +202,8 @@ def speed(a: argparse.Namespace, report: dict, t0: float) -> None:
             for share in a.shares:
                 budget, slots = budgets[share]
                 sub = str(st.sub)
-                if st.calibrated:  # the measured model's layers stretched over the store's 32, by depth
-                    picked = report["calibration"][str(share)]["substitute_below"]
+                if st.calibrated or st.given:  # the measured model's layers stretched over the store's 32, by depth
+                    picked = a.given[share] if st.given else report["calibration"][str(share)]["substitute_below"]
                     sub = layer_weights_text([picked[j * len(picked) // 32] for j in range(32)])
                 r = routing_trace.bench(store, ["--ram", str(budget), "--cold", "--routing-trace",
                                                 str(routing_trace.TRACE), "--skip-below", str(st.skip),
@@ -238,16 +240,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration-groups", type=int, default=4,
                    help="groups of consecutive MoE layers calibration gives a threshold each (default 4, as "
                         "`edgerun calibrate`; 8 gives each of the larger model's layers its own)")
+    p.add_argument("--given", nargs="+", default=[], metavar="SHARE=W,W,...",
+                   help='the thresholds of "given per layer, skip 0.2" at a budget, one per MoE layer of the model '
+                        'measured for quality, e.g. 0.25=0.2,0.99,0.75,0.75,0.5,0.5,0.5,0.5')
     p.add_argument("--rounds", type=int, default=3, help="speed: rounds over every setting (default 3)")
     p.add_argument("--repeats", type=int, default=1, help="speed: generations per run (default 1)")
     p.add_argument("--skip-speed", action="store_true", help="quality only")
     p.add_argument("--settings", nargs="+", metavar="NAME", choices=[s.name for s in SETTINGS],
-                   help="measure only these settings (default: all; exact is always measured)")
+                   help="measure only these settings (default: all but the given thresholds; exact is always "
+                        "measured)")
     p.add_argument("--reuse-quality", action="store_true",
                    help="take the quality rows and calibration from --out, written by an earlier run, and measure "
                         "the quality of only the settings it has none of")
     a = p.parse_args(argv)
-    a.settings = [s for s in SETTINGS if a.settings is None or s.name == "exact" or s.name in a.settings]
+    a.settings = [s for s in SETTINGS if s.name == "exact" or (s.name in a.settings if a.settings else not s.given)]
+    try:
+        a.given = {float(k): [float(w) for w in v.split(",")] for k, v in (g.split("=", 1) for g in a.given)}
+    except ValueError:
+        p.error(f"--given takes SHARE=W,W,... (a budget's share and a weight per MoE layer), got {a.given}")
+    missing = [share for share in a.shares if share not in a.given]
+    if any(s.given for s in a.settings) and missing:
+        p.error(f"--given has no thresholds for the budget of {missing[0]:g}")
     t0 = time.perf_counter()
     report: dict = {"args": vars(a), "quality": [], "speed": [], "calibration": {}}
     if a.reuse_quality:
