@@ -131,6 +131,11 @@ def quality(a: argparse.Namespace, report: dict) -> None:
     model = edgerun.load(path, context_length=257)
     report["model"] = {"name": a.model, **{k: getattr(model.spec, k) for k in (
         "num_layers", "hidden_size", "moe_intermediate_size", "num_experts", "top_k")}}
+    layers = len(model.spec.moe_layers)
+    for share, weights in a.given.items():
+        if len(weights) != layers:
+            sys.exit(f"light_misses.py: error: --given {share:g}= has {len(weights)} thresholds; the {a.model} model "
+                     f"has {layers} MoE layers")
     _, held = train_demo.split_text((ROOT / "training" / "tinyshakespeare.txt").read_text(encoding="utf-8"))
     held_ids = train_demo.encode(lambda t: model.tokenizer.encode(t, add_special_tokens=False), held)[0].tolist()
     ids = held_ids[:a.tokens]  # scored
